@@ -1,0 +1,39 @@
+// CUDA kernels of attention/ (built when KVM_WITH_CUDA enables them). This header needs no CUDA
+// headers; every function returns a Status: Unimplemented in a build without CUDA, Unavailable
+// ("no CUDA device") at run time without a device, never an abort.
+//
+// Device pointers are plain `void*`/`float*` here; streams are `void*` (a cudaStream_t, or null for
+// the default stream). Thread-safe as the CUDA runtime is.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "proto/model_shape.h"
+#include "proto/status.h"
+
+namespace kvm::attn::cuda {
+
+// Retrieval scoring of one (layer, KV head): logits of `group` query heads against every key.
+struct ScoreParams {
+  const void* k = nullptr;      // device: K blocks of one (layer, KV head), contiguous
+                                //   [n_blocks][block_size][head_dim] of dtype, n_blocks = ceil(tokens / B)
+  const float* q = nullptr;     // device: [group][head_dim] fp32 queries (post-RoPE)
+  float* scores = nullptr;      // device out: [group][tokens] fp32, scale · q·k
+  uint64_t tokens = 0;
+  uint32_t block_size = 16;
+  uint32_t head_dim = 128;      // 32, 64, 128 or 256
+  uint32_t group = 1;           // query heads per KV head, 1..64
+  DType dtype = DType::kF16;
+  float scale = 0.0f;           // 0 → 1/sqrt(head_dim)
+};
+Status ScoreKeys(const ScoreParams& p, void* stream = nullptr);
+
+// Device memory helpers for tests and tools (errors as Status).
+Result<void*> Malloc(size_t bytes);
+Status Free(void* p);
+Status CopyToDevice(void* dst, const void* src, size_t bytes);
+Status CopyToHost(void* dst, const void* src, size_t bytes);
+Status Synchronize();
+
+}  // namespace kvm::attn::cuda

@@ -1,0 +1,128 @@
+#include "attention/reference.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+
+#include "attention/state.h"
+#include "proto/half.h"
+
+namespace kvm::attn {
+
+Status HeadKV::Validate() const {
+  if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256)
+    return Status::InvalidArgument("head_dim must be 32, 64, 128 or 256, got " + std::to_string(head_dim));
+  if (block_size == 0) return Status::InvalidArgument("block_size must be > 0");
+  if (DTypeSize(dtype) == 0) return Status::InvalidArgument("unknown dtype");
+  if (uint64_t{n_blocks} * block_size < tokens)
+    return Status::InvalidArgument(std::to_string(n_blocks) + " blocks of " + std::to_string(block_size) +
+                                   " do not hold " + std::to_string(tokens) + " tokens");
+  if (tokens > 0 && (k_blocks == nullptr || v_blocks == nullptr))
+    return Status::InvalidArgument("missing K or V block pointers");
+  return Status::Ok();
+}
+
+float LoadElem(const void* base, size_t i, DType dtype) {
+  switch (dtype) {
+    case DType::kF16: return HalfToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kBF16: return Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF32: return static_cast<const float*>(base)[i];
+  }
+  return std::numeric_limits<float>::quiet_NaN();
+}
+
+void LoadRow(const HeadKV& kv, uint64_t token, bool values, float* out) {
+  const uint64_t b = token / kv.block_size;
+  const size_t row = static_cast<size_t>(token % kv.block_size) * kv.head_dim;
+  const void* base = values ? kv.v_blocks[b] : kv.k_blocks[b];
+  for (uint32_t i = 0; i < kv.head_dim; ++i) out[i] = LoadElem(base, row + i, kv.dtype);
+}
+
+void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
+  std::vector<float> k(kv.head_dim);
+  for (uint64_t j = 0; j < kv.tokens; ++j) {
+    LoadRow(kv, j, false, k.data());
+    float s = 0.0f;
+    for (uint32_t i = 0; i < kv.head_dim; ++i) s += q[i] * k[i];
+    scores[j] = s * scale;
+  }
+}
+
+void Softmax(const float* s, size_t n, float* p) {
+  if (n == 0) return;
+  float m = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < n; ++i) m = std::max(m, s[i]);
+  float sum = 0.0f;
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = std::exp(s[i] - m);
+    sum += p[i];
+  }
+  const float inv = 1.0f / sum;
+  for (size_t i = 0; i < n; ++i) p[i] *= inv;
+}
+
+std::vector<uint32_t> TopK(const float* s, size_t n, size_t k) {
+  std::vector<uint32_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0u);
+  k = std::min(k, n);
+  auto better = [s](uint32_t a, uint32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+  std::partial_sort(idx.begin(), idx.begin() + static_cast<ptrdiff_t>(k), idx.end(), better);
+  idx.resize(k);
+  return idx;
+}
+
+double DroppedMass(const float* p, const uint8_t* selected, size_t n) {
+  double kept = 0.0;
+  for (size_t i = 0; i < n; ++i)
+    if (selected[i]) kept += p[i];
+  return std::max(0.0, 1.0 - kept);
+}
+
+void PartialState(const float* q, const HeadKV& kv, std::span<const uint8_t> mask, uint64_t begin, uint64_t end,
+                  float* m_out, float* d_out, float* o) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(kv.head_dim));
+  std::vector<float> k(kv.head_dim), v(kv.head_dim), s;
+  std::vector<uint64_t> toks;
+  for (uint64_t j = begin; j < end; ++j) {
+    if (!mask.empty() && !mask[j]) continue;
+    LoadRow(kv, j, false, k.data());
+    float dot = 0.0f;
+    for (uint32_t i = 0; i < kv.head_dim; ++i) dot += q[i] * k[i];
+    s.push_back(dot * scale);
+    toks.push_back(j);
+  }
+  float m = -std::numeric_limits<float>::infinity(), d = 0.0f;
+  std::fill(o, o + kv.head_dim, 0.0f);
+  for (float x : s) m = std::max(m, x);
+  for (size_t t = 0; t < toks.size(); ++t) {
+    const float w = std::exp(s[t] - m);
+    d += w;
+    LoadRow(kv, toks[t], true, v.data());
+    for (uint32_t i = 0; i < kv.head_dim; ++i) o[i] += w * v[i];
+  }
+  *m_out = m;
+  *d_out = d;
+}
+
+Status Attend(const float* q, uint32_t group, const HeadKV& kv, std::span<const uint8_t> mask, float* out) {
+  KVM_RETURN_IF_ERROR(kv.Validate());
+  if (group == 0) return Status::InvalidArgument("group size must be > 0");
+  if (!mask.empty() && mask.size() != kv.tokens)
+    return Status::InvalidArgument("mask has " + std::to_string(mask.size()) + " entries for " +
+                                   std::to_string(kv.tokens) + " tokens");
+  bool any = false;
+  for (uint64_t j = 0; j < kv.tokens && !any; ++j) any = mask.empty() || mask[j];
+  if (!any) return Status::InvalidArgument("attention over an empty selection");
+  const uint32_t D = kv.head_dim;
+  for (uint32_t h = 0; h < group; ++h) {
+    float m, d;
+    PartialState(q + size_t{h} * D, kv, mask, 0, kv.tokens, &m, &d, out + size_t{h} * D);
+    const float inv = 1.0f / d;
+    for (uint32_t i = 0; i < D; ++i) out[size_t{h} * D + i] *= inv;
+  }
+  return Status::Ok();
+}
+
+}  // namespace kvm::attn

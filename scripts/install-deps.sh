@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages kvmanager builds and tests with. Idempotent: only missing
+# packages are installed (apt-get install -y --no-install-recommends). Needs root or sudo.
+set -euo pipefail
+PKGS=(
+  build-essential cmake ninja-build pkg-config git
+  libucx-dev ucx-utils                       # data plane (UCX 1.13)
+  librocksdb-dev                             # disk tier
+  libboost-dev libboost-system-dev libboost-program-options-dev   # Asio, Beast
+  protobuf-compiler libprotobuf-dev          # wire schema
+  prometheus-cpp-dev prometheus              # metrics; promtool checks /metrics in tests
+  libyaml-cpp-dev nlohmann-json3-dev         # config file, JSON output
+  libgtest-dev libgmock-dev libbenchmark-dev # tests and benchmarks
+  libsentencepiece-dev                       # tokenizer of the reference model
+  clang libclang-rt-14-dev                   # libFuzzer build and thread-safety analysis
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PKGS[@]} packages present" >&2
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "install-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done" >&2

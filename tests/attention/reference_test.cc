@@ -1,0 +1,135 @@
+#include "attention/reference.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "attention/state.h"
+#include "testutil/kv.h"
+
+namespace kvm::attn {
+namespace {
+
+using testutil::RandomKv;
+
+TEST(ReferenceTest, ScoresAreScaledDotProducts) {
+  RandomKv kv(37, 32, 16, DType::kF32, 1);
+  std::vector<float> q(32, 0.f), s(37);
+  q[3] = 2.0f;
+  ScoreKeys(q.data(), kv.view(), 0.5f, s.data());
+  for (int j = 0; j < 37; ++j) EXPECT_FLOAT_EQ(s[j], 0.5f * 2.0f * kv.key(j)[3]);
+}
+
+TEST(ReferenceTest, SoftmaxIsStableAndSumsToOne) {
+  std::vector<float> s = {1000.f, 1000.f, -1000.f, 999.f};
+  std::vector<float> p(4);
+  Softmax(s.data(), 4, p.data());
+  EXPECT_NEAR(p[0] + p[1] + p[2] + p[3], 1.0f, 1e-6);
+  EXPECT_FLOAT_EQ(p[0], p[1]);
+  EXPECT_EQ(p[2], 0.0f);
+  EXPECT_NEAR(p[3] / p[0], std::exp(-1.0f), 1e-6);
+}
+
+TEST(ReferenceTest, TopKOrdersByValueThenIndex) {
+  std::vector<float> s = {0.1f, 0.9f, 0.5f, 0.9f, 0.2f};
+  EXPECT_EQ(TopK(s.data(), 5, 3), (std::vector<uint32_t>{1, 3, 2}));
+  EXPECT_EQ(TopK(s.data(), 5, 9).size(), 5u);
+}
+
+TEST(ReferenceTest, DroppedMassIsOneMinusSelectedMass) {
+  std::vector<float> p = {0.5f, 0.25f, 0.25f};
+  std::vector<uint8_t> sel = {1, 0, 1};
+  EXPECT_NEAR(DroppedMass(p.data(), sel.data(), 3), 0.25, 1e-12);
+}
+
+class AttendTest : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t, uint64_t>> {};
+
+TEST_P(AttendTest, DenseEqualsBruteForceAndMaskedMatchesSubset) {
+  const auto [dtype, D, B, T] = GetParam();
+  const uint32_t g = 4;
+  RandomKv kv(T, D, B, dtype, 7);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::vector<float> q(g * D), out(g * D);
+  for (auto& x : q) x = n(rng);
+  ASSERT_TRUE(Attend(q.data(), g, kv.view(), {}, out.data()).ok());
+  // Brute force in double from the converted rows.
+  for (uint32_t h = 0; h < g; ++h) {
+    std::vector<double> s(T), o(D, 0.0);
+    double mx = -1e300, sum = 0;
+    for (uint64_t j = 0; j < T; ++j) {
+      double d = 0;
+      for (uint32_t i = 0; i < D; ++i) d += double(q[h * D + i]) * kv.key(j)[i];
+      s[j] = d / std::sqrt(double(D));
+      mx = std::max(mx, s[j]);
+    }
+    for (uint64_t j = 0; j < T; ++j) {
+      const double w = std::exp(s[j] - mx);
+      sum += w;
+      for (uint32_t i = 0; i < D; ++i) o[i] += w * kv.value(j)[i];
+    }
+    for (uint32_t i = 0; i < D; ++i) ASSERT_NEAR(out[h * D + i], o[i] / sum, 2e-5) << h << "," << i;
+  }
+  // Masked attention equals dense attention over a copy holding only the selected tokens.
+  std::vector<uint8_t> mask(T);
+  for (auto& m : mask) m = rng() % 3 == 0;
+  mask[T - 1] = 1;
+  std::vector<uint64_t> kept;
+  for (uint64_t j = 0; j < T; ++j)
+    if (mask[j]) kept.push_back(j);
+  RandomKv sub = kv.Subset(kept);
+  std::vector<float> a(g * D), b(g * D);
+  ASSERT_TRUE(Attend(q.data(), g, kv.view(), mask, a.data()).ok());
+  ASSERT_TRUE(Attend(q.data(), g, sub.view(), {}, b.data()).ok());
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << i;  // same tokens, same order: bit-identical
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AttendTest,
+                         ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
+                                            ::testing::Values(32u, 128u), ::testing::Values(1u, 16u),
+                                            ::testing::Values(uint64_t{1}, uint64_t{45})));
+
+TEST(MergeStateTest, HalvesMergeIntoTheWhole) {
+  RandomKv kv(100, 64, 16, DType::kF16, 11);
+  std::vector<float> q(64);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> n(0.f, 2.f);
+  for (auto& x : q) x = n(rng);
+  std::vector<float> o1(64), o2(64), ow(64);
+  float m1, d1, m2, d2, mw, dw;
+  PartialState(q.data(), kv.view(), {}, 0, 37, &m1, &d1, o1.data());
+  PartialState(q.data(), kv.view(), {}, 37, 100, &m2, &d2, o2.data());
+  PartialState(q.data(), kv.view(), {}, 0, 100, &mw, &dw, ow.data());
+  MergeState(m1, d1, o1.data(), m2, d2, o2.data(), 64);
+  EXPECT_EQ(m1, mw);
+  EXPECT_NEAR(d1, dw, 1e-5 * dw);
+  for (int i = 0; i < 64; ++i) EXPECT_NEAR(o1[i] / d1, ow[i] / dw, 1e-5);
+  // An empty state is the identity on both sides.
+  float me = -INFINITY, de = 0;
+  std::vector<float> oe(64, 0.f);
+  MergeState(me, de, oe.data(), mw, dw, ow.data(), 64);
+  EXPECT_EQ(me, mw);
+  EXPECT_EQ(de, dw);
+  MergeState(mw, dw, ow.data(), -INFINITY, 0.f, oe.data(), 64);
+  EXPECT_EQ(de, dw);
+}
+
+TEST(ReferenceTest, BadInputsAreInvalidArgument) {
+  RandomKv kv(10, 32, 4, DType::kF16, 1);
+  std::vector<float> q(32, 1.f), out(32);
+  std::vector<uint8_t> none(10, 0);
+  EXPECT_TRUE(Attend(q.data(), 1, kv.view(), none, out.data()).IsInvalidArgument());
+  std::vector<uint8_t> short_mask(9, 1);
+  EXPECT_TRUE(Attend(q.data(), 1, kv.view(), short_mask, out.data()).IsInvalidArgument());
+  HeadKV v = kv.view();
+  v.n_blocks = 2;  // 2 x 4 < 10 tokens
+  EXPECT_TRUE(Attend(q.data(), 1, v, {}, out.data()).IsInvalidArgument());
+  v = kv.view();
+  v.head_dim = 48;
+  EXPECT_TRUE(Attend(q.data(), 1, v, {}, out.data()).IsInvalidArgument());
+  EXPECT_TRUE(Attend(q.data(), 0, kv.view(), {}, out.data()).IsInvalidArgument());
+}
+
+}  // namespace
+}  // namespace kvm::attn
