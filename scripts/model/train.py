@@ -233,6 +233,8 @@ def main():
     ap.add_argument("--ref-tokens", type=int, default=256, help="prompt length of ref_logits.bin")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (resumable) after this long; 0 = no limit")
     ap.add_argument("--bench", type=int, default=0, help="time this many steps and exit (no state written)")
+    ap.add_argument("--export-only", metavar="DIR", default=None,
+                    help="export the current training state to DIR (model.bin, ref_logits.bin) without training")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -265,6 +267,10 @@ def main():
         torch.set_rng_state(st["torch_rng"])
         step, trained_s = st["step"], st["trained_s"]
         print("resumed at step %d (%.1f min trained)" % (step, trained_s / 60), flush=True)
+        if args.export_only:
+            export(model, held, cfg, args, args.export_only)
+            print("exported step %d to %s" % (step, args.export_only), flush=True)
+            return
     else:
         with open(log_path, "w") as f:
             f.write("# %s\n" % json.dumps({"config": cfg.__dict__, "params": nparams, "args": vars(args)}))
@@ -324,9 +330,16 @@ def main():
             return
     if args.bench:
         return
+    export(model, held, cfg, args, out)
+    vl = val_loss(model, held, cfg, args.val_seqs)
+    log("final step %d val_loss %.4f trained_min %.1f params %d" % (step, vl, trained_s / 60, nparams))
+    print("exported to", out, flush=True)
 
-    # Export: checkpoint, reference logits, summary.
+
+def export(model, held, cfg, args, out):
+    """Writes model.bin and ref_logits.bin (this script's own fp32 forward pass) into out."""
     model.eval()
+    os.makedirs(out, exist_ok=True)
     export_llama2c(model, os.path.join(out, "model.bin"))
     n, offset = args.ref_tokens, 0
     with torch.no_grad():
@@ -335,9 +348,6 @@ def main():
     with open(os.path.join(out, "ref_logits.bin"), "wb") as f:
         f.write(struct.pack("<3i", n, cfg.vocab_size, offset))
         f.write(np.ascontiguousarray(logits, dtype="<f4").tobytes())
-    vl = val_loss(model, held, cfg, args.val_seqs)
-    log("final step %d val_loss %.4f trained_min %.1f params %d" % (step, vl, trained_s / 60, nparams))
-    print("exported to", out, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+// KvSource: where the reference worker's attention gets its keys and values from.
+//
+// The worker calls, for every layer of every token in order: Append(layer, pos, k, v) with the new
+// token's post-RoPE keys and values, then Attend(layer, pos, q, out) for the attention of that token
+// over positions [0, pos]. Implementations: the local dense cache (DenseKvSource, here), a local
+// selector (later) and the service (later). All attend in increasing token order with the attention/
+// reference arithmetic, so two sources that attend the same tokens give bit-identical outputs.
+//
+// Not thread-safe: one worker drives one source.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "attention/reference.h"
+#include "proto/model_shape.h"
+#include "proto/status.h"
+
+namespace kvm::client {
+
+class KvSource {
+ public:
+  virtual ~KvSource() = default;
+  // k, v: [kv_heads][head_dim] fp32 (k post-RoPE). REQUIRES: pos == current length of `layer`
+  // (or < it: a re-append of a known position must carry the same data and is a no-op).
+  virtual Status Append(uint32_t layer, uint64_t pos, const float* k, const float* v) = 0;
+  // q: [q_heads][head_dim] post-RoPE queries of the token at `pos`; out: [q_heads][head_dim].
+  virtual Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) = 0;
+};
+
+// The local dense cache: K and V of every layer and KV head in the block layout, stored in `dtype`,
+// attended densely with attn::Attend.
+class DenseKvSource : public KvSource {
+ public:
+  // InvalidArgument for a bad shape or block size.
+  static Result<std::unique_ptr<DenseKvSource>> Make(const ModelShape& shape, uint32_t block_size);
+
+  Status Append(uint32_t layer, uint64_t pos, const float* k, const float* v) override;
+  Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) override;
+
+  uint64_t length(uint32_t layer) const { return len_[layer]; }
+  const BlockLayout& layout() const { return layout_; }
+  // View of (layer, kv_head) over its first `tokens` tokens (valid until the next Append).
+  attn::HeadKV View(uint32_t layer, uint32_t kv_head, uint64_t tokens) const;
+  // Row of K or V as fp32.
+  void Row(uint32_t layer, uint32_t kv_head, uint64_t token, bool values, float* out) const;
+
+ private:
+  explicit DenseKvSource(const BlockLayout& l);
+  struct Head {
+    std::vector<uint8_t> k, v;  // [blocks][B][D] of dtype, grown a block at a time
+    mutable std::vector<const void*> kp, vp;
+  };
+  Head& head(uint32_t layer, uint32_t kvh) { return heads_[size_t{layer} * layout_.shape().kv_heads + kvh]; }
+  const Head& head(uint32_t layer, uint32_t kvh) const {
+    return heads_[size_t{layer} * layout_.shape().kv_heads + kvh];
+  }
+  BlockLayout layout_;
+  std::vector<Head> heads_;
+  std::vector<uint64_t> len_;
+};
+
+// Encodes n fp32 values into dst as dtype (round to nearest even).
+void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst);
+
+}  // namespace kvm::client

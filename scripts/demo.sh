@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's main job. Installs what it needs, builds, and runs what exists of the vertical slice.
+# Today that is the reference worker on the committed real model (dense KV, in-process): it decodes
+# a continuation of held-out text. The service (kvmanager), the UCX data plane and `kvmctl demo`
+# with PrHS through the service are NOT built yet (issues 8-10); this script says so instead of
+# pretending.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+bash scripts/build.sh
+KVMCTL=./${KVM_BUILD_DIR:-build}/tools/kvmctl/kvmctl
+echo "== attention of the committed model (how much the oracle keeps at 1/8 of a 1024-token context)" >&2
+"$KVMCTL" attn-stats --context 1024 --queries 32
+echo "== greedy continuation of held-out text (Persuasion, never trained on), dense KV" >&2
+"$KVMCTL" generate --tokens models/austen/heldout.u16 --offset 2000 --count 200 --max-new 120 --greedy
+cat >&2 <<'MSG'
+== not built yet: the kvmanager service, the UCX data plane, and `kvmctl demo` (PrHS through the
+   service with δ by kind, retrieval overhead and bytes streamed). See README.md "Status".
+MSG

@@ -1,0 +1,144 @@
+// The C++ forward pass against the training script's own fp32 logits (models/austen/ref_logits.bin),
+// and the checkpoint loader's errors. KVM_MODEL_DIR overrides the model directory.
+#include "client/llama.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+
+#include "client/tokenizer.h"
+
+namespace kvm::client {
+namespace {
+
+std::string ModelDir() {
+  if (const char* d = std::getenv("KVM_MODEL_DIR")) return d;
+  return std::string(KVM_SOURCE_DIR) + "/models/austen";
+}
+
+std::vector<uint8_t> ReadAll(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+TEST(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
+  auto model = LlamaModel::Load(ModelDir() + "/model.bin");
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  const auto raw = ReadAll(ModelDir() + "/ref_logits.bin");
+  ASSERT_GE(raw.size(), 12u);
+  int32_t n, vocab, offset;
+  std::memcpy(&n, raw.data(), 4);
+  std::memcpy(&vocab, raw.data() + 4, 4);
+  std::memcpy(&offset, raw.data() + 8, 4);
+  ASSERT_EQ(raw.size(), 12 + size_t(n) * vocab * 4);
+  ASSERT_EQ(static_cast<uint32_t>(vocab), (*model)->config().vocab_size);
+  auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
+  ASSERT_TRUE(ids.ok());
+  ASSERT_GE(ids->size(), size_t(offset + n));
+
+  auto kv = DenseKvSource::Make((*model)->Shape(DType::kF32), 16);
+  ASSERT_TRUE(kv.ok());
+  ReferenceWorker worker(**model, kv->get());
+  std::vector<float> logits(vocab);
+  double max_diff = 0;
+  for (int32_t p = 0; p < n; ++p) {
+    ASSERT_TRUE(worker.Forward((*ids)[offset + p], p, logits.data()).ok());
+    const float* want = reinterpret_cast<const float*>(raw.data() + 12) + size_t(p) * vocab;
+    for (int32_t v = 0; v < vocab; ++v) max_diff = std::max(max_diff, double(std::fabs(logits[v] - want[v])));
+  }
+  std::printf("max |dlogit| over %d positions x %d = %.3g\n", n, vocab, max_diff);
+  EXPECT_LT(max_diff, 1e-4);
+}
+
+TEST(LlamaTest, ReducedPrecisionKvStaysCloseAndIsDeterministic) {
+  auto model = LlamaModel::Load(ModelDir() + "/model.bin");
+  ASSERT_TRUE(model.ok());
+  auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
+  ASSERT_TRUE(ids.ok());
+  const uint32_t V = (*model)->config().vocab_size;
+  std::vector<float> a(V), b(V), c(V);
+  auto run = [&](DType dt, std::vector<float>& out) {
+    auto kv = DenseKvSource::Make((*model)->Shape(dt), 16);
+    ReferenceWorker w(**model, kv->get());
+    for (int p = 0; p < 64; ++p) ASSERT_TRUE(w.Forward((*ids)[p], p, out.data()).ok());
+  };
+  run(DType::kF32, a);
+  run(DType::kF16, b);
+  run(DType::kF16, c);
+  EXPECT_EQ(b, c);  // deterministic
+  double md = 0;
+  for (uint32_t v = 0; v < V; ++v) md = std::max(md, double(std::fabs(a[v] - b[v])));
+  EXPECT_LT(md, 0.1);  // fp16 KV: small drift only
+  EXPECT_GT(md, 0.0);  // and it really used fp16
+}
+
+TEST(LlamaTest, TokenizerRoundTripsHeldOutText) {
+  auto tok = Tokenizer::Load(ModelDir() + "/tokenizer.model");
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ((*ids)[0], Tokenizer::kBos);
+  std::vector<uint32_t> some(ids->begin() + 1, ids->begin() + 200);
+  const std::string text = (*tok)->Decode(some);
+  EXPECT_GT(text.size(), 200u);
+  EXPECT_EQ((*tok)->Encode(text), some);
+}
+
+class LoaderTest : public ::testing::Test {
+ protected:
+  std::string Write(const std::vector<uint8_t>& bytes) {
+    const std::string p = (std::filesystem::temp_directory_path() /
+                           ("kvm_llama_" + std::to_string(::getpid()) + "_" + std::to_string(n_++))).string();
+    std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    files_.push_back(p);
+    return p;
+  }
+  void TearDown() override {
+    for (auto& f : files_) std::filesystem::remove(f);
+  }
+  std::vector<uint8_t> Header(std::vector<int32_t> h) {
+    std::vector<uint8_t> b(28);
+    std::memcpy(b.data(), h.data(), 28);
+    return b;
+  }
+  int n_ = 0;
+  std::vector<std::string> files_;
+};
+
+TEST_F(LoaderTest, ErrorsNameWhatIsWrong) {
+  EXPECT_TRUE(LlamaModel::Load("/nonexistent/model.bin").status().IsNotFound());
+  auto s = LlamaModel::Load(Write({1, 2, 3})).status();
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  std::vector<uint8_t> ak(256, 0);
+  std::memcpy(ak.data(), "ak42", 4);
+  s = LlamaModel::Load(Write(ak)).status();
+  EXPECT_TRUE(s.IsInvalidArgument());
+  EXPECT_NE(s.message().find("ak42"), std::string::npos);
+  s = LlamaModel::Load(Write(Header({96, 128, 2, 3, 2, 32, 16}))).status();  // 3 heads, 2 kv heads
+  EXPECT_TRUE(s.IsInvalidArgument());
+  EXPECT_NE(s.message().find("n_kv_heads"), std::string::npos);
+  s = LlamaModel::Load(Write(Header({64, 128, 0, 4, 2, 32, 16}))).status();
+  EXPECT_NE(s.message().find("n_layers"), std::string::npos);
+  // A good header with a truncated body.
+  auto full = ReadAll(ModelDir() + "/model.bin");
+  ASSERT_GT(full.size(), 1000u);
+  full.resize(full.size() - 4);
+  s = LlamaModel::Load(Write(full)).status();
+  EXPECT_TRUE(s.IsCorruption());
+  EXPECT_NE(s.message().find("truncated"), std::string::npos);
+}
+
+TEST(TokenFileTest, OddSizeIsRejected) {
+  const std::string p = (std::filesystem::temp_directory_path() / "kvm_odd.u16").string();
+  std::ofstream(p, std::ios::binary).write("abc", 3);
+  EXPECT_TRUE(ReadTokenFile(p).status().IsInvalidArgument());
+  std::filesystem::remove(p);
+}
+
+}  // namespace
+}  // namespace kvm::client
