@@ -1,0 +1,367 @@
+// PrHS and the block oracle on structured synthetic keys and queries (fixed seeds).
+#include "selector/prhs.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "selector/scoring.h"
+#include "testutil/synthetic.h"
+
+namespace kvm::sel {
+namespace {
+
+constexpr uint32_t kG = 4, kD = 32;
+ModelShape Shape(uint32_t layers = 1) { return ModelShape{layers, kG * 2, 2, kD, DType::kF32, 0}; }
+
+SelectorOptions Budget(uint32_t B, uint64_t budget) {
+  SelectorOptions o;
+  o.geometry = Geometry{B, 16, 64};
+  o.budget_tokens = budget;
+  return o;
+}
+
+// Independent δ of a block set: softmax over every token by the reference, per head.
+std::vector<double> ReferenceDelta(const float* q, const attn::HeadKV& kv, const std::vector<uint64_t>& blocks) {
+  std::vector<double> out;
+  std::vector<uint8_t> sel(kv.tokens, 0);
+  for (uint64_t b : blocks)
+    for (uint64_t t = b * kv.block_size; t < std::min<uint64_t>(kv.tokens, (b + 1) * kv.block_size); ++t) sel[t] = 1;
+  std::vector<float> p(kv.tokens);
+  for (uint32_t h = 0; h < kG; ++h) {
+    attn::ScoreKeys(q + h * kD, kv, 1.0f / std::sqrt(float(kD)), p.data());
+    attn::Softmax(p.data(), p.size(), p.data());
+    out.push_back(attn::DroppedMass(p.data(), sel.data(), p.size()));
+  }
+  return out;
+}
+
+bool Violates(double measured, double claimed) { return measured > claimed + 1e-6 + 1e-5 * claimed; }
+
+struct DriveStats {
+  uint64_t anchors = 0, reuse = 0, steps = 0, violations = 0;
+};
+
+// Drives one selector over `steps` decode steps after a prefill of `context` tokens.
+template <typename Check>
+DriveStats Drive(Selector& s, testutil::SyntheticGroup& seq, uint64_t context, uint64_t steps, Check check,
+          std::function<void(float*, uint64_t)> perturb = nullptr) {
+  DriveStats r;
+  seq.Append(context);
+  for (uint64_t i = 0; i < steps; ++i) {
+    seq.Append(1);
+    float* q = const_cast<float*>(seq.NextQueries());
+    if (perturb) perturb(q, i);
+    const attn::HeadKV kv = seq.view();
+    StepInput in{seq.tokens() - 1, 0, 0, q, &kv, &seq.summaries()};
+    Selection out;
+    EXPECT_TRUE(s.Select(in, &out).ok());
+    ++r.steps;
+    (out.anchor ? r.anchors : r.reuse) += 1;
+    check(in, out, r);
+  }
+  return r;
+}
+
+TEST(PrhsTest, SinksAndWindowAlwaysResidentAndSizeWithinBudgetPlusExtras) {
+  for (uint32_t B : {1u, 16u}) {
+    const uint64_t budget = 512;
+    auto o = Budget(B, budget);
+    auto s = PrhsSelector::Make(o, Shape(), 4096);
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    testutil::SyntheticGroup seq(kG, kD, B, 1);
+    uint64_t anchor_window_first = 0;
+    Drive(**s, seq, 2000, 200, [&](const StepInput& in, const Selection& out, DriveStats&) {
+      const uint64_t T = in.tokens();
+      std::vector<uint64_t> need;
+      AddRange(0, o.geometry.SinkBlocks(T), &need);
+      AddRange(o.geometry.WindowFirstBlock(T), o.geometry.Blocks(T), &need);
+      for (uint64_t b : need) ASSERT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b)) << b;
+      ASSERT_TRUE(std::is_sorted(out.blocks.begin(), out.blocks.end()));
+      if (out.anchor) anchor_window_first = o.geometry.WindowFirstBlock(T);
+      const uint64_t left_window = o.geometry.WindowFirstBlock(T) - anchor_window_first;
+      const uint64_t dilation = 2ull * o.DilationRadius() * ((o.budget_blocks() + 2) / 3);
+      ASSERT_LE(out.blocks.size(), o.budget_blocks() + dilation + left_window);
+      ASSERT_LE(out.blocks.size(), (*s)->HotSetSlots());
+    });
+  }
+}
+
+TEST(PrhsTest, NoReuseWhenCosineBelowThreshold) {
+  auto o = Budget(16, 512);
+  o.tau_cos = 0.8;
+  o.max_cluster_steps = 0;
+  auto s = PrhsSelector::Make(o, Shape(), 4096);
+  ASSERT_TRUE(s.ok());
+  testutil::SyntheticGroup seq(kG, kD, 16, 2, /*drift=*/0.06);
+  std::vector<std::vector<float>> anchor_q(kG);
+  const DriveStats r = Drive(**s, seq, 1500, 300, [&](const StepInput& in, const Selection& out, DriveStats&) {
+    if (out.anchor) {
+      for (uint32_t h = 0; h < kG; ++h) anchor_q[h].assign(in.q + h * kD, in.q + (h + 1) * kD);
+      return;
+    }
+    for (uint32_t h = 0; h < kG; ++h) ASSERT_GE(Cosine(in.q + h * kD, anchor_q[h].data(), kD), 0.8);
+    ASSERT_EQ(out.retrieved_heads, 0u);
+    ASSERT_EQ(out.kind, DeltaKind::kBound);
+  });
+  EXPECT_GT(r.reuse, 0u);
+  EXPECT_GT(r.anchors, 1u);  // the drift forced re-anchors
+}
+
+TEST(PrhsTest, AnchorDeltaEqualsIndependentReference) {
+  auto o = Budget(16, 384);
+  auto s = PrhsSelector::Make(o, Shape(), 4096);
+  ASSERT_TRUE(s.ok());
+  testutil::SyntheticGroup seq(kG, kD, 16, 3, 0.2);
+  const DriveStats r = Drive(**s, seq, 1000, 100, [&](const StepInput& in, const Selection& out, DriveStats&) {
+    if (!out.anchor) return;
+    ASSERT_EQ(out.kind, DeltaKind::kExact);
+    ASSERT_EQ(out.retrieved_heads, kG);
+    const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+    for (uint32_t h = 0; h < kG; ++h) ASSERT_NEAR(out.delta[h], ref[h], 1e-5) << h;
+  });
+  EXPECT_GT(r.anchors, 0u);
+}
+
+// The δ bound is never below the true δ, under every kind of drift the gate may let through. The
+// cosine gate is opened fully (τ = −1, no cluster limit) so reuse happens whatever the drift.
+TEST(PrhsTest, DeltaBoundNeverBelowTrueDeltaUnderAdversarialDrift) {
+  uint64_t checked = 0, total_violations = 0;
+  for (uint32_t seed = 1; seed <= 6; ++seed) {
+    auto o = Budget(seed % 2 ? 16 : 4, 384);
+    o.tau_cos = -1.0;
+    o.max_cluster_steps = 0;
+    auto s = PrhsSelector::Make(o, Shape(), 8192);
+    ASSERT_TRUE(s.ok());
+    testutil::SyntheticGroup seq(kG, kD, o.geometry.block_size, seed, 0.02);
+    std::mt19937 rng(seed);
+    auto perturb = [&](float* q, uint64_t i) {
+      switch ((i + seed) % 6) {
+        case 0: for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 0.1f; break;                 // scaled down
+        case 1: for (uint32_t j = 0; j < kG * kD; ++j) q[j] = -q[j]; break;                 // negated
+        case 2: {                                                                           // rotated
+          const uint32_t a = rng() % kD, b = (a + 1 + rng() % (kD - 1)) % kD;
+          for (uint32_t h = 0; h < kG; ++h) {
+            const float x = q[h * kD + a], y = q[h * kD + b], th = 0.7f;
+            q[h * kD + a] = x * std::cos(th) - y * std::sin(th);
+            q[h * kD + b] = x * std::sin(th) + y * std::cos(th);
+          }
+          break;
+        }
+        case 3: {                                                                           // RoPE advanced
+          const double pos = double(5 + i % 50);
+          for (uint32_t h = 0; h < kG; ++h)
+            for (uint32_t d = 0; d < kD; d += 2) {
+              const double ang = pos / std::pow(10000.0, double(d) / kD);
+              const float x = q[h * kD + d], y = q[h * kD + d + 1];
+              q[h * kD + d] = float(x * std::cos(ang) - y * std::sin(ang));
+              q[h * kD + d + 1] = float(x * std::sin(ang) + y * std::cos(ang));
+            }
+          break;
+        }
+        case 4: for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 3.0f; break;                 // scaled up
+        default: break;                                                                      // plain drift
+      }
+    };
+    Drive(**s, seq, 1200, 240, [&](const StepInput& in, const Selection& out, DriveStats& r) {
+      if (out.anchor) return;
+      const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+      for (uint32_t h = 0; h < kG; ++h) {
+        ++checked;
+        if (Violates(ref[h], out.delta[h])) {
+          ++r.violations;
+          ++total_violations;
+          ADD_FAILURE() << "seed " << seed << " step " << in.step << " head " << h << " true " << ref[h]
+                        << " > bound " << out.delta[h];
+        }
+      }
+    }, perturb);
+  }
+  EXPECT_EQ(total_violations, 0u);
+  EXPECT_GT(checked, 4000u);
+}
+
+TEST(PrhsTest, TargetModeMeetsTargetOnEveryHeadAtEveryAnchorOrSaysCapWasHit) {
+  for (double target : {0.2, 0.1, 0.05}) {
+    SelectorOptions o;
+    o.geometry = Geometry{16, 16, 64};
+    o.target_delta = target;
+    o.max_resident_tokens = 1024;
+    auto s = PrhsSelector::Make(o, Shape(), 4096);
+    ASSERT_TRUE(s.ok());
+    testutil::SyntheticGroup seq(kG, kD, 16, 4, 0.05);
+    uint64_t met = 0, anchors = 0;
+    Drive(**s, seq, 2500, 120, [&](const StepInput& in, const Selection& out, DriveStats&) {
+      const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+      bool all = true;
+      for (double d : ref) all = all && d <= target;
+      if (out.anchor) {
+        ++anchors;
+        ASSERT_EQ(out.target_met, all);  // says whether the target was met
+        if (!all) {
+          ASSERT_GE(out.blocks.size(), o.cap_blocks());  // only when the cap was hit
+        }
+        met += all;
+      } else {
+        for (uint32_t h = 0; h < kG; ++h) ASSERT_LE(out.delta[h], target + 1e-9);  // reuse only within target
+        ASSERT_FALSE(Violates(*std::max_element(ref.begin(), ref.end()),
+                              *std::max_element(out.delta.begin(), out.delta.end())));
+      }
+    });
+    EXPECT_GT(met, 0u) << target;
+    EXPECT_GT(anchors, 0u);
+  }
+}
+
+// §0.7: the block oracle with the same number of resident blocks and the same forced blocks has a
+// group-mean δ no larger than PrHS's, at every step, over many seeds.
+TEST(PrhsTest, BlockOracleOfSameSizeNeverWorseThanPrhs) {
+  for (uint32_t seed = 10; seed < 22; ++seed) {
+    auto o = Budget(seed % 3 == 0 ? 1 : 16, 256 + 32 * (seed % 4));
+    auto s = PrhsSelector::Make(o, Shape(), 4096);
+    ASSERT_TRUE(s.ok());
+    testutil::SyntheticGroup seq(kG, kD, o.geometry.block_size, seed, 0.05);
+    Drive(**s, seq, 800, 60, [&](const StepInput& in, const Selection& out, DriveStats&) {
+      const GroupScores gs = ScoreGroup(in.q, kG, *in.kv);
+      std::vector<uint64_t> forced;
+      AddRange(0, o.geometry.SinkBlocks(in.tokens()), &forced);
+      AddRange(o.geometry.WindowFirstBlock(in.tokens()), o.geometry.Blocks(in.tokens()), &forced);
+      const auto oracle = OracleBlocks(gs, forced, out.blocks.size());
+      ASSERT_EQ(oracle.size(), out.blocks.size());
+      const auto d_or = DeltaOf(gs, oracle), d_pr = DeltaOf(gs, out.blocks);
+      double mo = 0, mp = 0;
+      for (uint32_t h = 0; h < kG; ++h) mo += d_or[h] / kG, mp += d_pr[h] / kG;
+      ASSERT_LE(mo, mp + 1e-9) << "seed " << seed << " step " << in.step;
+    });
+  }
+}
+
+TEST(PrhsTest, PsawWindowsNeverGrowWithDepthAndCutIsFrozenAtTheAnchor) {
+  auto o = Budget(16, 512);
+  o.psaw = true;
+  o.psaw_start_layer = 2;
+  o.psaw_phi = 0.3;
+  auto s = PrhsSelector::Make(o, Shape(8), 8192);
+  ASSERT_TRUE(s.ok());
+  for (uint64_t T : {100ull, 1000ull, 5000ull}) {
+    uint64_t prev_window = T;
+    for (uint32_t l = 0; l < 8; ++l) {
+      const uint64_t window = T - (*s)->PsawCut(l, T);
+      EXPECT_LE(window, prev_window) << "layer " << l;
+      prev_window = window;
+    }
+    EXPECT_EQ((*s)->PsawCut(0, T), 0u);
+    EXPECT_EQ((*s)->PsawCut(1, T), 0u);
+    EXPECT_LT((*s)->PsawCut(7, T), T);
+  }
+  // A deep layer's selection holds no middle block before the cut frozen at its anchor.
+  testutil::SyntheticGroup seq(kG, kD, 16, 5, 0.05);
+  seq.Append(3000);
+  seq.Append(1);
+  const attn::HeadKV kv = seq.view();
+  StepInput in{seq.tokens() - 1, 7, 0, seq.NextQueries(), &kv, &seq.summaries()};
+  Selection out;
+  ASSERT_TRUE((*s)->Select(in, &out).ok());
+  const uint64_t cut_block = (*s)->PsawCut(7, in.tokens()) / 16;
+  for (uint64_t b : out.blocks) EXPECT_TRUE(b < o.geometry.SinkBlocks(in.tokens()) || b >= cut_block) << b;
+}
+
+TEST(PrhsTest, LayerSharingPointsOnlyToShallowerLayersAndCopiesTheSourceSet) {
+  auto o = Budget(16, 512);
+  o.layer_sharing = true;
+  auto s = PrhsSelector::Make(o, Shape(3), 4096);
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE((*s)->SetLayerMap({0, 2, 2}).IsInvalidArgument());
+  EXPECT_TRUE((*s)->SetLayerMap({0, 0}).IsInvalidArgument());
+  ASSERT_TRUE((*s)->SetLayerMap({0, 1, 0}).ok());
+  testutil::SyntheticGroup seq(kG, kD, 16, 6);
+  seq.Append(2000);
+  const attn::HeadKV kv = seq.view();
+  const float* q = seq.NextQueries();
+  Selection s0, s2;
+  StepInput in0{seq.tokens() - 1, 0, 0, q, &kv, &seq.summaries()};
+  StepInput in2 = in0;
+  in2.layer = 2;
+  EXPECT_TRUE((*s)->Select(in2, &s2).IsFailedPrecondition());  // source not selected yet this step
+  ASSERT_TRUE((*s)->Select(in0, &s0).ok());
+  ASSERT_TRUE((*s)->Select(in2, &s2).ok());
+  EXPECT_EQ(s2.blocks, s0.blocks);
+  EXPECT_EQ(s2.kind, DeltaKind::kUnknown);
+  EXPECT_EQ(s2.retrieved_heads, 0u);
+}
+
+TEST(PrhsTest, ShortContextsMakeEverythingResident) {
+  auto s = PrhsSelector::Make(Budget(16, 512), Shape(), 4096);
+  ASSERT_TRUE(s.ok());
+  testutil::SyntheticGroup seq(kG, kD, 16, 7);
+  seq.Append(300);
+  const attn::HeadKV kv = seq.view();
+  StepInput in{seq.tokens() - 1, 0, 0, seq.NextQueries(), &kv, &seq.summaries()};
+  Selection out;
+  ASSERT_TRUE((*s)->Select(in, &out).ok());
+  EXPECT_EQ(out.blocks.size(), 19u);  // ceil(300 / 16)
+  EXPECT_EQ(out.kind, DeltaKind::kExact);
+  for (double d : out.delta) EXPECT_EQ(d, 0.0);
+}
+
+TEST(OracleTest, BudgetAndTargetModes) {
+  auto o = Budget(16, 384);
+  auto s = OracleSelector::Make(o, Shape(), 4096);
+  ASSERT_TRUE(s.ok());
+  testutil::SyntheticGroup seq(kG, kD, 16, 8);
+  Drive(**s, seq, 1500, 20, [&](const StepInput& in, const Selection& out, DriveStats&) {
+    EXPECT_LE(out.blocks.size(), o.budget_blocks());  // the window's widest span is reserved
+    EXPECT_GE(out.blocks.size(), o.budget_blocks() - 1);
+    EXPECT_EQ(out.retrieved_heads, kG);
+    const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+    for (uint32_t h = 0; h < kG; ++h) ASSERT_NEAR(out.delta[h], ref[h], 1e-5);
+  });
+  SelectorOptions t;
+  t.geometry = Geometry{16, 16, 64};
+  t.target_delta = 0.1;
+  t.max_resident_tokens = 2048;
+  auto ts = OracleSelector::Make(t, Shape(), 4096);
+  ASSERT_TRUE(ts.ok());
+  testutil::SyntheticGroup seq2(kG, kD, 16, 9);
+  Drive(**ts, seq2, 1500, 20, [&](const StepInput&, const Selection& out, DriveStats&) {
+    if (out.target_met) {
+      for (double d : out.delta) EXPECT_LE(d, 0.1);
+    } else {
+      EXPECT_EQ(out.blocks.size(), t.cap_blocks());
+    }
+  });
+}
+
+TEST(SelectorOptionsTest, BadParametersNameTheField) {
+  auto expect_field = [](const SelectorOptions& o, const char* field, ModelShape shape = Shape()) {
+    auto s = PrhsSelector::Make(o, shape, 4096);
+    ASSERT_FALSE(s.ok()) << field;
+    EXPECT_TRUE(s.status().IsInvalidArgument());
+    EXPECT_NE(s.status().message().find(field), std::string::npos) << s.status().ToString();
+  };
+  auto o = Budget(16, 512);
+  o.budget_tokens = 0;
+  expect_field(o, "budget_tokens");
+  o = Budget(16, 512);
+  o.tau_cos = 1.5;
+  expect_field(o, "tau_cos");
+  o = Budget(16, 512);
+  o.geometry.block_size = 0;
+  expect_field(o, "block_size");
+  o = Budget(16, 512);
+  o.geometry.window_tokens = 5000;
+  expect_field(o, "window_tokens");
+  o = Budget(16, 512);
+  o.target_delta = 0.1;
+  expect_field(o, "max_resident_tokens");
+  o = Budget(16, 64);  // no room beyond sinks + window
+  expect_field(o, "budget_tokens");
+  ModelShape bad = Shape();
+  bad.q_heads = 7;
+  expect_field(Budget(16, 512), "q_heads", bad);
+  EXPECT_TRUE(MakeSelector("nope", Budget(16, 512), Shape(), 4096).status().IsInvalidArgument());
+}
+
+}  // namespace
+}  // namespace kvm::sel
