@@ -14,6 +14,7 @@
 #include "bench_util.h"
 #include "proto/half.h"
 #include "selector/plan.h"
+#include "selector/baselines.h"
 #include "selector/prhs.h"
 
 using namespace kvm;
@@ -26,7 +27,7 @@ constexpr uint32_t kHq = 32, kHkv = 8, kG = 4, kD = 128, kB = 16;
 struct SyntheticHead {
   std::vector<uint16_t> k;  // [T][D] (the block layout of contiguous blocks)
   std::vector<const void*> kp;
-  sel::HeadSummaries sum{kB, kD};
+  sel::HeadSummaries sum{kB, kD, /*minmax=*/true};
   void Make(uint64_t T, const float* dir, uint64_t seed) {
     k.resize(((T + kB - 1) / kB) * kB * kD);
     uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
@@ -71,7 +72,11 @@ int main(int argc, char** argv) {
   std::vector<float> q(size_t{kHq} * kD);
   for (size_t i = 0; i < q.size(); ++i) q[i] = dir[i % kD] * 8.0f + 0.3f * n(rng);
 
-  struct Row { uint64_t T; double anchor_ms, reuse_us, oracle_ms; };
+  o.hshare_channels.assign(kHq, {});
+  for (auto& ch : o.hshare_channels)
+    for (uint32_t c = 0; c < kD / 8; ++c) ch.push_back(c);
+  const char* kBaselines[] = {"quest", "hshare", "streaming", "h2o"};
+  struct Row { uint64_t T; double anchor_ms, reuse_us, oracle_ms; double base_ms[4]; };
   std::vector<Row> rows;
   for (uint64_t T : {4096ull, 32768ull, 131072ull, 1048576ull}) {
     if (T > max_tokens) break;
@@ -114,7 +119,16 @@ int main(int argc, char** argv) {
     t0 = Clock::now();
     for (int i = 0; i < anchor_iters; ++i) step(**oracle, T - 1, false);
     const double oracle_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
-    rows.push_back({T, anchor_ms, reuse_us, oracle_ms});
+    Row row{T, anchor_ms, reuse_us, oracle_ms, {}};
+    for (int bi = 0; bi < 4; ++bi) {
+      auto b = sel::MakeSelector(kBaselines[bi], o, shape, T + 64);
+      if (!b.ok()) return std::fprintf(stderr, "%s\n", b.status().ToString().c_str()), 1;
+      step(**b, T - 2, false);  // warm (H2O's first step sees every block)
+      t0 = Clock::now();
+      for (int i = 0; i < anchor_iters; ++i) step(**b, T - 1 + (i % 2), false);  // even and odd steps (HShare)
+      row.base_ms[bi] = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
+    }
+    rows.push_back(row);
     std::fprintf(stderr, "  anchor %.2f ms, reuse %.2f us, oracle %.2f ms per (step, layer)\n", anchor_ms, reuse_us,
                  oracle_ms);
   }
@@ -126,15 +140,19 @@ int main(int argc, char** argv) {
   if (json) {
     std::printf("{\"synthetic\": true, \"idle\": %s, \"rows\": [", idle ? "true" : "false");
     for (size_t i = 0; i < rows.size(); ++i)
-      std::printf("%s{\"tokens\": %llu, \"prhs_anchor_ms\": %.3f, \"prhs_reuse_us\": %.3f, \"oracle_ms\": %.3f}",
-                  i ? ", " : "", (unsigned long long)rows[i].T, rows[i].anchor_ms, rows[i].reuse_us, rows[i].oracle_ms);
+      std::printf("%s{\"tokens\": %llu, \"prhs_anchor_ms\": %.3f, \"prhs_reuse_us\": %.3f, \"oracle_ms\": %.3f, "
+                  "\"quest_ms\": %.3f, \"hshare_ms\": %.3f, \"streaming_ms\": %.4f, \"h2o_ms\": %.4f}",
+                  i ? ", " : "", (unsigned long long)rows[i].T, rows[i].anchor_ms, rows[i].reuse_us, rows[i].oracle_ms,
+                  rows[i].base_ms[0], rows[i].base_ms[1], rows[i].base_ms[2], rows[i].base_ms[3]);
     std::printf("], \"reuse_cost_1m_over_32k\": %s}\n", r1m > 0 && r32 > 0 ? std::to_string(r1m / r32).c_str() : "null");
   } else {
     std::printf("synthetic keys; Hq %u Hkv %u D %u fp16, B %u, budget 2048 tokens; idle machine: %s\n", kHq, kHkv, kD,
                 kB, idle ? "yes" : "NO (numbers are noisy)");
-    std::printf("| T | PrHS anchor step (ms) | PrHS reuse step: gate + plan (us) | oracle step (ms) |\n|---|---|---|---|\n");
+    std::printf("| T | PrHS anchor (ms) | PrHS reuse: gate + plan (us) | oracle (ms) | Quest (ms) | HShare, mean of a "
+                "retrieval and a shared step (ms) | StreamingLLM (ms) | H2O select (ms) |\n|---|---|---|---|---|---|---|---|\n");
     for (auto& r : rows)
-      std::printf("| %llu | %.2f | %.2f | %.2f |\n", (unsigned long long)r.T, r.anchor_ms, r.reuse_us, r.oracle_ms);
+      std::printf("| %llu | %.2f | %.2f | %.2f | %.2f | %.2f | %.4f | %.4f |\n", (unsigned long long)r.T, r.anchor_ms,
+                  r.reuse_us, r.oracle_ms, r.base_ms[0], r.base_ms[1], r.base_ms[2], r.base_ms[3]);
     if (r1m > 0 && r32 > 0) std::printf("reuse cost(1M) / cost(32K) = %.2f\n", r1m / r32);
   }
   return 0;

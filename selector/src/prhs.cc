@@ -1,5 +1,8 @@
 #include "selector/prhs.h"
 
+#include "common.h"
+#include "selector/baselines.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -7,65 +10,9 @@
 
 namespace kvm::sel {
 namespace {
-
 Status Bad(const std::string& field, const std::string& why) {
   return Status::InvalidArgument(field + ": " + why);
 }
-
-std::vector<uint64_t> ForcedBlocks(const Geometry& g, uint64_t T) {
-  std::vector<uint64_t> f;
-  AddRange(0, g.SinkBlocks(T), &f);
-  AddRange(g.WindowFirstBlock(T), g.Blocks(T), &f);
-  return f;
-}
-
-std::vector<uint64_t> AllBlocks(uint64_t nb) {
-  std::vector<uint64_t> all;
-  AddRange(0, nb, &all);
-  return all;
-}
-
-void ShortContext(uint64_t nb, uint32_t group, Selection* out) {
-  out->blocks = AllBlocks(nb);
-  out->delta.assign(group, 0.0);
-  out->kind = DeltaKind::kExact;
-  out->retrieved_heads = 0;
-  out->target_met = true;
-  out->anchor = false;
-}
-
-// Middle blocks a budget-mode selection may hold: the cap less the sinks and the window at its widest,
-// so the resident count never exceeds the cap as the window's raggedness changes between steps.
-uint64_t HeavyBlocks(const SelectorOptions& o) {
-  const uint64_t forced = o.geometry.MaxSinkBlocks() + o.geometry.MaxWindowBlocks();
-  return o.cap_blocks() > forced ? o.cap_blocks() - forced : 0;
-}
-
-float MaxKeyNorm(const StepInput& in) {
-  if (in.summaries && in.summaries->tokens() >= in.tokens()) return in.summaries->max_norm();
-  std::vector<float> k(in.kv->head_dim);
-  double mx = 0;
-  for (uint64_t j = 0; j < in.kv->tokens; ++j) {
-    attn::LoadRow(*in.kv, j, false, k.data());
-    double ss = 0;
-    for (float x : k) ss += double(x) * x;
-    mx = std::max(mx, ss);
-  }
-  return static_cast<float>(std::sqrt(mx));
-}
-
-Status CheckInput(const StepInput& in, const ModelShape& s, const Geometry& g) {
-  if (!in.q || !in.kv) return Status::InvalidArgument("select: missing queries or keys");
-  if (in.layer >= s.layers || in.kv_head >= s.kv_heads)
-    return Status::InvalidArgument("select: layer/kv_head out of range");
-  if (in.kv->tokens != in.tokens())
-    return Status::InvalidArgument("select: keys hold " + std::to_string(in.kv->tokens) + " tokens, step " +
-                                   std::to_string(in.step) + " needs " + std::to_string(in.tokens()));
-  if (in.kv->block_size != g.block_size || in.kv->head_dim != s.head_dim)
-    return Status::InvalidArgument("select: keys' block size/head dim do not match the options");
-  return Status::Ok();
-}
-
 }  // namespace
 
 Status SelectorOptions::Validate(uint32_t layers, uint64_t max_context) const {
@@ -340,7 +287,23 @@ Result<std::unique_ptr<Selector>> MakeSelector(const std::string& name, const Se
     KVM_ASSIGN_OR_RETURN(auto s, PrhsSelector::Make(o, shape, max_context));
     return std::unique_ptr<Selector>(std::move(s));
   }
-  return Status::InvalidArgument("selector: unknown name '" + name + "' (oracle, prhs)");
+  if (name == "quest") {
+    KVM_ASSIGN_OR_RETURN(auto s, QuestSelector::Make(o, shape, max_context));
+    return std::unique_ptr<Selector>(std::move(s));
+  }
+  if (name == "streaming") {
+    KVM_ASSIGN_OR_RETURN(auto s, StreamingSelector::Make(o, shape, max_context));
+    return std::unique_ptr<Selector>(std::move(s));
+  }
+  if (name == "h2o") {
+    KVM_ASSIGN_OR_RETURN(auto s, H2oSelector::Make(o, shape, max_context));
+    return std::unique_ptr<Selector>(std::move(s));
+  }
+  if (name == "hshare") {
+    KVM_ASSIGN_OR_RETURN(auto s, HShareSelector::Make(o, shape, max_context));
+    return std::unique_ptr<Selector>(std::move(s));
+  }
+  return Status::InvalidArgument("selector: unknown name '" + name + "' (oracle, prhs, quest, hshare, streaming, h2o)");
 }
 
 }  // namespace kvm::sel

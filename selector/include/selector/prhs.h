@@ -49,6 +49,15 @@ struct SelectorOptions {
   double psaw_phi = 0.5;             // φ ∈ (0, 1): deepest layer keeps φ^α of the context.
   double psaw_alpha = 1.0;           // α ≥ 0.
   bool layer_sharing = false;        // use the layer map (set with SetLayerMap). Default: off (§0.5).
+  // ---- baselines (selectors.md §4, §0.8; budget mode only) ----
+  uint32_t quest_dense_layers = 2;   // Quest: layers below this are dense. Default: 2 (Quest's 0 and 1).
+  uint32_t hshare_query_share = 2;   // HShare: a full retrieval every this many steps. Default: 2.
+  int32_t hshare_shared_kv_heads = -1;  // HShare: KV heads that share another's set per layer; −1 = Hkv/2.
+  int32_t hshare_shared_layers = -1;    // HShare: layers that share a shallower layer's set; −1 = L/2.
+  // HShare label channels per (layer, query head), [layers * q_heads] lists of D/8 (≥ 4) channels, from
+  // the calibration file (`kvmctl hshare-calibrate`). Required by hshare.
+  std::vector<std::vector<uint32_t>> hshare_channels;
+  double h2o_recent_frac = 0.5;      // H2O: the recent share of the budget (heavy/recent 50/50). Default: 0.5.
 
   // InvalidArgument naming the field. `layers`: the model's layer count; `max_context`: its length.
   Status Validate(uint32_t layers, uint64_t max_context) const;
@@ -108,7 +117,7 @@ class PrhsSelector : public Selector {
   std::vector<uint32_t> layer_map_;
 };
 
-// Common selector factory by name ("oracle", "prhs"; baselines register later).
+// Selector factory by name: "oracle", "prhs", "quest", "hshare", "streaming", "h2o".
 Result<std::unique_ptr<Selector>> MakeSelector(const std::string& name, const SelectorOptions& o,
                                                const ModelShape& shape, uint64_t max_context);
 
