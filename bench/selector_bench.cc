@@ -75,6 +75,7 @@ int main(int argc, char** argv) {
   o.hshare_channels.assign(kHq, {});
   for (auto& ch : o.hshare_channels)
     for (uint32_t c = 0; c < kD / 8; ++c) ch.push_back(c);
+  o.quest_dense_layers = 0;  // the one benchmarked layer is a sparse one
   const char* kBaselines[] = {"quest", "hshare", "streaming", "h2o"};
   struct Row { uint64_t T; double anchor_ms, reuse_us, oracle_ms; double base_ms[4]; };
   std::vector<Row> rows;

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <sstream>
 #include <string>
 
 #include "common.h"
@@ -322,6 +323,47 @@ std::vector<std::vector<uint32_t>> HShareCalibrator::Channels(uint32_t count) co
     std::stable_sort(idx.begin(), idx.end(), [&](uint32_t x, uint32_t y) { return a[x] > a[y]; });
     out[i].assign(idx.begin(), idx.begin() + std::min(count, D));
   }
+  return out;
+}
+
+}  // namespace kvm::sel
+
+namespace kvm::sel {
+
+std::string FormatHShareChannels(const std::vector<std::vector<uint32_t>>& channels, uint32_t q_heads) {
+  std::ostringstream out;
+  out << "# HShare label channels: layer q_head channels... (kvmctl hshare-calibrate)\n";
+  for (size_t i = 0; i < channels.size(); ++i) {
+    out << i / q_heads << " " << i % q_heads;
+    for (uint32_t c : channels[i]) out << " " << c;
+    out << "\n";
+  }
+  return out.str();
+}
+
+Result<std::vector<std::vector<uint32_t>>> ParseHShareChannels(const std::string& text, const ModelShape& shape) {
+  std::vector<std::vector<uint32_t>> out(size_t{shape.layers} * shape.q_heads);
+  std::istringstream in(text);
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream ls(line);
+    long long layer, head, c;
+    const std::string where = "hshare channels line " + std::to_string(n) + ": ";
+    if (!(ls >> layer >> head)) return Status::InvalidArgument(where + "expected 'layer head channels...'");
+    if (layer < 0 || head < 0 || layer >= shape.layers || head >= shape.q_heads)
+      return Status::InvalidArgument(where + "layer/head out of range for " + shape.ToString());
+    auto& ch = out[size_t(layer) * shape.q_heads + size_t(head)];
+    while (ls >> c) {
+      if (c < 0 || c >= shape.head_dim) return Status::InvalidArgument(where + "channel out of range");
+      ch.push_back(static_cast<uint32_t>(c));
+    }
+    if (!ls.eof()) return Status::InvalidArgument(where + "not a number");
+  }
+  for (size_t i = 0; i < out.size(); ++i)
+    if (out[i].empty())
+      return Status::InvalidArgument("hshare channels: no line for layer " + std::to_string(i / shape.q_heads) + " head " +
+                                     std::to_string(i % shape.q_heads));
   return out;
 }
 

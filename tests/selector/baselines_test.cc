@@ -244,3 +244,29 @@ TEST(BaselinesTest, BadParametersNameTheField) {
 
 }  // namespace
 }  // namespace kvm::sel
+
+namespace kvm::sel {
+namespace {
+TEST(HShareTest, CalibrationFileRoundTripsAndBadLinesAreNamed) {
+  const ModelShape shape{2, 2, 1, 32, DType::kF32, 0};
+  HShareCalibrator cal(shape);
+  std::vector<float> q(2 * 32, 0.f), k(32, 0.f);
+  q[5] = 3.f, q[32 + 7] = 2.f, k[5] = 1.f, k[7] = 1.f, k[9] = 0.5f, q[9] = 1.f;
+  cal.Add(0, q.data(), k.data());
+  cal.Add(1, q.data(), k.data());
+  const auto ch = cal.Channels();
+  ASSERT_EQ(ch.size(), 4u);
+  EXPECT_EQ(ch[0].size(), 4u);  // max(4, 32/8)
+  EXPECT_EQ(ch[0][0], 5u);
+  EXPECT_EQ(ch[1][0], 7u);
+  const std::string text = FormatHShareChannels(ch, 2);
+  auto back = ParseHShareChannels(text, shape);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(*back, ch);
+  EXPECT_NE(ParseHShareChannels("0 0 1 2\n", shape).status().message().find("no line for layer 0 head 1"),
+            std::string::npos);
+  EXPECT_NE(ParseHShareChannels("0 0 99\n", shape).status().message().find("line 1"), std::string::npos);
+  EXPECT_TRUE(ParseHShareChannels("0 x\n", shape).status().IsInvalidArgument());
+}
+}  // namespace
+}  // namespace kvm::sel

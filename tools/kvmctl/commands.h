@@ -23,4 +23,10 @@ inline constexpr const char* kAttnStatsUsage =
     "      granularity), and the cosine between post-RoPE queries of one head at step lags 1..16.";
 int RunAttnStats(const std::vector<std::string>& args);
 
+inline constexpr const char* kHShareCalibrateUsage =
+    "  hshare-calibrate [--model FILE] --tokens FILE [--offset N] [--count N] [--channels N] --out FILE\n"
+    "      HShare's label channels (the top mean |q_c k_c| channels per layer and query head; N = D/8, at\n"
+    "      least 4, by default) from a dense pass over the model's TRAINING text; writes the calibration file.";
+int RunHShareCalibrate(const std::vector<std::string>& args);
+
 }  // namespace kvm::tools

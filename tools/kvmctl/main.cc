@@ -16,6 +16,7 @@ struct Command {
 const Command kCommands[] = {
     {"generate", kvm::tools::RunGenerate, kvm::tools::kGenerateUsage},
     {"attn-stats", kvm::tools::RunAttnStats, kvm::tools::kAttnStatsUsage},
+    {"hshare-calibrate", kvm::tools::RunHShareCalibrate, kvm::tools::kHShareCalibrateUsage},
 };
 
 void PrintUsage(FILE* out) {

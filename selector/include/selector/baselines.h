@@ -15,6 +15,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "selector/prhs.h"
@@ -121,6 +122,11 @@ class HShareCalibrator {
 }  // namespace kvm::sel
 
 namespace kvm::sel {
+// The HShare calibration file: one line per (layer, query head): "layer head c1 c2 ...". Lines starting
+// with '#' are comments. InvalidArgument naming the line for anything malformed or missing.
+std::string FormatHShareChannels(const std::vector<std::vector<uint32_t>>& channels, uint32_t q_heads);
+Result<std::vector<std::vector<uint32_t>>> ParseHShareChannels(const std::string& text, const ModelShape& shape);
+
 // HShare's maps from prefill keep masks (layer_map.h KeepMask, one [q_heads][W][T] mask per layer):
 // per layer, the greedy KV-head map over the group-concatenated masks; across layers, the greedy layer
 // map over the whole masks. shared_kv_heads / shared_layers pairs (−1 = half).
