@@ -23,7 +23,7 @@ inline double IdleFraction(int ms = 1000) {
     for (auto x : v) *total += x;
     return true;
   };
-  unsigned long long i0, t0, i1, t1;
+  unsigned long long i0 = 0, t0 = 0, i1 = 0, t1 = 0;
   if (!read(&i0, &t0)) return -1;
   std::this_thread::sleep_for(std::chrono::milliseconds(ms));
   if (!read(&i1, &t1) || t1 == t0) return -1;

@@ -13,4 +13,9 @@ Status Free(void*) { return CudaAvailable(); }
 Status CopyToDevice(void*, const void*, size_t) { return CudaAvailable(); }
 Status CopyToHost(void*, const void*, size_t) { return CudaAvailable(); }
 Status Synchronize() { return CudaAvailable(); }
+uint32_t DecodeSplits(uint32_t, uint32_t) { return 1; }
+size_t DecodeWorkspaceBytes(uint32_t kv_heads, uint32_t group, uint32_t head_dim, uint32_t splits) {
+  return size_t(kv_heads) * splits * group * (head_dim + 2) * sizeof(float);
+}
+Status Decode(const attn::DecodeParams&, uint32_t, void*, size_t, void*) { return CudaAvailable(); }
 }  // namespace kvm::attn::cuda

@@ -267,6 +267,9 @@ def main():
         torch.set_rng_state(st["torch_rng"])
         step, trained_s = st["step"], st["trained_s"]
         print("resumed at step %d (%.1f min trained)" % (step, trained_s / 60), flush=True)
+        if not args.export_only and not args.bench:
+            with open(log_path, "a") as f:
+                f.write("# resumed at step %d (%.1f min trained) with %s\n" % (step, trained_s / 60, json.dumps(vars(args))))
         if args.export_only:
             export(model, held, cfg, args, args.export_only)
             print("exported step %d to %s" % (step, args.export_only), flush=True)

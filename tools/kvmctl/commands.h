@@ -29,4 +29,14 @@ inline constexpr const char* kHShareCalibrateUsage =
     "      least 4, by default) from a dense pass over the model's TRAINING text; writes the calibration file.";
 int RunHShareCalibrate(const std::vector<std::string>& args);
 
+inline constexpr const char* kBenchAttentionUsage =
+    "  bench attention [--context N] [--budget-frac F] [--head-dim D] [--q-heads N] [--kv-heads N] [--block-size B]\n"
+    "                  [--granularity block|token] [--threads N] [--iters N] [--json]\n"
+    "      Dense vs sparse CPU decode attention of one layer, batch 1, fp16 synthetic KV (Hq 32, Hkv 8, D 128,\n"
+    "      T 32768, 1/8 by default), rotating over a working set >= 4x the last-level cache with a fresh\n"
+    "      random selection each iteration; memcpy bandwidth measured by the same binary. Waits (up to about\n"
+    "      a minute) for an idle machine and says in `idle` whether it got one.";
+int RunBenchAttention(const std::vector<std::string>& args);
+int RunBench(const std::vector<std::string>& args);
+
 }  // namespace kvm::tools

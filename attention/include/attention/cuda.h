@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attention/decode.h"
 #include "proto/model_shape.h"
 #include "proto/status.h"
 
@@ -28,6 +29,16 @@ struct ScoreParams {
   float scale = 0.0f;           // 0 → 1/sqrt(head_dim)
 };
 Status ScoreKeys(const ScoreParams& p, void* stream = nullptr);
+
+// Decode attention on the GPU with the CPU path's parameters (attention/decode.h); every pointer in
+// `p` (q, out, the block table arrays and the blocks themselves, rows, mask) is a device pointer.
+// Split-KV: `splits` thread blocks per KV head write partial states into `workspace`
+// (DecodeWorkspaceBytes) and a second kernel merges them. A list with no attended token gives NaN
+// (the CPU path rejects it; here the table lives on the device and is not inspected).
+uint32_t DecodeSplits(uint32_t kv_heads, uint32_t max_blocks);
+size_t DecodeWorkspaceBytes(uint32_t kv_heads, uint32_t group, uint32_t head_dim, uint32_t splits);
+Status Decode(const attn::DecodeParams& p, uint32_t splits, void* workspace, size_t workspace_bytes,
+              void* stream = nullptr);
 
 // Device memory helpers for tests and tools (errors as Status).
 Result<void*> Malloc(size_t bytes);
