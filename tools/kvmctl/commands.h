@@ -29,6 +29,21 @@ inline constexpr const char* kHShareCalibrateUsage =
     "      least 4, by default) from a dense pass over the model's TRAINING text; writes the calibration file.";
 int RunHShareCalibrate(const std::vector<std::string>& args);
 
+inline constexpr const char* kEvalUsage =
+    "  eval --model FILE --tokens FILE [--offset N] --context N --steps S\n"
+    "       --selector dense|oracle|quest|hshare|streaming|h2o|prhs\n"
+    "       [--budget N | --budget-frac F] [--target-delta D] [--block-size B] [--generate] [--json]\n"
+    "       [--max-resident N | --max-resident-frac F] [--sinks N] [--window N] [--tau T] [--margin M]\n"
+    "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--kv-dtype fp16|bf16|fp32]\n"
+    "       [--hshare-channels FILE]\n"
+    "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the true next\n"
+    "      tokens; --generate: greedy on its own tokens) with the selector, beside a dense run on the same\n"
+    "      inputs. delta is measured on the sparse run's own q and K at every (step, layer, query head);\n"
+    "      the oracle is the block oracle of the same size with the same forced blocks. --json: one object\n"
+    "      on stdout. Defaults: the committed model and held-out tokens, B 16, 4 sink tokens, a window of B\n"
+    "      tokens, KV fp16, target mode cap 1/4 of the context.";
+int RunEval(const std::vector<std::string>& args);
+
 inline constexpr const char* kBenchAttentionUsage =
     "  bench attention [--context N] [--budget-frac F] [--head-dim D] [--q-heads N] [--kv-heads N] [--block-size B]\n"
     "                  [--granularity block|token] [--threads N] [--iters N] [--json]\n"
