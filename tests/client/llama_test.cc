@@ -142,3 +142,50 @@ TEST(TokenFileTest, OddSizeIsRejected) {
 
 }  // namespace
 }  // namespace kvm::client
+
+#include "client/selector_source.h"
+#include "selector/prhs.h"
+
+namespace kvm::client {
+namespace {
+// A selector source whose budget holds every block attends everything: logits bit-identical to dense.
+TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
+  auto model = LlamaModel::Load(ModelDir() + "/model.bin");
+  ASSERT_TRUE(model.ok());
+  auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
+  ASSERT_TRUE(ids.ok());
+  const auto shape = (*model)->Shape(DType::kF16);
+  const uint32_t V = (*model)->config().vocab_size;
+  for (uint64_t budget : {uint64_t{1024}, uint64_t{64}}) {
+    sel::SelectorOptions o;
+    o.geometry = sel::Geometry{16, 4, 16};
+    o.budget_tokens = budget;
+    auto selr = sel::MakeSelector("prhs", o, shape, 1024);
+    ASSERT_TRUE(selr.ok()) << selr.status().ToString();
+    auto src = SelectorKvSource::Make(shape, 16, std::move(*selr), o, /*prefill=*/100, "geometry", 1024);
+    ASSERT_TRUE(src.ok());
+    auto dense = DenseKvSource::Make(shape, 16);
+    ReferenceWorker ws(**model, src->get()), wd(**model, dense->get());
+    std::vector<float> a(V), b(V);
+    bool all_equal = true;
+    for (uint64_t p = 0; p < 140; ++p) {
+      ASSERT_TRUE(ws.Forward((*ids)[p], p, a.data()).ok());
+      ASSERT_TRUE(wd.Forward((*ids)[p], p, b.data()).ok());
+      all_equal = all_equal && a == b;
+    }
+    EXPECT_EQ(all_equal, budget == 1024) << budget;
+    const auto& recs = (*src)->records();
+    ASSERT_EQ(recs.size(), 40u * shape.layers * shape.q_heads);  // decode steps 100..139
+    const uint32_t g = shape.group_size();
+    for (size_t i = 0; i < recs.size(); i += g) {  // records come a GQA group at a time
+      double mo = 0, mt = 0;
+      for (uint32_t j = 0; j < g; ++j) mo += recs[i + j].delta_oracle / g, mt += recs[i + j].delta_true / g;
+      ASSERT_LE(mo, mt + 1e-9);  // §0.7: the same-size block oracle's group mean is never worse
+      if (budget == 1024) {
+        ASSERT_EQ(mt, 0.0);
+      }
+    }
+  }
+}
+}  // namespace
+}  // namespace kvm::client

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# kvmctl's command-line contracts: usage errors exit 2 naming the flag; --json prints exactly one
+# JSON object with the documented keys. Usage: kvmctl_cli_test.sh KVMCTL MODEL_DIR
+set -u
+K=$1; M=$2; fail=0
+expect_usage() {  # expect_usage "text in stderr" args...
+  local want=$1; shift
+  local err; err=$("$K" "$@" 2>&1 >/dev/null); local rc=$?
+  if [ $rc -ne 2 ] || ! grep -q -- "$want" <<<"$err"; then
+    echo "FAIL: kvmctl $* -> rc $rc, stderr: $err (wanted rc 2 and '$want')"; fail=1
+  else echo "ok: kvmctl $* -> usage error naming '$want'"; fi
+}
+common=(--model "$M/model.bin" --tokens "$M/heldout.u16")
+expect_usage "exceeds the checkpoint's trained length" eval "${common[@]}" --context 1000 --steps 100 --selector prhs --budget-frac 0.125
+expect_usage "--selector" eval "${common[@]}" --context 100 --steps 10 --selector nope --budget-frac 0.125
+expect_usage "--budget" eval "${common[@]}" --context 100 --steps 10 --selector quest
+expect_usage "--context" eval "${common[@]}" --steps 10 --selector dense
+expect_usage "unknown flag --bogus" eval "${common[@]}" --bogus 1
+expect_usage "--budget-frac" eval "${common[@]}" --context 100 --steps 10 --selector prhs --budget-frac abc
+expect_usage "exactly one of --prompt and --tokens" generate --model "$M/model.bin" --tokenizer "$M/tokenizer.model" --prompt x --tokens y
+expect_usage "--head-dim" bench attention --head-dim 48
+out=$("$K" eval "${common[@]}" --context 96 --steps 6 --selector prhs --budget-frac 0.5 --block-size 4 --json 2>/dev/null)
+if /usr/bin/python3 - "$out" <<'PY'
+import json, sys
+d = json.loads(sys.argv[1])
+need = ["selector", "context", "steps", "budget_tokens", "block_size", "delta_mean", "delta_p50", "delta_p99", "delta_max",
+        "oracle_delta_mean", "target_delta", "within_target_fraction", "bound_violations", "retrieval_overhead",
+        "attended_fraction", "streamed_bytes_fraction", "top1_agreement", "nll_dense", "nll_sparse", "perplexity_ratio"]
+missing = [k for k in need if k not in d]
+assert not missing, missing
+assert d["selector"] == "prhs" and d["steps"] == 6 and d["within_target_fraction"] is None and d["bound_violations"] == 0
+PY
+then echo "ok: eval --json is one object with every documented key"; else echo "FAIL: eval --json: $out"; fail=1; fi
+[ $fail -eq 0 ] && echo "kvmctl cli: all contract checks passed"
+exit $fail
