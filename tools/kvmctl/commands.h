@@ -44,6 +44,14 @@ inline constexpr const char* kEvalUsage =
     "      tokens, KV fp16, target mode cap 1/4 of the context.";
 int RunEval(const std::vector<std::string>& args);
 
+inline constexpr const char* kNeedleUsage =
+    "  needle --selector NAME [--budget N | --budget-frac F | --target-delta D] [--context N] [--cases N]\n"
+    "         [--needle-len N] [--probe-len N] [--json] (+ eval's selector flags)\n"
+    "      Needle in a haystack from the held-out text: a span of held-out text inserted early in a context\n"
+    "      of other held-out text, its beginning repeated at the end; counts the cases dense attention\n"
+    "      continues correctly and, of those, the ones the selector continues correctly too.";
+int RunNeedle(const std::vector<std::string>& args);
+
 inline constexpr const char* kBenchAttentionUsage =
     "  bench attention [--context N] [--budget-frac F] [--head-dim D] [--q-heads N] [--kv-heads N] [--block-size B]\n"
     "                  [--granularity block|token] [--threads N] [--iters N] [--json]\n"

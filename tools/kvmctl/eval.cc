@@ -5,12 +5,14 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 
 #include "client/llama.h"
 #include "client/selector_source.h"
 #include "client/tokenizer.h"
 #include "commands.h"
+#include "eval.h"
 #include "flags.h"
 #include "selector/baselines.h"
 #include "selector/layer_map.h"
@@ -45,12 +47,148 @@ uint32_t Argmax(const std::vector<float>& v) { return static_cast<uint32_t>(std:
 
 }  // namespace
 
+Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape, const std::string& name,
+                            const sel::SelectorOptions& o, const std::vector<uint32_t>& ids, uint64_t context,
+                            uint64_t steps, bool generate, bool progress) {
+  const uint32_t B = o.geometry.block_size;
+  const auto& cfg = model.config();
+  if (ids.size() < context + steps + 1) return Status::InvalidArgument("eval: too few tokens for the window");
+  EvalOutput out;
+  // Two workers in lockstep on the same tokens: dense, and the selector's (prefill dense, decode sparse).
+  auto dense_kv = client::DenseKvSource::Make(shape, B);
+  if (!dense_kv.ok()) return dense_kv.status();
+  std::unique_ptr<client::DenseKvSource> dense_as_sparse;
+  client::KvSource* sparse_kv = nullptr;
+  if (name == "dense") {
+    dense_as_sparse = std::move(client::DenseKvSource::Make(shape, B)).value();
+    sparse_kv = dense_as_sparse.get();
+  } else {
+    auto selr = sel::MakeSelector(name, o, shape, cfg.seq_len);
+    if (!selr.ok()) return selr.status();
+    const std::string forced = name == "quest" || name == "h2o" ? "none"
+                               : name == "streaming"             ? "all"
+                               : name == "hshare"                ? "hshare"
+                                                                 : "geometry";
+    auto src = client::SelectorKvSource::Make(shape, B, std::move(*selr), o, context, forced, cfg.seq_len);
+    if (!src.ok()) return src.status();
+    out.sparse = std::move(*src);
+    sparse_kv = out.sparse.get();
+  }
+  client::ReferenceWorker wd(model, dense_kv->get()), ws(model, sparse_kv);
+  // The last W prefill queries per layer, for the layer map (PrHS sharing) and HShare's maps.
+  const uint32_t W = static_cast<uint32_t>(std::min<uint64_t>(64, context));
+  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads, D = cfg.head_dim();
+  std::vector<std::vector<float>> lastq(L, std::vector<float>(size_t{W} * Hq * D));
+  ws.on_layer = [&](const client::LayerTrace& t) {
+    if (t.pos + W >= context && t.pos < context)
+      std::copy(t.q, t.q + size_t{Hq} * D, &lastq[t.layer][(t.pos + W - context) * Hq * D]);
+  };
+  std::vector<float> ld(cfg.vocab_size), ls(cfg.vocab_size);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (uint64_t p = 0; p < context; ++p) {
+    const uint32_t tok = ids[p];
+    const bool last = p + 1 == context;
+    Status s = wd.Forward(tok, p, last ? ld.data() : nullptr);
+    if (s.ok()) s = ws.Forward(tok, p, last ? ls.data() : nullptr);
+    if (!s.ok()) return s;
+    if (progress && p % 64 == 0) std::fprintf(stderr, "\rprefill %llu/%llu", (unsigned long long)p, (unsigned long long)context);
+  }
+  if (out.sparse && (o.layer_sharing || name == "hshare")) {
+    const double frac = o.budget_tokens ? double(o.budget_tokens) / context : 0.125;
+    std::vector<std::vector<uint8_t>> keep;
+    for (uint32_t l = 0; l < L; ++l) {
+      std::vector<attn::HeadKV> views;
+      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h) views.push_back(out.sparse->dense().View(l, h, context));
+      keep.push_back(sel::KeepMask(lastq[l].data(), W, Hq, views, frac));
+    }
+    if (name == "hshare") {
+      std::vector<std::vector<uint32_t>> head_map;
+      std::vector<uint32_t> layer_map;
+      Status s = sel::BuildHShareMaps(keep, shape, o.hshare_shared_kv_heads, o.hshare_shared_layers, &head_map, &layer_map);
+      if (s.ok()) s = static_cast<sel::HShareSelector&>(out.sparse->selector()).SetShareMaps(head_map, layer_map);
+      if (!s.ok()) return s;
+    } else {
+      auto map = sel::BuildLayerMap(keep, L / 2);
+      Status s = map.ok() ? static_cast<sel::PrhsSelector&>(out.sparse->selector()).SetLayerMap(*map) : map.status();
+      if (!s.ok()) return s;
+    }
+  }
+  // Decode steps: the input at position context + i is the true token (teacher forcing) or, with
+  // --generate, the sparse run's greedy choice; both runs see the same input.
+  uint32_t next = ids[context];
+  for (uint64_t i = 0; i < steps; ++i) {
+    const uint64_t p = context + i;
+    Status s = wd.Forward(next, p, ld.data());
+    if (s.ok()) s = ws.Forward(next, p, ls.data());
+    if (!s.ok()) return s;
+    const uint32_t truth = ids[p + 1];
+    out.agree += Argmax(ld) == Argmax(ls);
+    out.nll_dense -= LogSoftmaxAt(ld, truth);
+    out.nll_sparse -= LogSoftmaxAt(ls, truth);
+    out.dense_argmax.push_back(Argmax(ld));
+    out.sparse_argmax.push_back(Argmax(ls));
+    next = generate ? Argmax(ls) : truth;
+    if (progress && (i % 16 == 0 || i + 1 == steps))
+      std::fprintf(stderr, "\rdecode %llu/%llu            ", (unsigned long long)i + 1, (unsigned long long)steps);
+  }
+  if (progress) std::fprintf(stderr, "\n");
+  out.nll_dense /= steps;
+  out.nll_sparse /= steps;
+  out.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+
+const std::vector<std::string> kSelectorValueFlags = {
+    "budget", "budget-frac", "target-delta", "block-size", "max-resident", "max-resident-frac", "sinks", "window", "tau",
+    "margin", "hshare-channels", "max-cluster"};
+const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate"};
+
+sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,
+                                          const ModelShape& shape) {
+  sel::SelectorOptions o;
+  o.geometry.block_size = static_cast<uint32_t>(f.Int("block-size", 16, 1, 1024));
+  const uint32_t B = o.geometry.block_size;
+  o.geometry.sink_tokens = static_cast<uint32_t>(f.Int("sinks", 4, 0, 1 << 20));
+  o.geometry.window_tokens = static_cast<uint32_t>(f.Int("window", B, 1, 1 << 20));
+  if (f.Has("budget")) o.budget_tokens = static_cast<uint64_t>(f.Int("budget", 0, 1, 1 << 30));
+  if (f.Has("budget-frac"))
+    o.budget_tokens = static_cast<uint64_t>(std::llround(f.Double("budget-frac", 0, 1e-6, 1.0) * context / B)) * B;
+  o.target_delta = f.Double("target-delta", 0.0, 0.0, 0.999);
+  if (o.target_delta > 0) {
+    if (name != "prhs" && name != "oracle") throw UsageError("--target-delta: only prhs and oracle have a target mode");
+    o.max_resident_tokens = f.Has("max-resident")
+                                ? static_cast<uint64_t>(f.Int("max-resident", 0, 1, 1 << 30))
+                                : static_cast<uint64_t>(std::llround(f.Double("max-resident-frac", 0.25, 1e-6, 1.0) * context / B)) * B;
+  } else if (name != "dense" && o.budget_tokens == 0) {
+    throw UsageError("--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
+  }
+  o.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
+  o.margin = f.Double("margin", o.margin, 0.0, 0.99);
+  o.psaw = f.Bool("psaw");
+  o.layer_sharing = f.Bool("layer-sharing");
+  o.use_bound_gate = !f.Bool("no-bound-gate");
+  o.max_cluster_steps = static_cast<uint32_t>(f.Int("max-cluster", o.max_cluster_steps, 0, 1 << 20));
+  if (name == "hshare") {
+    const std::string path = PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
+    std::ifstream in(path);
+    if (!in) throw UsageError("--hshare-channels: cannot read '" + path + "'");
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto ch = sel::ParseHShareChannels(ss.str(), shape);
+    if (!ch.ok()) throw UsageError("--hshare-channels: " + ch.status().message());
+    o.hshare_channels = *ch;
+  }
+
+  return o;
+}
+
 int RunEval(const std::vector<std::string>& args) {
-  Flags f(args,
-          {"model", "tokens", "offset", "context", "steps", "selector", "budget", "budget-frac", "target-delta",
-           "block-size", "max-resident", "max-resident-frac", "sinks", "window", "tau", "margin", "kv-dtype",
-           "hshare-channels", "share-queries", "max-cluster"},
-          {"generate", "json", "layer-sharing", "psaw", "no-bound-gate"});
+  std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
+      bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
+  vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype"});
+  bf.insert({"generate", "json"});
+  Flags f(args, vf, bf);
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tokens_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
   const std::string name = f.Required("selector");
@@ -75,124 +213,22 @@ int RunEval(const std::vector<std::string>& args) {
   auto dtype = ParseDType(f.Str("kv-dtype", "fp16"));
   if (!dtype.ok()) throw UsageError("--kv-dtype: " + dtype.status().message());
 
-  sel::SelectorOptions o;
-  o.geometry.block_size = static_cast<uint32_t>(f.Int("block-size", 16, 1, 1024));
-  const uint32_t B = o.geometry.block_size;
-  o.geometry.sink_tokens = static_cast<uint32_t>(f.Int("sinks", 4, 0, 1 << 20));
-  o.geometry.window_tokens = static_cast<uint32_t>(f.Int("window", B, 1, 1 << 20));
-  if (f.Has("budget")) o.budget_tokens = static_cast<uint64_t>(f.Int("budget", 0, 1, 1 << 30));
-  if (f.Has("budget-frac"))
-    o.budget_tokens = static_cast<uint64_t>(std::llround(f.Double("budget-frac", 0, 1e-6, 1.0) * context / B)) * B;
-  o.target_delta = f.Double("target-delta", 0.0, 0.0, 0.999);
-  if (o.target_delta > 0) {
-    if (name != "prhs" && name != "oracle") throw UsageError("--target-delta: only prhs and oracle have a target mode");
-    o.max_resident_tokens = f.Has("max-resident")
-                                ? static_cast<uint64_t>(f.Int("max-resident", 0, 1, 1 << 30))
-                                : static_cast<uint64_t>(std::llround(f.Double("max-resident-frac", 0.25, 1e-6, 1.0) * context / B)) * B;
-  } else if (name != "dense" && o.budget_tokens == 0) {
-    throw UsageError("--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
-  }
-  o.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
-  o.margin = f.Double("margin", o.margin, 0.0, 0.99);
-  o.psaw = f.Bool("psaw");
-  o.layer_sharing = f.Bool("layer-sharing");
-  o.use_bound_gate = !f.Bool("no-bound-gate");
-  o.max_cluster_steps = static_cast<uint32_t>(f.Int("max-cluster", o.max_cluster_steps, 0, 1 << 20));
   const ModelShape shape = (*model)->Shape(*dtype);
-  if (name == "hshare") {
-    const std::string path = PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
-    std::ifstream in(path);
-    if (!in) throw UsageError("--hshare-channels: cannot read '" + path + "'");
-    std::stringstream ss;
-    ss << in.rdbuf();
-    auto ch = sel::ParseHShareChannels(ss.str(), shape);
-    if (!ch.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", ch.status().ToString().c_str()), 1;
-    o.hshare_channels = *ch;
+  const sel::SelectorOptions o = ParseSelectorOptions(f, name, context, shape);
+  const uint32_t B = o.geometry.block_size;
+  std::vector<uint32_t> window(ids->begin() + static_cast<ptrdiff_t>(offset),
+                               ids->begin() + static_cast<ptrdiff_t>(offset + context + steps + 1));
+  auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"), !f.Bool("json"));
+  if (!run.ok()) {
+    if (run.status().IsInvalidArgument()) throw UsageError(run.status().message());
+    return std::fprintf(stderr, "kvmctl eval: %s\n", run.status().ToString().c_str()), 1;
   }
-
-  // Two workers in lockstep on the same tokens: dense, and the selector's (prefill dense, decode sparse).
-  auto dense_kv = client::DenseKvSource::Make(shape, B);
-  if (!dense_kv.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", dense_kv.status().ToString().c_str()), 1;
-  std::unique_ptr<client::SelectorKvSource> sparse;
-  std::unique_ptr<client::DenseKvSource> dense_as_sparse;
-  client::KvSource* sparse_kv = nullptr;
-  if (name == "dense") {
-    dense_as_sparse = std::move(client::DenseKvSource::Make(shape, B)).value();
-    sparse_kv = dense_as_sparse.get();
-  } else {
-    auto selr = sel::MakeSelector(name, o, shape, cfg.seq_len);
-    if (!selr.ok()) throw UsageError(selr.status().message());
-    const std::string forced = name == "quest" || name == "h2o" ? "none"
-                               : name == "streaming"             ? "all"
-                               : name == "hshare"                ? "hshare"
-                                                                 : "geometry";
-    auto src = client::SelectorKvSource::Make(shape, B, std::move(*selr), o, context, forced, cfg.seq_len);
-    if (!src.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", src.status().ToString().c_str()), 1;
-    sparse = std::move(*src);
-    sparse_kv = sparse.get();
-  }
-  client::ReferenceWorker wd(**model, dense_kv->get()), ws(**model, sparse_kv);
-  // The last W prefill queries per layer, for the layer map (PrHS sharing) and HShare's maps.
-  const uint32_t W = static_cast<uint32_t>(std::min<uint64_t>(64, context));
-  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads, D = cfg.head_dim();
-  std::vector<std::vector<float>> lastq(L, std::vector<float>(size_t{W} * Hq * D));
-  ws.on_layer = [&](const client::LayerTrace& t) {
-    if (t.pos + W >= context && t.pos < context)
-      std::copy(t.q, t.q + size_t{Hq} * D, &lastq[t.layer][(t.pos + W - context) * Hq * D]);
-  };
-  std::vector<float> ld(cfg.vocab_size), ls(cfg.vocab_size);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (uint64_t p = 0; p < context; ++p) {
-    const uint32_t tok = (*ids)[offset + p];
-    const bool last = p + 1 == context;
-    Status s = wd.Forward(tok, p, last ? ld.data() : nullptr);
-    if (s.ok()) s = ws.Forward(tok, p, last ? ls.data() : nullptr);
-    if (!s.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", s.ToString().c_str()), 1;
-    if (!f.Bool("json") && p % 64 == 0) std::fprintf(stderr, "\rprefill %llu/%llu", (unsigned long long)p, (unsigned long long)context);
-  }
-  if (sparse && (o.layer_sharing || name == "hshare")) {
-    const double frac = o.budget_tokens ? double(o.budget_tokens) / context : 0.125;
-    std::vector<std::vector<uint8_t>> keep;
-    for (uint32_t l = 0; l < L; ++l) {
-      std::vector<attn::HeadKV> views;
-      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h) views.push_back(sparse->dense().View(l, h, context));
-      keep.push_back(sel::KeepMask(lastq[l].data(), W, Hq, views, frac));
-    }
-    if (name == "hshare") {
-      std::vector<std::vector<uint32_t>> head_map;
-      std::vector<uint32_t> layer_map;
-      Status s = sel::BuildHShareMaps(keep, shape, o.hshare_shared_kv_heads, o.hshare_shared_layers, &head_map, &layer_map);
-      if (s.ok()) s = static_cast<sel::HShareSelector&>(sparse->selector()).SetShareMaps(head_map, layer_map);
-      if (!s.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", s.ToString().c_str()), 1;
-    } else {
-      auto map = sel::BuildLayerMap(keep, L / 2);
-      Status s = map.ok() ? static_cast<sel::PrhsSelector&>(sparse->selector()).SetLayerMap(*map) : map.status();
-      if (!s.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", s.ToString().c_str()), 1;
-    }
-  }
-  // Decode steps: the input at position context + i is the true token (teacher forcing) or, with
-  // --generate, the sparse run's greedy choice; both runs see the same input.
-  uint64_t agree = 0;
-  double nll_d = 0, nll_s = 0;
-  uint32_t next = (*ids)[offset + context];
-  std::vector<uint32_t> generated;
-  for (uint64_t i = 0; i < steps; ++i) {
-    const uint64_t p = context + i;
-    Status s = wd.Forward(next, p, ld.data());
-    if (s.ok()) s = ws.Forward(next, p, ls.data());
-    if (!s.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", s.ToString().c_str()), 1;
-    const uint32_t truth = (*ids)[offset + p + 1];
-    agree += Argmax(ld) == Argmax(ls);
-    nll_d -= LogSoftmaxAt(ld, truth);
-    nll_s -= LogSoftmaxAt(ls, truth);
-    next = f.Bool("generate") ? Argmax(ls) : truth;
-    generated.push_back(Argmax(ls));
-    if (!f.Bool("json") && (i % 16 == 0 || i + 1 == steps))
-      std::fprintf(stderr, "\rdecode %llu/%llu            ", (unsigned long long)i + 1, (unsigned long long)steps);
-  }
-  if (!f.Bool("json")) std::fprintf(stderr, "\n");
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
+  const EvalOutput& r = *run;
+  const double secs = r.seconds;
+  const uint64_t agree = r.agree;
+  double nll_d = r.nll_dense, nll_s = r.nll_sparse;
+  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads;
+  const client::SelectorKvSource* sparse = r.sparse.get();
   // Statistics over (step, layer, query head) (selectors.md §0.2).
   std::vector<double> dt, dor;
   uint64_t within = 0, violations = 0, claims = 0;
@@ -218,11 +254,10 @@ int RunEval(const std::vector<std::string>& args) {
   for (double x : dt) mean += x / dt.size();
   for (double x : dor) omean += x / dor.size();
   const auto* tot = sparse ? &sparse->totals() : nullptr;
+  (void)r;
   const double retrieval = tot ? double(tot->retrievals) / double(steps * L * Hq) : 0.0;
   const double attended = tot ? double(tot->attended_tokens) / double(tot->context_tokens) : 1.0;
   const double streamed = tot && tot->bytes.dense_equivalent ? double(tot->bytes.streamed) / tot->bytes.dense_equivalent : 1.0;
-  nll_d /= steps;
-  nll_s /= steps;
   const bool gen = f.Bool("generate");
   if (f.Bool("json")) {
     std::printf("{\"selector\": \"%s\", \"context\": %llu, \"steps\": %llu, \"budget_tokens\": %llu, \"block_size\": %u, "

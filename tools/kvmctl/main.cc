@@ -18,6 +18,7 @@ const Command kCommands[] = {
     {"attn-stats", kvm::tools::RunAttnStats, kvm::tools::kAttnStatsUsage},
     {"hshare-calibrate", kvm::tools::RunHShareCalibrate, kvm::tools::kHShareCalibrateUsage},
     {"eval", kvm::tools::RunEval, kvm::tools::kEvalUsage},
+    {"needle", kvm::tools::RunNeedle, kvm::tools::kNeedleUsage},
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchAttentionUsage},
 };
 
