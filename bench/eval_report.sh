@@ -20,3 +20,10 @@ for t in 0.2 0.1 0.05; do
   run --selector oracle --target-delta "$t"
 done
 /usr/bin/python3 bench/plot_eval.py "$jsonl" "$dir"
+# Needle in a haystack at 1/8 (and PrHS at delta* 0.1): only cases dense continues correctly count.
+: > "$dir/needle.jsonl"
+for s in oracle prhs quest hshare streaming h2o; do
+  echo "needle $s" >&2
+  "$KVMCTL" needle --selector "$s" --budget-frac 0.125 --block-size "$bs" --context "$ctx" --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"
+done
+"$KVMCTL" needle --selector prhs --target-delta 0.1 --block-size "$bs" --context "$ctx" --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"
