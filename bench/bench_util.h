@@ -2,8 +2,8 @@
 #pragma once
 
 #include <chrono>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -43,9 +43,11 @@ inline bool WaitForIdle(int max_seconds = 60) {
       std::fprintf(stderr, "machine idle (%.0f%%)\n", idle * 100);
       return true;
     }
-    if (s % 10 == 0) std::fprintf(stderr, "waiting for an idle machine (%.0f%% idle)...\n", idle * 100);
+    if (s % 10 == 0)
+      std::fprintf(stderr, "waiting for an idle machine (%.0f%% idle)...\n", idle * 100);
   }
-  std::fprintf(stderr, "gave up waiting for an idle machine after %d s: numbers may be noisy\n", max_seconds);
+  std::fprintf(stderr, "gave up waiting for an idle machine after %d s: numbers may be noisy\n",
+               max_seconds);
   return false;
 }
 

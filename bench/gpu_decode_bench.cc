@@ -1,12 +1,13 @@
-// GPU decode attention: dense vs sparse (1/8 of the blocks, a fresh random selection per iteration),
-// batch 1 and 16, T = 2K, 4K, 32K, LLaMA-2-7B attention shape (Hq 32, Hkv 32, D 128, fp16, B 16) as in
-// the paper's point (9.9x at batch 16, 2K, 1/8, A100), plus the fraction of HBM bandwidth reached.
+// GPU decode attention: dense vs sparse (1/8 of the blocks, a fresh random selection per
+// iteration), batch 1 and 16, T = 2K, 4K, 32K, LLaMA-2-7B attention shape (Hq 32, Hkv 32, D 128,
+// fp16, B 16) as in the paper's point (9.9x at batch 16, 2K, 1/8, A100), plus the fraction of HBM
+// bandwidth reached.
 //   kvm_gpu_decode_bench [--hbm-gbps 4800] [--kv-heads 32]
 // Exits 77 without a device.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
-#include <algorithm>
 #include <numeric>
 #include <random>
 #include <string>
@@ -26,10 +27,13 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--hbm-gbps")) hbm_gbps = std::atof(argv[i + 1]);
     if (!std::strcmp(argv[i], "--kv-heads")) Hkv = static_cast<uint32_t>(std::atoi(argv[i + 1]));
   }
-  if (Status s = attn::CudaAvailable(); !s.ok()) return std::printf("skipped: %s\n", s.ToString().c_str()), 77;
+  if (Status s = attn::CudaAvailable(); !s.ok())
+    return std::printf("skipped: %s\n", s.ToString().c_str()), 77;
   const uint32_t Hq = 32, D = 128, B = 16, g = Hq / Hkv;
-  std::printf("| batch | T | dense (ms) | sparse 1/8 (ms) | speedup | dense HBM fraction | sparse HBM fraction |\n"
-              "|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "| batch | T | dense (ms) | sparse 1/8 (ms) | speedup | dense HBM fraction | sparse HBM "
+      "fraction |\n"
+      "|---|---|---|---|---|---|---|\n");
   std::mt19937 rng(1);
   for (uint32_t batch : {1u, 16u}) {
     for (uint64_t T : {2048ull, 4096ull, 32768ull}) {
@@ -72,7 +76,12 @@ int main(int argc, char** argv) {
         return std::make_pair(dk, dv);
       };
       auto run = [&](bool sparse, int iters) {
-        struct Seq { attn::DecodeParams p; void* ws; size_t wsb; uint32_t splits; };
+        struct Seq {
+          attn::DecodeParams p;
+          void* ws;
+          size_t wsb;
+          uint32_t splits;
+        };
         std::vector<std::vector<Seq>> variants(4);
         for (auto& var : variants)
           for (uint32_t s = 0; s < batch; ++s) {
@@ -96,22 +105,28 @@ int main(int argc, char** argv) {
             const size_t wsb = attn::cuda::DecodeWorkspaceBytes(Hkv, g, D, splits);
             var.push_back({p, *attn::cuda::Malloc(wsb), wsb, splits});
           }
-        for (auto& sq : variants[0]) (void)attn::cuda::Decode(sq.p, sq.splits, sq.ws, sq.wsb);  // warm up
+        for (auto& sq : variants[0])
+          (void)attn::cuda::Decode(sq.p, sq.splits, sq.ws, sq.wsb);  // warm up
         (void)attn::cuda::Synchronize();
         const auto t0 = Clock::now();
         for (int i = 0; i < iters; ++i)
-          for (auto& sq : variants[i % variants.size()]) (void)attn::cuda::Decode(sq.p, sq.splits, sq.ws, sq.wsb);
+          for (auto& sq : variants[i % variants.size()])
+            (void)attn::cuda::Decode(sq.p, sq.splits, sq.ws, sq.wsb);
         (void)attn::cuda::Synchronize();
         return std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / iters;
       };
       const double dense = run(false, 50), sparse = run(true, 50);
-      const double dense_bytes = double(batch) * 2 * seq_bytes, sparse_bytes = dense_bytes * sel / nb;
-      std::printf("| %u | %llu | %.4f | %.4f | %.2f | %.3f | %.3f |\n", batch, (unsigned long long)T, dense, sparse,
-                  dense / sparse, dense_bytes / (dense * 1e6) / hbm_gbps, sparse_bytes / (sparse * 1e6) / hbm_gbps);
+      const double dense_bytes = double(batch) * 2 * seq_bytes,
+                   sparse_bytes = dense_bytes * sel / nb;
+      std::printf("| %u | %llu | %.4f | %.4f | %.2f | %.3f | %.3f |\n", batch,
+                  (unsigned long long)T, dense, sparse, dense / sparse,
+                  dense_bytes / (dense * 1e6) / hbm_gbps, sparse_bytes / (sparse * 1e6) / hbm_gbps);
       std::fflush(stdout);
     }
   }
-  std::printf("(Hq %u Hkv %u D %u fp16, B %u; HBM peak assumed %.0f GB/s; device memory is not freed between rows)\n",
-              Hq, Hkv, D, B, hbm_gbps);
+  std::printf(
+      "(Hq %u Hkv %u D %u fp16, B %u; HBM peak assumed %.0f GB/s; device memory is not freed "
+      "between rows)\n",
+      Hq, Hkv, D, B, hbm_gbps);
   return 0;
 }

@@ -1,8 +1,9 @@
-// Selection cost per (step, layer) on synthetic keys (labelled synthetic): Hq 32, Hkv 8, D 128, fp16,
-// budget 2048 tokens, B 16, at T = 4K, 32K, 128K, 1M. Rows: PrHS anchor step (exact scoring of all keys
-// of the 8 groups + top blocks), PrHS reuse step (gate + plan, no rescan), oracle step.
+// Selection cost per (step, layer) on synthetic keys (labelled synthetic): Hq 32, Hkv 8, D 128,
+// fp16, budget 2048 tokens, B 16, at T = 4K, 32K, 128K, 1M. Rows: PrHS anchor step (exact scoring
+// of all keys of the 8 groups + top blocks), PrHS reuse step (gate + plan, no rescan), oracle step.
 //   kvm_selector_bench [--max-tokens N] [--json]
-// Waits for an idle machine (≥ 90% idle over 1 s, up to ~60 s) before measuring and says whether it got one.
+// Waits for an idle machine (≥ 90% idle over 1 s, up to ~60 s) before measuring and says whether it
+// got one.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -13,8 +14,8 @@
 
 #include "bench_util.h"
 #include "proto/half.h"
-#include "selector/plan.h"
 #include "selector/baselines.h"
+#include "selector/plan.h"
 #include "selector/prhs.h"
 
 using namespace kvm;
@@ -36,7 +37,8 @@ struct SyntheticHead {
       const bool salient = t < 4 || (t / 7) % 23 == 5;
       for (uint32_t d = 0; d < kD; ++d) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        row[d] = (float((x >> 40) & 0xffff) / 65536.0f - 0.5f) * 1.2f + (salient ? 2.0f * dir[d] : 0.f);
+        row[d] =
+            (float((x >> 40) & 0xffff) / 65536.0f - 0.5f) * 1.2f + (salient ? 2.0f * dir[d] : 0.f);
         k[t * kD + d] = FloatToHalf(row[d]);
       }
       sum.Append(t, row.data());
@@ -45,7 +47,8 @@ struct SyntheticHead {
     for (size_t b = 0; b < kp.size(); ++b) kp[b] = &k[b * kB * kD];
   }
   attn::HeadKV View(uint64_t T) const {
-    return attn::HeadKV{kp.data(), kp.data(), static_cast<uint32_t>(kp.size()), T, kB, kD, DType::kF16};
+    return attn::HeadKV{kp.data(), kp.data(),  static_cast<uint32_t>(kp.size()), T, kB,
+                        kD,        DType::kF16};
   }
 };
 }  // namespace
@@ -54,9 +57,14 @@ int main(int argc, char** argv) {
   uint64_t max_tokens = 1ull << 20;
   bool json = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--json")) json = true;
-    else if (!std::strcmp(argv[i], "--max-tokens") && i + 1 < argc) max_tokens = std::strtoull(argv[++i], nullptr, 10);
-    else { std::fprintf(stderr, "usage: kvm_selector_bench [--max-tokens N] [--json]\n"); return 2; }
+    if (!std::strcmp(argv[i], "--json"))
+      json = true;
+    else if (!std::strcmp(argv[i], "--max-tokens") && i + 1 < argc)
+      max_tokens = std::strtoull(argv[++i], nullptr, 10);
+    else {
+      std::fprintf(stderr, "usage: kvm_selector_bench [--max-tokens N] [--json]\n");
+      return 2;
+    }
   }
   const bool idle = bench::WaitForIdle();
   const ModelShape shape{1, kHq, kHkv, kD, DType::kF16, 0};
@@ -77,18 +85,24 @@ int main(int argc, char** argv) {
     for (uint32_t c = 0; c < kD / 8; ++c) ch.push_back(c);
   o.quest_dense_layers = 0;  // the one benchmarked layer is a sparse one
   const char* kBaselines[] = {"quest", "hshare", "streaming", "h2o"};
-  struct Row { uint64_t T; double anchor_ms, reuse_us, oracle_ms; double base_ms[4]; };
+  struct Row {
+    uint64_t T;
+    double anchor_ms, reuse_us, oracle_ms;
+    double base_ms[4];
+  };
   std::vector<Row> rows;
   for (uint64_t T : {4096ull, 32768ull, 131072ull, 1048576ull}) {
     if (T > max_tokens) break;
-    std::fprintf(stderr, "T = %llu: generating %llu MB of synthetic fp16 keys...\n", (unsigned long long)T,
-                 (unsigned long long)(T * kHkv * kD * 2 >> 20));
+    std::fprintf(stderr, "T = %llu: generating %llu MB of synthetic fp16 keys...\n",
+                 (unsigned long long)T, (unsigned long long)(T * kHkv * kD * 2 >> 20));
     std::vector<SyntheticHead> heads(kHkv);
     for (uint32_t h = 0; h < kHkv; ++h) heads[h].Make(T + 64, dir.data(), h + 1);
     auto prhs = sel::PrhsSelector::Make(o, shape, T + 64);
     auto oracle = sel::OracleSelector::Make(o, shape, T + 64);
-    if (!prhs.ok() || !oracle.ok()) return std::fprintf(stderr, "%s\n", prhs.status().ToString().c_str()), 1;
-    std::vector<sel::HotSetMirror> mirrors(kHkv, sel::HotSetMirror(static_cast<uint32_t>((*prhs)->HotSetSlots())));
+    if (!prhs.ok() || !oracle.ok())
+      return std::fprintf(stderr, "%s\n", prhs.status().ToString().c_str()), 1;
+    std::vector<sel::HotSetMirror> mirrors(
+        kHkv, sel::HotSetMirror(static_cast<uint32_t>((*prhs)->HotSetSlots())));
     sel::PlanBytes bytes;
     auto step = [&](sel::Selector& s, uint64_t t, bool plan) {
       for (uint32_t h = 0; h < kHkv; ++h) {
@@ -98,8 +112,10 @@ int main(int argc, char** argv) {
         if (!s.Select(in, &out).ok()) std::abort();
         if (plan) {
           sel::PlanStep ps;
-          if (!mirrors[h].Plan(out.blocks, t + 1, o.geometry, o.geometry.WindowFirstBlock(t), kB * kD * 2, kD * 2, &ps,
-                               &bytes).ok())
+          if (!mirrors[h]
+                   .Plan(out.blocks, t + 1, o.geometry, o.geometry.WindowFirstBlock(t), kB * kD * 2,
+                         kD * 2, &ps, &bytes)
+                   .ok())
             std::abort();
         }
       }
@@ -111,27 +127,32 @@ int main(int argc, char** argv) {
       auto fresh = sel::PrhsSelector::Make(o, shape, T + 64);
       step(**fresh, T - 1, false);
     }
-    const double anchor_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
+    const double anchor_ms =
+        std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
     step(**prhs, T - 1, true);  // anchor, then reuse steps
     const int reuse_iters = 2000;
     t0 = Clock::now();
     for (int i = 0; i < reuse_iters; ++i) step(**prhs, T + (i % 32), true);
-    const double reuse_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / reuse_iters;
+    const double reuse_us =
+        std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / reuse_iters;
     t0 = Clock::now();
     for (int i = 0; i < anchor_iters; ++i) step(**oracle, T - 1, false);
-    const double oracle_ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
+    const double oracle_ms =
+        std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
     Row row{T, anchor_ms, reuse_us, oracle_ms, {}};
     for (int bi = 0; bi < 4; ++bi) {
       auto b = sel::MakeSelector(kBaselines[bi], o, shape, T + 64);
       if (!b.ok()) return std::fprintf(stderr, "%s\n", b.status().ToString().c_str()), 1;
       step(**b, T - 2, false);  // warm (H2O's first step sees every block)
       t0 = Clock::now();
-      for (int i = 0; i < anchor_iters; ++i) step(**b, T - 1 + (i % 2), false);  // even and odd steps (HShare)
-      row.base_ms[bi] = std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
+      for (int i = 0; i < anchor_iters; ++i)
+        step(**b, T - 1 + (i % 2), false);  // even and odd steps (HShare)
+      row.base_ms[bi] =
+          std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / anchor_iters;
     }
     rows.push_back(row);
-    std::fprintf(stderr, "  anchor %.2f ms, reuse %.2f us, oracle %.2f ms per (step, layer)\n", anchor_ms, reuse_us,
-                 oracle_ms);
+    std::fprintf(stderr, "  anchor %.2f ms, reuse %.2f us, oracle %.2f ms per (step, layer)\n",
+                 anchor_ms, reuse_us, oracle_ms);
   }
   double r32 = 0, r1m = 0;
   for (auto& r : rows) {
@@ -141,19 +162,28 @@ int main(int argc, char** argv) {
   if (json) {
     std::printf("{\"synthetic\": true, \"idle\": %s, \"rows\": [", idle ? "true" : "false");
     for (size_t i = 0; i < rows.size(); ++i)
-      std::printf("%s{\"tokens\": %llu, \"prhs_anchor_ms\": %.3f, \"prhs_reuse_us\": %.3f, \"oracle_ms\": %.3f, "
-                  "\"quest_ms\": %.3f, \"hshare_ms\": %.3f, \"streaming_ms\": %.4f, \"h2o_ms\": %.4f}",
-                  i ? ", " : "", (unsigned long long)rows[i].T, rows[i].anchor_ms, rows[i].reuse_us, rows[i].oracle_ms,
-                  rows[i].base_ms[0], rows[i].base_ms[1], rows[i].base_ms[2], rows[i].base_ms[3]);
-    std::printf("], \"reuse_cost_1m_over_32k\": %s}\n", r1m > 0 && r32 > 0 ? std::to_string(r1m / r32).c_str() : "null");
+      std::printf(
+          "%s{\"tokens\": %llu, \"prhs_anchor_ms\": %.3f, \"prhs_reuse_us\": %.3f, \"oracle_ms\": "
+          "%.3f, "
+          "\"quest_ms\": %.3f, \"hshare_ms\": %.3f, \"streaming_ms\": %.4f, \"h2o_ms\": %.4f}",
+          i ? ", " : "", (unsigned long long)rows[i].T, rows[i].anchor_ms, rows[i].reuse_us,
+          rows[i].oracle_ms, rows[i].base_ms[0], rows[i].base_ms[1], rows[i].base_ms[2],
+          rows[i].base_ms[3]);
+    std::printf("], \"reuse_cost_1m_over_32k\": %s}\n",
+                r1m > 0 && r32 > 0 ? std::to_string(r1m / r32).c_str() : "null");
   } else {
-    std::printf("synthetic keys; Hq %u Hkv %u D %u fp16, B %u, budget 2048 tokens; idle machine: %s\n", kHq, kHkv, kD,
-                kB, idle ? "yes" : "NO (numbers are noisy)");
-    std::printf("| T | PrHS anchor (ms) | PrHS reuse: gate + plan (us) | oracle (ms) | Quest (ms) | HShare, mean of a "
-                "retrieval and a shared step (ms) | StreamingLLM (ms) | H2O select (ms) |\n|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "synthetic keys; Hq %u Hkv %u D %u fp16, B %u, budget 2048 tokens; idle machine: %s\n", kHq,
+        kHkv, kD, kB, idle ? "yes" : "NO (numbers are noisy)");
+    std::printf(
+        "| T | PrHS anchor (ms) | PrHS reuse: gate + plan (us) | oracle (ms) | Quest (ms) | "
+        "HShare, mean of a "
+        "retrieval and a shared step (ms) | StreamingLLM (ms) | H2O select (ms) "
+        "|\n|---|---|---|---|---|---|---|---|\n");
     for (auto& r : rows)
-      std::printf("| %llu | %.2f | %.2f | %.2f | %.2f | %.2f | %.4f | %.4f |\n", (unsigned long long)r.T, r.anchor_ms,
-                  r.reuse_us, r.oracle_ms, r.base_ms[0], r.base_ms[1], r.base_ms[2], r.base_ms[3]);
+      std::printf("| %llu | %.2f | %.2f | %.2f | %.2f | %.2f | %.4f | %.4f |\n",
+                  (unsigned long long)r.T, r.anchor_ms, r.reuse_us, r.oracle_ms, r.base_ms[0],
+                  r.base_ms[1], r.base_ms[2], r.base_ms[3]);
     if (r1m > 0 && r32 > 0) std::printf("reuse cost(1M) / cost(32K) = %.2f\n", r1m / r32);
   }
   return 0;

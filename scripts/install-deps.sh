@@ -12,7 +12,7 @@ PKGS=(
   libyaml-cpp-dev nlohmann-json3-dev         # config file, JSON output
   libgtest-dev libgmock-dev libbenchmark-dev # tests and benchmarks
   libsentencepiece-dev                       # tokenizer of the reference model
-  clang libclang-rt-14-dev                   # libFuzzer build and thread-safety analysis
+  clang libclang-rt-14-dev clang-format      # libFuzzer build, thread-safety analysis, format check
 )
 missing=()
 for p in "${PKGS[@]}"; do

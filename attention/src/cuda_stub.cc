@@ -3,7 +3,9 @@
 #include "attention/reference.h"
 
 namespace kvm::attn {
-Status CudaAvailable() { return Status::Unimplemented("built without CUDA (KVM_WITH_CUDA=OFF or no nvcc)"); }
+Status CudaAvailable() {
+  return Status::Unimplemented("built without CUDA (KVM_WITH_CUDA=OFF or no nvcc)");
+}
 }  // namespace kvm::attn
 
 namespace kvm::attn::cuda {

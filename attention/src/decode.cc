@@ -40,33 +40,43 @@ Status Run(const DecodeParams& p, HeadFn fn) {
 
 Status DecodeParams::Validate() const {
   if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256)
-    return Status::InvalidArgument("decode: head_dim must be 32, 64, 128 or 256, got " + std::to_string(head_dim));
-  if (group == 0 || group > 8) return Status::InvalidArgument("decode: group must be in 1..8, got " + std::to_string(group));
+    return Status::InvalidArgument("decode: head_dim must be 32, 64, 128 or 256, got " +
+                                   std::to_string(head_dim));
+  if (group == 0 || group > 8)
+    return Status::InvalidArgument("decode: group must be in 1..8, got " + std::to_string(group));
   if (block_size == 0 || block_size > 1024)
-    return Status::InvalidArgument("decode: block_size must be in 1..1024, got " + std::to_string(block_size));
+    return Status::InvalidArgument("decode: block_size must be in 1..1024, got " +
+                                   std::to_string(block_size));
   if (DTypeSize(dtype) == 0) return Status::InvalidArgument("decode: unknown dtype");
   if (kv_heads == 0) return Status::InvalidArgument("decode: kv_heads must be > 0");
-  if (!q || !out || !k_blocks || !v_blocks || !n_blocks) return Status::InvalidArgument("decode: missing pointer");
+  if (!q || !out || !k_blocks || !v_blocks || !n_blocks)
+    return Status::InvalidArgument("decode: missing pointer");
   for (uint32_t h = 0; h < kv_heads; ++h) {
     if (n_blocks[h] > max_blocks)
-      return Status::InvalidArgument("decode: KV head " + std::to_string(h) + " lists " + std::to_string(n_blocks[h]) +
+      return Status::InvalidArgument("decode: KV head " + std::to_string(h) + " lists " +
+                                     std::to_string(n_blocks[h]) +
                                      " blocks, more than max_blocks " + std::to_string(max_blocks));
     bool any = false;
     for (uint32_t b = 0; b < n_blocks[h]; ++b) {
       const size_t i = size_t{h} * max_blocks + b;
       const uint32_t r = rows ? rows[i] : block_size;
       if (r == 0 || r > block_size)
-        return Status::InvalidArgument("decode: block " + std::to_string(b) + " of KV head " + std::to_string(h) +
-                                       " has " + std::to_string(r) + " rows (block size " + std::to_string(block_size) + ")");
-      if (!k_blocks[i] || !v_blocks[i]) return Status::InvalidArgument("decode: null block pointer");
+        return Status::InvalidArgument("decode: block " + std::to_string(b) + " of KV head " +
+                                       std::to_string(h) + " has " + std::to_string(r) +
+                                       " rows (block size " + std::to_string(block_size) + ")");
+      if (!k_blocks[i] || !v_blocks[i])
+        return Status::InvalidArgument("decode: null block pointer");
       for (uint32_t x = 0; x < r && !any; ++x) any = !mask || mask[i * block_size + x];
     }
-    if (!any) return Status::InvalidArgument("decode: KV head " + std::to_string(h) + " attends no token");
+    if (!any)
+      return Status::InvalidArgument("decode: KV head " + std::to_string(h) + " attends no token");
   }
   return Status::Ok();
 }
 
-Status DecodeCpu(const DecodeParams& p) { return Run(p, HaveAvx2() ? avx2::DecodeOne : portable::DecodeOne); }
+Status DecodeCpu(const DecodeParams& p) {
+  return Run(p, HaveAvx2() ? avx2::DecodeOne : portable::DecodeOne);
+}
 Status DecodeCpuPortable(const DecodeParams& p) { return Run(p, portable::DecodeOne); }
 const char* CpuDecodePath() { return HaveAvx2() ? "avx2+fma+f16c" : "portable"; }
 
@@ -78,17 +88,19 @@ Status DecodeCpuBatch(std::span<const DecodeParams> batch) {
   return Status::Ok();
 }
 
-Status SparseBlockList(std::span<const uint32_t> slots, uint32_t capacity, const void* slot_k, const void* slot_v,
-                       size_t block_bytes, std::span<const void* const> window_k, std::span<const void* const> window_v,
-                       std::span<const uint16_t> window_rows, uint32_t block_size, const void** k_out,
-                       const void** v_out, uint16_t* rows_out, uint32_t* n_out) {
+Status SparseBlockList(std::span<const uint32_t> slots, uint32_t capacity, const void* slot_k,
+                       const void* slot_v, size_t block_bytes,
+                       std::span<const void* const> window_k, std::span<const void* const> window_v,
+                       std::span<const uint16_t> window_rows, uint32_t block_size,
+                       const void** k_out, const void** v_out, uint16_t* rows_out,
+                       uint32_t* n_out) {
   if (window_k.size() != window_v.size() || window_k.size() != window_rows.size())
     return Status::InvalidArgument("sparse list: window K, V and rows differ in length");
   uint32_t n = 0;
   for (uint32_t s : slots) {
     if (s >= capacity)
-      return Status::InvalidArgument("sparse list: slot " + std::to_string(s) + " out of range (capacity " +
-                                     std::to_string(capacity) + ")");
+      return Status::InvalidArgument("sparse list: slot " + std::to_string(s) +
+                                     " out of range (capacity " + std::to_string(capacity) + ")");
     k_out[n] = static_cast<const uint8_t*>(slot_k) + size_t{s} * block_bytes;
     v_out[n] = static_cast<const uint8_t*>(slot_v) + size_t{s} * block_bytes;
     rows_out[n++] = static_cast<uint16_t>(block_size);

@@ -15,7 +15,8 @@ inline void ConvertRows(const void* src, uint32_t rows, float* dst) {
     std::memcpy(dst, src, n * sizeof(float));
   } else if constexpr (DT == DType::kF16) {
     const __m128i* s = static_cast<const __m128i*>(src);
-    for (size_t i = 0; i < n / 8; ++i) _mm256_storeu_ps(dst + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128(s + i)));
+    for (size_t i = 0; i < n / 8; ++i)
+      _mm256_storeu_ps(dst + 8 * i, _mm256_cvtph_ps(_mm_loadu_si128(s + i)));
   } else {
     const __m128i* s = static_cast<const __m128i*>(src);
     for (size_t i = 0; i < n / 8; ++i) {

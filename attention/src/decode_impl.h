@@ -1,6 +1,7 @@
-// The CPU decode kernel, written once; compiled by decode_portable.cc (plain C++) and decode_avx2.cc
-// (-mavx2 -mfma -mf16c, which vectorises the 8-lane loops and converts fp16 with F16C). Each includer
-// defines KVM_DECODE_NS and ConvertRow before including this file.
+// The CPU decode kernel, written once; compiled by decode_portable.cc (plain C++) and
+// decode_avx2.cc
+// (-mavx2 -mfma -mf16c, which vectorises the 8-lane loops and converts fp16 with F16C). Each
+// includer defines KVM_DECODE_NS and ConvertRow before including this file.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -27,11 +28,12 @@ void DecodeHead(const DecodeParams& p, uint32_t h) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const uint32_t B = p.block_size, g = p.group;
   const float scale = p.scale != 0.0f ? p.scale : 1.0f / std::sqrt(float(D));
-  // Scratch on the heap (thread-local vectors: static TLS arrays this large would eat thread stacks).
+  // Scratch on the heap (thread-local vectors: static TLS arrays this large would eat thread
+  // stacks).
   static thread_local std::vector<float> kscratch, wscratch;
   if (kscratch.size() < size_t{B} * D) kscratch.resize(size_t{B} * D);
   if (wscratch.size() < size_t{kMaxG} * B) wscratch.resize(size_t{kMaxG} * B);
-  float* kbuf = kscratch.data();                             // one block of K or V as fp32
+  float* kbuf = kscratch.data();  // one block of K or V as fp32
   auto w = [&](uint32_t j) { return wscratch.data() + size_t{j} * B; };  // logits, then weights
   alignas(64) float qs[kMaxG][D], o[kMaxG][D], acc[D];
   float m[kMaxG], dsum[kMaxG], bmax[kMaxG], bsum[kMaxG];
@@ -85,19 +87,26 @@ void DecodeHead(const DecodeParams& p, uint32_t h) {
 template <uint32_t D>
 void DecodeHeadDt(const DecodeParams& p, uint32_t h) {
   switch (p.dtype) {
-    case DType::kF16: return DecodeHead<D, DType::kF16>(p, h);
-    case DType::kBF16: return DecodeHead<D, DType::kBF16>(p, h);
-    case DType::kF32: return DecodeHead<D, DType::kF32>(p, h);
+    case DType::kF16:
+      return DecodeHead<D, DType::kF16>(p, h);
+    case DType::kBF16:
+      return DecodeHead<D, DType::kBF16>(p, h);
+    case DType::kF32:
+      return DecodeHead<D, DType::kF32>(p, h);
   }
 }
 
 // REQUIRES: p.Validate() is OK.
 inline void DecodeOneHead(const DecodeParams& p, uint32_t h) {
   switch (p.head_dim) {  // DISPATCH_HEAD_DIM
-    case 32: return DecodeHeadDt<32>(p, h);
-    case 64: return DecodeHeadDt<64>(p, h);
-    case 128: return DecodeHeadDt<128>(p, h);
-    case 256: return DecodeHeadDt<256>(p, h);
+    case 32:
+      return DecodeHeadDt<32>(p, h);
+    case 64:
+      return DecodeHeadDt<64>(p, h);
+    case 128:
+      return DecodeHeadDt<128>(p, h);
+    case 256:
+      return DecodeHeadDt<256>(p, h);
   }
 }
 

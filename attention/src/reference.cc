@@ -13,12 +13,14 @@ namespace kvm::attn {
 
 Status HeadKV::Validate() const {
   if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256)
-    return Status::InvalidArgument("head_dim must be 32, 64, 128 or 256, got " + std::to_string(head_dim));
+    return Status::InvalidArgument("head_dim must be 32, 64, 128 or 256, got " +
+                                   std::to_string(head_dim));
   if (block_size == 0) return Status::InvalidArgument("block_size must be > 0");
   if (DTypeSize(dtype) == 0) return Status::InvalidArgument("unknown dtype");
   if (uint64_t{n_blocks} * block_size < tokens)
-    return Status::InvalidArgument(std::to_string(n_blocks) + " blocks of " + std::to_string(block_size) +
-                                   " do not hold " + std::to_string(tokens) + " tokens");
+    return Status::InvalidArgument(std::to_string(n_blocks) + " blocks of " +
+                                   std::to_string(block_size) + " do not hold " +
+                                   std::to_string(tokens) + " tokens");
   if (tokens > 0 && (k_blocks == nullptr || v_blocks == nullptr))
     return Status::InvalidArgument("missing K or V block pointers");
   return Status::Ok();
@@ -26,9 +28,12 @@ Status HeadKV::Validate() const {
 
 float LoadElem(const void* base, size_t i, DType dtype) {
   switch (dtype) {
-    case DType::kF16: return HalfToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kBF16: return Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kF32: return static_cast<const float*>(base)[i];
+    case DType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kBF16:
+      return Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
+    case DType::kF32:
+      return static_cast<const float*>(base)[i];
   }
   return std::numeric_limits<float>::quiet_NaN();
 }
@@ -80,8 +85,8 @@ double DroppedMass(const float* p, const uint8_t* selected, size_t n) {
   return std::max(0.0, 1.0 - kept);
 }
 
-void PartialState(const float* q, const HeadKV& kv, std::span<const uint8_t> mask, uint64_t begin, uint64_t end,
-                  float* m_out, float* d_out, float* o) {
+void PartialState(const float* q, const HeadKV& kv, std::span<const uint8_t> mask, uint64_t begin,
+                  uint64_t end, float* m_out, float* d_out, float* o) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(kv.head_dim));
   std::vector<float> k(kv.head_dim), v(kv.head_dim), s;
   std::vector<uint64_t> toks;
@@ -106,7 +111,8 @@ void PartialState(const float* q, const HeadKV& kv, std::span<const uint8_t> mas
   *d_out = d;
 }
 
-Status Attend(const float* q, uint32_t group, const HeadKV& kv, std::span<const uint8_t> mask, float* out) {
+Status Attend(const float* q, uint32_t group, const HeadKV& kv, std::span<const uint8_t> mask,
+              float* out) {
   KVM_RETURN_IF_ERROR(kv.Validate());
   if (group == 0) return Status::InvalidArgument("group size must be > 0");
   if (!mask.empty() && mask.size() != kv.tokens)

@@ -9,26 +9,36 @@ namespace kvm::client {
 
 void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst) {
   switch (dtype) {
-    case DType::kF32: std::memcpy(dst, src, size_t{n} * 4); break;
-    case DType::kF16: FloatToHalfN(src, static_cast<uint16_t*>(dst), n); break;
-    case DType::kBF16: FloatToBf16N(src, static_cast<uint16_t*>(dst), n); break;
+    case DType::kF32:
+      std::memcpy(dst, src, size_t{n} * 4);
+      break;
+    case DType::kF16:
+      FloatToHalfN(src, static_cast<uint16_t*>(dst), n);
+      break;
+    case DType::kBF16:
+      FloatToBf16N(src, static_cast<uint16_t*>(dst), n);
+      break;
   }
 }
 
-Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& shape, uint32_t block_size) {
+Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& shape,
+                                                           uint32_t block_size) {
   KVM_ASSIGN_OR_RETURN(auto layout, BlockLayout::Make(shape, block_size));
   return std::unique_ptr<DenseKvSource>(new DenseKvSource(layout));
 }
 
 DenseKvSource::DenseKvSource(const BlockLayout& l)
-    : layout_(l), heads_(size_t{l.shape().layers} * l.shape().kv_heads), len_(l.shape().layers, 0) {}
+    : layout_(l),
+      heads_(size_t{l.shape().layers} * l.shape().kv_heads),
+      len_(l.shape().layers, 0) {}
 
 Status DenseKvSource::Append(uint32_t layer, uint64_t pos, const float* k, const float* v) {
   const auto& s = layout_.shape();
-  if (layer >= s.layers) return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range");
+  if (layer >= s.layers)
+    return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range");
   if (pos > len_[layer])
-    return Status::FailedPrecondition("append at " + std::to_string(pos) + " leaves a gap (length " +
-                                      std::to_string(len_[layer]) + ")");
+    return Status::FailedPrecondition("append at " + std::to_string(pos) +
+                                      " leaves a gap (length " + std::to_string(len_[layer]) + ")");
   const size_t row = layout_.row_bytes();
   for (uint32_t h = 0; h < s.kv_heads; ++h) {
     Head& hd = head(layer, h);
@@ -53,19 +63,21 @@ attn::HeadKV DenseKvSource::View(uint32_t layer, uint32_t kvh, uint64_t tokens) 
     hd.vp[b] = hd.v.data() + b * layout_.kv_block_bytes();
   }
   const auto& s = layout_.shape();
-  return attn::HeadKV{hd.kp.data(), hd.vp.data(), static_cast<uint32_t>(nb), tokens, layout_.block_size(),
-                      s.head_dim, s.dtype};
+  return attn::HeadKV{hd.kp.data(), hd.vp.data(),         static_cast<uint32_t>(nb),
+                      tokens,       layout_.block_size(), s.head_dim,
+                      s.dtype};
 }
 
-void DenseKvSource::Row(uint32_t layer, uint32_t kvh, uint64_t token, bool values, float* out) const {
+void DenseKvSource::Row(uint32_t layer, uint32_t kvh, uint64_t token, bool values,
+                        float* out) const {
   attn::LoadRow(View(layer, kvh, token + 1), token, values, out);
 }
 
 Status DenseKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, float* out) {
   const auto& s = layout_.shape();
   if (layer >= s.layers || pos >= len_[layer])
-    return Status::OutOfRange("attend at layer " + std::to_string(layer) + " position " + std::to_string(pos) +
-                              " before its keys were appended");
+    return Status::OutOfRange("attend at layer " + std::to_string(layer) + " position " +
+                              std::to_string(pos) + " before its keys were appended");
   const uint32_t g = s.group_size();
   for (uint32_t h = 0; h < s.kv_heads; ++h) {
     const size_t off = size_t{h} * g * s.head_dim;

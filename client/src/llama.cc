@@ -46,19 +46,25 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path) {
   const uint64_t size = static_cast<uint64_t>(f.tellg());
   f.seekg(0);
   const std::string where = "model checkpoint '" + path + "': ";
-  if (size < 28) return Status::Corruption(where + "file is " + std::to_string(size) + " bytes, shorter than the header");
+  if (size < 28)
+    return Status::Corruption(where + "file is " + std::to_string(size) +
+                              " bytes, shorter than the header");
   int32_t h[7];
   f.read(reinterpret_cast<char*>(h), sizeof h);
   if (std::memcmp(h, "ak42", 4) == 0)
-    return Status::InvalidArgument(where + "magic 'ak42': a later llama2.c format version; export version 0 "
-                                   "(legacy) instead");
+    return Status::InvalidArgument(
+        where +
+        "magic 'ak42': a later llama2.c format version; export version 0 "
+        "(legacy) instead");
   auto m = std::unique_ptr<LlamaModel>(new LlamaModel());
   LlamaConfig& c = m->cfg_;
-  const char* names[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
+  const char* names[] = {"dim",        "hidden_dim", "n_layers", "n_heads",
+                         "n_kv_heads", "vocab_size", "seq_len"};
   for (int i = 0; i < 7; ++i) {
     const int64_t v = i == 5 ? std::abs(int64_t{h[i]}) : h[i];
     if (v <= 0 || v > (i == 5 ? 1 << 20 : 1 << 16))
-      return Status::InvalidArgument(where + std::string(names[i]) + " = " + std::to_string(h[i]) + " is out of range");
+      return Status::InvalidArgument(where + std::string(names[i]) + " = " + std::to_string(h[i]) +
+                                     " is out of range");
   }
   c.dim = h[0];
   c.hidden_dim = h[1];
@@ -69,22 +75,30 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path) {
   c.vocab_size = static_cast<uint32_t>(std::abs(h[5]));
   c.seq_len = h[6];
   if (c.dim % c.n_heads) return Status::InvalidArgument(where + "dim is not a multiple of n_heads");
-  if (c.n_heads % c.n_kv_heads) return Status::InvalidArgument(where + "n_heads is not a multiple of n_kv_heads");
-  if (c.head_dim() % 2) return Status::InvalidArgument(where + "head dim is odd (RoPE rotates pairs)");
+  if (c.n_heads % c.n_kv_heads)
+    return Status::InvalidArgument(where + "n_heads is not a multiple of n_kv_heads");
+  if (c.head_dim() % 2)
+    return Status::InvalidArgument(where + "head dim is odd (RoPE rotates pairs)");
   const uint64_t hd = c.head_dim(), L = c.n_layers, D = c.dim, H = c.hidden_dim, V = c.vocab_size;
   const uint64_t qd = c.n_heads * hd, kvd = c.n_kv_heads * hd;
   const uint64_t per_layer = D + qd * D + 2 * kvd * D + D * qd + D + 3 * H * D;
-  const uint64_t floats = V * D + L * per_layer + D + uint64_t{c.seq_len} * hd + (c.shared_classifier ? 0 : V * D);
+  const uint64_t floats =
+      V * D + L * per_layer + D + uint64_t{c.seq_len} * hd + (c.shared_classifier ? 0 : V * D);
   if (size != 28 + 4 * floats)
-    return Status::Corruption(where + "file is " + std::to_string(size) + " bytes, the header implies " +
-                              std::to_string(28 + 4 * floats) + (size < 28 + 4 * floats ? " (truncated)" : ""));
+    return Status::Corruption(where + "file is " + std::to_string(size) +
+                              " bytes, the header implies " + std::to_string(28 + 4 * floats) +
+                              (size < 28 + 4 * floats ? " (truncated)" : ""));
   m->data_.resize(floats);
   f.read(reinterpret_cast<char*>(m->data_.data()), static_cast<std::streamsize>(floats * 4));
   if (!f) return Status::Corruption(where + "read failed");
   m->fingerprint_ = Fnv1a(reinterpret_cast<const uint8_t*>(h), sizeof h) ^
                     Fnv1a(reinterpret_cast<const uint8_t*>(m->data_.data()), floats * 4);
   const float* p = m->data_.data();
-  auto take = [&p](uint64_t n) { const float* r = p; p += n; return r; };
+  auto take = [&p](uint64_t n) {
+    const float* r = p;
+    p += n;
+    return r;
+  };
   m->tok_emb_ = take(V * D);
   const float* rms_att = take(L * D);
   const float* wq = take(L * qd * D);
@@ -99,13 +113,15 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& path) {
   take(uint64_t{c.seq_len} * hd);  // legacy RoPE tables (unused)
   m->wcls_ = c.shared_classifier ? m->tok_emb_ : take(V * D);
   for (uint64_t l = 0; l < L; ++l)
-    m->layers_.push_back({rms_att + l * D, wq + l * qd * D, wk + l * kvd * D, wv + l * kvd * D, wo + l * D * qd,
-                          rms_ffn + l * D, w1 + l * H * D, w2 + l * D * H, w3 + l * H * D});
+    m->layers_.push_back({rms_att + l * D, wq + l * qd * D, wk + l * kvd * D, wv + l * kvd * D,
+                          wo + l * D * qd, rms_ffn + l * D, w1 + l * H * D, w2 + l * D * H,
+                          w3 + l * H * D});
   return m;
 }
 
 ModelShape LlamaModel::Shape(DType dtype) const {
-  return ModelShape{cfg_.n_layers, cfg_.n_heads, cfg_.n_kv_heads, cfg_.head_dim(), dtype, fingerprint_};
+  return ModelShape{cfg_.n_layers,   cfg_.n_heads, cfg_.n_kv_heads,
+                    cfg_.head_dim(), dtype,        fingerprint_};
 }
 
 ReferenceWorker::ReferenceWorker(const LlamaModel& model, KvSource* kv) : m_(model), kv_(kv) {
@@ -132,10 +148,11 @@ ReferenceWorker::ReferenceWorker(const LlamaModel& model, KvSource* kv) : m_(mod
 Status ReferenceWorker::Forward(uint32_t token, uint64_t pos, float* logits) {
   const LlamaConfig& c = m_.cfg_;
   if (token >= c.vocab_size)
-    return Status::InvalidArgument("token id " + std::to_string(token) + " >= vocab size " + std::to_string(c.vocab_size));
+    return Status::InvalidArgument("token id " + std::to_string(token) + " >= vocab size " +
+                                   std::to_string(c.vocab_size));
   if (pos >= c.seq_len)
-    return Status::OutOfRange("position " + std::to_string(pos) + " beyond the model's trained length " +
-                              std::to_string(c.seq_len));
+    return Status::OutOfRange("position " + std::to_string(pos) +
+                              " beyond the model's trained length " + std::to_string(c.seq_len));
   const uint32_t D = c.dim, hd = c.head_dim(), H = c.hidden_dim;
   std::memcpy(x_.data(), m_.tok_emb_ + size_t{token} * D, D * sizeof(float));
   const float* cs = &rope_cos_[pos * hd / 2];

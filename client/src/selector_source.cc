@@ -9,12 +9,12 @@
 
 namespace kvm::client {
 
-Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(const ModelShape& shape, uint32_t block_size,
-                                                                 std::unique_ptr<sel::Selector> selector,
-                                                                 const sel::SelectorOptions& opt, uint64_t prefill,
-                                                                 const std::string& forced_policy,
-                                                                 uint64_t max_context) {
-  if (forced_policy != "geometry" && forced_policy != "none" && forced_policy != "hshare" && forced_policy != "all")
+Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(
+    const ModelShape& shape, uint32_t block_size, std::unique_ptr<sel::Selector> selector,
+    const sel::SelectorOptions& opt, uint64_t prefill, const std::string& forced_policy,
+    uint64_t max_context) {
+  if (forced_policy != "geometry" && forced_policy != "none" && forced_policy != "hshare" &&
+      forced_policy != "all")
     return Status::InvalidArgument("forced policy must be geometry, none, hshare or all");
   auto s = std::unique_ptr<SelectorKvSource>(new SelectorKvSource());
   KVM_ASSIGN_OR_RETURN(s->dense_, DenseKvSource::Make(shape, block_size));
@@ -26,10 +26,10 @@ Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(const ModelShap
   const size_t n = size_t{shape.layers} * shape.kv_heads;
   for (size_t i = 0; i < n; ++i) {
     s->summaries_.emplace_back(block_size, shape.head_dim, /*minmax=*/true);
-    // The eval's mirror holds everything a selector may keep (dense layers of Quest, short contexts);
-    // the byte accounting is the diff either way.
-    s->mirrors_.emplace_back(static_cast<uint32_t>(
-        std::max<uint64_t>(s->selector_->HotSetSlots(), (max_context + block_size - 1) / block_size)));
+    // The eval's mirror holds everything a selector may keep (dense layers of Quest, short
+    // contexts); the byte accounting is the diff either way.
+    s->mirrors_.emplace_back(static_cast<uint32_t>(std::max<uint64_t>(
+        s->selector_->HotSetSlots(), (max_context + block_size - 1) / block_size)));
   }
   return s;
 }
@@ -58,8 +58,9 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
     totals_.attended_tokens += std::min<uint64_t>(T, s.blocks.size() * uint64_t{B});
     totals_.context_tokens += T;
     sel::PlanStep ps;
-    KVM_RETURN_IF_ERROR(mirrors_[idx].Plan(s.blocks, T, opt_.geometry, opt_.geometry.WindowFirstBlock(pos), dense_->layout().kv_block_bytes(),
-                                           dense_->layout().row_bytes(), &ps, &totals_.bytes));
+    KVM_RETURN_IF_ERROR(mirrors_[idx].Plan(
+        s.blocks, T, opt_.geometry, opt_.geometry.WindowFirstBlock(pos),
+        dense_->layout().kv_block_bytes(), dense_->layout().row_bytes(), &ps, &totals_.bytes));
     // Measure: the true δ of this selection and the same-size block oracle, on this run's q and K.
     const sel::GroupScores gs = sel::ScoreGroup(qg, g, kv);
     const auto d_true = sel::DeltaOf(gs, s.blocks);
@@ -78,8 +79,10 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
     }
     const auto d_oracle = sel::DeltaOf(gs, sel::OracleBlocks(gs, forced, s.blocks.size()));
     for (uint32_t j = 0; j < g; ++j)
-      records_.push_back({pos, layer, h * g + j, d_true[j], d_oracle[j], s.delta.empty() ? NAN : s.delta[j], s.kind});
-    if (auto* h2o = dynamic_cast<sel::H2oSelector*>(selector_.get())) {  // H2O's posterior: attention over kept blocks
+      records_.push_back({pos, layer, h * g + j, d_true[j], d_oracle[j],
+                          s.delta.empty() ? NAN : s.delta[j], s.kind});
+    if (auto* h2o = dynamic_cast<sel::H2oSelector*>(
+            selector_.get())) {  // H2O's posterior: attention over kept blocks
       std::vector<double> mass;
       double kept = 0;
       for (uint64_t b : s.blocks) kept += gs.agg[b];

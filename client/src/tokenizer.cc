@@ -40,7 +40,8 @@ Result<std::vector<uint32_t>> ReadTokenFile(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) return Status::NotFound("token file '" + path + "' cannot be opened");
   std::vector<uint8_t> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (b.size() % 2) return Status::InvalidArgument("token file '" + path + "' has an odd size (not uint16 ids)");
+  if (b.size() % 2)
+    return Status::InvalidArgument("token file '" + path + "' has an odd size (not uint16 ids)");
   std::vector<uint32_t> ids(b.size() / 2);
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = b[2 * i] | (uint32_t{b[2 * i + 1]} << 8);
   return ids;

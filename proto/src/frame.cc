@@ -10,7 +10,8 @@ namespace {
 
 template <typename T>
 void PutLe(uint8_t* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<uint8_t>(static_cast<uint64_t>(v) >> (8 * i));
+  for (size_t i = 0; i < sizeof(T); ++i)
+    p[i] = static_cast<uint8_t>(static_cast<uint64_t>(v) >> (8 * i));
 }
 template <typename T>
 T GetLe(const uint8_t* p) {
@@ -19,10 +20,20 @@ T GetLe(const uint8_t* p) {
   return static_cast<T>(v);
 }
 
-constexpr const char* kRequestNames[] = {"?",           "Hello",         "CreateSequence", "Append",
-                                         "PrefixLookup", "Truncate",     "RetrieveLayer",  "SetLayerMap",
-                                         "Audit",       "ReadBlocks",    "DeleteSequence", "ListSequences",
-                                         "Stats",       "Heartbeat"};
+constexpr const char* kRequestNames[] = {"?",
+                                         "Hello",
+                                         "CreateSequence",
+                                         "Append",
+                                         "PrefixLookup",
+                                         "Truncate",
+                                         "RetrieveLayer",
+                                         "SetLayerMap",
+                                         "Audit",
+                                         "ReadBlocks",
+                                         "DeleteSequence",
+                                         "ListSequences",
+                                         "Stats",
+                                         "Heartbeat"};
 constexpr const char* kReplyNames[] = {"?",
                                        "HelloReply",
                                        "CreateSequenceReply",
@@ -65,7 +76,8 @@ void EncodeFrameHeader(const FrameHeader& h, uint8_t out[kFrameHeaderBytes]) {
 
 Result<FrameHeader> DecodeFrameHeader(std::span<const uint8_t> b, const FrameLimits& limits) {
   if (b.size() < kFrameHeaderBytes)
-    return Status::InvalidArgument("frame header truncated: " + std::to_string(b.size()) + " of 32 bytes");
+    return Status::InvalidArgument("frame header truncated: " + std::to_string(b.size()) +
+                                   " of 32 bytes");
   if (GetLe<uint32_t>(b.data()) != kFrameMagic)
     return Status::InvalidArgument("bad frame magic (not a kvmanager v1 frame)");
   FrameHeader h;
@@ -75,25 +87,30 @@ Result<FrameHeader> DecodeFrameHeader(std::span<const uint8_t> b, const FrameLim
   h.header_len = GetLe<uint32_t>(b.data() + 16);
   const uint32_t reserved = GetLe<uint32_t>(b.data() + 20);
   h.payload_len = GetLe<uint64_t>(b.data() + 24);
-  if (!IsKnownType(h.type)) return Status::InvalidArgument("unknown message type " + std::to_string(h.type));
-  if (h.flags != 0 || reserved != 0) return Status::InvalidArgument("reserved frame header fields are not zero");
+  if (!IsKnownType(h.type))
+    return Status::InvalidArgument("unknown message type " + std::to_string(h.type));
+  if (h.flags != 0 || reserved != 0)
+    return Status::InvalidArgument("reserved frame header fields are not zero");
   if (h.header_len > limits.max_header_bytes)
-    return Status::OutOfRange("frame header length " + std::to_string(h.header_len) + " over the limit " +
-                              std::to_string(limits.max_header_bytes));
-  if (h.payload_len > limits.max_frame_bytes || h.header_len + h.payload_len > limits.max_frame_bytes)
+    return Status::OutOfRange("frame header length " + std::to_string(h.header_len) +
+                              " over the limit " + std::to_string(limits.max_header_bytes));
+  if (h.payload_len > limits.max_frame_bytes ||
+      h.header_len + h.payload_len > limits.max_frame_bytes)
     return Status::OutOfRange("frame length " + std::to_string(h.header_len + h.payload_len) +
                               " over the limit " + std::to_string(limits.max_frame_bytes));
   return h;
 }
 
-std::vector<uint8_t> EncodeFrame(uint16_t type, uint64_t request_id, const google::protobuf::MessageLite& msg,
+std::vector<uint8_t> EncodeFrame(uint16_t type, uint64_t request_id,
+                                 const google::protobuf::MessageLite& msg,
                                  std::span<const uint8_t> payload) {
   const size_t n = msg.ByteSizeLong();
   std::vector<uint8_t> out(kFrameHeaderBytes + n + payload.size());
   FrameHeader h{type, 0, request_id, static_cast<uint32_t>(n), payload.size()};
   EncodeFrameHeader(h, out.data());
   msg.SerializeWithCachedSizesToArray(out.data() + kFrameHeaderBytes);
-  if (!payload.empty()) std::memcpy(out.data() + kFrameHeaderBytes + n, payload.data(), payload.size());
+  if (!payload.empty())
+    std::memcpy(out.data() + kFrameHeaderBytes + n, payload.data(), payload.size());
   return out;
 }
 
@@ -120,7 +137,8 @@ Status FrameDecoder::Feed(std::span<const uint8_t> bytes) {
     if (buf_.size() == total) {
       Frame f;
       f.header = *h;
-      f.proto.assign(buf_.begin() + kFrameHeaderBytes, buf_.begin() + kFrameHeaderBytes + h->header_len);
+      f.proto.assign(buf_.begin() + kFrameHeaderBytes,
+                     buf_.begin() + kFrameHeaderBytes + h->header_len);
       f.payload.assign(buf_.begin() + kFrameHeaderBytes + h->header_len, buf_.end());
       ready_.push_back(std::move(f));
       buf_.clear();
@@ -141,7 +159,8 @@ bool FrameDecoder::Next(Frame* out) {
 
 Status ParseProto(const Frame& frame, google::protobuf::MessageLite* msg) {
   if (!msg->ParseFromArray(frame.proto.data(), static_cast<int>(frame.proto.size())))
-    return Status::InvalidArgument(std::string("malformed ") + MessageTypeName(frame.header.type) + " header");
+    return Status::InvalidArgument(std::string("malformed ") + MessageTypeName(frame.header.type) +
+                                   " header");
   return Status::Ok();
 }
 
@@ -167,7 +186,8 @@ void ToWire(const kvm::ModelShape& s, ModelShape* out) {
 }
 
 uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens) {
-  return uint64_t{shape.layers} * shape.kv_heads * 2 * n_tokens * shape.head_dim * DTypeSize(shape.dtype);
+  return uint64_t{shape.layers} * shape.kv_heads * 2 * n_tokens * shape.head_dim *
+         DTypeSize(shape.dtype);
 }
 
 Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t payload_len) {
@@ -175,14 +195,14 @@ Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t 
   if (n == 0) return Status::InvalidArgument("append: no tokens");
   const uint64_t want = AppendPayloadBytes(shape, n);
   if (payload_len != want)
-    return Status::InvalidArgument("append: payload is " + std::to_string(payload_len) + " bytes, the shape (" +
-                                   shape.ToString() + ") and " + std::to_string(n) + " tokens need " +
-                                   std::to_string(want));
+    return Status::InvalidArgument("append: payload is " + std::to_string(payload_len) +
+                                   " bytes, the shape (" + shape.ToString() + ") and " +
+                                   std::to_string(n) + " tokens need " + std::to_string(want));
   return Status::Ok();
 }
 
-Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads, const kvm::ModelShape& shape,
-                       uint64_t payload_len) {
+Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
+                       const kvm::ModelShape& shape, uint64_t payload_len) {
   if (layer >= shape.layers)
     return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range (layers " +
                                    std::to_string(shape.layers) + ")");
@@ -192,19 +212,23 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads, const
     if (h >= shape.kv_heads)
       return Status::InvalidArgument("kv_head " + std::to_string(h) + " out of range (kv_heads " +
                                      std::to_string(shape.kv_heads) + ")");
-    if (!seen.insert(h).second) return Status::InvalidArgument("kv_head " + std::to_string(h) + " repeated");
+    if (!seen.insert(h).second)
+      return Status::InvalidArgument("kv_head " + std::to_string(h) + " repeated");
   }
-  const uint64_t want = uint64_t{kv_heads.size()} * shape.group_size() * shape.head_dim * sizeof(float);
+  const uint64_t want =
+      uint64_t{kv_heads.size()} * shape.group_size() * shape.head_dim * sizeof(float);
   if (payload_len != want)
-    return Status::InvalidArgument("queries: payload is " + std::to_string(payload_len) + " bytes, expected " +
-                                   std::to_string(want) + " (fp32 [heads][group][head_dim])");
+    return Status::InvalidArgument("queries: payload is " + std::to_string(payload_len) +
+                                   " bytes, expected " + std::to_string(want) +
+                                   " (fp32 [heads][group][head_dim])");
   return Status::Ok();
 }
 
 Status CheckHello(const Hello& hello) {
   if (hello.protocol_version() != kProtocolVersion)
-    return Status::FailedPrecondition("protocol version " + std::to_string(hello.protocol_version()) +
-                                      " not supported (this side speaks " + std::to_string(kProtocolVersion) + ")");
+    return Status::FailedPrecondition(
+        "protocol version " + std::to_string(hello.protocol_version()) +
+        " not supported (this side speaks " + std::to_string(kProtocolVersion) + ")");
   return Status::Ok();
 }
 

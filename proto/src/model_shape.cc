@@ -6,18 +6,24 @@ namespace kvm {
 
 size_t DTypeSize(DType t) {
   switch (t) {
-    case DType::kF16: return 2;
-    case DType::kBF16: return 2;
-    case DType::kF32: return 4;
+    case DType::kF16:
+      return 2;
+    case DType::kBF16:
+      return 2;
+    case DType::kF32:
+      return 4;
   }
   return 0;
 }
 
 const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kF16: return "fp16";
-    case DType::kBF16: return "bf16";
-    case DType::kF32: return "fp32";
+    case DType::kF16:
+      return "fp16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF32:
+      return "fp32";
   }
   return "?";
 }
@@ -31,10 +37,14 @@ Result<DType> ParseDType(const std::string& name) {
 
 const char* DeltaKindName(DeltaKind k) {
   switch (k) {
-    case DeltaKind::kExact: return "exact";
-    case DeltaKind::kBound: return "bound";
-    case DeltaKind::kAudit: return "audit";
-    case DeltaKind::kUnknown: return "unknown";
+    case DeltaKind::kExact:
+      return "exact";
+    case DeltaKind::kBound:
+      return "bound";
+    case DeltaKind::kAudit:
+      return "audit";
+    case DeltaKind::kUnknown:
+      return "unknown";
   }
   return "?";
 }
@@ -44,11 +54,14 @@ Status ModelShape::Validate() const {
     return Status::InvalidArgument("model shape: " + field + " " + why);
   };
   if (layers == 0 || layers > kMaxLayers)
-    return bad("layers", "must be in 1.." + std::to_string(kMaxLayers) + ", got " + std::to_string(layers));
+    return bad("layers",
+               "must be in 1.." + std::to_string(kMaxLayers) + ", got " + std::to_string(layers));
   if (kv_heads == 0 || kv_heads > kMaxHeads)
-    return bad("kv_heads", "must be in 1.." + std::to_string(kMaxHeads) + ", got " + std::to_string(kv_heads));
+    return bad("kv_heads",
+               "must be in 1.." + std::to_string(kMaxHeads) + ", got " + std::to_string(kv_heads));
   if (q_heads == 0 || q_heads > kMaxHeads)
-    return bad("q_heads", "must be in 1.." + std::to_string(kMaxHeads) + ", got " + std::to_string(q_heads));
+    return bad("q_heads",
+               "must be in 1.." + std::to_string(kMaxHeads) + ", got " + std::to_string(q_heads));
   if (q_heads % kv_heads != 0)
     return bad("q_heads", "(" + std::to_string(q_heads) + ") must be a multiple of kv_heads (" +
                               std::to_string(kv_heads) + ")");
@@ -60,15 +73,15 @@ Status ModelShape::Validate() const {
 }
 
 std::string ModelShape::ToString() const {
-  return "L" + std::to_string(layers) + " Hq" + std::to_string(q_heads) + " Hkv" + std::to_string(kv_heads) +
-         " D" + std::to_string(head_dim) + " " + DTypeName(dtype);
+  return "L" + std::to_string(layers) + " Hq" + std::to_string(q_heads) + " Hkv" +
+         std::to_string(kv_heads) + " D" + std::to_string(head_dim) + " " + DTypeName(dtype);
 }
 
 Result<BlockLayout> BlockLayout::Make(const ModelShape& shape, uint32_t block_size) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   if (block_size == 0 || block_size > kMaxBlockSize)
-    return Status::InvalidArgument("block_size must be in 1.." + std::to_string(kMaxBlockSize) + ", got " +
-                                   std::to_string(block_size));
+    return Status::InvalidArgument("block_size must be in 1.." + std::to_string(kMaxBlockSize) +
+                                   ", got " + std::to_string(block_size));
   return BlockLayout(shape, block_size);
 }
 

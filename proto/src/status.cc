@@ -5,11 +5,23 @@
 
 namespace kvm {
 namespace {
-constexpr std::string_view kNames[] = {
-    "OK",        "InvalidArgument", "NotFound",         "AlreadyExists", "FailedPrecondition",
-    "OutOfRange", "Busy",           "TryAgain",         "TimedOut",      "Cancelled",
-    "NoSpace",   "Unauthenticated", "PermissionDenied", "Unavailable",   "Corruption",
-    "Unimplemented", "Internal"};
+constexpr std::string_view kNames[] = {"OK",
+                                       "InvalidArgument",
+                                       "NotFound",
+                                       "AlreadyExists",
+                                       "FailedPrecondition",
+                                       "OutOfRange",
+                                       "Busy",
+                                       "TryAgain",
+                                       "TimedOut",
+                                       "Cancelled",
+                                       "NoSpace",
+                                       "Unauthenticated",
+                                       "PermissionDenied",
+                                       "Unavailable",
+                                       "Corruption",
+                                       "Unimplemented",
+                                       "Internal"};
 static_assert(std::size(kNames) == kMaxStatusCode + 1);
 const std::string kEmpty;
 }  // namespace

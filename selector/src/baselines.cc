@@ -15,19 +15,23 @@ namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-Status ValidateBaseline(const SelectorOptions& o, const ModelShape& shape, uint64_t max_context, const char* name) {
+Status ValidateBaseline(const SelectorOptions& o, const ModelShape& shape, uint64_t max_context,
+                        const char* name) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   if (o.target_delta > 0)
-    return Status::InvalidArgument(std::string("target_delta: ") + name + " supports budget mode only");
+    return Status::InvalidArgument(std::string("target_delta: ") + name +
+                                   " supports budget mode only");
   return o.Validate(shape.layers, max_context);
 }
 
 // The `count` blocks of highest score among `cand` (ties to the lower index), ascending.
-std::vector<uint64_t> TopBlocks(std::vector<uint64_t> cand, const std::vector<double>& score, uint64_t count) {
+std::vector<uint64_t> TopBlocks(std::vector<uint64_t> cand, const std::vector<double>& score,
+                                uint64_t count) {
   count = std::min<uint64_t>(count, cand.size());
-  std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(count), cand.end(), [&](uint64_t a, uint64_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  });
+  std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(count), cand.end(),
+                    [&](uint64_t a, uint64_t b) {
+                      return score[a] > score[b] || (score[a] == score[b] && a < b);
+                    });
   cand.resize(count);
   std::sort(cand.begin(), cand.end());
   return cand;
@@ -48,13 +52,15 @@ void AddSoftmax(const std::vector<float>& s, std::vector<double>* agg) {
 }  // namespace
 
 // ---- Quest --------------------------------------------------------------------------------------
-Result<std::unique_ptr<QuestSelector>> QuestSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<QuestSelector>> QuestSelector::Make(const SelectorOptions& o,
+                                                           const ModelShape& shape,
                                                            uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "quest"));
   return std::unique_ptr<QuestSelector>(new QuestSelector(o, shape));
 }
 
-float QuestSelector::PageBound(const float* q, const HeadSummaries& s, uint64_t b, uint32_t D, float scale) {
+float QuestSelector::PageBound(const float* q, const HeadSummaries& s, uint64_t b, uint32_t D,
+                               float scale) {
   const float* mn = s.block_min(b);
   const float* mx = s.block_max(b);
   float u = 0.f;
@@ -72,12 +78,14 @@ Status QuestSelector::Select(const StepInput& in, Selection* out) {
     return Status::Ok();
   }
   if (!in.summaries || !in.summaries->has_minmax() || in.summaries->tokens() < T)
-    return Status::FailedPrecondition("quest needs per-block min/max key summaries covering every token");
+    return Status::FailedPrecondition(
+        "quest needs per-block min/max key summaries covering every token");
   const float scale = 1.0f / std::sqrt(float(D));
   std::vector<double> agg(nb, 0.0);
   std::vector<float> u(nb);
   for (uint32_t h = 0; h < g; ++h) {
-    for (uint64_t b = 0; b < nb; ++b) u[b] = PageBound(in.q + size_t{h} * D, *in.summaries, b, D, scale);
+    for (uint64_t b = 0; b < nb; ++b)
+      u[b] = PageBound(in.q + size_t{h} * D, *in.summaries, b, D, scale);
     AddSoftmax(u, &agg);
   }
   std::vector<uint64_t> all(nb);
@@ -89,7 +97,8 @@ Status QuestSelector::Select(const StepInput& in, Selection* out) {
 }
 
 // ---- StreamingLLM -------------------------------------------------------------------------------
-Result<std::unique_ptr<StreamingSelector>> StreamingSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<StreamingSelector>> StreamingSelector::Make(const SelectorOptions& o,
+                                                                   const ModelShape& shape,
                                                                    uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "streaming"));
   return std::unique_ptr<StreamingSelector>(new StreamingSelector(o, shape));
@@ -111,7 +120,8 @@ Status StreamingSelector::Select(const StepInput& in, Selection* out) {
 }
 
 // ---- H2O ----------------------------------------------------------------------------------------
-Result<std::unique_ptr<H2oSelector>> H2oSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<H2oSelector>> H2oSelector::Make(const SelectorOptions& o,
+                                                       const ModelShape& shape,
                                                        uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "h2o"));
   if (!(o.h2o_recent_frac > 0 && o.h2o_recent_frac < 1))
@@ -127,13 +137,17 @@ Status H2oSelector::Select(const StepInput& in, Selection* out) {
   st.score.resize(nb, 0.0);
   st.evicted.resize(nb, 0);
   std::vector<uint64_t> cand = st.kept;
-  AddRange(st.seen_blocks ? st.seen_blocks - 1 : 0, nb, &cand);  // the (maybe partial) last block and new ones
-  cand.erase(std::remove_if(cand.begin(), cand.end(), [&](uint64_t b) { return st.evicted[b] != 0; }), cand.end());
+  AddRange(st.seen_blocks ? st.seen_blocks - 1 : 0, nb,
+           &cand);  // the (maybe partial) last block and new ones
+  cand.erase(
+      std::remove_if(cand.begin(), cand.end(), [&](uint64_t b) { return st.evicted[b] != 0; }),
+      cand.end());
   st.seen_blocks = nb;
   if (cand.size() <= cap) {
     st.kept = cand;
   } else {
-    const uint64_t recent = std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(cap * opt_.h2o_recent_frac)));
+    const uint64_t recent =
+        std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(cap * opt_.h2o_recent_frac)));
     std::vector<uint64_t> keep, old;
     for (uint64_t b : cand) (b + recent >= nb ? keep : old).push_back(b);
     const uint64_t heavy = cap > keep.size() ? cap - keep.size() : 0;
@@ -155,8 +169,10 @@ Status H2oSelector::Select(const StepInput& in, Selection* out) {
 
 Status H2oSelector::Observe(uint32_t layer, uint32_t kv_head, const std::vector<uint64_t>& blocks,
                             const std::vector<double>& mass) {
-  if (layer >= shape_.layers || kv_head >= shape_.kv_heads) return Status::InvalidArgument("h2o: layer/kv_head out of range");
-  if (blocks.size() != mass.size()) return Status::InvalidArgument("h2o: blocks and mass differ in length");
+  if (layer >= shape_.layers || kv_head >= shape_.kv_heads)
+    return Status::InvalidArgument("h2o: layer/kv_head out of range");
+  if (blocks.size() != mass.size())
+    return Status::InvalidArgument("h2o: blocks and mass differ in length");
   State& st = state_[size_t{layer} * shape_.kv_heads + kv_head];
   for (size_t i = 0; i < blocks.size(); ++i) {
     if (blocks[i] >= st.score.size()) return Status::InvalidArgument("h2o: block out of range");
@@ -172,7 +188,11 @@ bool H2oSelector::Evicted(uint32_t layer, uint32_t kv_head, uint64_t b) const {
 
 // ---- HShare -------------------------------------------------------------------------------------
 HShareSelector::HShareSelector(const SelectorOptions& o, const ModelShape& s)
-    : opt_(o), shape_(s), cache_(size_t{s.layers} * s.kv_heads), head_map_(s.layers), layer_map_(s.layers) {
+    : opt_(o),
+      shape_(s),
+      cache_(size_t{s.layers} * s.kv_heads),
+      head_map_(s.layers),
+      layer_map_(s.layers) {
   for (uint32_t l = 0; l < s.layers; ++l) {
     layer_map_[l] = l;
     head_map_[l].resize(s.kv_heads);
@@ -180,18 +200,21 @@ HShareSelector::HShareSelector(const SelectorOptions& o, const ModelShape& s)
   }
 }
 
-Result<std::unique_ptr<HShareSelector>> HShareSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<HShareSelector>> HShareSelector::Make(const SelectorOptions& o,
+                                                             const ModelShape& shape,
                                                              uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "hshare"));
   if (o.hshare_query_share == 0) return Status::InvalidArgument("hshare_query_share: must be >= 1");
   if (o.hshare_channels.size() != size_t{shape.layers} * shape.q_heads)
-    return Status::InvalidArgument("hshare_channels: need " + std::to_string(shape.layers * shape.q_heads) +
-                                   " channel lists (layers x q_heads), got " + std::to_string(o.hshare_channels.size()) +
-                                   " (run `kvmctl hshare-calibrate`)");
+    return Status::InvalidArgument(
+        "hshare_channels: need " + std::to_string(shape.layers * shape.q_heads) +
+        " channel lists (layers x q_heads), got " + std::to_string(o.hshare_channels.size()) +
+        " (run `kvmctl hshare-calibrate`)");
   for (const auto& ch : o.hshare_channels) {
     if (ch.empty()) return Status::InvalidArgument("hshare_channels: an empty channel list");
     for (uint32_t c : ch)
-      if (c >= shape.head_dim) return Status::InvalidArgument("hshare_channels: channel out of range");
+      if (c >= shape.head_dim)
+        return Status::InvalidArgument("hshare_channels: channel out of range");
   }
   return std::unique_ptr<HShareSelector>(new HShareSelector(o, shape));
 }
@@ -207,10 +230,14 @@ Status HShareSelector::SetShareMaps(const std::vector<std::vector<uint32_t>>& he
   if (head_map.size() != shape_.layers || layer_map.size() != shape_.layers)
     return Status::InvalidArgument("hshare maps: need one entry per layer");
   for (uint32_t l = 0; l < shape_.layers; ++l) {
-    if (layer_map[l] > l) return Status::InvalidArgument("hshare layer map: layer " + std::to_string(l) + " points deeper");
-    if (head_map[l].size() != shape_.kv_heads) return Status::InvalidArgument("hshare head map: need one entry per KV head");
+    if (layer_map[l] > l)
+      return Status::InvalidArgument("hshare layer map: layer " + std::to_string(l) +
+                                     " points deeper");
+    if (head_map[l].size() != shape_.kv_heads)
+      return Status::InvalidArgument("hshare head map: need one entry per KV head");
     for (uint32_t h = 0; h < shape_.kv_heads; ++h)
-      if (head_map[l][h] > h) return Status::InvalidArgument("hshare head map: a head must follow a lower-numbered head");
+      if (head_map[l][h] > h)
+        return Status::InvalidArgument("hshare head map: a head must follow a lower-numbered head");
   }
   head_map_ = head_map;
   layer_map_ = layer_map;
@@ -246,8 +273,10 @@ Status HShareSelector::Select(const StepInput& in, Selection* out) {
   };
   const uint32_t src_layer = layer_map_[in.layer], src_head = head_map_[in.layer][in.kv_head];
   if (src_layer != in.layer || src_head != in.kv_head) {
-    const Cache& s = cache_[size_t{src_layer} * shape_.kv_heads + (src_layer != in.layer ? in.kv_head : src_head)];
-    if (s.last_step != in.step) return Status::FailedPrecondition("hshare: the shared source has not selected this step");
+    const Cache& s = cache_[size_t{src_layer} * shape_.kv_heads +
+                            (src_layer != in.layer ? in.kv_head : src_head)];
+    if (s.last_step != in.step)
+      return Status::FailedPrecondition("hshare: the shared source has not selected this step");
     c.heavy = s.heavy;
     finish(s.heavy);
     return Status::Ok();
@@ -283,25 +312,31 @@ Status HShareSelector::Select(const StepInput& in, Selection* out) {
   return Status::Ok();
 }
 
-Status BuildHShareMaps(const std::vector<std::vector<uint8_t>>& keep, const ModelShape& shape, int32_t shared_kv_heads,
-                       int32_t shared_layers, std::vector<std::vector<uint32_t>>* head_map,
+Status BuildHShareMaps(const std::vector<std::vector<uint8_t>>& keep, const ModelShape& shape,
+                       int32_t shared_kv_heads, int32_t shared_layers,
+                       std::vector<std::vector<uint32_t>>* head_map,
                        std::vector<uint32_t>* layer_map) {
-  if (keep.size() != shape.layers) return Status::InvalidArgument("hshare maps: need one keep mask per layer");
-  const uint32_t nh = shared_kv_heads < 0 ? shape.kv_heads / 2 : static_cast<uint32_t>(shared_kv_heads);
+  if (keep.size() != shape.layers)
+    return Status::InvalidArgument("hshare maps: need one keep mask per layer");
+  const uint32_t nh =
+      shared_kv_heads < 0 ? shape.kv_heads / 2 : static_cast<uint32_t>(shared_kv_heads);
   const uint32_t nl = shared_layers < 0 ? shape.layers / 2 : static_cast<uint32_t>(shared_layers);
   head_map->assign(shape.layers, {});
   for (uint32_t l = 0; l < shape.layers; ++l) {
-    if (keep[l].size() % shape.kv_heads) return Status::InvalidArgument("hshare maps: keep mask size");
+    if (keep[l].size() % shape.kv_heads)
+      return Status::InvalidArgument("hshare maps: keep mask size");
     const size_t per = keep[l].size() / shape.kv_heads;  // the group's q heads are contiguous
     std::vector<std::vector<uint8_t>> heads(shape.kv_heads);
-    for (uint32_t h = 0; h < shape.kv_heads; ++h) heads[h].assign(keep[l].begin() + h * per, keep[l].begin() + (h + 1) * per);
+    for (uint32_t h = 0; h < shape.kv_heads; ++h)
+      heads[h].assign(keep[l].begin() + h * per, keep[l].begin() + (h + 1) * per);
     KVM_ASSIGN_OR_RETURN((*head_map)[l], BuildLayerMap(heads, nh));
   }
   KVM_ASSIGN_OR_RETURN(*layer_map, BuildLayerMap(keep, nl));
   return Status::Ok();
 }
 
-// ---- HShare calibration ---------------------------------------------------------------------------
+// ---- HShare calibration
+// ---------------------------------------------------------------------------
 HShareCalibrator::HShareCalibrator(const ModelShape& shape)
     : shape_(shape), acc_(size_t{shape.layers} * shape.q_heads * shape.head_dim, 0.0) {}
 
@@ -309,7 +344,8 @@ void HShareCalibrator::Add(uint32_t layer, const float* q, const float* k) {
   const uint32_t D = shape_.head_dim, g = shape_.group_size();
   for (uint32_t h = 0; h < shape_.q_heads; ++h)
     for (uint32_t c = 0; c < D; ++c)
-      acc_[(size_t{layer} * shape_.q_heads + h) * D + c] += std::fabs(double(q[h * D + c]) * k[(h / g) * D + c]);
+      acc_[(size_t{layer} * shape_.q_heads + h) * D + c] +=
+          std::fabs(double(q[h * D + c]) * k[(h / g) * D + c]);
 }
 
 std::vector<std::vector<uint32_t>> HShareCalibrator::Channels(uint32_t count) const {
@@ -330,7 +366,8 @@ std::vector<std::vector<uint32_t>> HShareCalibrator::Channels(uint32_t count) co
 
 namespace kvm::sel {
 
-std::string FormatHShareChannels(const std::vector<std::vector<uint32_t>>& channels, uint32_t q_heads) {
+std::string FormatHShareChannels(const std::vector<std::vector<uint32_t>>& channels,
+                                 uint32_t q_heads) {
   std::ostringstream out;
   out << "# HShare label channels: layer q_head channels... (kvmctl hshare-calibrate)\n";
   for (size_t i = 0; i < channels.size(); ++i) {
@@ -341,7 +378,8 @@ std::string FormatHShareChannels(const std::vector<std::vector<uint32_t>>& chann
   return out.str();
 }
 
-Result<std::vector<std::vector<uint32_t>>> ParseHShareChannels(const std::string& text, const ModelShape& shape) {
+Result<std::vector<std::vector<uint32_t>>> ParseHShareChannels(const std::string& text,
+                                                               const ModelShape& shape) {
   std::vector<std::vector<uint32_t>> out(size_t{shape.layers} * shape.q_heads);
   std::istringstream in(text);
   std::string line;
@@ -350,19 +388,22 @@ Result<std::vector<std::vector<uint32_t>>> ParseHShareChannels(const std::string
     std::istringstream ls(line);
     long long layer, head, c;
     const std::string where = "hshare channels line " + std::to_string(n) + ": ";
-    if (!(ls >> layer >> head)) return Status::InvalidArgument(where + "expected 'layer head channels...'");
+    if (!(ls >> layer >> head))
+      return Status::InvalidArgument(where + "expected 'layer head channels...'");
     if (layer < 0 || head < 0 || layer >= shape.layers || head >= shape.q_heads)
       return Status::InvalidArgument(where + "layer/head out of range for " + shape.ToString());
     auto& ch = out[size_t(layer) * shape.q_heads + size_t(head)];
     while (ls >> c) {
-      if (c < 0 || c >= shape.head_dim) return Status::InvalidArgument(where + "channel out of range");
+      if (c < 0 || c >= shape.head_dim)
+        return Status::InvalidArgument(where + "channel out of range");
       ch.push_back(static_cast<uint32_t>(c));
     }
     if (!ls.eof()) return Status::InvalidArgument(where + "not a number");
   }
   for (size_t i = 0; i < out.size(); ++i)
     if (out[i].empty())
-      return Status::InvalidArgument("hshare channels: no line for layer " + std::to_string(i / shape.q_heads) + " head " +
+      return Status::InvalidArgument("hshare channels: no line for layer " +
+                                     std::to_string(i / shape.q_heads) + " head " +
                                      std::to_string(i % shape.q_heads));
   return out;
 }

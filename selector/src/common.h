@@ -10,7 +10,6 @@
 
 namespace kvm::sel {
 
-
 inline std::vector<uint64_t> ForcedBlocks(const Geometry& g, uint64_t T) {
   std::vector<uint64_t> f;
   AddRange(0, g.SinkBlocks(T), &f);
@@ -33,8 +32,9 @@ inline void ShortContext(uint64_t nb, uint32_t group, Selection* out) {
   out->anchor = false;
 }
 
-// Middle blocks a budget-mode selection may hold: the cap less the sinks and the window at its widest,
-// so the resident count never exceeds the cap as the window's raggedness changes between steps.
+// Middle blocks a budget-mode selection may hold: the cap less the sinks and the window at its
+// widest, so the resident count never exceeds the cap as the window's raggedness changes between
+// steps.
 inline uint64_t HeavyBlocks(const SelectorOptions& o) {
   const uint64_t forced = o.geometry.MaxSinkBlocks() + o.geometry.MaxWindowBlocks();
   return o.cap_blocks() > forced ? o.cap_blocks() - forced : 0;
@@ -58,12 +58,12 @@ inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometr
   if (in.layer >= s.layers || in.kv_head >= s.kv_heads)
     return Status::InvalidArgument("select: layer/kv_head out of range");
   if (in.kv->tokens != in.tokens())
-    return Status::InvalidArgument("select: keys hold " + std::to_string(in.kv->tokens) + " tokens, step " +
-                                   std::to_string(in.step) + " needs " + std::to_string(in.tokens()));
+    return Status::InvalidArgument("select: keys hold " + std::to_string(in.kv->tokens) +
+                                   " tokens, step " + std::to_string(in.step) + " needs " +
+                                   std::to_string(in.tokens()));
   if (in.kv->block_size != g.block_size || in.kv->head_dim != s.head_dim)
     return Status::InvalidArgument("select: keys' block size/head dim do not match the options");
   return Status::Ok();
 }
-
 
 }  // namespace kvm::sel

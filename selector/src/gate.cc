@@ -7,7 +7,7 @@ namespace kvm::sel {
 double DeltaBoundLog(double log_delta_a, double eps) {
   if (log_delta_a == -INFINITY) return 0.0;
   if (log_delta_a >= 0) return 1.0;
-  const double x = log_delta_a + 2.0 * eps;  // log(δ_a e^{2ε})
+  const double x = log_delta_a + 2.0 * eps;      // log(δ_a e^{2ε})
   const double keep = -std::expm1(log_delta_a);  // 1 − δ_a
   if (x > 0) return 1.0 / (1.0 + keep * std::exp(-x));
   const double e = std::exp(x);

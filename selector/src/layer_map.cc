@@ -6,8 +6,8 @@
 
 namespace kvm::sel {
 
-std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads, const std::vector<attn::HeadKV>& kv,
-                              double frac) {
+std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads,
+                              const std::vector<attn::HeadKV>& kv, double frac) {
   const uint64_t T = kv.empty() ? 0 : kv[0].tokens;
   const uint32_t D = kv.empty() ? 0 : kv[0].head_dim;
   const uint32_t g = kv.empty() ? 1 : q_heads / static_cast<uint32_t>(kv.size());
@@ -27,7 +27,8 @@ std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads, cons
   return keep;
 }
 
-Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_t>>& keep, uint32_t shared_layers) {
+Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_t>>& keep,
+                                            uint32_t shared_layers) {
   const size_t L = keep.size();
   if (L == 0) return Status::InvalidArgument("layer map: no layers");
   for (const auto& k : keep)

@@ -11,8 +11,8 @@ void HotSetMirror::Reset() {
 }
 
 Status HotSetMirror::Plan(const std::vector<uint64_t>& resident, uint64_t T, const Geometry& geo,
-                          uint64_t prev_window_first, size_t kv_block_bytes, size_t row_bytes, PlanStep* step,
-                          PlanBytes* bytes) {
+                          uint64_t prev_window_first, size_t kv_block_bytes, size_t row_bytes,
+                          PlanStep* step, PlanBytes* bytes) {
   *step = PlanStep{};
   const uint64_t wf = geo.WindowFirstBlock(T);
   step->window_first = wf;
@@ -20,7 +20,8 @@ Status HotSetMirror::Plan(const std::vector<uint64_t>& resident, uint64_t T, con
   for (uint64_t b : resident)
     if (b < wf) need.push_back(b);
   if (need.size() > slot_block_.size())
-    return Status::InvalidArgument("plan: " + std::to_string(need.size()) + " resident blocks outside the window (" +
+    return Status::InvalidArgument("plan: " + std::to_string(need.size()) +
+                                   " resident blocks outside the window (" +
                                    std::to_string(need.size() * geo.block_size) +
                                    " tokens of budget) exceed the hot-set capacity of " +
                                    std::to_string(slot_block_.size()) + " slots");

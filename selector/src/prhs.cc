@@ -1,12 +1,12 @@
 #include "selector/prhs.h"
 
-#include "common.h"
-#include "selector/baselines.h"
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+
+#include "common.h"
+#include "selector/baselines.h"
 
 namespace kvm::sel {
 namespace {
@@ -19,9 +19,11 @@ Status SelectorOptions::Validate(uint32_t layers, uint64_t max_context) const {
   KVM_RETURN_IF_ERROR(geometry.Validate());
   const uint32_t B = geometry.block_size;
   if (geometry.window_tokens > max_context)
-    return Bad("window_tokens", std::to_string(geometry.window_tokens) + " is larger than the maximum context " +
+    return Bad("window_tokens", std::to_string(geometry.window_tokens) +
+                                    " is larger than the maximum context " +
                                     std::to_string(max_context));
-  if (geometry.sink_tokens > max_context) return Bad("sink_tokens", "larger than the maximum context");
+  if (geometry.sink_tokens > max_context)
+    return Bad("sink_tokens", "larger than the maximum context");
   if (!(tau_cos >= -1.0 && tau_cos <= 1.0)) return Bad("tau_cos", "must be in [-1, 1]");
   if (!(target_delta >= 0.0 && target_delta < 1.0)) return Bad("target_delta", "must be in [0, 1)");
   if (!(margin >= 0.0 && margin < 1.0)) return Bad("margin", "must be in [0, 1)");
@@ -31,14 +33,17 @@ Status SelectorOptions::Validate(uint32_t layers, uint64_t max_context) const {
     return Bad("budget_tokens", "must be > 0 in budget mode (or set target_delta)");
   const uint64_t forced = geometry.MaxSinkBlocks() + geometry.MaxWindowBlocks();
   if (budget_tokens > 0 && budget_blocks() <= forced)
-    return Bad("budget_tokens", std::to_string(budget_tokens) + " leaves no room beyond the sinks and window (" +
-                                    std::to_string(forced * B) + " tokens at block size " + std::to_string(B) + ")");
+    return Bad("budget_tokens",
+               std::to_string(budget_tokens) + " leaves no room beyond the sinks and window (" +
+                   std::to_string(forced * B) + " tokens at block size " + std::to_string(B) + ")");
   if (max_resident_tokens > 0 && max_resident_tokens / B <= forced)
-    return Bad("max_resident_tokens", std::to_string(max_resident_tokens) + " leaves no room beyond the sinks and window");
+    return Bad("max_resident_tokens",
+               std::to_string(max_resident_tokens) + " leaves no room beyond the sinks and window");
   if (dilation < -1 || dilation > 64) return Bad("dilation", "must be -1 (auto) or 0..64");
   if (psaw && !(psaw_phi > 0.0 && psaw_phi < 1.0)) return Bad("psaw_phi", "must be in (0, 1)");
   if (psaw && !(psaw_alpha >= 0.0)) return Bad("psaw_alpha", "must be >= 0");
-  if (psaw && psaw_start_layer >= layers) return Bad("psaw_start_layer", "must be < the number of layers");
+  if (psaw && psaw_start_layer >= layers)
+    return Bad("psaw_start_layer", "must be < the number of layers");
   return Status::Ok();
 }
 
@@ -54,7 +59,8 @@ int32_t SelectorOptions::DilationRadius() const {
 }
 
 // ---------------------------------------------------------------------------------------------
-Result<std::unique_ptr<OracleSelector>> OracleSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<OracleSelector>> OracleSelector::Make(const SelectorOptions& o,
+                                                             const ModelShape& shape,
                                                              uint64_t max_context) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   KVM_RETURN_IF_ERROR(o.Validate(shape.layers, max_context));
@@ -73,8 +79,9 @@ Status OracleSelector::Select(const StepInput& in, Selection* out) {
   const GroupScores s = ScoreGroup(in.q, g, *in.kv);
   const auto forced = ForcedBlocks(opt_.geometry, T);
   if (opt_.target_delta > 0) {
-    out->blocks = FillToTarget(s, forced, opt_.target_delta, opt_.cap_blocks(), [](uint64_t) { return true; },
-                               &out->target_met);
+    out->blocks = FillToTarget(
+        s, forced, opt_.target_delta, opt_.cap_blocks(), [](uint64_t) { return true; },
+        &out->target_met);
   } else {
     out->blocks = OracleBlocks(s, forced, forced.size() + HeavyBlocks(opt_));
   }
@@ -95,7 +102,8 @@ PrhsSelector::PrhsSelector(const SelectorOptions& o, const ModelShape& s)
   for (uint32_t l = 0; l < s.layers; ++l) layer_map_[l] = l;
 }
 
-Result<std::unique_ptr<PrhsSelector>> PrhsSelector::Make(const SelectorOptions& o, const ModelShape& shape,
+Result<std::unique_ptr<PrhsSelector>> PrhsSelector::Make(const SelectorOptions& o,
+                                                         const ModelShape& shape,
                                                          uint64_t max_context) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   KVM_RETURN_IF_ERROR(o.Validate(shape.layers, max_context));
@@ -115,12 +123,13 @@ const HeadGate& PrhsSelector::gate(uint32_t layer, uint32_t q_head) const {
 
 Status PrhsSelector::SetLayerMap(const std::vector<uint32_t>& source) {
   if (source.size() != shape_.layers)
-    return Status::InvalidArgument("layer map has " + std::to_string(source.size()) + " entries for " +
-                                   std::to_string(shape_.layers) + " layers");
+    return Status::InvalidArgument("layer map has " + std::to_string(source.size()) +
+                                   " entries for " + std::to_string(shape_.layers) + " layers");
   for (uint32_t l = 0; l < source.size(); ++l)
     if (source[l] > l)
-      return Status::InvalidArgument("layer map: layer " + std::to_string(l) + " points to deeper layer " +
-                                     std::to_string(source[l]) + " (sharing only points to shallower layers)");
+      return Status::InvalidArgument("layer map: layer " + std::to_string(l) +
+                                     " points to deeper layer " + std::to_string(source[l]) +
+                                     " (sharing only points to shallower layers)");
   layer_map_ = source;
   return Status::Ok();
 }
@@ -129,7 +138,8 @@ uint64_t PrhsSelector::PsawCut(uint32_t l, uint64_t T) const {
   if (!opt_.psaw) return 0;
   const uint32_t N = shape_.layers, ls = opt_.psaw_start_layer ? opt_.psaw_start_layer : N / 2;
   if (l < ls || N <= ls + 1) return 0;
-  const double keep = std::pow(opt_.psaw_phi, opt_.psaw_alpha * double(l - ls) / double(N - 1 - ls));
+  const double keep =
+      std::pow(opt_.psaw_phi, opt_.psaw_alpha * double(l - ls) / double(N - 1 - ls));
   return static_cast<uint64_t>(std::floor((1.0 - keep) * double(T)));
 }
 
@@ -151,8 +161,8 @@ Status PrhsSelector::Select(const StepInput& in, Selection* out) {
   if (opt_.layer_sharing && src != in.layer) {
     const Anchor& s = anchor(src, in.kv_head);
     if (s.last_step != in.step)
-      return Status::FailedPrecondition("layer " + std::to_string(in.layer) + " shares layer " + std::to_string(src) +
-                                        ", which has not selected yet");
+      return Status::FailedPrecondition("layer " + std::to_string(in.layer) + " shares layer " +
+                                        std::to_string(src) + ", which has not selected yet");
     out->blocks = MergeBlocks(s.last, ForcedBlocks(geo, T));
     out->delta.assign(g, std::numeric_limits<double>::quiet_NaN());
     out->kind = DeltaKind::kUnknown;
@@ -171,8 +181,8 @@ Status PrhsSelector::Select(const StepInput& in, Selection* out) {
     std::vector<double> bounds(g);
     const double target = opt_.use_bound_gate ? opt_.target_delta : 0.0;
     for (uint32_t h = 0; h < g && reuse; ++h) {
-      const GateDecision d =
-          gate(in.layer, in.kv_head * g + h).Check(in.q + size_t{h} * shape_.head_dim, opt_.tau_cos, target);
+      const GateDecision d = gate(in.layer, in.kv_head * g + h)
+                                 .Check(in.q + size_t{h} * shape_.head_dim, opt_.tau_cos, target);
       reuse = d.reuse;
       bounds[h] = d.bound;
     }
@@ -180,7 +190,8 @@ Status PrhsSelector::Select(const StepInput& in, Selection* out) {
       out->blocks = std::move(blocks);
       out->delta = bounds;
       out->kind = DeltaKind::kBound;
-      out->extra_blocks = out->blocks.size() > opt_.cap_blocks() ? out->blocks.size() - opt_.cap_blocks() : 0;
+      out->extra_blocks =
+          out->blocks.size() > opt_.cap_blocks() ? out->blocks.size() - opt_.cap_blocks() : 0;
       if (opt_.target_delta > 0)
         for (double b : bounds) out->target_met = out->target_met && b <= opt_.target_delta;
       a.last = out->blocks;
@@ -216,24 +227,28 @@ Status PrhsSelector::AnchorStep(const StepInput& in, Anchor& a, Selection* out) 
 
   std::vector<uint64_t> chosen;  // non-forced blocks
   if (opt_.target_delta > 0) {
-    const auto all = FillToTarget(s, forced, opt_.target_delta * (1.0 - opt_.margin), opt_.cap_blocks(), eligible,
-                                  &out->target_met);
-    std::set_difference(all.begin(), all.end(), forced.begin(), forced.end(), std::back_inserter(chosen));
+    const auto all = FillToTarget(s, forced, opt_.target_delta * (1.0 - opt_.margin),
+                                  opt_.cap_blocks(), eligible, &out->target_met);
+    std::set_difference(all.begin(), all.end(), forced.begin(), forced.end(),
+                        std::back_inserter(chosen));
   } else {
     std::vector<uint64_t> cand;
     for (uint64_t b = 0; b < nb; ++b)
       if (eligible(b)) cand.push_back(b);
     const uint64_t heavy = std::min<uint64_t>(cand.size(), HeavyBlocks(opt_));
     std::partial_sort(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(heavy), cand.end(),
-                      [&](uint64_t x, uint64_t y) { return s.agg[x] > s.agg[y] || (s.agg[x] == s.agg[y] && x < y); });
+                      [&](uint64_t x, uint64_t y) {
+                        return s.agg[x] > s.agg[y] || (s.agg[x] == s.agg[y] && x < y);
+                      });
     cand.resize(heavy);
     chosen = cand;  // by score, descending
   }
   // Dilation: ±r blocks around the top third of the chosen blocks (by aggregated mass).
   const int32_t r = opt_.DilationRadius();
   std::vector<uint64_t> by_score = chosen;
-  std::sort(by_score.begin(), by_score.end(),
-            [&](uint64_t x, uint64_t y) { return s.agg[x] > s.agg[y] || (s.agg[x] == s.agg[y] && x < y); });
+  std::sort(by_score.begin(), by_score.end(), [&](uint64_t x, uint64_t y) {
+    return s.agg[x] > s.agg[y] || (s.agg[x] == s.agg[y] && x < y);
+  });
   std::sort(chosen.begin(), chosen.end());
   std::vector<uint64_t> dil;
   const size_t m = (by_score.size() + 2) / 3;
@@ -303,7 +318,8 @@ Result<std::unique_ptr<Selector>> MakeSelector(const std::string& name, const Se
     KVM_ASSIGN_OR_RETURN(auto s, HShareSelector::Make(o, shape, max_context));
     return std::unique_ptr<Selector>(std::move(s));
   }
-  return Status::InvalidArgument("selector: unknown name '" + name + "' (oracle, prhs, quest, hshare, streaming, h2o)");
+  return Status::InvalidArgument("selector: unknown name '" + name +
+                                 "' (oracle, prhs, quest, hshare, streaming, h2o)");
 }
 
 }  // namespace kvm::sel

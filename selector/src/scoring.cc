@@ -5,7 +5,8 @@
 
 namespace kvm::sel {
 namespace {
-// log Σ exp(x_t) over tokens t whose block is not marked in `skip_blocks` (all when null), in double.
+// log Σ exp(x_t) over tokens t whose block is not marked in `skip_blocks` (all when null), in
+// double.
 double LogSumExp(const float* x, uint64_t n, const uint8_t* skip_blocks, uint32_t block_size) {
   double m = -INFINITY;
   for (uint64_t t = 0; t < n; ++t)
@@ -48,8 +49,9 @@ std::vector<double> LogDeltaOf(const GroupScores& s, const std::vector<uint64_t>
   for (uint64_t b : blocks) resident[b] = 1;
   std::vector<double> out(s.group);
   for (uint32_t h = 0; h < s.group; ++h)
-    out[h] = std::min(0.0, LogSumExp(&s.logits[size_t{h} * s.tokens], s.tokens, resident.data(), s.block_size) -
-                               s.lse[h]);
+    out[h] = std::min(
+        0.0, LogSumExp(&s.logits[size_t{h} * s.tokens], s.tokens, resident.data(), s.block_size) -
+                 s.lse[h]);
   return out;
 }
 
@@ -59,16 +61,20 @@ std::vector<double> DeltaOf(const GroupScores& s, const std::vector<uint64_t>& b
   return d;
 }
 
-std::vector<uint64_t> OracleBlocks(const GroupScores& s, const std::vector<uint64_t>& forced, uint64_t count) {
+std::vector<uint64_t> OracleBlocks(const GroupScores& s, const std::vector<uint64_t>& forced,
+                                   uint64_t count) {
   const uint64_t nb = s.blocks();
   std::vector<uint8_t> in(nb, 0);
   for (uint64_t b : forced) in[b] = 1;
   std::vector<uint64_t> rest;
   for (uint64_t b = 0; b < nb; ++b)
     if (!in[b]) rest.push_back(b);
-  const uint64_t extra = count > forced.size() ? std::min<uint64_t>(count - forced.size(), rest.size()) : 0;
+  const uint64_t extra =
+      count > forced.size() ? std::min<uint64_t>(count - forced.size(), rest.size()) : 0;
   std::partial_sort(rest.begin(), rest.begin() + static_cast<ptrdiff_t>(extra), rest.end(),
-                    [&](uint64_t a, uint64_t b) { return s.agg[a] > s.agg[b] || (s.agg[a] == s.agg[b] && a < b); });
+                    [&](uint64_t a, uint64_t b) {
+                      return s.agg[a] > s.agg[b] || (s.agg[a] == s.agg[b] && a < b);
+                    });
   for (uint64_t i = 0; i < extra; ++i) in[rest[i]] = 1;
   std::vector<uint64_t> out;
   for (uint64_t b = 0; b < nb; ++b)

@@ -9,8 +9,8 @@ namespace kvm::sel {
 
 Status Geometry::Validate() const {
   if (block_size == 0 || block_size > kMaxBlockSize)
-    return Status::InvalidArgument("block_size must be in 1.." + std::to_string(kMaxBlockSize) + ", got " +
-                                   std::to_string(block_size));
+    return Status::InvalidArgument("block_size must be in 1.." + std::to_string(kMaxBlockSize) +
+                                   ", got " + std::to_string(block_size));
   return Status::Ok();
 }
 

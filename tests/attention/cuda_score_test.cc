@@ -22,10 +22,12 @@ TEST_P(CudaScoreTest, MatchesReference) {
   const HeadKV v = kv.view();
   const size_t es = DTypeSize(dtype), kbytes = size_t{v.n_blocks} * B * D * es;
   std::vector<uint8_t> kcontig(kbytes);
-  for (uint32_t b = 0; b < v.n_blocks; ++b) std::memcpy(&kcontig[size_t{b} * B * D * es], v.k_blocks[b], B * D * es);
+  for (uint32_t b = 0; b < v.n_blocks; ++b)
+    std::memcpy(&kcontig[size_t{b} * B * D * es], v.k_blocks[b], B * D * es);
   std::vector<float> q(group * D), want(group * T), got(group * T);
   for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>((i * 37) % 17) / 8.0f - 1.0f;
-  for (uint32_t h = 0; h < group; ++h) ScoreKeys(&q[h * D], v, 1.0f / std::sqrt(float(D)), &want[h * T]);
+  for (uint32_t h = 0; h < group; ++h)
+    ScoreKeys(&q[h * D], v, 1.0f / std::sqrt(float(D)), &want[h * T]);
 
   auto dk = cuda::Malloc(kbytes);
   auto dq = cuda::Malloc(q.size() * 4);
@@ -45,7 +47,8 @@ TEST_P(CudaScoreTest, MatchesReference) {
   ASSERT_TRUE(cuda::ScoreKeys(p).ok());
   ASSERT_TRUE(cuda::Synchronize().ok());
   ASSERT_TRUE(cuda::CopyToHost(got.data(), *ds, got.size() * 4).ok());
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-4f * (1.0f + std::fabs(want[i]))) << i;
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], 1e-4f * (1.0f + std::fabs(want[i]))) << i;
   p.head_dim = 48;
   EXPECT_TRUE(cuda::ScoreKeys(p).IsInvalidArgument());
   (void)cuda::Free(*dk);
@@ -53,12 +56,14 @@ TEST_P(CudaScoreTest, MatchesReference) {
   (void)cuda::Free(*ds);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, CudaScoreTest,
-                         ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
-                                            ::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 4u)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaScoreTest,
+    ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
+                       ::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 4u)));
 
 // CUDA decode (dense block table, ragged last block, optional mask) against the CPU decode path.
-class CudaDecodeTest : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t, uint32_t>> {};
+class CudaDecodeTest
+    : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t, uint32_t>> {};
 
 TEST_P(CudaDecodeTest, MatchesCpu) {
   const auto [dtype, D, g, B] = GetParam();
@@ -123,15 +128,17 @@ TEST_P(CudaDecodeTest, MatchesCpu) {
     ASSERT_TRUE(cuda::Decode(d, splits, ws, wsb).ok());
     ASSERT_TRUE(cuda::Synchronize().ok());
     ASSERT_TRUE(cuda::CopyToHost(got.data(), d.out, got.size() * 4).ok());
-    for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-4f + 1e-4f * std::fabs(want[i])) << i;
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_NEAR(got[i], want[i], 1e-4f + 1e-4f * std::fabs(want[i])) << i;
   }
   for (void* a : allocs) (void)cuda::Free(a);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, CudaDecodeTest,
-                         ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
-                                            ::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 4u, 8u),
-                                            ::testing::Values(1u, 16u, 32u)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaDecodeTest,
+    ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
+                       ::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 4u, 8u),
+                       ::testing::Values(1u, 16u, 32u)));
 
 }  // namespace
 }  // namespace kvm::attn

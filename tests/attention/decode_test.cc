@@ -34,7 +34,8 @@ struct Layer {  // Hkv heads of one layer, each a RandomKv, with the dense block
       nb.push_back(max_blocks);
     }
   }
-  DecodeParams Params(const float* q, float* out, uint32_t g, uint32_t D, uint32_t B, DType dt) const {
+  DecodeParams Params(const float* q, float* out, uint32_t g, uint32_t D, uint32_t B,
+                      DType dt) const {
     DecodeParams p;
     p.q = q;
     p.out = out;
@@ -58,7 +59,8 @@ void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, 
     ASSERT_NEAR(got[i], want[i], 2e-5f + 2e-5f * std::fabs(want[i])) << what << " at " << i;
 }
 
-class DecodeTest : public ::testing::TestWithParam<std::tuple<uint32_t, uint32_t, DType, uint32_t, uint64_t>> {};
+class DecodeTest
+    : public ::testing::TestWithParam<std::tuple<uint32_t, uint32_t, DType, uint32_t, uint64_t>> {};
 
 TEST_P(DecodeTest, FastMatchesReferenceDenseSparseAndMasked) {
   const auto [D, g, dt, B, T] = GetParam();
@@ -70,7 +72,8 @@ TEST_P(DecodeTest, FastMatchesReferenceDenseSparseAndMasked) {
   for (auto& x : q) x = n(rng);
   std::vector<float> want(q.size()), fast(q.size()), port(q.size());
   for (uint32_t h = 0; h < hkv; ++h)
-    ASSERT_TRUE(Attend(&q[size_t{h} * g * D], g, layer.heads[h].view(), {}, &want[size_t{h} * g * D]).ok());
+    ASSERT_TRUE(
+        Attend(&q[size_t{h} * g * D], g, layer.heads[h].view(), {}, &want[size_t{h} * g * D]).ok());
   DecodeParams p = layer.Params(q.data(), fast.data(), g, D, B, dt);
   ASSERT_TRUE(DecodeCpu(p).ok());
   ExpectClose(fast, want, "dense fast");
@@ -84,13 +87,15 @@ TEST_P(DecodeTest, FastMatchesReferenceDenseSparseAndMasked) {
   EXPECT_EQ(threaded, fast);
 
   // Sparse with every token selected equals dense, bit for bit: the full blocks sit in a hot-set
-  // buffer in shuffled slots, the slot list names them in block order, the last block is the window.
+  // buffer in shuffled slots, the slot list names them in block order, the last block is the
+  // window.
   const size_t bb = size_t{B} * D * DTypeSize(dt);
   const uint32_t full = static_cast<uint32_t>(T / B), nblk = layer.max_blocks;
   std::vector<uint32_t> perm(full);
   std::iota(perm.begin(), perm.end(), 0u);
   std::shuffle(perm.begin(), perm.end(), rng);
-  std::vector<std::vector<uint8_t>> hk(hkv, std::vector<uint8_t>(std::max<size_t>(1, full) * bb)), hv = hk;
+  std::vector<std::vector<uint8_t>> hk(hkv, std::vector<uint8_t>(std::max<size_t>(1, full) * bb)),
+      hv = hk;
   std::vector<const void*> sk(size_t{hkv} * nblk), sv(sk.size());
   std::vector<uint16_t> srows(sk.size());
   std::vector<uint32_t> sn(hkv);
@@ -109,8 +114,9 @@ TEST_P(DecodeTest, FastMatchesReferenceDenseSparseAndMasked) {
       wv.push_back(v.v_blocks[b]);
       wr.push_back(static_cast<uint16_t>(T - uint64_t{b} * B));
     }
-    ASSERT_TRUE(SparseBlockList(slots, std::max(1u, full), hk[h].data(), hv[h].data(), bb, wk, wv, wr, B,
-                                &sk[size_t{h} * nblk], &sv[size_t{h} * nblk], &srows[size_t{h} * nblk], &sn[h])
+    ASSERT_TRUE(SparseBlockList(slots, std::max(1u, full), hk[h].data(), hv[h].data(), bb, wk, wv,
+                                wr, B, &sk[size_t{h} * nblk], &sv[size_t{h} * nblk],
+                                &srows[size_t{h} * nblk], &sn[h])
                     .ok());
     ASSERT_EQ(sn[h], nblk);
   }
@@ -136,14 +142,17 @@ TEST_P(DecodeTest, FastMatchesReferenceDenseSparseAndMasked) {
   p.out = masked.data();
   ASSERT_TRUE(DecodeCpu(p).ok());
   for (uint32_t h = 0; h < hkv; ++h)
-    ASSERT_TRUE(Attend(&q[size_t{h} * g * D], g, layer.heads[h].view(), tok_mask, &masked_ref[size_t{h} * g * D]).ok());
+    ASSERT_TRUE(Attend(&q[size_t{h} * g * D], g, layer.heads[h].view(), tok_mask,
+                       &masked_ref[size_t{h} * g * D])
+                    .ok());
   ExpectClose(masked, masked_ref, "masked");
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, DecodeTest,
     ::testing::Combine(::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 3u, 8u),
-                       ::testing::Values(DType::kF16, DType::kBF16, DType::kF32), ::testing::Values(1u, 16u, 32u),
+                       ::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
+                       ::testing::Values(1u, 16u, 32u),
                        ::testing::Values(uint64_t{1}, uint64_t{37}, uint64_t{300})));
 
 TEST(DecodeValidationTest, BadShapesAndIndicesAreInvalidArgument) {
@@ -177,7 +186,8 @@ TEST(DecodeValidationTest, BadShapesAndIndicesAreInvalidArgument) {
   uint16_t r[8];
   uint32_t n = 0;
   const uint32_t slots[] = {0, 4};
-  Status s = SparseBlockList(slots, 4, buf.data(), buf.data(), 16 * 64 * 2, {}, {}, {}, 16, k, v, r, &n);
+  Status s =
+      SparseBlockList(slots, 4, buf.data(), buf.data(), 16 * 64 * 2, {}, {}, {}, 16, k, v, r, &n);
   EXPECT_TRUE(s.IsInvalidArgument());
   EXPECT_NE(s.message().find("slot 4 out of range"), std::string::npos);
   std::printf("CPU decode path: %s\n", CpuDecodePath());

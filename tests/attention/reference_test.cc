@@ -43,7 +43,8 @@ TEST(ReferenceTest, DroppedMassIsOneMinusSelectedMass) {
   EXPECT_NEAR(DroppedMass(p.data(), sel.data(), 3), 0.25, 1e-12);
 }
 
-class AttendTest : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t, uint64_t>> {};
+class AttendTest
+    : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t, uint64_t>> {};
 
 TEST_P(AttendTest, DenseEqualsBruteForceAndMaskedMatchesSubset) {
   const auto [dtype, D, B, T] = GetParam();
@@ -82,13 +83,15 @@ TEST_P(AttendTest, DenseEqualsBruteForceAndMaskedMatchesSubset) {
   std::vector<float> a(g * D), b(g * D);
   ASSERT_TRUE(Attend(q.data(), g, kv.view(), mask, a.data()).ok());
   ASSERT_TRUE(Attend(q.data(), g, sub.view(), {}, b.data()).ok());
-  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << i;  // same tokens, same order: bit-identical
+  for (size_t i = 0; i < a.size(); ++i)
+    ASSERT_EQ(a[i], b[i]) << i;  // same tokens, same order: bit-identical
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, AttendTest,
-                         ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
-                                            ::testing::Values(32u, 128u), ::testing::Values(1u, 16u),
-                                            ::testing::Values(uint64_t{1}, uint64_t{45})));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttendTest,
+    ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
+                       ::testing::Values(32u, 128u), ::testing::Values(1u, 16u),
+                       ::testing::Values(uint64_t{1}, uint64_t{45})));
 
 TEST(MergeStateTest, HalvesMergeIntoTheWhole) {
   RandomKv kv(100, 64, 16, DType::kF16, 11);

@@ -1,5 +1,6 @@
-// The C++ forward pass against the training script's own fp32 logits (models/austen/ref_logits.bin),
-// and the checkpoint loader's errors. KVM_MODEL_DIR overrides the model directory.
+// The C++ forward pass against the training script's own fp32 logits
+// (models/austen/ref_logits.bin), and the checkpoint loader's errors. KVM_MODEL_DIR overrides the
+// model directory.
 #include "client/llama.h"
 
 #include <gtest/gtest.h>
@@ -23,7 +24,8 @@ std::string ModelDir() {
 
 std::vector<uint8_t> ReadAll(const std::string& p) {
   std::ifstream f(p, std::ios::binary);
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(f)),
+                              std::istreambuf_iterator<char>());
 }
 
 TEST(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
@@ -49,7 +51,8 @@ TEST(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
   for (int32_t p = 0; p < n; ++p) {
     ASSERT_TRUE(worker.Forward((*ids)[offset + p], p, logits.data()).ok());
     const float* want = reinterpret_cast<const float*>(raw.data() + 12) + size_t(p) * vocab;
-    for (int32_t v = 0; v < vocab; ++v) max_diff = std::max(max_diff, double(std::fabs(logits[v] - want[v])));
+    for (int32_t v = 0; v < vocab; ++v)
+      max_diff = std::max(max_diff, double(std::fabs(logits[v] - want[v])));
   }
   std::printf("max |dlogit| over %d positions x %d = %.3g\n", n, vocab, max_diff);
   EXPECT_LT(max_diff, 1e-4);
@@ -93,8 +96,10 @@ class LoaderTest : public ::testing::Test {
  protected:
   std::string Write(const std::vector<uint8_t>& bytes) {
     const std::string p = (std::filesystem::temp_directory_path() /
-                           ("kvm_llama_" + std::to_string(::getpid()) + "_" + std::to_string(n_++))).string();
-    std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+                           ("kvm_llama_" + std::to_string(::getpid()) + "_" + std::to_string(n_++)))
+                              .string();
+    std::ofstream(p, std::ios::binary)
+        .write(reinterpret_cast<const char*>(bytes.data()), bytes.size());
     files_.push_back(p);
     return p;
   }
@@ -148,7 +153,8 @@ TEST(TokenFileTest, OddSizeIsRejected) {
 
 namespace kvm::client {
 namespace {
-// A selector source whose budget holds every block attends everything: logits bit-identical to dense.
+// A selector source whose budget holds every block attends everything: logits bit-identical to
+// dense.
 TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
   auto model = LlamaModel::Load(ModelDir() + "/model.bin");
   ASSERT_TRUE(model.ok());
@@ -162,7 +168,8 @@ TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
     o.budget_tokens = budget;
     auto selr = sel::MakeSelector("prhs", o, shape, 1024);
     ASSERT_TRUE(selr.ok()) << selr.status().ToString();
-    auto src = SelectorKvSource::Make(shape, 16, std::move(*selr), o, /*prefill=*/100, "geometry", 1024);
+    auto src =
+        SelectorKvSource::Make(shape, 16, std::move(*selr), o, /*prefill=*/100, "geometry", 1024);
     ASSERT_TRUE(src.ok());
     auto dense = DenseKvSource::Make(shape, 16);
     ReferenceWorker ws(**model, src->get()), wd(**model, dense->get());
@@ -179,7 +186,8 @@ TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
     const uint32_t g = shape.group_size();
     for (size_t i = 0; i < recs.size(); i += g) {  // records come a GQA group at a time
       double mo = 0, mt = 0;
-      for (uint32_t j = 0; j < g; ++j) mo += recs[i + j].delta_oracle / g, mt += recs[i + j].delta_true / g;
+      for (uint32_t j = 0; j < g; ++j)
+        mo += recs[i + j].delta_oracle / g, mt += recs[i + j].delta_true / g;
       ASSERT_LE(mo, mt + 1e-9);  // §0.7: the same-size block oracle's group mean is never worse
       if (budget == 1024) {
         ASSERT_EQ(mt, 0.0);

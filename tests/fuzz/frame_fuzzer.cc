@@ -12,17 +12,28 @@ namespace {
 std::unique_ptr<google::protobuf::MessageLite> MessageFor(uint16_t type) {
   using kvm::wire::MessageType;
   switch (static_cast<MessageType>(type)) {
-    case MessageType::kHello: return std::make_unique<kvm::wire::Hello>();
-    case MessageType::kCreateSequence: return std::make_unique<kvm::wire::CreateSequence>();
-    case MessageType::kAppend: return std::make_unique<kvm::wire::Append>();
-    case MessageType::kPrefixLookup: return std::make_unique<kvm::wire::PrefixLookup>();
-    case MessageType::kTruncate: return std::make_unique<kvm::wire::Truncate>();
-    case MessageType::kRetrieveLayer: return std::make_unique<kvm::wire::RetrieveLayer>();
-    case MessageType::kSetLayerMap: return std::make_unique<kvm::wire::SetLayerMap>();
-    case MessageType::kAudit: return std::make_unique<kvm::wire::Audit>();
-    case MessageType::kReadBlocks: return std::make_unique<kvm::wire::ReadBlocks>();
-    case MessageType::kError: return std::make_unique<kvm::wire::Error>();
-    default: return std::make_unique<kvm::wire::RetrieveLayerReply>();
+    case MessageType::kHello:
+      return std::make_unique<kvm::wire::Hello>();
+    case MessageType::kCreateSequence:
+      return std::make_unique<kvm::wire::CreateSequence>();
+    case MessageType::kAppend:
+      return std::make_unique<kvm::wire::Append>();
+    case MessageType::kPrefixLookup:
+      return std::make_unique<kvm::wire::PrefixLookup>();
+    case MessageType::kTruncate:
+      return std::make_unique<kvm::wire::Truncate>();
+    case MessageType::kRetrieveLayer:
+      return std::make_unique<kvm::wire::RetrieveLayer>();
+    case MessageType::kSetLayerMap:
+      return std::make_unique<kvm::wire::SetLayerMap>();
+    case MessageType::kAudit:
+      return std::make_unique<kvm::wire::Audit>();
+    case MessageType::kReadBlocks:
+      return std::make_unique<kvm::wire::ReadBlocks>();
+    case MessageType::kError:
+      return std::make_unique<kvm::wire::Error>();
+    default:
+      return std::make_unique<kvm::wire::RetrieveLayerReply>();
   }
 }
 }  // namespace

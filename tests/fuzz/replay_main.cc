@@ -64,7 +64,8 @@ int main(int argc, char** argv) {
     }
     for (const auto& e : std::filesystem::directory_iterator(argv[i])) {
       std::ifstream in(e.path(), std::ios::binary);
-      std::vector<uint8_t> d((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      std::vector<uint8_t> d((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
       LLVMFuzzerTestOneInput(d.data(), d.size());
       ++n;
     }

@@ -25,7 +25,8 @@ TEST(FrameTest, RoundTripThroughTheStreamDecoderInAnyChunking) {
   for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<uint8_t>(i * 7);
   std::vector<uint8_t> stream;
   for (uint64_t id = 1; id <= 3; ++id) {  // pipelined: three frames back to back
-    auto f = EncodeFrame(static_cast<uint16_t>(MessageType::kAppend), id, MakeAppend(9, id * 3, 3), payload);
+    auto f = EncodeFrame(static_cast<uint16_t>(MessageType::kAppend), id, MakeAppend(9, id * 3, 3),
+                         payload);
     stream.insert(stream.end(), f.begin(), f.end());
   }
   Heartbeat hb;
@@ -81,7 +82,7 @@ TEST(FrameTest, LengthOverTheLimitIsRejectedBeforeAllocation) {
   FrameDecoder dec(lim);
   Status s = dec.Feed(hdr);
   EXPECT_TRUE(s.IsOutOfRange()) << s.ToString();
-  EXPECT_EQ(dec.buffered(), 0u);  // nothing of the claimed size was allocated
+  EXPECT_EQ(dec.buffered(), 0u);              // nothing of the claimed size was allocated
   EXPECT_TRUE(dec.Feed(hdr).IsOutOfRange());  // sticky
   h.payload_len = 0;
   h.header_len = lim.max_header_bytes + 1;
@@ -149,8 +150,8 @@ TEST(FrameTest, PayloadNotMatchingTheShapeIsRejected) {
   const uint32_t heads[] = {0, 1};
   const uint64_t q = 2ull * 4 * 32 * 4;
   EXPECT_TRUE(ValidateQueries(1, heads, shape, q).ok());
-  EXPECT_TRUE(ValidateQueries(2, heads, shape, q).IsInvalidArgument());       // layer
-  EXPECT_TRUE(ValidateQueries(1, heads, shape, q + 4).IsInvalidArgument());   // size
+  EXPECT_TRUE(ValidateQueries(2, heads, shape, q).IsInvalidArgument());      // layer
+  EXPECT_TRUE(ValidateQueries(1, heads, shape, q + 4).IsInvalidArgument());  // size
   const uint32_t dup[] = {1, 1};
   EXPECT_TRUE(ValidateQueries(1, dup, shape, q).IsInvalidArgument());
   const uint32_t out[] = {2};

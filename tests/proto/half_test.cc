@@ -22,8 +22,8 @@ constexpr uint64_t kStride = 1;
 
 bool IsSpecial(uint32_t x) {  // near zero, subnormal boundaries, overflow boundaries, NaN
   const uint32_t a = x & 0x7fffffffu;
-  return a < 0x00001000u || (a >= 0x337ff000u && a <= 0x38801000u) || (a >= 0x477fe000u && a <= 0x47800100u) ||
-         (a >= 0x7f7ff000u);
+  return a < 0x00001000u || (a >= 0x337ff000u && a <= 0x38801000u) ||
+         (a >= 0x477fe000u && a <= 0x47800100u) || (a >= 0x7f7ff000u);
 }
 
 // Exact reference rounding of a finite float to a format with `mant` mantissa bits, exponent bias
@@ -33,9 +33,10 @@ uint16_t ReferenceRound(float f, int mant, int bias, int ebits) {
   const uint16_t sign = static_cast<uint16_t>((x >> 31) << (mant + ebits));
   if (std::isinf(f)) return static_cast<uint16_t>(sign | (((1 << ebits) - 1) << mant));
   const double a = std::fabs(static_cast<double>(f));
-  const int emax = (1 << ebits) - 2 - bias;          // largest normal exponent
+  const int emax = (1 << ebits) - 2 - bias;  // largest normal exponent
   const double min_normal = std::ldexp(1.0, 1 - bias);
-  const double ulp = a < min_normal ? std::ldexp(1.0, 1 - bias - mant) : std::ldexp(1.0, std::ilogb(a) - mant);
+  const double ulp =
+      a < min_normal ? std::ldexp(1.0, 1 - bias - mant) : std::ldexp(1.0, std::ilogb(a) - mant);
   double lo = std::floor(a / ulp) * ulp;
   double hi = lo + ulp;
   // Encode a magnitude that is a multiple of its ulp (or 2^(emax+1), meaning Inf).
@@ -48,9 +49,12 @@ uint16_t ReferenceRound(float f, int mant, int bias, int ebits) {
   };
   const double dl = a - lo, dh = hi - a;
   uint16_t r;
-  if (dl < dh) r = encode(lo);
-  else if (dh < dl) r = encode(hi);
-  else r = (encode(lo) & 1) ? encode(hi) : encode(lo);
+  if (dl < dh)
+    r = encode(lo);
+  else if (dh < dl)
+    r = encode(hi);
+  else
+    r = (encode(lo) & 1) ? encode(hi) : encode(lo);
   return static_cast<uint16_t>(sign | r);
 }
 
@@ -71,10 +75,12 @@ TEST(HalfTest, FloatToHalfMatchesF16cAndExactReferenceOnAllInputs) {
     ++checked;
     if (hw) {
       if (got != HardwareHalf(f) && ++mismatches < 5)
-        ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got << " f16c 0x" << HardwareHalf(f);
+        ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got << " f16c 0x"
+                      << HardwareHalf(f);
     } else if (!std::isnan(f)) {
       const uint16_t want = ReferenceRound(f, 10, 15, 5);
-      if (got != want && ++mismatches < 5) ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got;
+      if (got != want && ++mismatches < 5)
+        ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got;
     } else if ((got & 0x7c00u) != 0x7c00u || (got & 0x3ffu) == 0) {
       ++mismatches;
     }
@@ -104,13 +110,15 @@ TEST(HalfTest, HalfToFloatOnAllPatterns) {
       ASSERT_TRUE(std::isnan(f)) << h;
       ASSERT_EQ(std::signbit(f), (h & 0x8000) != 0);
     } else {
-      const double mag = e == 0 ? std::ldexp(static_cast<double>(m), -24)
-                                : (e == 0x1f ? INFINITY : std::ldexp(1.0 + m / 1024.0, static_cast<int>(e) - 15));
+      const double mag =
+          e == 0 ? std::ldexp(static_cast<double>(m), -24)
+                 : (e == 0x1f ? INFINITY : std::ldexp(1.0 + m / 1024.0, static_cast<int>(e) - 15));
       ASSERT_EQ(static_cast<double>(f), (h & 0x8000) ? -mag : mag) << h;
       ASSERT_EQ(FloatToHalf(f), h) << "round trip " << h;
     }
     if (hw) {
-      ASSERT_EQ(std::bit_cast<uint32_t>(f), std::bit_cast<uint32_t>(HardwareHalfToFloat(static_cast<uint16_t>(h))))
+      ASSERT_EQ(std::bit_cast<uint32_t>(f),
+                std::bit_cast<uint32_t>(HardwareHalfToFloat(static_cast<uint16_t>(h))))
           << std::hex << h;
     }
   }
@@ -124,11 +132,13 @@ TEST(Bf16Test, FloatToBf16MatchesExactReferenceOnAllInputs) {
     const float f = std::bit_cast<float>(x);
     const uint16_t got = FloatToBf16(f);
     if (std::isnan(f)) {  // NaN stays NaN with its sign (a naive rounding makes some of these Inf)
-      if ((got & 0x7f80u) != 0x7f80u || (got & 0x7fu) == 0 || (got >> 15) != (x >> 31)) ++mismatches;
+      if ((got & 0x7f80u) != 0x7f80u || (got & 0x7fu) == 0 || (got >> 15) != (x >> 31))
+        ++mismatches;
       continue;
     }
     const uint16_t want = ReferenceRound(f, 7, 127, 8);
-    if (got != want && ++mismatches < 5) ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got << " want 0x" << want;
+    if (got != want && ++mismatches < 5)
+      ADD_FAILURE() << std::hex << "x=0x" << x << " got 0x" << got << " want 0x" << want;
   }
   EXPECT_EQ(mismatches, 0u);
 }

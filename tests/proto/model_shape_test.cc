@@ -13,7 +13,10 @@ TEST(ModelShapeTest, ValidShapePasses) {
 }
 
 TEST(ModelShapeTest, EachBadFieldIsNamed) {
-  struct Case { void (*mut)(ModelShape&); const char* field; } cases[] = {
+  struct Case {
+    void (*mut)(ModelShape&);
+    const char* field;
+  } cases[] = {
       {[](ModelShape& s) { s.layers = 0; }, "layers"},
       {[](ModelShape& s) { s.layers = kMaxLayers + 1; }, "layers"},
       {[](ModelShape& s) { s.kv_heads = 0; }, "kv_heads"},

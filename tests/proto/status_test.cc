@@ -42,7 +42,10 @@ TEST(StatusTest, WireCodesMatchTheProtobufEnumAndNeverRenumber) {
     std::string camel;
     bool up = true;
     for (char ch : ev->name()) {
-      if (ch == '_') { up = true; continue; }
+      if (ch == '_') {
+        up = true;
+        continue;
+      }
       camel += up ? ch : static_cast<char>(std::tolower(ch));
       up = false;
     }

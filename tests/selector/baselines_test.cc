@@ -44,7 +44,9 @@ TEST(QuestTest, PageBoundIsAtLeastEveryDotInThePage) {
     for (uint32_t h = 0; h < kG; ++h) {
       float dot = 0;
       for (uint32_t c = 0; c < kD; ++c) dot += q[h * kD + c] * k[c];
-      ASSERT_GE(QuestSelector::PageBound(q + h * kD, seq.summaries(), t / 16, kD, scale) + 1e-5f, dot * scale) << t;
+      ASSERT_GE(QuestSelector::PageBound(q + h * kD, seq.summaries(), t / 16, kD, scale) + 1e-5f,
+                dot * scale)
+          << t;
     }
   }
 }
@@ -108,7 +110,8 @@ TEST(H2oTest, NeverReadmitsAnEvictedBlockAndKeepsTheRecentOnes) {
     for (uint64_t b : out.blocks) ASSERT_FALSE(ever_evicted[b]) << "block " << b << " came back";
     const uint64_t nb = (seq.tokens() + 3) / 4;
     if (nb > 32) {
-      for (uint64_t b = nb - 16; b < nb; ++b) ASSERT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b));
+      for (uint64_t b = nb - 16; b < nb; ++b)
+        ASSERT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b));
     }
     for (uint64_t b = 0; b < nb; ++b)
       if ((*s)->Evicted(0, 0, b) && !ever_evicted[b]) ever_evicted[b] = 1, ++evictions;
@@ -170,7 +173,8 @@ TEST(HShareTest, SharingHappensExactlyAsConfigured) {
     ASSERT_TRUE((*s)->Select({step, 1, 0, q0, &k0, &g0.summaries()}, &c).ok());
     ASSERT_TRUE((*s)->Select({step, 1, 1, q1, &k1, &g1.summaries()}, &d).ok());
     EXPECT_EQ(a.retrieved_heads, step % 2 == 0 ? kG : 0u) << step;  // query sharing every 2 steps
-    EXPECT_EQ(b.retrieved_heads + c.retrieved_heads + d.retrieved_heads, 0u);  // shared: no retrieval
+    EXPECT_EQ(b.retrieved_heads + c.retrieved_heads + d.retrieved_heads,
+              0u);                  // shared: no retrieval
     EXPECT_EQ(b.blocks, a.blocks);  // head 1 uses head 0's set
     EXPECT_EQ(c.blocks, a.blocks);  // layer 1 uses layer 0's
     EXPECT_EQ(d.blocks, a.blocks);
@@ -181,8 +185,8 @@ TEST(HShareTest, SharingHappensExactlyAsConfigured) {
 }
 
 // §0.7: for every baseline, the block oracle with the same number of resident blocks and the same
-// forced blocks (none for Quest and H2O; sinks + window for StreamingLLM; sink + local for HShare) has
-// a group-mean δ no larger than the baseline's.
+// forced blocks (none for Quest and H2O; sinks + window for StreamingLLM; sink + local for HShare)
+// has a group-mean δ no larger than the baseline's.
 TEST(BaselinesTest, BlockOracleOfSameSizeNeverWorse) {
   for (const char* name : {"quest", "hshare", "streaming", "h2o"}) {
     for (uint32_t seed = 30; seed < 36; ++seed) {
@@ -209,7 +213,8 @@ TEST(BaselinesTest, BlockOracleOfSameSizeNeverWorse) {
           AddRange(nb - local, nb, &forced);
         }
         const auto oracle = OracleBlocks(gs, forced, out.blocks.size());
-        ASSERT_LE(GroupMeanDelta(gs, oracle), GroupMeanDelta(gs, out.blocks) + 1e-9) << name << " seed " << seed;
+        ASSERT_LE(GroupMeanDelta(gs, oracle), GroupMeanDelta(gs, out.blocks) + 1e-9)
+            << name << " seed " << seed;
         if (std::string(name) == "h2o") {
           std::vector<double> mass;
           for (uint64_t b : out.blocks) mass.push_back(gs.agg[b]);
@@ -233,13 +238,16 @@ TEST(BaselinesTest, BadParametersNameTheField) {
   EXPECT_NE(h.status().message().find("hshare_channels"), std::string::npos);
   o = Opts();
   o.h2o_recent_frac = 1.5;
-  EXPECT_NE(H2oSelector::Make(o, Shape(), 4096).status().message().find("h2o_recent_frac"), std::string::npos);
+  EXPECT_NE(H2oSelector::Make(o, Shape(), 4096).status().message().find("h2o_recent_frac"),
+            std::string::npos);
   o = Opts();
   o.hshare_query_share = 0;
-  EXPECT_NE(HShareSelector::Make(o, Shape(), 4096).status().message().find("hshare_query_share"), std::string::npos);
+  EXPECT_NE(HShareSelector::Make(o, Shape(), 4096).status().message().find("hshare_query_share"),
+            std::string::npos);
   o = Opts();
   o.budget_tokens = 0;
-  EXPECT_NE(StreamingSelector::Make(o, Shape(), 4096).status().message().find("budget_tokens"), std::string::npos);
+  EXPECT_NE(StreamingSelector::Make(o, Shape(), 4096).status().message().find("budget_tokens"),
+            std::string::npos);
 }
 
 }  // namespace
@@ -263,9 +271,11 @@ TEST(HShareTest, CalibrationFileRoundTripsAndBadLinesAreNamed) {
   auto back = ParseHShareChannels(text, shape);
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(*back, ch);
-  EXPECT_NE(ParseHShareChannels("0 0 1 2\n", shape).status().message().find("no line for layer 0 head 1"),
+  EXPECT_NE(
+      ParseHShareChannels("0 0 1 2\n", shape).status().message().find("no line for layer 0 head 1"),
+      std::string::npos);
+  EXPECT_NE(ParseHShareChannels("0 0 99\n", shape).status().message().find("line 1"),
             std::string::npos);
-  EXPECT_NE(ParseHShareChannels("0 0 99\n", shape).status().message().find("line 1"), std::string::npos);
   EXPECT_TRUE(ParseHShareChannels("0 x\n", shape).status().IsInvalidArgument());
 }
 }  // namespace

@@ -38,11 +38,11 @@ TEST(GateTest, ChecksCosineAndBound) {
   const float far[] = {0.f, 1.f, 0.f, 0.f};
   EXPECT_TRUE(g.Check(same, 0.8, 0.1).reuse);
   EXPECT_DOUBLE_EQ(g.Check(same, 0.8, 0.1).bound, 0.02);
-  EXPECT_FALSE(g.Check(far, 0.8, 0.0).reuse);     // cosine 0
-  const auto d = g.Check(near, 0.8, 0.0);          // budget mode: cosine only
+  EXPECT_FALSE(g.Check(far, 0.8, 0.0).reuse);  // cosine 0
+  const auto d = g.Check(near, 0.8, 0.0);      // budget mode: cosine only
   EXPECT_TRUE(d.reuse);
   EXPECT_NEAR(d.bound, DeltaBound(0.02, 0.1 * 2.0 / 2.0), 1e-8);  // ε = ‖Δq‖·K_max/√d, d = 4
-  EXPECT_FALSE(g.Check(near, 0.8, 0.021).reuse);   // target mode: the bound exceeds δ*
+  EXPECT_FALSE(g.Check(near, 0.8, 0.021).reuse);  // target mode: the bound exceeds δ*
   EXPECT_NEAR(Cosine(same, far, 4), 0.0, 1e-12);
 }
 

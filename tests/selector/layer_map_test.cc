@@ -17,7 +17,8 @@ TEST(LayerMapTest, ReproducesHandComputedExample) {
     for (; *s; ++s) v.push_back(*s == '1');
     return v;
   };
-  std::vector<std::vector<uint8_t>> keep = {m("11110000"), m("11100001"), m("00001111"), m("11110000")};
+  std::vector<std::vector<uint8_t>> keep = {m("11110000"), m("11100001"), m("00001111"),
+                                            m("11110000")};
   auto map = BuildLayerMap(keep, 2);
   ASSERT_TRUE(map.ok());
   EXPECT_EQ(*map, (std::vector<uint32_t>{0, 0, 2, 0}));
@@ -35,12 +36,13 @@ TEST(LayerMapTest, ChainsArePointedToTheRoot) {
   std::vector<std::vector<uint8_t>> keep = {{1, 1, 0, 0}, {1, 1, 1, 0}, {1, 1, 1, 0}};
   auto map = BuildLayerMap(keep, 2);
   ASSERT_TRUE(map.ok());
-  for (uint32_t l = 0; l < 3; ++l) EXPECT_EQ((*map)[(*map)[l]], (*map)[l]) << l;  // sources are roots
+  for (uint32_t l = 0; l < 3; ++l)
+    EXPECT_EQ((*map)[(*map)[l]], (*map)[l]) << l;  // sources are roots
 }
 
 TEST(LayerMapTest, KeepMaskMarksEachQueryTopK) {
   testutil::RandomKv kv(40, 32, 16, DType::kF32, 3);
-  std::vector<float> q(2 * 1 * 32);  // W = 2, one head
+  std::vector<float> q(2 * 1 * 32);                                          // W = 2, one head
   for (size_t i = 0; i < q.size(); ++i) q[i] = kv.key(39 - i / 32)[i % 32];  // query ≈ a key
   auto keep = KeepMask(q.data(), 2, 1, {kv.view()}, 0.1);
   ASSERT_EQ(keep.size(), 2u * 40);

@@ -27,7 +27,11 @@ TEST(PlanTest, UnchangedSelectionSendsNothingNewBlocksAreSentExactly) {
   EXPECT_EQ(bytes.streamed, 4u * 2 * kBlk);
   EXPECT_EQ(bytes.topk_refetch, 2u * 4 * 2 * kBlk);  // the refetch baseline re-sends every step
   // Swap 9 for 33: one eviction, one send, into the freed slot.
-  const uint32_t slot9 = [&] { for (uint32_t s = 0; s < 10; ++s) if (m.slot_table()[s] == 9) return s; return 99u; }();
+  const uint32_t slot9 = [&] {
+    for (uint32_t s = 0; s < 10; ++s)
+      if (m.slot_table()[s] == 9) return s;
+    return 99u;
+  }();
   std::vector<uint64_t> sel2 = {0, 5, 20, 33, 58, 59, 60, 61, 62};
   ASSERT_TRUE(m.Plan(sel2, T + 2, kGeo, 58, kBlk, kRow, &st, &bytes).ok());
   ASSERT_EQ(st.evicted_slots, std::vector<uint32_t>{slot9});

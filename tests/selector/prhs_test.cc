@@ -23,11 +23,14 @@ SelectorOptions Budget(uint32_t B, uint64_t budget) {
 }
 
 // Independent δ of a block set: softmax over every token by the reference, per head.
-std::vector<double> ReferenceDelta(const float* q, const attn::HeadKV& kv, const std::vector<uint64_t>& blocks) {
+std::vector<double> ReferenceDelta(const float* q, const attn::HeadKV& kv,
+                                   const std::vector<uint64_t>& blocks) {
   std::vector<double> out;
   std::vector<uint8_t> sel(kv.tokens, 0);
   for (uint64_t b : blocks)
-    for (uint64_t t = b * kv.block_size; t < std::min<uint64_t>(kv.tokens, (b + 1) * kv.block_size); ++t) sel[t] = 1;
+    for (uint64_t t = b * kv.block_size; t < std::min<uint64_t>(kv.tokens, (b + 1) * kv.block_size);
+         ++t)
+      sel[t] = 1;
   std::vector<float> p(kv.tokens);
   for (uint32_t h = 0; h < kG; ++h) {
     attn::ScoreKeys(q + h * kD, kv, 1.0f / std::sqrt(float(kD)), p.data());
@@ -37,7 +40,9 @@ std::vector<double> ReferenceDelta(const float* q, const attn::HeadKV& kv, const
   return out;
 }
 
-bool Violates(double measured, double claimed) { return measured > claimed + 1e-6 + 1e-5 * claimed; }
+bool Violates(double measured, double claimed) {
+  return measured > claimed + 1e-6 + 1e-5 * claimed;
+}
 
 struct DriveStats {
   uint64_t anchors = 0, reuse = 0, steps = 0, violations = 0;
@@ -45,8 +50,8 @@ struct DriveStats {
 
 // Drives one selector over `steps` decode steps after a prefill of `context` tokens.
 template <typename Check>
-DriveStats Drive(Selector& s, testutil::SyntheticGroup& seq, uint64_t context, uint64_t steps, Check check,
-          std::function<void(float*, uint64_t)> perturb = nullptr) {
+DriveStats Drive(Selector& s, testutil::SyntheticGroup& seq, uint64_t context, uint64_t steps,
+                 Check check, std::function<void(float*, uint64_t)> perturb = nullptr) {
   DriveStats r;
   seq.Append(context);
   for (uint64_t i = 0; i < steps; ++i) {
@@ -77,7 +82,8 @@ TEST(PrhsTest, SinksAndWindowAlwaysResidentAndSizeWithinBudgetPlusExtras) {
       std::vector<uint64_t> need;
       AddRange(0, o.geometry.SinkBlocks(T), &need);
       AddRange(o.geometry.WindowFirstBlock(T), o.geometry.Blocks(T), &need);
-      for (uint64_t b : need) ASSERT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b)) << b;
+      for (uint64_t b : need)
+        ASSERT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b)) << b;
       ASSERT_TRUE(std::is_sorted(out.blocks.begin(), out.blocks.end()));
       if (out.anchor) anchor_window_first = o.geometry.WindowFirstBlock(T);
       const uint64_t left_window = o.geometry.WindowFirstBlock(T) - anchor_window_first;
@@ -96,15 +102,17 @@ TEST(PrhsTest, NoReuseWhenCosineBelowThreshold) {
   ASSERT_TRUE(s.ok());
   testutil::SyntheticGroup seq(kG, kD, 16, 2, /*drift=*/0.06);
   std::vector<std::vector<float>> anchor_q(kG);
-  const DriveStats r = Drive(**s, seq, 1500, 300, [&](const StepInput& in, const Selection& out, DriveStats&) {
-    if (out.anchor) {
-      for (uint32_t h = 0; h < kG; ++h) anchor_q[h].assign(in.q + h * kD, in.q + (h + 1) * kD);
-      return;
-    }
-    for (uint32_t h = 0; h < kG; ++h) ASSERT_GE(Cosine(in.q + h * kD, anchor_q[h].data(), kD), 0.8);
-    ASSERT_EQ(out.retrieved_heads, 0u);
-    ASSERT_EQ(out.kind, DeltaKind::kBound);
-  });
+  const DriveStats r =
+      Drive(**s, seq, 1500, 300, [&](const StepInput& in, const Selection& out, DriveStats&) {
+        if (out.anchor) {
+          for (uint32_t h = 0; h < kG; ++h) anchor_q[h].assign(in.q + h * kD, in.q + (h + 1) * kD);
+          return;
+        }
+        for (uint32_t h = 0; h < kG; ++h)
+          ASSERT_GE(Cosine(in.q + h * kD, anchor_q[h].data(), kD), 0.8);
+        ASSERT_EQ(out.retrieved_heads, 0u);
+        ASSERT_EQ(out.kind, DeltaKind::kBound);
+      });
   EXPECT_GT(r.reuse, 0u);
   EXPECT_GT(r.anchors, 1u);  // the drift forced re-anchors
 }
@@ -114,13 +122,14 @@ TEST(PrhsTest, AnchorDeltaEqualsIndependentReference) {
   auto s = PrhsSelector::Make(o, Shape(), 4096);
   ASSERT_TRUE(s.ok());
   testutil::SyntheticGroup seq(kG, kD, 16, 3, 0.2);
-  const DriveStats r = Drive(**s, seq, 1000, 100, [&](const StepInput& in, const Selection& out, DriveStats&) {
-    if (!out.anchor) return;
-    ASSERT_EQ(out.kind, DeltaKind::kExact);
-    ASSERT_EQ(out.retrieved_heads, kG);
-    const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
-    for (uint32_t h = 0; h < kG; ++h) ASSERT_NEAR(out.delta[h], ref[h], 1e-5) << h;
-  });
+  const DriveStats r =
+      Drive(**s, seq, 1000, 100, [&](const StepInput& in, const Selection& out, DriveStats&) {
+        if (!out.anchor) return;
+        ASSERT_EQ(out.kind, DeltaKind::kExact);
+        ASSERT_EQ(out.retrieved_heads, kG);
+        const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+        for (uint32_t h = 0; h < kG; ++h) ASSERT_NEAR(out.delta[h], ref[h], 1e-5) << h;
+      });
   EXPECT_GT(r.anchors, 0u);
 }
 
@@ -138,9 +147,13 @@ TEST(PrhsTest, DeltaBoundNeverBelowTrueDeltaUnderAdversarialDrift) {
     std::mt19937 rng(seed);
     auto perturb = [&](float* q, uint64_t i) {
       switch ((i + seed) % 6) {
-        case 0: for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 0.1f; break;                 // scaled down
-        case 1: for (uint32_t j = 0; j < kG * kD; ++j) q[j] = -q[j]; break;                 // negated
-        case 2: {                                                                           // rotated
+        case 0:
+          for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 0.1f;
+          break;  // scaled down
+        case 1:
+          for (uint32_t j = 0; j < kG * kD; ++j) q[j] = -q[j];
+          break;   // negated
+        case 2: {  // rotated
           const uint32_t a = rng() % kD, b = (a + 1 + rng() % (kD - 1)) % kD;
           for (uint32_t h = 0; h < kG; ++h) {
             const float x = q[h * kD + a], y = q[h * kD + b], th = 0.7f;
@@ -149,7 +162,7 @@ TEST(PrhsTest, DeltaBoundNeverBelowTrueDeltaUnderAdversarialDrift) {
           }
           break;
         }
-        case 3: {                                                                           // RoPE advanced
+        case 3: {  // RoPE advanced
           const double pos = double(5 + i % 50);
           for (uint32_t h = 0; h < kG; ++h)
             for (uint32_t d = 0; d < kD; d += 2) {
@@ -160,23 +173,29 @@ TEST(PrhsTest, DeltaBoundNeverBelowTrueDeltaUnderAdversarialDrift) {
             }
           break;
         }
-        case 4: for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 3.0f; break;                 // scaled up
-        default: break;                                                                      // plain drift
+        case 4:
+          for (uint32_t j = 0; j < kG * kD; ++j) q[j] *= 3.0f;
+          break;  // scaled up
+        default:
+          break;  // plain drift
       }
     };
-    Drive(**s, seq, 1200, 240, [&](const StepInput& in, const Selection& out, DriveStats& r) {
-      if (out.anchor) return;
-      const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
-      for (uint32_t h = 0; h < kG; ++h) {
-        ++checked;
-        if (Violates(ref[h], out.delta[h])) {
-          ++r.violations;
-          ++total_violations;
-          ADD_FAILURE() << "seed " << seed << " step " << in.step << " head " << h << " true " << ref[h]
-                        << " > bound " << out.delta[h];
-        }
-      }
-    }, perturb);
+    Drive(
+        **s, seq, 1200, 240,
+        [&](const StepInput& in, const Selection& out, DriveStats& r) {
+          if (out.anchor) return;
+          const auto ref = ReferenceDelta(in.q, *in.kv, out.blocks);
+          for (uint32_t h = 0; h < kG; ++h) {
+            ++checked;
+            if (Violates(ref[h], out.delta[h])) {
+              ++r.violations;
+              ++total_violations;
+              ADD_FAILURE() << "seed " << seed << " step " << in.step << " head " << h << " true "
+                            << ref[h] << " > bound " << out.delta[h];
+            }
+          }
+        },
+        perturb);
   }
   EXPECT_EQ(total_violations, 0u);
   EXPECT_GT(checked, 4000u);
@@ -204,7 +223,8 @@ TEST(PrhsTest, TargetModeMeetsTargetOnEveryHeadAtEveryAnchorOrSaysCapWasHit) {
         }
         met += all;
       } else {
-        for (uint32_t h = 0; h < kG; ++h) ASSERT_LE(out.delta[h], target + 1e-9);  // reuse only within target
+        for (uint32_t h = 0; h < kG; ++h)
+          ASSERT_LE(out.delta[h], target + 1e-9);  // reuse only within target
         ASSERT_FALSE(Violates(*std::max_element(ref.begin(), ref.end()),
                               *std::max_element(out.delta.begin(), out.delta.end())));
       }
@@ -264,7 +284,8 @@ TEST(PrhsTest, PsawWindowsNeverGrowWithDepthAndCutIsFrozenAtTheAnchor) {
   Selection out;
   ASSERT_TRUE((*s)->Select(in, &out).ok());
   const uint64_t cut_block = (*s)->PsawCut(7, in.tokens()) / 16;
-  for (uint64_t b : out.blocks) EXPECT_TRUE(b < o.geometry.SinkBlocks(in.tokens()) || b >= cut_block) << b;
+  for (uint64_t b : out.blocks)
+    EXPECT_TRUE(b < o.geometry.SinkBlocks(in.tokens()) || b >= cut_block) << b;
 }
 
 TEST(PrhsTest, LayerSharingPointsOnlyToShallowerLayersAndCopiesTheSourceSet) {

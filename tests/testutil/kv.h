@@ -13,7 +13,8 @@ namespace kvm::testutil {
 class RandomKv {
  public:
   // T tokens of head_dim D in blocks of B, stored as dtype; values ~ N(0, 1), seeded.
-  RandomKv(uint64_t T, uint32_t D, uint32_t B, DType dtype, uint32_t seed) : T_(T), D_(D), B_(B), dtype_(dtype) {
+  RandomKv(uint64_t T, uint32_t D, uint32_t B, DType dtype, uint32_t seed)
+      : T_(T), D_(D), B_(B), dtype_(dtype) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> n(0.f, 1.f);
     kf_.resize(T * D);
@@ -23,7 +24,7 @@ class RandomKv {
     Build();
   }
   RandomKv(const RandomKv&) = delete;  // the block pointers point into this object's buffers
-  RandomKv(RandomKv&&) = default;        // vector moves keep their buffers
+  RandomKv(RandomKv&&) = default;      // vector moves keep their buffers
   // A copy holding only the given tokens (in order), same block size and dtype.
   RandomKv Subset(const std::vector<uint64_t>& tokens) const {
     RandomKv r(*this, tokens.size());
@@ -35,16 +36,18 @@ class RandomKv {
     return r;
   }
   attn::HeadKV view() const {
-    return attn::HeadKV{kp_.data(), vp_.data(), static_cast<uint32_t>(kp_.size()), T_, B_, D_, dtype_};
+    return attn::HeadKV{kp_.data(), vp_.data(), static_cast<uint32_t>(kp_.size()), T_, B_,
+                        D_,         dtype_};
   }
-  const float* key(uint64_t j) const { return &kf_[j * D_]; }    // the exact stored value as float
+  const float* key(uint64_t j) const { return &kf_[j * D_]; }  // the exact stored value as float
   const float* value(uint64_t j) const { return &vf_[j * D_]; }
   std::vector<float>& keys() { return kf_; }
   // Re-encodes after keys()/values were changed.
   void Rebuild() { Build(); }
 
  private:
-  RandomKv(const RandomKv& o, uint64_t T) : T_(T), D_(o.D_), B_(o.B_), dtype_(o.dtype_), kf_(T * o.D_), vf_(T * o.D_) {}
+  RandomKv(const RandomKv& o, uint64_t T)
+      : T_(T), D_(o.D_), B_(o.B_), dtype_(o.dtype_), kf_(T * o.D_), vf_(T * o.D_) {}
   float Round(float x) const {
     if (dtype_ == DType::kF16) return HalfToFloat(FloatToHalf(x));
     if (dtype_ == DType::kBF16) return Bf16ToFloat(FloatToBf16(x));

@@ -1,7 +1,7 @@
-// A structured synthetic sequence for one layer and KV-head group (labelled synthetic wherever used):
-// attention sinks (keys aligned with the query direction), clusters of salient tokens, background
-// noise keys, and slowly drifting queries. Deterministic for a seed. Keys are kept as fp32 in the
-// block layout so selectors can read them through attn::HeadKV.
+// A structured synthetic sequence for one layer and KV-head group (labelled synthetic wherever
+// used): attention sinks (keys aligned with the query direction), clusters of salient tokens,
+// background noise keys, and slowly drifting queries. Deterministic for a seed. Keys are kept as
+// fp32 in the block layout so selectors can read them through attn::HeadKV.
 #pragma once
 
 #include <cmath>
@@ -16,8 +16,14 @@ namespace kvm::testutil {
 
 class SyntheticGroup {
  public:
-  SyntheticGroup(uint32_t group, uint32_t head_dim, uint32_t block_size, uint32_t seed, double drift = 0.05)
-      : g_(group), D_(head_dim), B_(block_size), rng_(seed), drift_(drift), summaries_(block_size, head_dim, true) {
+  SyntheticGroup(uint32_t group, uint32_t head_dim, uint32_t block_size, uint32_t seed,
+                 double drift = 0.05)
+      : g_(group),
+        D_(head_dim),
+        B_(block_size),
+        rng_(seed),
+        drift_(drift),
+        summaries_(block_size, head_dim, true) {
     dir_.resize(size_t{g_} * D_);
     for (auto& x : dir_) x = n_(rng_);
     for (uint32_t h = 0; h < g_; ++h) Normalize(&dir_[size_t{h} * D_]);
@@ -34,7 +40,8 @@ class SyntheticGroup {
       if (sink || salient) {
         const uint32_t h = static_cast<uint32_t>(t % g_);
         const float w = sink ? 3.0f : 4.0f + 2.0f * float(u_(rng_));
-        for (uint32_t d = 0; d < D_; ++d) k[d] += w * dir_[size_t{h} * D_ + d] * std::sqrt(float(D_)) / 2.5f;
+        for (uint32_t d = 0; d < D_; ++d)
+          k[d] += w * dir_[size_t{h} * D_ + d] * std::sqrt(float(D_)) / 2.5f;
       }
       keys_.insert(keys_.end(), k.begin(), k.end());
       for (uint32_t d = 0; d < D_; ++d) values_.push_back(n_(rng_));
@@ -54,7 +61,8 @@ class SyntheticGroup {
   }
   float* queries() { return q_.data(); }
   attn::HeadKV view() const {
-    return attn::HeadKV{kp_.data(), vp_.data(), static_cast<uint32_t>(kp_.size()), T_, B_, D_, DType::kF32};
+    return attn::HeadKV{kp_.data(), vp_.data(), static_cast<uint32_t>(kp_.size()), T_, B_,
+                        D_,         DType::kF32};
   }
   const sel::HeadSummaries& summaries() const { return summaries_; }
   uint64_t tokens() const { return T_; }

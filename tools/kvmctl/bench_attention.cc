@@ -46,16 +46,19 @@ double MemcpyGbps(size_t bytes) {
 }  // namespace
 
 int RunBenchAttention(const std::vector<std::string>& args) {
-  Flags f(args, {"context", "budget-frac", "head-dim", "q-heads", "kv-heads", "block-size", "granularity", "threads",
-                 "iters"},
+  Flags f(args,
+          {"context", "budget-frac", "head-dim", "q-heads", "kv-heads", "block-size", "granularity",
+           "threads", "iters"},
           {"json"});
   const uint64_t T = static_cast<uint64_t>(f.Int("context", 32768, 64, 1 << 22));
   const double frac = f.Double("budget-frac", 0.125, 1e-4, 1.0);
   const uint32_t D = static_cast<uint32_t>(f.Int("head-dim", 128, 32, 256));
-  if (D != 32 && D != 64 && D != 128 && D != 256) throw UsageError("--head-dim must be 32, 64, 128 or 256");
+  if (D != 32 && D != 64 && D != 128 && D != 256)
+    throw UsageError("--head-dim must be 32, 64, 128 or 256");
   const uint32_t Hq = static_cast<uint32_t>(f.Int("q-heads", 32, 1, 256));
   const uint32_t Hkv = static_cast<uint32_t>(f.Int("kv-heads", 8, 1, 256));
-  if (Hq % Hkv || Hq / Hkv > 8) throw UsageError("--q-heads must be a multiple of --kv-heads, group at most 8");
+  if (Hq % Hkv || Hq / Hkv > 8)
+    throw UsageError("--q-heads must be a multiple of --kv-heads, group at most 8");
   const uint32_t B = static_cast<uint32_t>(f.Int("block-size", 16, 1, 1024));
   const std::string gran = f.Str("granularity", "block");
   if (gran != "block" && gran != "token") throw UsageError("--granularity must be block or token");
@@ -69,17 +72,23 @@ int RunBenchAttention(const std::vector<std::string>& args) {
   const size_t block_bytes = size_t{B} * D * 2;
   const size_t layer_bytes = 2 * size_t{Hkv} * nb * block_bytes;
   const size_t copies = std::max<size_t>(1, (4 * llc + layer_bytes - 1) / layer_bytes);
-  std::fprintf(stderr, "T %llu, Hq %u Hkv %u D %u fp16, B %u: %zu copies of %.1f MiB (LLC %.0f MiB), %s-granular "
-               "selection of %.4g, CPU path %s\n", (unsigned long long)T, Hq, Hkv, D, B, copies, layer_bytes / 1048576.0,
-               llc / 1048576.0, gran.c_str(), frac, attn::CpuDecodePath());
+  std::fprintf(
+      stderr,
+      "T %llu, Hq %u Hkv %u D %u fp16, B %u: %zu copies of %.1f MiB (LLC %.0f MiB), %s-granular "
+      "selection of %.4g, CPU path %s\n",
+      (unsigned long long)T, Hq, Hkv, D, B, copies, layer_bytes / 1048576.0, llc / 1048576.0,
+      gran.c_str(), frac, attn::CpuDecodePath());
   std::vector<std::vector<uint16_t>> kv(copies, std::vector<uint16_t>(layer_bytes / 2));
   std::mt19937 rng(7);
   for (auto& c : kv)
-    for (size_t i = 0; i < c.size(); ++i) c[i] = static_cast<uint16_t>(0x3000 + (rng() & 0x0fff));  // small fp16 values
+    for (size_t i = 0; i < c.size(); ++i)
+      c[i] = static_cast<uint16_t>(0x3000 + (rng() & 0x0fff));  // small fp16 values
   std::vector<float> q(size_t{Hq} * D), out(q.size());
   for (auto& x : q) x = float(rng() % 1000) / 1000.0f - 0.5f;
 
-  auto kblock = [&](size_t c, uint32_t h, uint64_t b) { return kv[c].data() + (size_t{h} * nb + b) * block_bytes / 2; };
+  auto kblock = [&](size_t c, uint32_t h, uint64_t b) {
+    return kv[c].data() + (size_t{h} * nb + b) * block_bytes / 2;
+  };
   auto vblock = [&](size_t c, uint32_t h, uint64_t b) {
     return kv[c].data() + layer_bytes / 4 + (size_t{h} * nb + b) * block_bytes / 2;
   };
@@ -105,15 +114,18 @@ int RunBenchAttention(const std::vector<std::string>& args) {
     t.bytes = 2ull * Hkv * T * D * 2;
     return t;
   };
-  // Sparse tables: a fresh random selection each time (blocks of B, or single tokens as 1-row entries).
-  const uint64_t sel_units = std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(frac * (gran == "block" ? nb : T))));
+  // Sparse tables: a fresh random selection each time (blocks of B, or single tokens as 1-row
+  // entries).
+  const uint64_t sel_units =
+      std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(frac * (gran == "block" ? nb : T))));
   auto sparse_table = [&](size_t c) {
     Table t;
     t.max = static_cast<uint32_t>(sel_units);
     for (uint32_t h = 0; h < Hkv; ++h) {
       std::vector<uint64_t> pick(gran == "block" ? nb : T);
       std::iota(pick.begin(), pick.end(), 0);
-      for (uint64_t i = 0; i < sel_units; ++i) std::swap(pick[i], pick[i + rng() % (pick.size() - i)]);
+      for (uint64_t i = 0; i < sel_units; ++i)
+        std::swap(pick[i], pick[i + rng() % (pick.size() - i)]);
       pick.resize(sel_units);
       std::sort(pick.begin(), pick.end());
       for (uint64_t u : pick) {
@@ -159,7 +171,8 @@ int RunBenchAttention(const std::vector<std::string>& args) {
   };
   std::vector<Table> dense;
   for (size_t c = 0; c < copies; ++c) dense.push_back(dense_table(c));
-  const int iters = static_cast<int>(f.Int("iters", static_cast<int64_t>(std::max<size_t>(8, 2 * copies)), 1, 100000));
+  const int iters = static_cast<int>(
+      f.Int("iters", static_cast<int64_t>(std::max<size_t>(8, 2 * copies)), 1, 100000));
   const uint32_t sparse_bs = gran == "block" ? B : 1;
   double dense_ms = 0, sparse_ms = 0;
   uint64_t sparse_bytes = 0;
@@ -176,17 +189,22 @@ int RunBenchAttention(const std::vector<std::string>& args) {
   const double sparse_gbps = sparse_bytes / double(iters) / (sparse_ms * 1e6);
   const double memcpy_gbps = MemcpyGbps(std::max<size_t>(4 * llc, 64u << 20));
   if (f.Bool("json")) {
-    std::printf("{\"context\": %llu, \"budget_frac\": %g, \"head_dim\": %u, \"q_heads\": %u, \"kv_heads\": %u, "
-                "\"block_size\": %u, \"granularity\": \"%s\", \"threads\": %u, \"cpu_path\": \"%s\", \"dense_ms\": %.4f, "
-                "\"sparse_ms\": %.4f, \"speedup\": %.3f, \"dense_gbps\": %.3f, \"sparse_gbps\": %.3f, "
-                "\"memcpy_gbps\": %.3f, \"idle\": %s, \"working_set_mib\": %.1f}\n",
-                (unsigned long long)T, frac, D, Hq, Hkv, B, gran.c_str(), threads, attn::CpuDecodePath(), dense_ms,
-                sparse_ms, dense_ms / sparse_ms, dense_gbps, sparse_gbps, memcpy_gbps, idle ? "true" : "false",
-                copies * layer_bytes / 1048576.0);
+    std::printf(
+        "{\"context\": %llu, \"budget_frac\": %g, \"head_dim\": %u, \"q_heads\": %u, \"kv_heads\": "
+        "%u, "
+        "\"block_size\": %u, \"granularity\": \"%s\", \"threads\": %u, \"cpu_path\": \"%s\", "
+        "\"dense_ms\": %.4f, "
+        "\"sparse_ms\": %.4f, \"speedup\": %.3f, \"dense_gbps\": %.3f, \"sparse_gbps\": %.3f, "
+        "\"memcpy_gbps\": %.3f, \"idle\": %s, \"working_set_mib\": %.1f}\n",
+        (unsigned long long)T, frac, D, Hq, Hkv, B, gran.c_str(), threads, attn::CpuDecodePath(),
+        dense_ms, sparse_ms, dense_ms / sparse_ms, dense_gbps, sparse_gbps, memcpy_gbps,
+        idle ? "true" : "false", copies * layer_bytes / 1048576.0);
   } else {
-    std::printf("dense %.3f ms (%.2f GB/s), sparse %.3f ms (%.2f GB/s): speedup %.2fx; memcpy %.2f GB/s; "
-                "idle %s\n", dense_ms, dense_gbps, sparse_ms, sparse_gbps, dense_ms / sparse_ms, memcpy_gbps,
-                idle ? "yes" : "no");
+    std::printf(
+        "dense %.3f ms (%.2f GB/s), sparse %.3f ms (%.2f GB/s): speedup %.2fx; memcpy %.2f GB/s; "
+        "idle %s\n",
+        dense_ms, dense_gbps, sparse_ms, sparse_gbps, dense_ms / sparse_ms, memcpy_gbps,
+        idle ? "yes" : "no");
   }
   return 0;
 }
@@ -197,6 +215,7 @@ namespace kvm::tools {
 int RunBench(const std::vector<std::string>& args) {
   if (args.empty()) throw UsageError("bench needs a target: attention");
   if (args[0] == "attention") return RunBenchAttention({args.begin() + 1, args.end()});
-  throw UsageError("unknown bench target '" + args[0] + "' (attention; transport is not built yet)");
+  throw UsageError("unknown bench target '" + args[0] +
+                   "' (attention; transport is not built yet)");
 }
 }  // namespace kvm::tools

@@ -8,56 +8,80 @@
 namespace kvm::tools {
 
 inline constexpr const char* kGenerateUsage =
-    "  generate --model FILE --tokenizer FILE (--prompt TEXT | --tokens FILE [--offset N] [--count N])\n"
+    "  generate --model FILE --tokenizer FILE (--prompt TEXT | --tokens FILE [--offset N] [--count "
+    "N])\n"
     "           [--max-new N] [--greedy] [--temperature T] [--seed S] [--kv-dtype fp16|bf16|fp32]\n"
-    "      Runs the reference worker and prints the generated text. --tokens: little-endian uint16 ids\n"
+    "      Runs the reference worker and prints the generated text. --tokens: little-endian uint16 "
+    "ids\n"
     "      used verbatim (they carry their own BOS); --prompt is encoded with a BOS in front.\n"
-    "      Defaults: the committed models/austen model and tokenizer, --max-new 64, sampling at T 1.0.";
+    "      Defaults: the committed models/austen model and tokenizer, --max-new 64, sampling at T "
+    "1.0.";
 int RunGenerate(const std::vector<std::string>& args);
 
 inline constexpr const char* kAttnStatsUsage =
-    "  attn-stats [--model FILE] [--tokens FILE] [--offset N] [--context N] [--queries N] [--block-size B]\n"
+    "  attn-stats [--model FILE] [--tokens FILE] [--offset N] [--context N] [--queries N] "
+    "[--block-size B]\n"
     "             [--budget-frac F] [--json]\n"
-    "      How concentrated the model's attention is: dense prefill of --context tokens, then for the last\n"
-    "      --queries positions the oracle's retained mass at --budget-frac of the context (token and block\n"
+    "      How concentrated the model's attention is: dense prefill of --context tokens, then for "
+    "the last\n"
+    "      --queries positions the oracle's retained mass at --budget-frac of the context (token "
+    "and block\n"
     "      granularity), and the cosine between post-RoPE queries of one head at step lags 1..16.";
 int RunAttnStats(const std::vector<std::string>& args);
 
 inline constexpr const char* kHShareCalibrateUsage =
-    "  hshare-calibrate [--model FILE] --tokens FILE [--offset N] [--count N] [--channels N] --out FILE\n"
-    "      HShare's label channels (the top mean |q_c k_c| channels per layer and query head; N = D/8, at\n"
-    "      least 4, by default) from a dense pass over the model's TRAINING text; writes the calibration file.";
+    "  hshare-calibrate [--model FILE] --tokens FILE [--offset N] [--count N] [--channels N] --out "
+    "FILE\n"
+    "      HShare's label channels (the top mean |q_c k_c| channels per layer and query head; N = "
+    "D/8, at\n"
+    "      least 4, by default) from a dense pass over the model's TRAINING text; writes the "
+    "calibration file.";
 int RunHShareCalibrate(const std::vector<std::string>& args);
 
 inline constexpr const char* kEvalUsage =
     "  eval --model FILE --tokens FILE [--offset N] --context N --steps S\n"
     "       --selector dense|oracle|quest|hshare|streaming|h2o|prhs\n"
-    "       [--budget N | --budget-frac F] [--target-delta D] [--block-size B] [--generate] [--json]\n"
-    "       [--max-resident N | --max-resident-frac F] [--sinks N] [--window N] [--tau T] [--margin M]\n"
-    "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--kv-dtype fp16|bf16|fp32]\n"
+    "       [--budget N | --budget-frac F] [--target-delta D] [--block-size B] [--generate] "
+    "[--json]\n"
+    "       [--max-resident N | --max-resident-frac F] [--sinks N] [--window N] [--tau T] "
+    "[--margin M]\n"
+    "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--kv-dtype "
+    "fp16|bf16|fp32]\n"
     "       [--hshare-channels FILE]\n"
-    "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the true next\n"
-    "      tokens; --generate: greedy on its own tokens) with the selector, beside a dense run on the same\n"
-    "      inputs. delta is measured on the sparse run's own q and K at every (step, layer, query head);\n"
-    "      the oracle is the block oracle of the same size with the same forced blocks. --json: one object\n"
-    "      on stdout. Defaults: the committed model and held-out tokens, B 16, 4 sink tokens, a window of B\n"
+    "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the "
+    "true next\n"
+    "      tokens; --generate: greedy on its own tokens) with the selector, beside a dense run on "
+    "the same\n"
+    "      inputs. delta is measured on the sparse run's own q and K at every (step, layer, query "
+    "head);\n"
+    "      the oracle is the block oracle of the same size with the same forced blocks. --json: "
+    "one object\n"
+    "      on stdout. Defaults: the committed model and held-out tokens, B 16, 4 sink tokens, a "
+    "window of B\n"
     "      tokens, KV fp16, target mode cap 1/4 of the context.";
 int RunEval(const std::vector<std::string>& args);
 
 inline constexpr const char* kNeedleUsage =
-    "  needle --selector NAME [--budget N | --budget-frac F | --target-delta D] [--context N] [--cases N]\n"
+    "  needle --selector NAME [--budget N | --budget-frac F | --target-delta D] [--context N] "
+    "[--cases N]\n"
     "         [--needle-len N] [--probe-len N] [--json] (+ eval's selector flags)\n"
-    "      Needle in a haystack from the held-out text: a span of held-out text inserted early in a context\n"
-    "      of other held-out text, its beginning repeated at the end; counts the cases dense attention\n"
+    "      Needle in a haystack from the held-out text: a span of held-out text inserted early in "
+    "a context\n"
+    "      of other held-out text, its beginning repeated at the end; counts the cases dense "
+    "attention\n"
     "      continues correctly and, of those, the ones the selector continues correctly too.";
 int RunNeedle(const std::vector<std::string>& args);
 
 inline constexpr const char* kBenchAttentionUsage =
-    "  bench attention [--context N] [--budget-frac F] [--head-dim D] [--q-heads N] [--kv-heads N] [--block-size B]\n"
+    "  bench attention [--context N] [--budget-frac F] [--head-dim D] [--q-heads N] [--kv-heads N] "
+    "[--block-size B]\n"
     "                  [--granularity block|token] [--threads N] [--iters N] [--json]\n"
-    "      Dense vs sparse CPU decode attention of one layer, batch 1, fp16 synthetic KV (Hq 32, Hkv 8, D 128,\n"
-    "      T 32768, 1/8 by default), rotating over a working set >= 4x the last-level cache with a fresh\n"
-    "      random selection each iteration; memcpy bandwidth measured by the same binary. Waits (up to about\n"
+    "      Dense vs sparse CPU decode attention of one layer, batch 1, fp16 synthetic KV (Hq 32, "
+    "Hkv 8, D 128,\n"
+    "      T 32768, 1/8 by default), rotating over a working set >= 4x the last-level cache with a "
+    "fresh\n"
+    "      random selection each iteration; memcpy bandwidth measured by the same binary. Waits "
+    "(up to about\n"
     "      a minute) for an idle machine and says in `idle` whether it got one.";
 int RunBenchAttention(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);

@@ -1,4 +1,6 @@
 // kvmctl eval: fidelity of a selector on the real model (selectors.md §0.2, §0.3, §0.7).
+#include "eval.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -12,7 +14,6 @@
 #include "client/selector_source.h"
 #include "client/tokenizer.h"
 #include "commands.h"
-#include "eval.h"
 #include "flags.h"
 #include "selector/baselines.h"
 #include "selector/layer_map.h"
@@ -43,18 +44,23 @@ double LogSoftmaxAt(const std::vector<float>& logits, uint32_t t) {
   return double(logits[t]) - m - std::log(s);
 }
 
-uint32_t Argmax(const std::vector<float>& v) { return static_cast<uint32_t>(std::max_element(v.begin(), v.end()) - v.begin()); }
+uint32_t Argmax(const std::vector<float>& v) {
+  return static_cast<uint32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
 
 }  // namespace
 
-Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape, const std::string& name,
-                            const sel::SelectorOptions& o, const std::vector<uint32_t>& ids, uint64_t context,
-                            uint64_t steps, bool generate, bool progress) {
+Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
+                            const std::string& name, const sel::SelectorOptions& o,
+                            const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
+                            bool generate, bool progress) {
   const uint32_t B = o.geometry.block_size;
   const auto& cfg = model.config();
-  if (ids.size() < context + steps + 1) return Status::InvalidArgument("eval: too few tokens for the window");
+  if (ids.size() < context + steps + 1)
+    return Status::InvalidArgument("eval: too few tokens for the window");
   EvalOutput out;
-  // Two workers in lockstep on the same tokens: dense, and the selector's (prefill dense, decode sparse).
+  // Two workers in lockstep on the same tokens: dense, and the selector's (prefill dense, decode
+  // sparse).
   auto dense_kv = client::DenseKvSource::Make(shape, B);
   if (!dense_kv.ok()) return dense_kv.status();
   std::unique_ptr<client::DenseKvSource> dense_as_sparse;
@@ -66,10 +72,11 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
     auto selr = sel::MakeSelector(name, o, shape, cfg.seq_len);
     if (!selr.ok()) return selr.status();
     const std::string forced = name == "quest" || name == "h2o" ? "none"
-                               : name == "streaming"             ? "all"
-                               : name == "hshare"                ? "hshare"
-                                                                 : "geometry";
-    auto src = client::SelectorKvSource::Make(shape, B, std::move(*selr), o, context, forced, cfg.seq_len);
+                               : name == "streaming"            ? "all"
+                               : name == "hshare"               ? "hshare"
+                                                                : "geometry";
+    auto src =
+        client::SelectorKvSource::Make(shape, B, std::move(*selr), o, context, forced, cfg.seq_len);
     if (!src.ok()) return src.status();
     out.sparse = std::move(*src);
     sparse_kv = out.sparse.get();
@@ -91,25 +98,33 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
     Status s = wd.Forward(tok, p, last ? ld.data() : nullptr);
     if (s.ok()) s = ws.Forward(tok, p, last ? ls.data() : nullptr);
     if (!s.ok()) return s;
-    if (progress && p % 64 == 0) std::fprintf(stderr, "\rprefill %llu/%llu", (unsigned long long)p, (unsigned long long)context);
+    if (progress && p % 64 == 0)
+      std::fprintf(stderr, "\rprefill %llu/%llu", (unsigned long long)p,
+                   (unsigned long long)context);
   }
   if (out.sparse && (o.layer_sharing || name == "hshare")) {
     const double frac = o.budget_tokens ? double(o.budget_tokens) / context : 0.125;
     std::vector<std::vector<uint8_t>> keep;
     for (uint32_t l = 0; l < L; ++l) {
       std::vector<attn::HeadKV> views;
-      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h) views.push_back(out.sparse->dense().View(l, h, context));
+      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h)
+        views.push_back(out.sparse->dense().View(l, h, context));
       keep.push_back(sel::KeepMask(lastq[l].data(), W, Hq, views, frac));
     }
     if (name == "hshare") {
       std::vector<std::vector<uint32_t>> head_map;
       std::vector<uint32_t> layer_map;
-      Status s = sel::BuildHShareMaps(keep, shape, o.hshare_shared_kv_heads, o.hshare_shared_layers, &head_map, &layer_map);
-      if (s.ok()) s = static_cast<sel::HShareSelector&>(out.sparse->selector()).SetShareMaps(head_map, layer_map);
+      Status s = sel::BuildHShareMaps(keep, shape, o.hshare_shared_kv_heads, o.hshare_shared_layers,
+                                      &head_map, &layer_map);
+      if (s.ok())
+        s = static_cast<sel::HShareSelector&>(out.sparse->selector())
+                .SetShareMaps(head_map, layer_map);
       if (!s.ok()) return s;
     } else {
       auto map = sel::BuildLayerMap(keep, L / 2);
-      Status s = map.ok() ? static_cast<sel::PrhsSelector&>(out.sparse->selector()).SetLayerMap(*map) : map.status();
+      Status s = map.ok()
+                     ? static_cast<sel::PrhsSelector&>(out.sparse->selector()).SetLayerMap(*map)
+                     : map.status();
       if (!s.ok()) return s;
     }
   }
@@ -129,7 +144,8 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
     out.sparse_argmax.push_back(Argmax(ls));
     next = generate ? Argmax(ls) : truth;
     if (progress && (i % 16 == 0 || i + 1 == steps))
-      std::fprintf(stderr, "\rdecode %llu/%llu            ", (unsigned long long)i + 1, (unsigned long long)steps);
+      std::fprintf(stderr, "\rdecode %llu/%llu            ", (unsigned long long)i + 1,
+                   (unsigned long long)steps);
   }
   if (progress) std::fprintf(stderr, "\n");
   out.nll_dense /= steps;
@@ -138,10 +154,9 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
   return out;
 }
 
-
 const std::vector<std::string> kSelectorValueFlags = {
-    "budget", "budget-frac", "target-delta", "block-size", "max-resident", "max-resident-frac", "sinks", "window", "tau",
-    "margin", "hshare-channels", "max-cluster"};
+    "budget", "budget-frac", "target-delta", "block-size", "max-resident",    "max-resident-frac",
+    "sinks",  "window",      "tau",          "margin",     "hshare-channels", "max-cluster"};
 const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate"};
 
 sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,
@@ -153,24 +168,32 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
   o.geometry.window_tokens = static_cast<uint32_t>(f.Int("window", B, 1, 1 << 20));
   if (f.Has("budget")) o.budget_tokens = static_cast<uint64_t>(f.Int("budget", 0, 1, 1 << 30));
   if (f.Has("budget-frac"))
-    o.budget_tokens = static_cast<uint64_t>(std::llround(f.Double("budget-frac", 0, 1e-6, 1.0) * context / B)) * B;
+    o.budget_tokens =
+        static_cast<uint64_t>(std::llround(f.Double("budget-frac", 0, 1e-6, 1.0) * context / B)) *
+        B;
   o.target_delta = f.Double("target-delta", 0.0, 0.0, 0.999);
   if (o.target_delta > 0) {
-    if (name != "prhs" && name != "oracle") throw UsageError("--target-delta: only prhs and oracle have a target mode");
-    o.max_resident_tokens = f.Has("max-resident")
-                                ? static_cast<uint64_t>(f.Int("max-resident", 0, 1, 1 << 30))
-                                : static_cast<uint64_t>(std::llround(f.Double("max-resident-frac", 0.25, 1e-6, 1.0) * context / B)) * B;
+    if (name != "prhs" && name != "oracle")
+      throw UsageError("--target-delta: only prhs and oracle have a target mode");
+    o.max_resident_tokens =
+        f.Has("max-resident") ? static_cast<uint64_t>(f.Int("max-resident", 0, 1, 1 << 30))
+                              : static_cast<uint64_t>(std::llround(
+                                    f.Double("max-resident-frac", 0.25, 1e-6, 1.0) * context / B)) *
+                                    B;
   } else if (name != "dense" && o.budget_tokens == 0) {
-    throw UsageError("--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
+    throw UsageError(
+        "--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
   }
   o.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
   o.margin = f.Double("margin", o.margin, 0.0, 0.99);
   o.psaw = f.Bool("psaw");
   o.layer_sharing = f.Bool("layer-sharing");
   o.use_bound_gate = !f.Bool("no-bound-gate");
-  o.max_cluster_steps = static_cast<uint32_t>(f.Int("max-cluster", o.max_cluster_steps, 0, 1 << 20));
+  o.max_cluster_steps =
+      static_cast<uint32_t>(f.Int("max-cluster", o.max_cluster_steps, 0, 1 << 20));
   if (name == "hshare") {
-    const std::string path = PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
+    const std::string path =
+        PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
     std::ifstream in(path);
     if (!in) throw UsageError("--hshare-channels: cannot read '" + path + "'");
     std::stringstream ss;
@@ -192,24 +215,30 @@ int RunEval(const std::vector<std::string>& args) {
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tokens_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
   const std::string name = f.Required("selector");
-  const std::vector<std::string> names = {"dense", "oracle", "quest", "hshare", "streaming", "h2o", "prhs"};
+  const std::vector<std::string> names = {"dense",     "oracle", "quest", "hshare",
+                                          "streaming", "h2o",    "prhs"};
   if (std::find(names.begin(), names.end(), name) == names.end())
-    throw UsageError("--selector: '" + name + "' is not one of dense|oracle|quest|hshare|streaming|h2o|prhs");
+    throw UsageError("--selector: '" + name +
+                     "' is not one of dense|oracle|quest|hshare|streaming|h2o|prhs");
   auto model = client::LlamaModel::Load(model_path);
-  if (!model.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", model.status().ToString().c_str()), 1;
+  if (!model.ok())
+    return std::fprintf(stderr, "kvmctl eval: %s\n", model.status().ToString().c_str()), 1;
   const auto& cfg = (*model)->config();
   const uint64_t context = static_cast<uint64_t>(f.Int("context", 0, 1, 1 << 24));
   const uint64_t steps = static_cast<uint64_t>(f.Int("steps", 0, 1, 1 << 24));
   if (!f.Has("context")) throw UsageError("--context is required");
   if (!f.Has("steps")) throw UsageError("--steps is required");
   if (context + steps > cfg.seq_len)
-    throw UsageError("--context + --steps = " + std::to_string(context + steps) + " exceeds the checkpoint's trained length " +
-                     std::to_string(cfg.seq_len));
+    throw UsageError("--context + --steps = " + std::to_string(context + steps) +
+                     " exceeds the checkpoint's trained length " + std::to_string(cfg.seq_len));
   auto ids = client::ReadTokenFile(tokens_path);
-  if (!ids.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", ids.status().ToString().c_str()), 1;
+  if (!ids.ok())
+    return std::fprintf(stderr, "kvmctl eval: %s\n", ids.status().ToString().c_str()), 1;
   const uint64_t offset = static_cast<uint64_t>(f.Int("offset", 0, 0, INT64_MAX));
-  if (offset + context + steps + 1 > ids->size()) throw UsageError("--offset: the token file is too short for this window");
-  if (f.Has("budget") && f.Has("budget-frac")) throw UsageError("give --budget or --budget-frac, not both");
+  if (offset + context + steps + 1 > ids->size())
+    throw UsageError("--offset: the token file is too short for this window");
+  if (f.Has("budget") && f.Has("budget-frac"))
+    throw UsageError("give --budget or --budget-frac, not both");
   auto dtype = ParseDType(f.Str("kv-dtype", "fp16"));
   if (!dtype.ok()) throw UsageError("--kv-dtype: " + dtype.status().message());
 
@@ -218,7 +247,8 @@ int RunEval(const std::vector<std::string>& args) {
   const uint32_t B = o.geometry.block_size;
   std::vector<uint32_t> window(ids->begin() + static_cast<ptrdiff_t>(offset),
                                ids->begin() + static_cast<ptrdiff_t>(offset + context + steps + 1));
-  auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"), !f.Bool("json"));
+  auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"),
+                      !f.Bool("json"));
   if (!run.ok()) {
     if (run.status().IsInvalidArgument()) throw UsageError(run.status().message());
     return std::fprintf(stderr, "kvmctl eval: %s\n", run.status().ToString().c_str()), 1;
@@ -240,7 +270,8 @@ int RunEval(const std::vector<std::string>& args) {
       dor.push_back(r.delta_oracle);
       within += r.delta_true <= o.target_delta;
       kinds[DeltaKindName(r.kind)]++;
-      if ((r.kind == DeltaKind::kExact || r.kind == DeltaKind::kBound) && !std::isnan(r.delta_claim)) {
+      if ((r.kind == DeltaKind::kExact || r.kind == DeltaKind::kBound) &&
+          !std::isnan(r.delta_claim)) {
         ++claims;
         violations += r.delta_true > r.delta_claim + 1e-6 + 1e-5 * r.delta_claim;
       }
@@ -257,39 +288,63 @@ int RunEval(const std::vector<std::string>& args) {
   (void)r;
   const double retrieval = tot ? double(tot->retrievals) / double(steps * L * Hq) : 0.0;
   const double attended = tot ? double(tot->attended_tokens) / double(tot->context_tokens) : 1.0;
-  const double streamed = tot && tot->bytes.dense_equivalent ? double(tot->bytes.streamed) / tot->bytes.dense_equivalent : 1.0;
+  const double streamed = tot && tot->bytes.dense_equivalent
+                              ? double(tot->bytes.streamed) / tot->bytes.dense_equivalent
+                              : 1.0;
   const bool gen = f.Bool("generate");
   if (f.Bool("json")) {
-    std::printf("{\"selector\": \"%s\", \"context\": %llu, \"steps\": %llu, \"budget_tokens\": %llu, \"block_size\": %u, "
-                "\"delta_mean\": %s, \"delta_p50\": %s, \"delta_p99\": %s, \"delta_max\": %s, \"oracle_delta_mean\": %s, "
-                "\"target_delta\": %s, \"within_target_fraction\": %s, \"bound_violations\": %llu, \"bound_claims\": %llu, "
-                "\"retrieval_overhead\": %s, \"attended_fraction\": %s, \"streamed_bytes_fraction\": %s, "
-                "\"topk_refetch_bytes_fraction\": %s, \"top1_agreement\": %s, \"nll_dense\": %s, \"nll_sparse\": %s, "
-                "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": \"%s\", "
-                "\"seconds\": %.2f}\n",
-                name.c_str(), (unsigned long long)context, (unsigned long long)steps, (unsigned long long)o.budget_tokens,
-                B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(), Num(Percentile(dt, 0.99)).c_str(),
-                Num(dt.empty() ? NAN : *std::max_element(dt.begin(), dt.end())).c_str(), Num(omean).c_str(),
-                target ? Num(o.target_delta).c_str() : "null", target ? Num(double(within) / dt.size()).c_str() : "null",
-                (unsigned long long)violations, (unsigned long long)claims, Num(retrieval).c_str(), Num(attended).c_str(),
-                Num(streamed).c_str(),
-                Num(tot && tot->bytes.dense_equivalent ? double(tot->bytes.topk_refetch) / tot->bytes.dense_equivalent : 1.0).c_str(),
-                Num(double(agree) / steps).c_str(), gen ? "null" : Num(nll_d).c_str(), gen ? "null" : Num(nll_s).c_str(),
-                gen ? "null" : Num(std::exp(nll_s - nll_d)).c_str(), (unsigned long long)o.max_resident_tokens,
-                gen ? "true" : "false", DTypeName(*dtype), secs);
+    std::printf(
+        "{\"selector\": \"%s\", \"context\": %llu, \"steps\": %llu, \"budget_tokens\": %llu, "
+        "\"block_size\": %u, "
+        "\"delta_mean\": %s, \"delta_p50\": %s, \"delta_p99\": %s, \"delta_max\": %s, "
+        "\"oracle_delta_mean\": %s, "
+        "\"target_delta\": %s, \"within_target_fraction\": %s, \"bound_violations\": %llu, "
+        "\"bound_claims\": %llu, "
+        "\"retrieval_overhead\": %s, \"attended_fraction\": %s, \"streamed_bytes_fraction\": %s, "
+        "\"topk_refetch_bytes_fraction\": %s, \"top1_agreement\": %s, \"nll_dense\": %s, "
+        "\"nll_sparse\": %s, "
+        "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": "
+        "\"%s\", "
+        "\"seconds\": %.2f}\n",
+        name.c_str(), (unsigned long long)context, (unsigned long long)steps,
+        (unsigned long long)o.budget_tokens, B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(),
+        Num(Percentile(dt, 0.99)).c_str(),
+        Num(dt.empty() ? NAN : *std::max_element(dt.begin(), dt.end())).c_str(), Num(omean).c_str(),
+        target ? Num(o.target_delta).c_str() : "null",
+        target ? Num(double(within) / dt.size()).c_str() : "null", (unsigned long long)violations,
+        (unsigned long long)claims, Num(retrieval).c_str(), Num(attended).c_str(),
+        Num(streamed).c_str(),
+        Num(tot && tot->bytes.dense_equivalent
+                ? double(tot->bytes.topk_refetch) / tot->bytes.dense_equivalent
+                : 1.0)
+            .c_str(),
+        Num(double(agree) / steps).c_str(), gen ? "null" : Num(nll_d).c_str(),
+        gen ? "null" : Num(nll_s).c_str(), gen ? "null" : Num(std::exp(nll_s - nll_d)).c_str(),
+        (unsigned long long)o.max_resident_tokens, gen ? "true" : "false", DTypeName(*dtype), secs);
   } else {
-    std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n", name.c_str(),
-                (unsigned long long)context, (unsigned long long)steps, (unsigned long long)o.budget_tokens,
-                target ? (", target delta " + Num(o.target_delta) + ", cap " + std::to_string(o.max_resident_tokens)).c_str() : "",
+    std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n",
+                name.c_str(), (unsigned long long)context, (unsigned long long)steps,
+                (unsigned long long)o.budget_tokens,
+                target ? (", target delta " + Num(o.target_delta) + ", cap " +
+                          std::to_string(o.max_resident_tokens))
+                             .c_str()
+                       : "",
                 B, DTypeName(*dtype));
-    std::printf("  delta mean %.5f  p50 %.5f  p99 %.5f  max %.5f   (same-size block oracle: mean %.5f)\n", mean,
-                Percentile(dt, 0.5), Percentile(dt, 0.99), dt.empty() ? 0.0 : *std::max_element(dt.begin(), dt.end()), omean);
+    std::printf(
+        "  delta mean %.5f  p50 %.5f  p99 %.5f  max %.5f   (same-size block oracle: mean %.5f)\n",
+        mean, Percentile(dt, 0.5), Percentile(dt, 0.99),
+        dt.empty() ? 0.0 : *std::max_element(dt.begin(), dt.end()), omean);
     if (target) std::printf("  within target: %.4f\n", double(within) / dt.size());
-    std::printf("  bound violations %llu of %llu claims; kinds:", (unsigned long long)violations, (unsigned long long)claims);
+    std::printf("  bound violations %llu of %llu claims; kinds:", (unsigned long long)violations,
+                (unsigned long long)claims);
     for (auto& [k, n] : kinds) std::printf(" %s %llu", k.c_str(), (unsigned long long)n);
-    std::printf("\n  retrieval overhead %.4f, attended fraction %.4f, streamed bytes / dense %.4f\n", retrieval, attended, streamed);
+    std::printf(
+        "\n  retrieval overhead %.4f, attended fraction %.4f, streamed bytes / dense %.4f\n",
+        retrieval, attended, streamed);
     std::printf("  top-1 agreement %.4f", double(agree) / steps);
-    if (!gen) std::printf(", nll dense %.4f sparse %.4f, perplexity ratio %.4f", nll_d, nll_s, std::exp(nll_s - nll_d));
+    if (!gen)
+      std::printf(", nll dense %.4f sparse %.4f, perplexity ratio %.4f", nll_d, nll_s,
+                  std::exp(nll_s - nll_d));
     std::printf("  (%.1f s)\n", secs);
   }
   return 0;

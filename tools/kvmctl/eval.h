@@ -13,21 +13,24 @@
 namespace kvm::tools {
 
 struct EvalOutput {
-  std::unique_ptr<client::SelectorKvSource> sparse;  // null for "dense"
-  uint64_t agree = 0;                                // steps whose argmax agreed
-  double nll_dense = 0, nll_sparse = 0;              // mean over steps, of ids[p + 1]
-  std::vector<uint32_t> dense_argmax, sparse_argmax; // per decode step
+  std::unique_ptr<client::SelectorKvSource> sparse;   // null for "dense"
+  uint64_t agree = 0;                                 // steps whose argmax agreed
+  double nll_dense = 0, nll_sparse = 0;               // mean over steps, of ids[p + 1]
+  std::vector<uint32_t> dense_argmax, sparse_argmax;  // per decode step
   double seconds = 0;
 };
 
-// ids: at least context + steps + 1 tokens; positions [0, context) are the prefill. Steps feed ids[p]
-// (or, with generate, the sparse run's greedy token). InvalidArgument for bad selector options.
-Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape, const std::string& name,
-                            const sel::SelectorOptions& o, const std::vector<uint32_t>& ids, uint64_t context,
-                            uint64_t steps, bool generate, bool progress);
+// ids: at least context + steps + 1 tokens; positions [0, context) are the prefill. Steps feed
+// ids[p] (or, with generate, the sparse run's greedy token). InvalidArgument for bad selector
+// options.
+Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
+                            const std::string& name, const sel::SelectorOptions& o,
+                            const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
+                            bool generate, bool progress);
 
 class Flags;
-// The selector options of eval-like commands from their flags (--budget, --budget-frac, --target-delta,
+// The selector options of eval-like commands from their flags (--budget, --budget-frac,
+// --target-delta,
 // --block-size, --max-resident[-frac], --sinks, --window, --tau, --margin, --psaw, --layer-sharing,
 // --no-bound-gate, --max-cluster, --hshare-channels). Throws UsageError naming the flag.
 sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,

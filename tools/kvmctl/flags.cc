@@ -42,7 +42,9 @@ std::optional<std::string> Flags::Str(const std::string& name) const {
   return it->second;
 }
 
-std::string Flags::Str(const std::string& name, const std::string& def) const { return Str(name).value_or(def); }
+std::string Flags::Str(const std::string& name, const std::string& def) const {
+  return Str(name).value_or(def);
+}
 
 std::string Flags::Required(const std::string& name) const {
   auto v = Str(name);
@@ -56,9 +58,11 @@ int64_t Flags::Int(const std::string& name, int64_t def, int64_t min, int64_t ma
   char* end = nullptr;
   errno = 0;
   const long long x = std::strtoll(v->c_str(), &end, 10);
-  if (v->empty() || *end || errno) throw UsageError("--" + name + ": '" + *v + "' is not an integer");
+  if (v->empty() || *end || errno)
+    throw UsageError("--" + name + ": '" + *v + "' is not an integer");
   if (x < min || x > max)
-    throw UsageError("--" + name + ": " + *v + " is outside [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    throw UsageError("--" + name + ": " + *v + " is outside [" + std::to_string(min) + ", " +
+                     std::to_string(max) + "]");
   return x;
 }
 
@@ -67,9 +71,11 @@ double Flags::Double(const std::string& name, double def, double min, double max
   if (!v) return def;
   char* end = nullptr;
   const double x = std::strtod(v->c_str(), &end);
-  if (v->empty() || *end || !std::isfinite(x)) throw UsageError("--" + name + ": '" + *v + "' is not a number");
+  if (v->empty() || *end || !std::isfinite(x))
+    throw UsageError("--" + name + ": '" + *v + "' is not a number");
   if (x < min || x > max)
-    throw UsageError("--" + name + ": " + *v + " is outside [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    throw UsageError("--" + name + ": " + *v + " is outside [" + std::to_string(min) + ", " +
+                     std::to_string(max) + "]");
   return x;
 }
 
@@ -78,7 +84,8 @@ std::string RepoRoot() {
   auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (ec) return "";
   for (auto d = p.parent_path(); !d.empty() && d != d.root_path(); d = d.parent_path())
-    if (std::filesystem::exists(d / "models") && std::filesystem::exists(d / "CMakeLists.txt")) return d.string();
+    if (std::filesystem::exists(d / "models") && std::filesystem::exists(d / "CMakeLists.txt"))
+      return d.string();
   return "";
 }
 

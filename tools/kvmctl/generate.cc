@@ -12,13 +12,16 @@
 namespace kvm::tools {
 
 int RunGenerate(const std::vector<std::string>& args) {
-  Flags f(args, {"model", "tokenizer", "prompt", "tokens", "offset", "count", "max-new", "temperature", "seed",
-                 "kv-dtype"},
+  Flags f(args,
+          {"model", "tokenizer", "prompt", "tokens", "offset", "count", "max-new", "temperature",
+           "seed", "kv-dtype"},
           {"greedy"});
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tok_path = PathOrDefault(f, "tokenizer", "models/austen/tokenizer.model");
-  if (f.Has("prompt") == f.Has("tokens")) throw UsageError("give exactly one of --prompt and --tokens");
-  if (!f.Has("tokens") && (f.Has("offset") || f.Has("count"))) throw UsageError("--offset/--count need --tokens");
+  if (f.Has("prompt") == f.Has("tokens"))
+    throw UsageError("give exactly one of --prompt and --tokens");
+  if (!f.Has("tokens") && (f.Has("offset") || f.Has("count")))
+    throw UsageError("--offset/--count need --tokens");
   const int64_t max_new = f.Int("max-new", 64, 0, 1 << 20);
   const double temperature = f.Double("temperature", 1.0, 1e-3, 100.0);
   const auto seed = static_cast<uint32_t>(f.Int("seed", 1, 0, UINT32_MAX));
@@ -26,9 +29,11 @@ int RunGenerate(const std::vector<std::string>& args) {
   if (!dtype.ok()) throw UsageError("--kv-dtype: " + dtype.status().message());
 
   auto model = client::LlamaModel::Load(model_path);
-  if (!model.ok()) return std::fprintf(stderr, "kvmctl generate: %s\n", model.status().ToString().c_str()), 1;
+  if (!model.ok())
+    return std::fprintf(stderr, "kvmctl generate: %s\n", model.status().ToString().c_str()), 1;
   auto tok = client::Tokenizer::Load(tok_path);
-  if (!tok.ok()) return std::fprintf(stderr, "kvmctl generate: %s\n", tok.status().ToString().c_str()), 1;
+  if (!tok.ok())
+    return std::fprintf(stderr, "kvmctl generate: %s\n", tok.status().ToString().c_str()), 1;
   const auto& cfg = (*model)->config();
 
   std::vector<uint32_t> ids;
@@ -37,22 +42,30 @@ int RunGenerate(const std::vector<std::string>& args) {
     for (uint32_t t : (*tok)->Encode(*p)) ids.push_back(t);
   } else {
     auto all = client::ReadTokenFile(*f.Str("tokens"));
-    if (!all.ok()) return std::fprintf(stderr, "kvmctl generate: %s\n", all.status().ToString().c_str()), 1;
+    if (!all.ok())
+      return std::fprintf(stderr, "kvmctl generate: %s\n", all.status().ToString().c_str()), 1;
     const auto offset = static_cast<uint64_t>(f.Int("offset", 0, 0, INT64_MAX));
-    if (offset >= all->size()) throw UsageError("--offset " + std::to_string(offset) + " is past the end of the token file");
-    const uint64_t count = static_cast<uint64_t>(f.Int("count", static_cast<int64_t>(all->size() - offset), 1, INT64_MAX));
-    if (offset + count > all->size()) throw UsageError("--offset + --count is past the end of the token file");
-    ids.assign(all->begin() + static_cast<ptrdiff_t>(offset), all->begin() + static_cast<ptrdiff_t>(offset + count));
+    if (offset >= all->size())
+      throw UsageError("--offset " + std::to_string(offset) + " is past the end of the token file");
+    const uint64_t count = static_cast<uint64_t>(
+        f.Int("count", static_cast<int64_t>(all->size() - offset), 1, INT64_MAX));
+    if (offset + count > all->size())
+      throw UsageError("--offset + --count is past the end of the token file");
+    ids.assign(all->begin() + static_cast<ptrdiff_t>(offset),
+               all->begin() + static_cast<ptrdiff_t>(offset + count));
   }
   if (ids.empty()) throw UsageError("the prompt is empty");
   if (ids.size() + static_cast<uint64_t>(max_new) > cfg.seq_len)
-    throw UsageError("prompt (" + std::to_string(ids.size()) + " tokens) + --max-new " + std::to_string(max_new) +
-                     " exceeds the model's trained length " + std::to_string(cfg.seq_len));
+    throw UsageError("prompt (" + std::to_string(ids.size()) + " tokens) + --max-new " +
+                     std::to_string(max_new) + " exceeds the model's trained length " +
+                     std::to_string(cfg.seq_len));
   for (uint32_t t : ids)
-    if (t >= cfg.vocab_size) throw UsageError("token id " + std::to_string(t) + " is outside the vocabulary");
+    if (t >= cfg.vocab_size)
+      throw UsageError("token id " + std::to_string(t) + " is outside the vocabulary");
 
   auto kv = client::DenseKvSource::Make((*model)->Shape(*dtype), 16);
-  if (!kv.ok()) return std::fprintf(stderr, "kvmctl generate: %s\n", kv.status().ToString().c_str()), 1;
+  if (!kv.ok())
+    return std::fprintf(stderr, "kvmctl generate: %s\n", kv.status().ToString().c_str()), 1;
   client::ReferenceWorker worker(**model, kv->get());
   std::vector<float> logits(cfg.vocab_size);
   std::mt19937 rng(seed);
@@ -84,9 +97,12 @@ int RunGenerate(const std::vector<std::string>& args) {
   }
   const auto t2 = std::chrono::steady_clock::now();
   std::printf("%s\n", (*tok)->Decode(out).c_str());
-  const double pre = std::chrono::duration<double>(t1 - t0).count(), dec = std::chrono::duration<double>(t2 - t1).count();
-  std::fprintf(stderr, "[%zu prompt tokens in %.2f s, %zu new tokens in %.2f s = %.1f tokens/s; KV %s, dense]\n",
-               ids.size(), pre, out.size(), dec, out.empty() ? 0.0 : out.size() / dec, DTypeName(*dtype));
+  const double pre = std::chrono::duration<double>(t1 - t0).count(),
+               dec = std::chrono::duration<double>(t2 - t1).count();
+  std::fprintf(
+      stderr,
+      "[%zu prompt tokens in %.2f s, %zu new tokens in %.2f s = %.1f tokens/s; KV %s, dense]\n",
+      ids.size(), pre, out.size(), dec, out.empty() ? 0.0 : out.size() / dec, DTypeName(*dtype));
   return 0;
 }
 

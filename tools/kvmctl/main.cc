@@ -25,12 +25,15 @@ const Command kCommands[] = {
 void PrintUsage(FILE* out) {
   std::fprintf(out, "usage: kvmctl <command> [flags]\n\ncommands:\n");
   for (const auto& c : kCommands) std::fprintf(out, "%s\n", c.usage);
-  std::fprintf(out, "\nNot built yet: demo, status, bench transport, eval --all --report (see README.md).\n");
+  std::fprintf(
+      out,
+      "\nNot built yet: demo, status, bench transport, eval --all --report (see README.md).\n");
 }
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
+      !std::strcmp(argv[1], "help")) {
     PrintUsage(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;
   }

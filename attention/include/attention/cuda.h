@@ -17,16 +17,17 @@ namespace kvm::attn::cuda {
 
 // Retrieval scoring of one (layer, KV head): logits of `group` query heads against every key.
 struct ScoreParams {
-  const void* k = nullptr;      // device: K blocks of one (layer, KV head), contiguous
-                                //   [n_blocks][block_size][head_dim] of dtype, n_blocks = ceil(tokens / B)
-  const float* q = nullptr;     // device: [group][head_dim] fp32 queries (post-RoPE)
-  float* scores = nullptr;      // device out: [group][tokens] fp32, scale · q·k
+  const void* k =
+      nullptr;  // device: K blocks of one (layer, KV head), contiguous
+                //   [n_blocks][block_size][head_dim] of dtype, n_blocks = ceil(tokens / B)
+  const float* q = nullptr;  // device: [group][head_dim] fp32 queries (post-RoPE)
+  float* scores = nullptr;   // device out: [group][tokens] fp32, scale · q·k
   uint64_t tokens = 0;
   uint32_t block_size = 16;
-  uint32_t head_dim = 128;      // 32, 64, 128 or 256
-  uint32_t group = 1;           // query heads per KV head, 1..64
+  uint32_t head_dim = 128;  // 32, 64, 128 or 256
+  uint32_t group = 1;       // query heads per KV head, 1..64
   DType dtype = DType::kF16;
-  float scale = 0.0f;           // 0 → 1/sqrt(head_dim)
+  float scale = 0.0f;  // 0 → 1/sqrt(head_dim)
 };
 Status ScoreKeys(const ScoreParams& p, void* stream = nullptr);
 

@@ -21,15 +21,18 @@ namespace kvm::attn {
 
 // Keys and values of one (layer, KV head) of one sequence.
 struct HeadKV {
-  const void* const* k_blocks = nullptr;  // [n_blocks] pointers, each K[block_size][head_dim] of dtype
-  const void* const* v_blocks = nullptr;  // [n_blocks] pointers, each V[block_size][head_dim] of dtype
+  const void* const* k_blocks =
+      nullptr;  // [n_blocks] pointers, each K[block_size][head_dim] of dtype
+  const void* const* v_blocks =
+      nullptr;  // [n_blocks] pointers, each V[block_size][head_dim] of dtype
   uint32_t n_blocks = 0;
-  uint64_t tokens = 0;                    // valid tokens; block i holds [i*B, min((i+1)*B, tokens))
+  uint64_t tokens = 0;  // valid tokens; block i holds [i*B, min((i+1)*B, tokens))
   uint32_t block_size = 0;
   uint32_t head_dim = 0;
   DType dtype = DType::kF32;
 
-  // InvalidArgument when pointers are missing, head_dim unsupported, or n_blocks does not cover tokens.
+  // InvalidArgument when pointers are missing, head_dim unsupported, or n_blocks does not cover
+  // tokens.
   Status Validate() const;
 };
 
@@ -55,14 +58,16 @@ double DroppedMass(const float* p, const uint8_t* selected, size_t n);
 //   mask: [kv.tokens] 0/1, or empty for all tokens (dense)
 //   out:  [group][head_dim] fp32
 // Two passes in token order: logits, max, Σexp and Σexp·v. An empty selection → InvalidArgument.
-Status Attend(const float* q, uint32_t group, const HeadKV& kv, std::span<const uint8_t> mask, float* out);
+Status Attend(const float* q, uint32_t group, const HeadKV& kv, std::span<const uint8_t> mask,
+              float* out);
 
 // The online-softmax state of one query over the tokens [begin, end) of kv (mask as above):
 // m, d and o[head_dim]. Used to test MergeState: states of halves merge into the whole.
 void PartialState(const float* q, const HeadKV& kv, std::span<const uint8_t> mask, uint64_t begin,
                   uint64_t end, float* m, float* d, float* o);
 
-// "no CUDA device" (Unavailable) or "built without CUDA" (Unimplemented), or OK when a device exists.
+// "no CUDA device" (Unavailable) or "built without CUDA" (Unimplemented), or OK when a device
+// exists.
 Status CudaAvailable();
 
 }  // namespace kvm::attn

@@ -20,8 +20,10 @@
 
 namespace kvm::attn {
 
-// Merges (m2, d2, o2) into (m, d, o); o and o2 have `dim` entries. Empty states merge as identities.
-KVM_HD void MergeState(float& m, float& d, float* o, float m2, float d2, const float* o2, uint32_t dim) {
+// Merges (m2, d2, o2) into (m, d, o); o and o2 have `dim` entries. Empty states merge as
+// identities.
+KVM_HD void MergeState(float& m, float& d, float* o, float m2, float d2, const float* o2,
+                       uint32_t dim) {
   if (d2 == 0.0f) return;
   if (d == 0.0f) {
     m = m2;

@@ -1,7 +1,7 @@
-// CUDA decode attention (dense and sparse: the same block-table parameters as the CPU path), split-KV:
-// kernel 1 gives each (KV head, split) thread block a range of the head's block list and writes the
-// online-softmax partial state (m, d, o) of every query head of the group; kernel 2 merges the splits
-// with MergeState (attention/state.h) and normalises.
+// CUDA decode attention (dense and sparse: the same block-table parameters as the CPU path),
+// split-KV: kernel 1 gives each (KV head, split) thread block a range of the head's block list and
+// writes the online-softmax partial state (m, d, o) of every query head of the group; kernel 2
+// merges the splits with MergeState (attention/state.h) and normalises.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,11 +19,17 @@ namespace {
 template <typename T>
 __device__ __forceinline__ float Load(const T* p);
 template <>
-__device__ __forceinline__ float Load<__half>(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float Load<__half>(const __half* p) {
+  return __half2float(*p);
+}
 template <>
-__device__ __forceinline__ float Load<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float Load<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
 template <>
-__device__ __forceinline__ float Load<float>(const float* p) { return *p; }
+__device__ __forceinline__ float Load<float>(const float* p) {
+  return *p;
+}
 
 constexpr int kWarps = 4;
 constexpr int kMaxG = 8;
@@ -46,7 +52,8 @@ __global__ void DecodePartial(DecodeParams p, float scale, uint32_t per_split, f
     m[j] = -INFINITY;
     d[j] = 0.f;
   }
-  // Each warp walks whole blocks of the range; within a block, rows in order (online softmax per row).
+  // Each warp walks whole blocks of the range; within a block, rows in order (online softmax per
+  // row).
   for (uint32_t bi = begin + warp; bi < end; bi += kWarps) {
     const size_t e = size_t(h) * p.max_blocks + bi;
     const uint32_t rows = p.rows ? p.rows[e] : p.block_size;
@@ -141,19 +148,31 @@ __global__ void DecodeMerge(float* out, const float* ws, uint32_t splits, uint32
 }
 
 template <typename T>
-Status Launch(const DecodeParams& p, uint32_t splits, uint32_t per_split, float* ws, cudaStream_t st) {
+Status Launch(const DecodeParams& p, uint32_t splits, uint32_t per_split, float* ws,
+              cudaStream_t st) {
   const float scale = p.scale != 0.f ? p.scale : 1.0f / sqrtf(float(p.head_dim));
   const dim3 grid(p.kv_heads, splits);
   switch (p.head_dim) {
-    case 32: DecodePartial<T, 32><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws); break;
-    case 64: DecodePartial<T, 64><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws); break;
-    case 128: DecodePartial<T, 128><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws); break;
-    case 256: DecodePartial<T, 256><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws); break;
-    default: return Status::InvalidArgument("decode: head_dim must be 32, 64, 128 or 256");
+    case 32:
+      DecodePartial<T, 32><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws);
+      break;
+    case 64:
+      DecodePartial<T, 64><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws);
+      break;
+    case 128:
+      DecodePartial<T, 128><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws);
+      break;
+    case 256:
+      DecodePartial<T, 256><<<grid, 32 * kWarps, 0, st>>>(p, scale, per_split, ws);
+      break;
+    default:
+      return Status::InvalidArgument("decode: head_dim must be 32, 64, 128 or 256");
   }
-  DecodeMerge<<<p.kv_heads * p.group, 128, p.head_dim * sizeof(float), st>>>(p.out, ws, splits, p.group, p.head_dim);
+  DecodeMerge<<<p.kv_heads * p.group, 128, p.head_dim * sizeof(float), st>>>(p.out, ws, splits,
+                                                                             p.group, p.head_dim);
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return Status::Internal(std::string("decode launch: ") + cudaGetErrorString(e));
+  if (e != cudaSuccess)
+    return Status::Internal(std::string("decode launch: ") + cudaGetErrorString(e));
   return Status::Ok();
 }
 
@@ -168,11 +187,13 @@ size_t DecodeWorkspaceBytes(uint32_t kv_heads, uint32_t group, uint32_t head_dim
   return size_t(kv_heads) * splits * group * (head_dim + 2) * sizeof(float);
 }
 
-Status Decode(const DecodeParams& p, uint32_t splits, void* workspace, size_t workspace_bytes, void* stream) {
+Status Decode(const DecodeParams& p, uint32_t splits, void* workspace, size_t workspace_bytes,
+              void* stream) {
   // The CPU-side checks that need no device memory (pointers here are device pointers).
   if (p.head_dim != 32 && p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256)
     return Status::InvalidArgument("decode: head_dim must be 32, 64, 128 or 256");
-  if (p.group == 0 || p.group > kMaxG) return Status::InvalidArgument("decode: group must be in 1..8");
+  if (p.group == 0 || p.group > kMaxG)
+    return Status::InvalidArgument("decode: group must be in 1..8");
   if (p.kv_heads == 0 || !p.q || !p.out || !p.k_blocks || !p.v_blocks || !p.n_blocks || splits == 0)
     return Status::InvalidArgument("decode: missing pointer or zero size");
   if (workspace_bytes < DecodeWorkspaceBytes(p.kv_heads, p.group, p.head_dim, splits))
@@ -182,9 +203,12 @@ Status Decode(const DecodeParams& p, uint32_t splits, void* workspace, size_t wo
   float* ws = static_cast<float*>(workspace);
   auto st = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case DType::kF16: return Launch<__half>(p, splits, per_split, ws, st);
-    case DType::kBF16: return Launch<__nv_bfloat16>(p, splits, per_split, ws, st);
-    case DType::kF32: return Launch<float>(p, splits, per_split, ws, st);
+    case DType::kF16:
+      return Launch<__half>(p, splits, per_split, ws, st);
+    case DType::kBF16:
+      return Launch<__nv_bfloat16>(p, splits, per_split, ws, st);
+    case DType::kF32:
+      return Launch<float>(p, splits, per_split, ws, st);
   }
   return Status::InvalidArgument("decode: unknown dtype");
 }

@@ -15,25 +15,32 @@ namespace {
 Status FromCuda(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::Ok();
   if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
-    return Status::Unavailable(std::string("no CUDA device (") + what + ": " + cudaGetErrorString(e) + ")");
+    return Status::Unavailable(std::string("no CUDA device (") + what + ": " +
+                               cudaGetErrorString(e) + ")");
   return Status::Internal(std::string(what) + ": " + cudaGetErrorString(e));
 }
 
 template <typename T>
 __device__ __forceinline__ float ToF(T x);
 template <>
-__device__ __forceinline__ float ToF<__half>(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToF<__half>(__half x) {
+  return __half2float(x);
+}
 template <>
-__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
 template <>
-__device__ __forceinline__ float ToF<float>(float x) { return x; }
+__device__ __forceinline__ float ToF<float>(float x) {
+  return x;
+}
 
 constexpr int kTile = 128;  // tokens per thread block
 constexpr int kWarps = 4;
 
 template <typename T, int D>
-__global__ void ScoreKernel(const T* __restrict__ k, const float* __restrict__ q, float* __restrict__ scores,
-                            uint64_t tokens, float scale) {
+__global__ void ScoreKernel(const T* __restrict__ k, const float* __restrict__ q,
+                            float* __restrict__ scores, uint64_t tokens, float scale) {
   // K is [tokens padded to blocks][D] contiguous: the block layout of one (layer, KV head).
   constexpr int kPerLane = D / 32;
   const int head = blockIdx.y;
@@ -61,11 +68,21 @@ Status Launch(const ScoreParams& p, cudaStream_t s) {
   const float scale = p.scale != 0.f ? p.scale : 1.0f / sqrtf(static_cast<float>(p.head_dim));
   const T* k = static_cast<const T*>(p.k);
   switch (p.head_dim) {  // DISPATCH_HEAD_DIM
-    case 32: ScoreKernel<T, 32><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale); break;
-    case 64: ScoreKernel<T, 64><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale); break;
-    case 128: ScoreKernel<T, 128><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale); break;
-    case 256: ScoreKernel<T, 256><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale); break;
-    default: return Status::InvalidArgument("head_dim must be 32, 64, 128 or 256, got " + std::to_string(p.head_dim));
+    case 32:
+      ScoreKernel<T, 32><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale);
+      break;
+    case 64:
+      ScoreKernel<T, 64><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale);
+      break;
+    case 128:
+      ScoreKernel<T, 128><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale);
+      break;
+    case 256:
+      ScoreKernel<T, 256><<<grid, 32 * kWarps, 0, s>>>(k, p.q, p.scores, p.tokens, scale);
+      break;
+    default:
+      return Status::InvalidArgument("head_dim must be 32, 64, 128 or 256, got " +
+                                     std::to_string(p.head_dim));
   }
   return FromCuda(cudaGetLastError(), "ScoreKernel launch");
 }
@@ -75,15 +92,20 @@ Status Launch(const ScoreParams& p, cudaStream_t s) {
 Status ScoreKeys(const ScoreParams& p, void* stream) {
   if (p.tokens == 0) return Status::Ok();
   if (!p.k || !p.q || !p.scores) return Status::InvalidArgument("ScoreKeys: null device pointer");
-  if (p.group == 0 || p.group > 64) return Status::InvalidArgument("ScoreKeys: group must be in 1..64");
+  if (p.group == 0 || p.group > 64)
+    return Status::InvalidArgument("ScoreKeys: group must be in 1..64");
   if (p.block_size == 0) return Status::InvalidArgument("ScoreKeys: block_size must be > 0");
-  if ((p.tokens + kTile - 1) / kTile > 0x7fffffffu) return Status::InvalidArgument("ScoreKeys: too many tokens");
+  if ((p.tokens + kTile - 1) / kTile > 0x7fffffffu)
+    return Status::InvalidArgument("ScoreKeys: too many tokens");
   KVM_RETURN_IF_ERROR(CudaAvailable());
   auto s = static_cast<cudaStream_t>(stream);
   switch (p.dtype) {
-    case DType::kF16: return Launch<__half>(p, s);
-    case DType::kBF16: return Launch<__nv_bfloat16>(p, s);
-    case DType::kF32: return Launch<float>(p, s);
+    case DType::kF16:
+      return Launch<__half>(p, s);
+    case DType::kBF16:
+      return Launch<__nv_bfloat16>(p, s);
+    case DType::kF32:
+      return Launch<float>(p, s);
   }
   return Status::InvalidArgument("ScoreKeys: unknown dtype");
 }

@@ -1,10 +1,11 @@
 // KvSource: where the reference worker's attention gets its keys and values from.
 //
 // The worker calls, for every layer of every token in order: Append(layer, pos, k, v) with the new
-// token's post-RoPE keys and values, then Attend(layer, pos, q, out) for the attention of that token
-// over positions [0, pos]. Implementations: the local dense cache (DenseKvSource, here), a local
-// selector (later) and the service (later). All attend in increasing token order with the attention/
-// reference arithmetic, so two sources that attend the same tokens give bit-identical outputs.
+// token's post-RoPE keys and values, then Attend(layer, pos, q, out) for the attention of that
+// token over positions [0, pos]. Implementations: the local dense cache (DenseKvSource, here), a
+// local selector (later) and the service (later). All attend in increasing token order with the
+// attention/ reference arithmetic, so two sources that attend the same tokens give bit-identical
+// outputs.
 //
 // Not thread-safe: one worker drives one source.
 #pragma once
@@ -52,7 +53,9 @@ class DenseKvSource : public KvSource {
     std::vector<uint8_t> k, v;  // [blocks][B][D] of dtype, grown a block at a time
     mutable std::vector<const void*> kp, vp;
   };
-  Head& head(uint32_t layer, uint32_t kvh) { return heads_[size_t{layer} * layout_.shape().kv_heads + kvh]; }
+  Head& head(uint32_t layer, uint32_t kvh) {
+    return heads_[size_t{layer} * layout_.shape().kv_heads + kvh];
+  }
   const Head& head(uint32_t layer, uint32_t kvh) const {
     return heads_[size_t{layer} * layout_.shape().kv_heads + kvh];
   }

@@ -2,12 +2,13 @@
 // checkpoint format, whose attention reads keys and values through a pluggable KvSource.
 //
 // Checkpoint (little-endian): 7 int32 {dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
-// seq_len} (vocab_size < 0: an untied classifier follows), then fp32 tensors, each for all layers in a
-// row: tok_emb[vocab][dim], rms_att[L][dim], wq[L][Hq*hd][dim], wk[L][Hkv*hd][dim], wv[L][Hkv*hd][dim],
-// wo[L][dim][Hq*hd], rms_ffn[L][dim], w1[L][hidden][dim], w2[L][dim][hidden], w3[L][hidden][dim],
-// rms_final[dim], seq_len*hd legacy floats, [wcls[vocab][dim]]. hd = dim / n_heads.
-// Math: RMSNorm (eps 1e-5), RoPE on interleaved pairs (i, i+1) by pos / 10000^(i/hd), GQA (query head h
-// uses KV head h / (Hq/Hkv)), SwiGLU w2(silu(w1 x) * w3 x). Matrix products accumulate in double.
+// seq_len} (vocab_size < 0: an untied classifier follows), then fp32 tensors, each for all layers
+// in a row: tok_emb[vocab][dim], rms_att[L][dim], wq[L][Hq*hd][dim], wk[L][Hkv*hd][dim],
+// wv[L][Hkv*hd][dim], wo[L][dim][Hq*hd], rms_ffn[L][dim], w1[L][hidden][dim], w2[L][dim][hidden],
+// w3[L][hidden][dim], rms_final[dim], seq_len*hd legacy floats, [wcls[vocab][dim]]. hd = dim /
+// n_heads. Math: RMSNorm (eps 1e-5), RoPE on interleaved pairs (i, i+1) by pos / 10000^(i/hd), GQA
+// (query head h uses KV head h / (Hq/Hkv)), SwiGLU w2(silu(w1 x) * w3 x). Matrix products
+// accumulate in double.
 //
 // LlamaModel is immutable after Load (thread-safe to share). A ReferenceWorker is not thread-safe.
 #pragma once
@@ -25,16 +26,17 @@
 namespace kvm::client {
 
 struct LlamaConfig {
-  uint32_t dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0, seq_len = 0;
+  uint32_t dim = 0, hidden_dim = 0, n_layers = 0, n_heads = 0, n_kv_heads = 0, vocab_size = 0,
+           seq_len = 0;
   bool shared_classifier = true;
   uint32_t head_dim() const { return n_heads ? dim / n_heads : 0; }
 };
 
 class LlamaModel {
  public:
-  // Loads and validates a checkpoint. Errors name what is wrong: InvalidArgument for a bad header or
-  // an `ak42` (later llama2.c version) file, Corruption for a size that does not match the header,
-  // NotFound for a missing file.
+  // Loads and validates a checkpoint. Errors name what is wrong: InvalidArgument for a bad header
+  // or an `ak42` (later llama2.c version) file, Corruption for a size that does not match the
+  // header, NotFound for a missing file.
   static Result<std::unique_ptr<LlamaModel>> Load(const std::string& path);
 
   const LlamaConfig& config() const { return cfg_; }

@@ -18,7 +18,7 @@ inline uint16_t FloatToHalf(float f) {
   const uint32_t x = std::bit_cast<uint32_t>(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t a = x & 0x7fffffffu;
-  if (a >= 0x7f800000u) {                          // Inf or NaN
+  if (a >= 0x7f800000u) {  // Inf or NaN
     if (a == 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u);
     return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // quiet NaN, payload kept
   }
@@ -36,7 +36,8 @@ inline float HalfToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1fu;
   const uint32_t m = h & 0x3ffu;
-  if (e == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (m ? (0x400000u | (m << 13)) : 0u));
+  if (e == 0x1f)
+    return std::bit_cast<float>(sign | 0x7f800000u | (m ? (0x400000u | (m << 13)) : 0u));
   if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float
     const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
     return std::bit_cast<float>(sign | std::bit_cast<uint32_t>(v));
@@ -46,7 +47,8 @@ inline float HalfToFloat(uint16_t h) {
 
 inline uint16_t FloatToBf16(float f) {
   const uint32_t x = std::bit_cast<uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
+  if ((x & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet NaN
   return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 

@@ -1,10 +1,10 @@
 // The model shape and the block layout: the shared vocabulary of storage, selection and transport.
 //
-// A block (DESIGN.md §2) is B consecutive tokens of one sequence, ONE layer and ONE KV head. K and V
-// are stored separately, each contiguous and row-major:
+// A block (DESIGN.md §2) is B consecutive tokens of one sequence, ONE layer and ONE KV head. K and
+// V are stored separately, each contiguous and row-major:
 //     K[block_size][head_dim], V[block_size][head_dim]   (elements of `dtype`)
-// Block i of a sequence holds tokens [i*B, (i+1)*B); the last block may be partial (ragged): only its
-// first (T - i*B) rows are valid. A block is identified by (layer, kv_head, block index).
+// Block i of a sequence holds tokens [i*B, (i+1)*B); the last block may be partial (ragged): only
+// its first (T - i*B) rows are valid. A block is identified by (layer, kv_head, block index).
 //
 // GQA: query head h reads KV head h / group_size, group_size = q_heads / kv_heads.
 //
@@ -21,8 +21,8 @@ namespace kvm {
 
 // Element type of K and V (and of other tensors where said). Wire values: never renumber.
 enum class DType : uint32_t { kF16 = 1, kBF16 = 2, kF32 = 3 };
-size_t DTypeSize(DType t);            // bytes per element; 0 for an unknown value
-const char* DTypeName(DType t);       // "fp16", "bf16", "fp32", "?"
+size_t DTypeSize(DType t);                          // bytes per element; 0 for an unknown value
+const char* DTypeName(DType t);                     // "fp16", "bf16", "fp32", "?"
 Result<DType> ParseDType(const std::string& name);  // accepts the names above
 
 // What kind of value a reported dropped mass δ is (selectors.md §0.2). Wire values: never renumber.
@@ -39,12 +39,12 @@ inline constexpr uint32_t kMaxHeads = 1024;
 inline constexpr uint32_t kMaxBlockSize = 1024;
 
 struct ModelShape {
-  uint32_t layers = 0;      // L >= 1
-  uint32_t q_heads = 0;     // Hq, a multiple of kv_heads
-  uint32_t kv_heads = 0;    // Hkv >= 1
-  uint32_t head_dim = 0;    // D in {32, 64, 128, 256}
+  uint32_t layers = 0;    // L >= 1
+  uint32_t q_heads = 0;   // Hq, a multiple of kv_heads
+  uint32_t kv_heads = 0;  // Hkv >= 1
+  uint32_t head_dim = 0;  // D in {32, 64, 128, 256}
   DType dtype = DType::kF16;
-  uint64_t fingerprint = 0; // hash of the weights' identity; 0 = unknown (allowed, matches only 0)
+  uint64_t fingerprint = 0;  // hash of the weights' identity; 0 = unknown (allowed, matches only 0)
 
   uint32_t group_size() const { return kv_heads ? q_heads / kv_heads : 0; }
   // InvalidArgument naming the first bad field, or OK.

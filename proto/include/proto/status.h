@@ -59,8 +59,8 @@ class [[nodiscard]] Status {
   Status& operator=(Status&&) noexcept = default;
 
   static Status Ok() { return Status(); }
-#define KVM_STATUS_FACTORY(Name)                                                            \
-  static Status Name(std::string_view msg) { return Status(StatusCode::k##Name, msg); }    \
+#define KVM_STATUS_FACTORY(Name)                                                        \
+  static Status Name(std::string_view msg) { return Status(StatusCode::k##Name, msg); } \
   bool Is##Name() const { return code() == StatusCode::k##Name; }
   KVM_STATUS_FACTORY(InvalidArgument)
   KVM_STATUS_FACTORY(NotFound)
@@ -109,14 +109,24 @@ template <typename T>
 class [[nodiscard]] Result {
  public:
   Result(T value) : value_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
-  Result(Status status)  // NOLINT(google-explicit-constructor)
-      : status_(status.ok() ? Status::Internal("Result constructed from an OK Status") : std::move(status)) {}
+  Result(Status status)                          // NOLINT(google-explicit-constructor)
+      : status_(status.ok() ? Status::Internal("Result constructed from an OK Status")
+                            : std::move(status)) {}
 
   bool ok() const { return value_.has_value(); }
   const Status& status() const { return status_; }
-  T& value() & { Check(); return *value_; }
-  const T& value() const& { Check(); return *value_; }
-  T&& value() && { Check(); return std::move(*value_); }
+  T& value() & {
+    Check();
+    return *value_;
+  }
+  const T& value() const& {
+    Check();
+    return *value_;
+  }
+  T&& value() && {
+    Check();
+    return std::move(*value_);
+  }
   T* operator->() { return &value(); }
   const T* operator->() const { return &value(); }
   T& operator*() & { return value(); }
@@ -134,7 +144,9 @@ class [[nodiscard]] Result {
 
 [[noreturn]] void AbortWithStatus(const Status& s);
 template <typename T>
-void Result<T>::AbortOnError(const Status& s) { AbortWithStatus(s); }
+void Result<T>::AbortOnError(const Status& s) {
+  AbortWithStatus(s);
+}
 
 }  // namespace kvm
 
@@ -142,14 +154,16 @@ void Result<T>::AbortOnError(const Status& s) { AbortWithStatus(s); }
 #define KVM_CONCAT_(a, b) KVM_CONCAT_INNER_(a, b)
 
 // Returns the Status of `expr` from the enclosing function when it is not OK.
-#define KVM_RETURN_IF_ERROR(expr)                   \
-  do {                                              \
-    ::kvm::Status kvm_status_ = (expr);             \
-    if (!kvm_status_.ok()) return kvm_status_;      \
+#define KVM_RETURN_IF_ERROR(expr)              \
+  do {                                         \
+    ::kvm::Status kvm_status_ = (expr);        \
+    if (!kvm_status_.ok()) return kvm_status_; \
   } while (0)
 
-// `lhs = value of expr` or returns its Status. lhs may be a declaration: KVM_ASSIGN_OR_RETURN(auto x, F());
-#define KVM_ASSIGN_OR_RETURN(lhs, expr) KVM_ASSIGN_OR_RETURN_IMPL_(KVM_CONCAT_(kvm_result_, __LINE__), lhs, expr)
+// `lhs = value of expr` or returns its Status. lhs may be a declaration: KVM_ASSIGN_OR_RETURN(auto
+// x, F());
+#define KVM_ASSIGN_OR_RETURN(lhs, expr) \
+  KVM_ASSIGN_OR_RETURN_IMPL_(KVM_CONCAT_(kvm_result_, __LINE__), lhs, expr)
 #define KVM_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr) \
   auto tmp = (expr);                               \
   if (!tmp.ok()) return tmp.status();              \

@@ -1,7 +1,7 @@
-// The cross-layer sharing map (selectors.md §0.6): built by the worker at the end of prefill from the
-// exact scores of its last W prefill queries, greedily as HShare builds its layer map, and sent to the
-// service ("set layer map"). source[l] == l: layer l selects itself; source[l] < l: it reuses layer
-// source[l]'s block set. Pure functions; thread-safe.
+// The cross-layer sharing map (selectors.md §0.6): built by the worker at the end of prefill from
+// the exact scores of its last W prefill queries, greedily as HShare builds its layer map, and sent
+// to the service ("set layer map"). source[l] == l: layer l selects itself; source[l] < l: it
+// reuses layer source[l]'s block set. Pure functions; thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -13,17 +13,19 @@
 namespace kvm::sel {
 
 // Keep mask of one layer: for each query head h and each of the W queries (positions T−W .. T−1),
-// which tokens are in that query's exact top-k (k = ceil(frac · (p+1)), over its causal range [0, p]).
+// which tokens are in that query's exact top-k (k = ceil(frac · (p+1)), over its causal range [0,
+// p]).
 //   q:  [W][q_heads][head_dim] post-RoPE queries, oldest first
 //   kv: one HeadKV per KV head holding the layer's T prefill tokens
 // Returns [q_heads][W][T] of 0/1. Cost O(W · T) per head.
-std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads, const std::vector<attn::HeadKV>& kv,
-                              double frac);
+std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads,
+                              const std::vector<attn::HeadKV>& kv, double frac);
 
 // Greedy map: overlap(i, j) = |keep_i ∧ keep_j| / |keep_i| for j < i; repeatedly the pair with the
 // highest overlap makes layer i share layer j (re-pointed to j's own source), then i can neither be
 // re-mapped nor become a source. `shared_layers` pairs (at most layers − 1). Layer 0 never shares.
 // InvalidArgument when the masks differ in size or are empty.
-Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_t>>& keep, uint32_t shared_layers);
+Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_t>>& keep,
+                                            uint32_t shared_layers);
 
 }  // namespace kvm::sel

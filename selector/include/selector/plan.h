@@ -3,8 +3,8 @@
 // the slot table the attention reads; with the byte accounting of DESIGN.md §8.
 //
 // The worker keeps the recent window locally, so window blocks never enter the hot set and never
-// travel. A block that just left the window (it was in the previous step's window) is filled from the
-// worker's own copy ("local fill"), not sent. Everything else that enters the hot set is sent.
+// travel. A block that just left the window (it was in the previous step's window) is filled from
+// the worker's own copy ("local fill"), not sent. Everything else that enters the hot set is sent.
 //
 // HotSetMirror is the state of one (layer, KV head); not thread-safe.
 #pragma once
@@ -22,10 +22,11 @@ namespace kvm::sel {
 inline constexpr uint64_t kEmptySlot = UINT64_MAX;
 
 struct PlanStep {
-  std::vector<uint32_t> evicted_slots;                  // freed this step
-  std::vector<std::pair<uint64_t, uint32_t>> sends;     // (block, slot): streamed over the network
-  std::vector<std::pair<uint64_t, uint32_t>> local_fills;  // (block, slot): copied from the worker's window
-  uint64_t window_first = 0;                            // blocks ≥ this are attended from the local window
+  std::vector<uint32_t> evicted_slots;               // freed this step
+  std::vector<std::pair<uint64_t, uint32_t>> sends;  // (block, slot): streamed over the network
+  std::vector<std::pair<uint64_t, uint32_t>>
+      local_fills;            // (block, slot): copied from the worker's window
+  uint64_t window_first = 0;  // blocks ≥ this are attended from the local window
 };
 
 // Cumulative byte counts (K and V together).
@@ -52,11 +53,13 @@ class HotSetMirror {
   // Forgets everything (the worker lost its buffer: a new hot-set generation).
   void Reset();
 
-  // Plans one step: `resident` (ascending) at T tokens with geometry `geo`; `prev_window_first` is the
-  // first window block of the previous step (blocks at or after it are in the worker's window copy).
-  // InvalidArgument naming budget and capacity when the non-window resident blocks exceed capacity.
-  Status Plan(const std::vector<uint64_t>& resident, uint64_t T, const Geometry& geo, uint64_t prev_window_first,
-              size_t kv_block_bytes, size_t row_bytes, PlanStep* step, PlanBytes* bytes);
+  // Plans one step: `resident` (ascending) at T tokens with geometry `geo`; `prev_window_first` is
+  // the first window block of the previous step (blocks at or after it are in the worker's window
+  // copy). InvalidArgument naming budget and capacity when the non-window resident blocks exceed
+  // capacity.
+  Status Plan(const std::vector<uint64_t>& resident, uint64_t T, const Geometry& geo,
+              uint64_t prev_window_first, size_t kv_block_bytes, size_t row_bytes, PlanStep* step,
+              PlanBytes* bytes);
 
  private:
   std::vector<uint64_t> slot_block_;

@@ -38,14 +38,15 @@ std::vector<double> DeltaOf(const GroupScores& s, const std::vector<uint64_t>& b
 // The block oracle (§0.1, §0.7): the forced blocks plus the `count` − |forced| other blocks of
 // highest aggregated mass (ties to the lower index). Maximises the group's summed retained mass
 // among sets of `count` blocks containing `forced`. Returns ascending blocks.
-std::vector<uint64_t> OracleBlocks(const GroupScores& s, const std::vector<uint64_t>& forced, uint64_t count);
+std::vector<uint64_t> OracleBlocks(const GroupScores& s, const std::vector<uint64_t>& forced,
+                                   uint64_t count);
 
 // Target mode: forced blocks, then eligible blocks in order of aggregated mass until every head's
-// retained mass ≥ 1 − goal, at most `cap` blocks in all. eligible(b) says which blocks may be added.
-// *met tells whether the goal was reached.
+// retained mass ≥ 1 − goal, at most `cap` blocks in all. eligible(b) says which blocks may be
+// added. *met tells whether the goal was reached.
 template <typename Eligible>
-std::vector<uint64_t> FillToTarget(const GroupScores& s, std::vector<uint64_t> forced, double goal, uint64_t cap,
-                                   Eligible eligible, bool* met);
+std::vector<uint64_t> FillToTarget(const GroupScores& s, std::vector<uint64_t> forced, double goal,
+                                   uint64_t cap, Eligible eligible, bool* met);
 
 }  // namespace kvm::sel
 

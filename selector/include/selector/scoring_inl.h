@@ -7,8 +7,8 @@
 namespace kvm::sel {
 
 template <typename Eligible>
-std::vector<uint64_t> FillToTarget(const GroupScores& s, std::vector<uint64_t> forced, double goal, uint64_t cap,
-                                   Eligible eligible, bool* met) {
+std::vector<uint64_t> FillToTarget(const GroupScores& s, std::vector<uint64_t> forced, double goal,
+                                   uint64_t cap, Eligible eligible, bool* met) {
   const uint64_t nb = s.blocks();
   std::vector<uint8_t> in(nb, 0);
   std::vector<double> kept(s.group, 0.0);
@@ -24,8 +24,9 @@ std::vector<uint64_t> FillToTarget(const GroupScores& s, std::vector<uint64_t> f
   std::vector<uint64_t> order;
   for (uint64_t b = 0; b < nb; ++b)
     if (!in[b] && eligible(b)) order.push_back(b);
-  std::sort(order.begin(), order.end(),
-            [&](uint64_t a, uint64_t b) { return s.agg[a] > s.agg[b] || (s.agg[a] == s.agg[b] && a < b); });
+  std::sort(order.begin(), order.end(), [&](uint64_t a, uint64_t b) {
+    return s.agg[a] > s.agg[b] || (s.agg[a] == s.agg[b] && a < b);
+  });
   uint64_t count = forced.size();
   for (uint64_t b : order) {
     if (done() || count >= cap) break;

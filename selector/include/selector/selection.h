@@ -2,10 +2,10 @@
 // per-block key summaries the store maintains on append, one step's input and one step's selection,
 // and the Selector interface every selector (PrHS, oracle, baselines) implements.
 //
-// Granularity (selectors.md §0.1): selection, residency and transfer are per (step, layer, KV head),
-// in blocks of B tokens (block b = tokens [bB, (b+1)B)). The budget counts resident tokens = resident
-// blocks × B, sinks and window included. Pure data and pure functions; a Selector object holds one
-// sequence's state and is not thread-safe.
+// Granularity (selectors.md §0.1): selection, residency and transfer are per (step, layer, KV
+// head), in blocks of B tokens (block b = tokens [bB, (b+1)B)). The budget counts resident tokens =
+// resident blocks × B, sinks and window included. Pure data and pure functions; a Selector object
+// holds one sequence's state and is not thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -30,11 +30,18 @@ struct Geometry {
     return s < Blocks(T) ? s : Blocks(T);
   }
   // First block of the window [T - window, T); the window runs to the last (maybe partial) block.
-  uint64_t WindowFirstBlock(uint64_t T) const { return T > window_tokens ? (T - window_tokens) / block_size : 0; }
-  // The most blocks the window can span as T moves (it is ragged at both ends): reserved in the budget.
-  uint64_t MaxWindowBlocks() const { return window_tokens == 0 ? 0 : (window_tokens - 1) / block_size + 2; }
+  uint64_t WindowFirstBlock(uint64_t T) const {
+    return T > window_tokens ? (T - window_tokens) / block_size : 0;
+  }
+  // The most blocks the window can span as T moves (it is ragged at both ends): reserved in the
+  // budget.
+  uint64_t MaxWindowBlocks() const {
+    return window_tokens == 0 ? 0 : (window_tokens - 1) / block_size + 2;
+  }
   uint64_t MaxSinkBlocks() const { return (uint64_t{sink_tokens} + block_size - 1) / block_size; }
-  bool IsForced(uint64_t b, uint64_t T) const { return b < SinkBlocks(T) || b >= WindowFirstBlock(T); }
+  bool IsForced(uint64_t b, uint64_t T) const {
+    return b < SinkBlocks(T) || b >= WindowFirstBlock(T);
+  }
   Status Validate() const;
 };
 
@@ -45,7 +52,8 @@ class HeadSummaries {
  public:
   HeadSummaries(uint32_t block_size, uint32_t head_dim, bool minmax = false)
       : B_(block_size), D_(head_dim), minmax_(minmax) {}
-  // Adds the key of token `token` (== tokens() unless re-appending a known position; fp32 [head_dim]).
+  // Adds the key of token `token` (== tokens() unless re-appending a known position; fp32
+  // [head_dim]).
   void Append(uint64_t token, const float* k);
   uint64_t tokens() const { return tokens_; }
   float block_max_norm(uint64_t b) const { return max_norm_[b]; }
@@ -67,25 +75,25 @@ class HeadSummaries {
 
 // One (step, layer, KV head) to select for.
 struct StepInput {
-  uint64_t step = 0;                      // position of the current token; T = step + 1 tokens exist
+  uint64_t step = 0;  // position of the current token; T = step + 1 tokens exist
   uint32_t layer = 0;
   uint32_t kv_head = 0;
-  const float* q = nullptr;               // [group][head_dim] fp32 post-RoPE queries of the group
-  const attn::HeadKV* kv = nullptr;       // keys/values of this (layer, KV head), T tokens
+  const float* q = nullptr;          // [group][head_dim] fp32 post-RoPE queries of the group
+  const attn::HeadKV* kv = nullptr;  // keys/values of this (layer, KV head), T tokens
   const HeadSummaries* summaries = nullptr;
   uint64_t tokens() const { return step + 1; }
 };
 
 // What a selector decided for one (step, layer, KV head).
 struct Selection {
-  std::vector<uint64_t> blocks;   // resident blocks, ascending (sinks and window included)
-  uint32_t retrieved_heads = 0;   // query heads that got a full scoring pass this step (§0.3)
-  std::vector<double> delta;      // per query head of the group
+  std::vector<uint64_t> blocks;  // resident blocks, ascending (sinks and window included)
+  uint32_t retrieved_heads = 0;  // query heads that got a full scoring pass this step (§0.3)
+  std::vector<double> delta;     // per query head of the group
   DeltaKind kind = DeltaKind::kUnknown;
-  bool target_met = true;         // target-δ mode: every head's δ ≤ δ* (false: the cap was hit)
-  bool anchor = false;            // this step re-anchored
-  float k_max = 0.f;              // anchors: max key norm over the scored candidates
-  uint64_t extra_blocks = 0;      // blocks beyond the budget (dilation, blocks that left the window)
+  bool target_met = true;     // target-δ mode: every head's δ ≤ δ* (false: the cap was hit)
+  bool anchor = false;        // this step re-anchored
+  float k_max = 0.f;          // anchors: max key norm over the scored candidates
+  uint64_t extra_blocks = 0;  // blocks beyond the budget (dilation, blocks that left the window)
 
   uint64_t resident_tokens(uint32_t B) const { return blocks.size() * uint64_t{B}; }
 };

@@ -1,7 +1,7 @@
 // Frames of the kvmanager protocol (version 1; see proto/README.md).
 //
-// A frame is a fixed 32-byte little-endian header, a protobuf header of `header_len` bytes, and a raw
-// payload of `payload_len` bytes that a receiver reads straight into its destination:
+// A frame is a fixed 32-byte little-endian header, a protobuf header of `header_len` bytes, and a
+// raw payload of `payload_len` bytes that a receiver reads straight into its destination:
 //
 //   offset size field
 //        0    4 magic        'K','V','M','1' (0x314d564b little-endian)
@@ -55,14 +55,15 @@ enum class MessageType : uint16_t {
 inline constexpr uint16_t kReplyBit = 0x8000;
 inline constexpr uint16_t kMaxRequestType = 13;
 
-bool IsKnownType(uint16_t type);            // a request, its reply, or kError
+bool IsKnownType(uint16_t type);             // a request, its reply, or kError
 const char* MessageTypeName(uint16_t type);  // e.g. "Append", "AppendReply", "?"
 inline uint16_t ReplyType(MessageType t) { return static_cast<uint16_t>(t) | kReplyBit; }
 
 struct FrameLimits {
   // Largest protobuf header. Default: 64 KiB (a retrieval reply of 32 KV heads is ~10 KiB).
   uint32_t max_header_bytes = 64 * 1024;
-  // Largest header + payload. Default: 256 MiB (an append of 1K tokens at L32 Hkv8 D128 fp16 is 128 MiB).
+  // Largest header + payload. Default: 256 MiB (an append of 1K tokens at L32 Hkv8 D128 fp16 is 128
+  // MiB).
   uint64_t max_frame_bytes = 256ull * 1024 * 1024;
 };
 
@@ -82,7 +83,8 @@ Result<FrameHeader> DecodeFrameHeader(std::span<const uint8_t> bytes, const Fram
 
 // A whole frame in one buffer: header + serialised message + payload (copied). For tests, tools and
 // small messages; the server path writes the payload from its source with scatter-gather I/O.
-std::vector<uint8_t> EncodeFrame(uint16_t type, uint64_t request_id, const google::protobuf::MessageLite& msg,
+std::vector<uint8_t> EncodeFrame(uint16_t type, uint64_t request_id,
+                                 const google::protobuf::MessageLite& msg,
                                  std::span<const uint8_t> payload = {});
 
 // A decoded frame: the fixed header, the protobuf header bytes, and the payload.
@@ -92,8 +94,8 @@ struct Frame {
   std::vector<uint8_t> payload;  // payload_len bytes
 };
 
-// Incremental decoder for a byte stream: Feed() bytes as they arrive; Next() yields complete frames.
-// A protocol error is sticky: the connection must be closed after reporting it.
+// Incremental decoder for a byte stream: Feed() bytes as they arrive; Next() yields complete
+// frames. A protocol error is sticky: the connection must be closed after reporting it.
 class FrameDecoder {
  public:
   explicit FrameDecoder(FrameLimits limits = {}) : limits_(limits) {}
@@ -129,8 +131,8 @@ uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens);
 // InvalidArgument when the payload size does not match the shape and the token count.
 Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t payload_len);
 // Queries of a RetrieveLayer / Audit: kv_heads in range, unique, payload = heads * g * D * 4 bytes.
-Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads, const kvm::ModelShape& shape,
-                       uint64_t payload_len);
+Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
+                       const kvm::ModelShape& shape, uint64_t payload_len);
 
 class Hello;
 // FailedPrecondition when the client speaks another protocol version.
