@@ -24,6 +24,6 @@ done
 : > "$dir/needle.jsonl"
 for s in oracle prhs quest hshare streaming h2o; do
   echo "needle $s" >&2
-  "$KVMCTL" needle --selector "$s" --budget-frac 0.125 --block-size "$bs" --context "$ctx" --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"
+  "$KVMCTL" needle --selector "$s" --budget-frac 0.125 --block-size "$bs" --context 512 --needle-len 6 --probe-len 4 --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"
 done
-"$KVMCTL" needle --selector prhs --target-delta 0.1 --block-size "$bs" --context "$ctx" --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"
+"$KVMCTL" needle --selector prhs --target-delta 0.1 --block-size "$bs" --context 512 --needle-len 6 --probe-len 4 --cases "${NEEDLE_CASES:-24}" --json >> "$dir/needle.jsonl"

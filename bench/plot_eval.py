@@ -72,3 +72,30 @@ plt.tight_layout()
 plt.savefig(os.path.join(out, "attended_vs_target.png"), dpi=110)
 plt.close()
 print("wrote", out, file=sys.stderr)
+
+# Markdown tables for bench/RESULTS.md: the 1/8 budget row of every selector, and target mode.
+cols = ["selector", "budget_tokens", "delta_mean", "delta_p99", "oracle_delta_mean", "bound_violations",
+        "retrieval_overhead", "attended_fraction", "streamed_bytes_fraction", "top1_agreement", "perplexity_ratio"]
+
+
+def fmt(v):
+    return "%.4g" % v if isinstance(v, float) else str(v)
+
+
+with open(os.path.join(out, "eval_tables.md"), "w") as f:
+    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    for r in [r for r in rows if r["selector"] == "dense"] + sorted(
+            [r for r in budget if abs(r["budget_tokens"] / ctx - 0.125) < 0.02], key=lambda r: names.index(r["selector"])):
+        f.write("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n")
+    tcols = ["selector", "target_delta", "max_resident_tokens", "within_target_fraction", "delta_mean", "delta_p99",
+             "bound_violations", "bound_claims", "retrieval_overhead", "attended_fraction", "top1_agreement",
+             "perplexity_ratio"]
+    f.write("\n| " + " | ".join(tcols) + " |\n|" + "---|" * len(tcols) + "\n")
+    for r in sorted(target, key=lambda r: (r["selector"], -r["target_delta"])):
+        f.write("| " + " | ".join(fmt(r[c]) for c in tcols) + " |\n")
+    f.write("\n| selector | budget | delta_mean | oracle_delta_mean | ratio | retrieval_overhead | top1 |\n|---|---|---|---|---|---|---|\n")
+    for r in sorted(budget, key=lambda r: (names.index(r["selector"]), -r["budget_tokens"])):
+        ratio = r["delta_mean"] / r["oracle_delta_mean"] if r["oracle_delta_mean"] else float("nan")
+        f.write("| %s | 1/%d | %.4f | %.4f | %.3f | %.4f | %.4f |\n" % (
+            r["selector"], round(ctx / r["budget_tokens"]), r["delta_mean"], r["oracle_delta_mean"], ratio,
+            r["retrieval_overhead"], r["top1_agreement"]))

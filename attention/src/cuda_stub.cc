@@ -20,4 +20,12 @@ size_t DecodeWorkspaceBytes(uint32_t kv_heads, uint32_t group, uint32_t head_dim
   return size_t(kv_heads) * splits * group * (head_dim + 2) * sizeof(float);
 }
 Status Decode(const attn::DecodeParams&, uint32_t, void*, size_t, void*) { return CudaAvailable(); }
+size_t RetrieveWorkspaceBytes(uint64_t tokens, uint32_t block_size, uint32_t group) {
+  return (size_t(group) * tokens + 2 * size_t(group) + (tokens + block_size - 1) / block_size) *
+         sizeof(float);
+}
+Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams&, void*, size_t, uint64_t,
+                                                std::vector<float>*, void*) {
+  return CudaAvailable();
+}
 }  // namespace kvm::attn::cuda

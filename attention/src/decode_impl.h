@@ -27,8 +27,9 @@ inline float Dot(const float* a, const float* b) {
 
 // One KV head: every query head of its group over the listed blocks. Consecutive list entries are
 // gathered into chunks of up to 32 rows (token-granular lists are 1-row entries), each chunk
-// (one block when B >= 16) is converted once, scored for every head of the group, turned into a chunk-local softmax state and
-// merged (MergeState); the next chunk's K and V are prefetched while the current one is computed.
+// (one block when B >= 16) is converted once, scored for every head of the group, turned into a
+// chunk-local softmax state and merged (MergeState); the next chunk's K and V are prefetched while
+// the current one is computed.
 template <uint32_t D, DType DT>
 void DecodeHead(const DecodeParams& p, uint32_t h) {
   constexpr uint32_t kMaxG = 8;
@@ -36,9 +37,11 @@ void DecodeHead(const DecodeParams& p, uint32_t h) {
   constexpr size_t kElem = DT == DType::kF32 ? 4 : 2;
   constexpr bool kPrefetch = KVM_DECODE_PREFETCH;
   const uint32_t B = p.block_size, g = p.group;
-  const uint32_t cap = B >= 16 ? B : 32;  // rows per chunk: one block, or 32 gathered rows of small entries
+  const uint32_t cap =
+      B >= 16 ? B : 32;  // rows per chunk: one block, or 32 gathered rows of small entries
   const float scale = p.scale != 0.0f ? p.scale : 1.0f / std::sqrt(float(D));
-  // Scratch on the heap (thread-local vectors: static TLS arrays this large would eat thread stacks).
+  // Scratch on the heap (thread-local vectors: static TLS arrays this large would eat thread
+  // stacks).
   static thread_local std::vector<float> kscratch, wscratch;
   static thread_local std::vector<uint8_t> valid;
   if (kscratch.size() < size_t{cap} * D) kscratch.resize(size_t{cap} * D);
@@ -103,7 +106,8 @@ void DecodeHead(const DecodeParams& p, uint32_t h) {
       bmax[j] = mx;
       bsum[j] = sum;
     }
-    // V: gather and convert once; each head's weighted sum is its chunk state, merged into the running state.
+    // V: gather and convert once; each head's weighted sum is its chunk state, merged into the
+    // running state.
     rows = 0;
     for (uint32_t e = first; e < last; ++e) {
       ConvertRows<DT, D>(p.v_blocks[base + e], rows_of(e), kbuf + size_t{rows} * D);

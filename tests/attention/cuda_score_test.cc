@@ -1,7 +1,10 @@
 // CUDA retrieval scoring vs the CPU reference. Exits 77 (ctest: Skipped) without a device.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include "attention/cuda.h"
@@ -60,6 +63,52 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, CudaScoreTest,
     ::testing::Combine(::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
                        ::testing::Values(32u, 64u, 128u, 256u), ::testing::Values(1u, 4u)));
+
+// GPU retrieval: the top blocks by group-aggregated mass equal the CPU oracle's choice.
+TEST(CudaRetrieveTest, TopBlocksMatchCpuAggregation) {
+  const uint32_t D = 128, B = 16, g = 4;
+  const uint64_t T = 3000;
+  testutil::RandomKv kv(T, D, B, DType::kF16, 9);
+  const HeadKV v = kv.view();
+  const size_t bb = size_t{B} * D * 2;
+  std::vector<uint8_t> kc(size_t{v.n_blocks} * bb);
+  for (uint32_t b = 0; b < v.n_blocks; ++b) std::memcpy(&kc[b * bb], v.k_blocks[b], bb);
+  std::vector<float> q(g * D);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = float((i * 13) % 11) / 4.0f - 1.0f;
+  // CPU: per-head softmax, block aggregation, top 20.
+  std::vector<double> agg(v.n_blocks, 0.0);
+  std::vector<float> s(T);
+  for (uint32_t h = 0; h < g; ++h) {
+    ScoreKeys(&q[h * D], v, 1.0f / std::sqrt(float(D)), s.data());
+    Softmax(s.data(), T, s.data());
+    for (uint64_t t = 0; t < T; ++t) agg[t / B] += s[t];
+  }
+  std::vector<float> aggf(agg.begin(), agg.end());
+  auto want32 = TopK(aggf.data(), aggf.size(), 20);
+  std::vector<uint64_t> want(want32.begin(), want32.end());
+  std::sort(want.begin(), want.end());
+  void* dk = *cuda::Malloc(kc.size());
+  void* dq = *cuda::Malloc(q.size() * 4);
+  ASSERT_TRUE(cuda::CopyToDevice(dk, kc.data(), kc.size()).ok());
+  ASSERT_TRUE(cuda::CopyToDevice(dq, q.data(), q.size() * 4).ok());
+  const size_t wsb = cuda::RetrieveWorkspaceBytes(T, B, g);
+  void* ws = *cuda::Malloc(wsb);
+  cuda::ScoreParams p;
+  p.k = dk;
+  p.q = static_cast<const float*>(dq);
+  p.tokens = T;
+  p.block_size = B;
+  p.head_dim = D;
+  p.group = g;
+  std::vector<float> mass;
+  auto got = cuda::RetrieveTopBlocks(p, ws, wsb, 20, &mass);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(*got, want);
+  for (size_t b = 0; b < mass.size(); ++b) ASSERT_NEAR(mass[b], agg[b], 1e-4) << b;
+  (void)cuda::Free(dk);
+  (void)cuda::Free(dq);
+  (void)cuda::Free(ws);
+}
 
 // CUDA decode (dense block table, ragged last block, optional mask) against the CPU decode path.
 class CudaDecodeTest

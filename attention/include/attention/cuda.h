@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "attention/decode.h"
 #include "proto/model_shape.h"
@@ -30,6 +31,16 @@ struct ScoreParams {
   float scale = 0.0f;  // 0 → 1/sqrt(head_dim)
 };
 Status ScoreKeys(const ScoreParams& p, void* stream = nullptr);
+
+// Retrieval of one (layer, KV head): scores (ScoreKeys; p.scores may be null to use the workspace),
+// each query head's softmax and the group-aggregated mass of every block on the device, then the
+// `count` blocks of highest mass (ascending; ties to the lower index) chosen on the host.
+// *block_mass (optional) receives the nb aggregated masses. Workspace: RetrieveWorkspaceBytes.
+size_t RetrieveWorkspaceBytes(uint64_t tokens, uint32_t block_size, uint32_t group);
+Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams& p, void* workspace,
+                                                size_t workspace_bytes, uint64_t count,
+                                                std::vector<float>* block_mass = nullptr,
+                                                void* stream = nullptr);
 
 // Decode attention on the GPU with the CPU path's parameters (attention/decode.h); every pointer in
 // `p` (q, out, the block table arrays and the blocks themselves, rows, mask) is a device pointer.
