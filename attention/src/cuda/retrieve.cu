@@ -1,6 +1,6 @@
-// Retrieval on the GPU: scores of a GQA group (ScoreKeys) → per-head softmax → block-aggregated mass
-// (selectors.md §0.1) on the device; the top blocks are then chosen on the host from the nb block
-// masses (small next to the T·D scoring pass).
+// Retrieval on the GPU: scores of a GQA group (ScoreKeys) → per-head softmax → block-aggregated
+// mass (selectors.md §0.1) on the device; the top blocks are then chosen on the host from the nb
+// block masses (small next to the T·D scoring pass).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,7 +42,8 @@ __global__ void RowStats(const float* scores, uint64_t tokens, float* row_max, f
   }
 }
 
-// One thread per block of tokens: Σ over the group's heads of that head's softmax mass of the block.
+// One thread per block of tokens: Σ over the group's heads of that head's softmax mass of the
+// block.
 __global__ void BlockMass(const float* scores, uint64_t tokens, uint32_t group, uint32_t block_size,
                           const float* row_max, const float* row_sum, float* agg, uint64_t blocks) {
   const uint64_t b = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -60,8 +61,9 @@ __global__ void BlockMass(const float* scores, uint64_t tokens, uint32_t group, 
 
 }  // namespace
 
-Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams& p, void* workspace, size_t workspace_bytes,
-                                                uint64_t count, std::vector<float>* block_mass, void* stream) {
+Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams& p, void* workspace,
+                                                size_t workspace_bytes, uint64_t count,
+                                                std::vector<float>* block_mass, void* stream) {
   const uint64_t blocks = (p.tokens + p.block_size - 1) / p.block_size;
   if (workspace_bytes < RetrieveWorkspaceBytes(p.tokens, p.block_size, p.group))
     return Status::InvalidArgument("retrieve: workspace too small");
@@ -74,12 +76,13 @@ Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams& p, void* work
   KVM_RETURN_IF_ERROR(ScoreKeys(sp, stream));
   auto st = static_cast<cudaStream_t>(stream);
   RowStats<<<p.group, 256, 0, st>>>(sp.scores, p.tokens, row_max, row_sum);
-  BlockMass<<<static_cast<unsigned>((blocks + 255) / 256), 256, 0, st>>>(sp.scores, p.tokens, p.group, p.block_size,
-                                                                          row_max, row_sum, agg, blocks);
+  BlockMass<<<static_cast<unsigned>((blocks + 255) / 256), 256, 0, st>>>(
+      sp.scores, p.tokens, p.group, p.block_size, row_max, row_sum, agg, blocks);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess)
     return Status::Internal(std::string("retrieve launch: ") + cudaGetErrorString(e));
   std::vector<float> mass(blocks);
-  if (cudaError_t e = cudaMemcpyAsync(mass.data(), agg, blocks * sizeof(float), cudaMemcpyDeviceToHost, st);
+  if (cudaError_t e =
+          cudaMemcpyAsync(mass.data(), agg, blocks * sizeof(float), cudaMemcpyDeviceToHost, st);
       e != cudaSuccess)
     return Status::Internal(std::string("retrieve copy: ") + cudaGetErrorString(e));
   if (cudaError_t e = cudaStreamSynchronize(st); e != cudaSuccess)
@@ -92,7 +95,8 @@ Result<std::vector<uint64_t>> RetrieveTopBlocks(const ScoreParams& p, void* work
 }
 
 size_t RetrieveWorkspaceBytes(uint64_t tokens, uint32_t block_size, uint32_t group) {
-  return (size_t(group) * tokens + 2 * size_t(group) + (tokens + block_size - 1) / block_size) * sizeof(float);
+  return (size_t(group) * tokens + 2 * size_t(group) + (tokens + block_size - 1) / block_size) *
+         sizeof(float);
 }
 
 }  // namespace kvm::attn::cuda
