@@ -1,0 +1,83 @@
+// BlockStore: the service's storage of KV blocks (DESIGN.md §2, §5) over two tiers so far: the host
+// arena (HostArena) and RocksDB on local disk. NOT BUILT YET: the GPU tier, prefix sharing by
+// content address, leases, watermark eviction by selection recency (issue 8 is in progress).
+//
+// A block is one layer and one KV head: K and V each [block_size][head_dim] of the sequence's
+// dtype, keyed by (tenant, sequence, layer, kv_head, block index, K|V). Appends are idempotent by
+// position. Durable sequences write every append through RocksDB's WAL before acknowledging it
+// (sync: fsync too): a decode append is a small "tail" record; when a block fills, its K/V block
+// records replace the tail records in the same atomic batch (no rewrite of a whole block per
+// token). Cache sequences keep their blocks in the host tier and use RocksDB only to spill (no
+// WAL); they do not survive a restart. Every stored value carries a checksum: a mismatch is
+// Corruption, never wrong bytes.
+//
+// Thread-safe (one mutex; the service orders requests per sequence).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+
+#include "proto/model_shape.h"
+#include "proto/status.h"
+
+namespace kvm::store {
+
+enum class Durability : uint8_t { kCache = 1, kDurable = 2 };
+
+struct StoreOptions {
+  std::string dir;                   // RocksDB directory (created)
+  uint64_t host_capacity_bytes = 0;  // host tier; 0 = DefaultHostCapacity(). Small in tests.
+  bool sync = false;  // fsync the WAL on every durable append (power loss), not only kill -9
+  uint64_t disk_capacity_bytes = 0;  // 0 = unlimited; appends past it answer NoSpace
+};
+
+struct SeqRef {
+  std::string tenant;
+  uint64_t id = 0;
+};
+
+struct StoreStats {
+  uint64_t host_slots_used = 0, host_slots = 0;
+  uint64_t spills = 0;      // host → disk
+  uint64_t promotions = 0;  // disk → host
+  uint64_t disk_bytes_written = 0;
+};
+
+class BlockStore {
+ public:
+  // Opens (creating) the store and recovers every durable sequence.
+  static Result<std::unique_ptr<BlockStore>> Open(const StoreOptions& o);
+  ~BlockStore();
+
+  // AlreadyExists; InvalidArgument for a bad shape, block size or tenant name.
+  Status Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d);
+  // Appends tokens[start, start + n): payload = [layers][kv_heads][K,V][n][head_dim] elements (the
+  // wire Append layout). Positions below the current length must carry the same token ids (a retry)
+  // and are skipped; start past the length is FailedPrecondition. Returns the new length once
+  // durable.
+  Result<uint64_t> Append(const SeqRef& s, uint64_t start, std::span<const uint32_t> tokens,
+                          std::span<const uint8_t> payload);
+  Result<uint64_t> Length(const SeqRef& s) const;
+  // K (values = false) or V of one block into out (block_size x head_dim elements; rows past the
+  // end zero). OutOfRange past the end, Corruption on a checksum mismatch.
+  Status ReadBlock(const SeqRef& s, const BlockId& b, bool values, std::span<uint8_t> out);
+  // Rolls back to `length` (≤ the current length).
+  Status Truncate(const SeqRef& s, uint64_t length);
+  Status Delete(const SeqRef& s);
+  StoreStats Stats() const;
+
+  // Tests: the raw RocksDB value of a block record (for corruption tests), replaced by `value`.
+  Status ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, bool values,
+                                const std::string& value);
+  Result<std::string> RawBlockForTest(const SeqRef& s, const BlockId& b, bool values);
+
+ private:
+  struct Impl;
+  explicit BlockStore(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvm::store

@@ -1,0 +1,46 @@
+// HostArena: the host tier's memory — one large anonymous mapping, carved into fixed-size block
+// slots by a slab allocator, so that UCX can register it once (and CUDA pin it) later. Thread-safe.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "proto/status.h"
+
+namespace kvm::store {
+
+// min(fraction of MemAvailable, cap): the default host-tier size.
+size_t DefaultHostCapacity(double fraction = 0.25, size_t cap = size_t{16} << 30);
+
+class HostArena {
+ public:
+  // InvalidArgument for a zero slot size or a capacity smaller than one slot; NoSpace when the
+  // mapping fails (never aborts).
+  static Result<std::unique_ptr<HostArena>> Make(size_t capacity_bytes, size_t slot_bytes);
+  ~HostArena();
+  HostArena(const HostArena&) = delete;
+  HostArena& operator=(const HostArena&) = delete;
+
+  // A free slot, or NoSpace when every slot is in use.
+  Result<uint32_t> Allocate();
+  void Free(uint32_t slot);
+  uint8_t* slot(uint32_t s) const { return base_ + size_t{s} * slot_bytes_; }
+  void* base() const { return base_; }
+  size_t bytes() const { return bytes_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+  uint32_t capacity() const { return capacity_; }
+  uint32_t used() const;
+
+ private:
+  HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t capacity);
+  uint8_t* base_;
+  size_t bytes_, slot_bytes_;
+  uint32_t capacity_;
+  mutable std::mutex mu_;
+  std::vector<uint32_t> free_;  // guarded by mu_
+};
+
+}  // namespace kvm::store

@@ -1,0 +1,569 @@
+#include "kvmanager/block_store.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/write_batch.h>
+
+#include <cstring>
+#include <deque>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "kvmanager/host_arena.h"
+
+namespace kvm::store {
+namespace {
+
+// ---- encoding ----
+void PutBe(std::string* s, uint64_t v, int bytes) {
+  for (int i = bytes - 1; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+}
+uint64_t GetBe(const char* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v = (v << 8) | static_cast<uint8_t>(p[i]);
+  return v;
+}
+uint64_t Checksum(const char* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 1099511628211ull;
+  return h;
+}
+std::string Seal(std::string v) {
+  PutBe(&v, Checksum(v.data(), v.size()), 8);
+  return v;
+}
+// The payload of a sealed value, or Corruption.
+Result<std::string> Unseal(const std::string& v, const std::string& what) {
+  if (v.size() < 8 || GetBe(v.data() + v.size() - 8, 8) != Checksum(v.data(), v.size() - 8))
+    return Status::Corruption(what + ": checksum mismatch");
+  return v.substr(0, v.size() - 8);
+}
+std::string SeqPrefix(const SeqRef& s) {
+  std::string k = s.tenant;
+  k.push_back('\0');
+  PutBe(&k, s.id, 8);
+  return k;
+}
+std::string BlockKey(const SeqRef& s, const BlockId& b, bool values) {
+  std::string k = SeqPrefix(s);
+  PutBe(&k, b.layer, 4);
+  PutBe(&k, b.kv_head, 4);
+  PutBe(&k, b.index, 8);
+  k.push_back(values ? 'V' : 'K');
+  return k;
+}
+std::string PosKey(const SeqRef& s, uint64_t pos) {
+  std::string k = SeqPrefix(s);
+  PutBe(&k, pos, 8);
+  return k;
+}
+
+Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return Status::Ok();
+  if (s.IsNoSpace() || s.ToString().find("No space") != std::string::npos)
+    return Status::NoSpace(what + ": " + s.ToString());
+  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
+  return Status::Unavailable(what + ": " + s.ToString());
+}
+
+struct BlockLoc {
+  int64_t slot = -1;     // host arena slot, or -1
+  bool on_disk = false;  // a block record exists in RocksDB
+};
+using LocKey = std::tuple<uint32_t, uint32_t, uint64_t, bool>;  // layer, kv head, index, values
+
+struct Seq {
+  SeqRef ref;
+  ModelShape shape;
+  uint32_t B = 16;
+  Durability dur = Durability::kDurable;
+  uint64_t length = 0;
+  std::vector<uint32_t> tokens;
+  std::vector<uint8_t> tail;  // the partial block: [layers][kv_heads][K,V][B][D] elements
+  std::map<LocKey, BlockLoc> blocks;
+  size_t row_bytes() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
+  size_t block_bytes() const { return row_bytes() * B; }
+  uint8_t* tail_row(uint32_t l, uint32_t h, bool v, uint32_t r) {
+    return tail.data() + ((((size_t{l} * shape.kv_heads + h) * 2 + v) * B) + r) * row_bytes();
+  }
+};
+
+std::string EncodeMeta(const Seq& q) {
+  std::string m;
+  PutBe(&m, q.shape.layers, 4);
+  PutBe(&m, q.shape.q_heads, 4);
+  PutBe(&m, q.shape.kv_heads, 4);
+  PutBe(&m, q.shape.head_dim, 4);
+  PutBe(&m, static_cast<uint32_t>(q.shape.dtype), 4);
+  PutBe(&m, q.shape.fingerprint, 8);
+  PutBe(&m, q.B, 4);
+  PutBe(&m, static_cast<uint8_t>(q.dur), 1);
+  PutBe(&m, q.length, 8);
+  return Seal(m);
+}
+
+}  // namespace
+
+struct BlockStore::Impl {
+  StoreOptions opt;
+  std::unique_ptr<rocksdb::DB> db;
+  std::vector<rocksdb::ColumnFamilyHandle*> cf;  // default, meta, blocks, tail, tokens
+  rocksdb::ColumnFamilyHandle* meta() { return cf[1]; }
+  rocksdb::ColumnFamilyHandle* blocks() { return cf[2]; }
+  rocksdb::ColumnFamilyHandle* tail() { return cf[3]; }
+  rocksdb::ColumnFamilyHandle* toks() { return cf[4]; }
+  mutable std::mutex mu;
+  std::map<std::pair<std::string, uint64_t>, Seq> seqs;
+  std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
+  std::deque<std::tuple<std::pair<std::string, uint64_t>, LocKey>> host_fifo_v, host_fifo_k;
+  StoreStats stats;
+
+  ~Impl() {
+    for (size_t i = 1; i < cf.size(); ++i) db->DestroyColumnFamilyHandle(cf[i]);
+    if (!cf.empty() && db) db->DestroyColumnFamilyHandle(cf[0]);
+  }
+
+  Seq* Find(const SeqRef& s) {
+    auto it = seqs.find({s.tenant, s.id});
+    return it == seqs.end() ? nullptr : &it->second;
+  }
+  rocksdb::WriteOptions Wopt(const Seq& q) const {
+    rocksdb::WriteOptions w;
+    w.sync = opt.sync && q.dur == Durability::kDurable;
+    w.disableWAL = q.dur == Durability::kCache;
+    return w;
+  }
+  Status Write(const Seq& q, rocksdb::WriteBatch* b) {
+    if (opt.disk_capacity_bytes &&
+        stats.disk_bytes_written + b->GetDataSize() > opt.disk_capacity_bytes)
+      return Status::NoSpace("disk tier full: capacity " + std::to_string(opt.disk_capacity_bytes) +
+                             " bytes");
+    KVM_RETURN_IF_ERROR(FromRocks(db->Write(Wopt(q), b), "rocksdb write"));
+    stats.disk_bytes_written += b->GetDataSize();
+    return Status::Ok();
+  }
+  HostArena* Arena(size_t block_bytes) {
+    auto& a = arenas[block_bytes];
+    if (!a) {
+      const uint64_t cap =
+          opt.host_capacity_bytes ? opt.host_capacity_bytes : DefaultHostCapacity();
+      auto made = HostArena::Make(cap, block_bytes);
+      if (!made.ok()) return nullptr;
+      a = std::move(*made);
+      stats.host_slots += a->capacity();
+    }
+    return a.get();
+  }
+  // A host slot for a block of `bytes`, evicting (V blocks first) to the disk tier when full.
+  Result<uint32_t> HostSlot(size_t bytes) {
+    HostArena* a = Arena(bytes);
+    if (!a) return Status::NoSpace("host tier cannot be mapped");
+    for (;;) {
+      auto s = a->Allocate();
+      if (s.ok()) return s;
+      auto& fifo = !host_fifo_v.empty() ? host_fifo_v : host_fifo_k;
+      if (fifo.empty()) return s.status();
+      auto [key, lk] = fifo.front();
+      fifo.pop_front();
+      auto it = seqs.find(key);
+      if (it == seqs.end()) continue;
+      auto bit = it->second.blocks.find(lk);
+      if (bit == it->second.blocks.end() || bit->second.slot < 0) continue;
+      KVM_RETURN_IF_ERROR(Spill(it->second, lk, bit->second));
+    }
+  }
+  Status Spill(Seq& q, const LocKey& lk, BlockLoc& loc) {
+    HostArena* a = Arena(q.block_bytes());
+    if (!loc.on_disk) {
+      rocksdb::WriteBatch b;
+      const auto [l, h, idx, v] = lk;
+      b.Put(
+          blocks(), BlockKey(q.ref, {l, h, idx}, v),
+          Seal(std::string(reinterpret_cast<const char*>(a->slot(static_cast<uint32_t>(loc.slot))),
+                           q.block_bytes())));
+      KVM_RETURN_IF_ERROR(Write(q, &b));
+      loc.on_disk = true;
+    }
+    a->Free(static_cast<uint32_t>(loc.slot));
+    loc.slot = -1;
+    ++stats.spills;
+    return Status::Ok();
+  }
+  Status PutHost(Seq& q, const LocKey& lk, const uint8_t* data) {
+    KVM_ASSIGN_OR_RETURN(uint32_t slot, HostSlot(q.block_bytes()));
+    std::memcpy(Arena(q.block_bytes())->slot(slot), data, q.block_bytes());
+    BlockLoc& loc = q.blocks[lk];
+    loc.slot = slot;
+    (std::get<3>(lk) ? host_fifo_v : host_fifo_k)
+        .emplace_back(std::make_pair(q.ref.tenant, q.ref.id), lk);
+    return Status::Ok();
+  }
+  void DropBlock(Seq& q, const LocKey& lk, rocksdb::WriteBatch* b) {
+    auto it = q.blocks.find(lk);
+    if (it == q.blocks.end()) return;
+    if (it->second.slot >= 0) Arena(q.block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
+    const auto [l, h, idx, v] = lk;
+    if (it->second.on_disk) b->Delete(blocks(), BlockKey(q.ref, {l, h, idx}, v));
+    q.blocks.erase(it);
+  }
+  // The bytes of a full block (host, else disk: verified, promoted).
+  Status LoadBlock(Seq& q, const LocKey& lk, uint8_t* out) {
+    auto it = q.blocks.find(lk);
+    if (it == q.blocks.end()) return Status::Internal("block index missing");
+    if (it->second.slot >= 0) {
+      std::memcpy(out, Arena(q.block_bytes())->slot(static_cast<uint32_t>(it->second.slot)),
+                  q.block_bytes());
+      return Status::Ok();
+    }
+    const auto [l, h, idx, v] = lk;
+    std::string raw;
+    KVM_RETURN_IF_ERROR(
+        FromRocks(db->Get(rocksdb::ReadOptions(), blocks(), BlockKey(q.ref, {l, h, idx}, v), &raw),
+                  "rocksdb get"));
+    KVM_ASSIGN_OR_RETURN(std::string data, Unseal(raw, "block " + std::to_string(idx)));
+    if (data.size() != q.block_bytes())
+      return Status::Corruption("block " + std::to_string(idx) + ": wrong size");
+    std::memcpy(out, data.data(), data.size());
+    if (PutHost(q, lk, out).ok())
+      ++stats.promotions;  // best effort: a full host tier just serves from disk
+    return Status::Ok();
+  }
+};
+
+BlockStore::BlockStore(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BlockStore::~BlockStore() = default;
+
+Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
+  if (o.dir.empty()) return Status::InvalidArgument("store: dir is empty");
+  auto impl = std::make_unique<Impl>();
+  impl->opt = o;
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = true;
+  dbo.create_missing_column_families = true;
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
+  for (const char* n : {"default", "meta", "blocks", "tail", "tokens"})
+    cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
+  rocksdb::DB* db = nullptr;
+  KVM_RETURN_IF_ERROR(
+      FromRocks(rocksdb::DB::Open(dbo, o.dir, cfs, &impl->cf, &db), "open " + o.dir));
+  impl->db.reset(db);
+  // Recover durable sequences: metadata, then the tail rows; full blocks stay on disk until read.
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), impl->meta()));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    const std::string key = it->key().ToString();
+    const size_t z = key.find('\0');
+    if (z == std::string::npos || key.size() != z + 9)
+      return Status::Corruption("store: bad metadata key");
+    KVM_ASSIGN_OR_RETURN(std::string m, Unseal(it->value().ToString(), "sequence metadata"));
+    if (m.size() != 41) return Status::Corruption("store: bad metadata size");
+    Seq q;
+    q.ref = SeqRef{key.substr(0, z), GetBe(key.data() + z + 1, 8)};
+    q.shape = ModelShape{static_cast<uint32_t>(GetBe(m.data(), 4)),
+                         static_cast<uint32_t>(GetBe(m.data() + 4, 4)),
+                         static_cast<uint32_t>(GetBe(m.data() + 8, 4)),
+                         static_cast<uint32_t>(GetBe(m.data() + 12, 4)),
+                         static_cast<DType>(GetBe(m.data() + 16, 4)),
+                         GetBe(m.data() + 20, 8)};
+    q.B = static_cast<uint32_t>(GetBe(m.data() + 28, 4));
+    q.dur = static_cast<Durability>(GetBe(m.data() + 32, 1));
+    q.length = GetBe(m.data() + 33, 8);
+    KVM_RETURN_IF_ERROR(q.shape.Validate());
+    q.tail.assign(size_t{q.shape.layers} * q.shape.kv_heads * 2 * q.block_bytes(), 0);
+    const uint64_t full = q.length / q.B;
+    for (uint32_t l = 0; l < q.shape.layers; ++l)
+      for (uint32_t h = 0; h < q.shape.kv_heads; ++h)
+        for (uint64_t b = 0; b < full; ++b)
+          for (bool v : {false, true}) q.blocks[{l, h, b, v}] = BlockLoc{-1, true};
+    for (uint64_t b = 0; b < full; ++b) {  // token ids of full blocks
+      std::string raw;
+      KVM_RETURN_IF_ERROR(FromRocks(
+          db->Get(rocksdb::ReadOptions(), impl->toks(), PosKey(q.ref, b), &raw), "tokens"));
+      KVM_ASSIGN_OR_RETURN(std::string t, Unseal(raw, "token ids"));
+      for (uint32_t i = 0; i < q.B; ++i)
+        q.tokens.push_back(static_cast<uint32_t>(GetBe(t.data() + 4 * i, 4)));
+    }
+    for (uint64_t p = full * q.B; p < q.length; ++p) {  // tail rows
+      std::string raw;
+      KVM_RETURN_IF_ERROR(
+          FromRocks(db->Get(rocksdb::ReadOptions(), impl->tail(), PosKey(q.ref, p), &raw), "tail"));
+      KVM_ASSIGN_OR_RETURN(std::string t, Unseal(raw, "tail row " + std::to_string(p)));
+      const size_t rb = q.row_bytes(),
+                   need = 4 + size_t{q.shape.layers} * q.shape.kv_heads * 2 * rb;
+      if (t.size() != need)
+        return Status::Corruption("tail row " + std::to_string(p) + ": wrong size");
+      q.tokens.push_back(static_cast<uint32_t>(GetBe(t.data(), 4)));
+      const char* src = t.data() + 4;
+      for (uint32_t l = 0; l < q.shape.layers; ++l)
+        for (uint32_t h = 0; h < q.shape.kv_heads; ++h)
+          for (int v = 0; v < 2; ++v) {
+            std::memcpy(q.tail_row(l, h, v != 0, static_cast<uint32_t>(p % q.B)), src, rb);
+            src += rb;
+          }
+    }
+    impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
+  }
+  return std::unique_ptr<BlockStore>(new BlockStore(std::move(impl)));
+}
+
+Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
+                          Durability d) {
+  KVM_RETURN_IF_ERROR(shape.Validate());
+  if (block_size == 0 || block_size > kMaxBlockSize)
+    return Status::InvalidArgument("block_size out of range");
+  if (s.tenant.empty() || s.tenant.find('\0') != std::string::npos)
+    return Status::InvalidArgument("tenant must be non-empty and contain no NUL");
+  std::lock_guard<std::mutex> l(impl_->mu);
+  if (impl_->Find(s)) return Status::AlreadyExists("sequence " + std::to_string(s.id) + " exists");
+  Seq q;
+  q.ref = s;
+  q.shape = shape;
+  q.B = block_size;
+  q.dur = d;
+  q.tail.assign(size_t{shape.layers} * shape.kv_heads * 2 * q.block_bytes(), 0);
+  if (d == Durability::kDurable) {
+    rocksdb::WriteBatch b;
+    b.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(q));
+    KVM_RETURN_IF_ERROR(impl_->Write(q, &b));
+  }
+  impl_->seqs[{s.tenant, s.id}] = std::move(q);
+  return Status::Ok();
+}
+
+Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
+                                    std::span<const uint32_t> tokens,
+                                    std::span<const uint8_t> payload) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  const uint64_t n = tokens.size();
+  const size_t rb = q->row_bytes();
+  const uint32_t L = q->shape.layers, H = q->shape.kv_heads, B = q->B;
+  if (n == 0) return Status::InvalidArgument("append: no tokens");
+  if (payload.size() != size_t{L} * H * 2 * n * rb)
+    return Status::InvalidArgument("append: payload is " + std::to_string(payload.size()) +
+                                   " bytes, the shape needs " +
+                                   std::to_string(size_t{L} * H * 2 * n * rb));
+  if (start > q->length)
+    return Status::FailedPrecondition("append at " + std::to_string(start) +
+                                      " leaves a gap (length " + std::to_string(q->length) + ")");
+  for (uint64_t p = start; p < std::min(q->length, start + n); ++p)
+    if (q->tokens[p] != tokens[p - start])
+      return Status::FailedPrecondition("position " + std::to_string(p) +
+                                        " already holds another token");
+  auto row = [&](uint64_t i, uint32_t l, uint32_t h, bool v) {  // payload row of token i
+    return payload.data() + ((((size_t{l} * H + h) * 2 + v) * n) + i) * rb;
+  };
+  // Build the new state and the batch first; commit in memory only after the write succeeded.
+  std::vector<uint8_t> tail = q->tail;
+  auto trow = [&](uint32_t l, uint32_t h, bool v, uint32_t r) {
+    return tail.data() + ((((size_t{l} * H + h) * 2 + v) * B) + r) * rb;
+  };
+  rocksdb::WriteBatch batch;
+  std::vector<std::pair<LocKey, std::vector<uint8_t>>> completed;
+  const bool durable = q->dur == Durability::kDurable;
+  uint64_t len = q->length;
+  std::vector<uint32_t> new_tokens;
+  for (uint64_t p = q->length; p < start + n; ++p) {
+    const uint64_t i = p - start;
+    const uint32_t r = static_cast<uint32_t>(p % B);
+    std::string rec;
+    PutBe(&rec, tokens[i], 4);
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (int v = 0; v < 2; ++v) {
+          std::memcpy(trow(l, h, v, r), row(i, l, h, v), rb);
+          rec.append(reinterpret_cast<const char*>(row(i, l, h, v)), rb);
+        }
+    new_tokens.push_back(tokens[i]);
+    if (durable) batch.Put(impl_->tail(), PosKey(s, p), Seal(rec));
+    len = p + 1;
+    if (len % B == 0) {  // the block is full: block records replace its tail records
+      const uint64_t idx = p / B;
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h)
+          for (int v = 0; v < 2; ++v) {
+            std::vector<uint8_t> blk(trow(l, h, v, 0), trow(l, h, v, 0) + size_t{B} * rb);
+            if (durable)
+              batch.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v),
+                        Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
+            completed.emplace_back(LocKey{l, h, idx, v != 0}, std::move(blk));
+          }
+      if (durable) {
+        std::string ids;
+        for (uint64_t t = idx * B; t < len; ++t)
+          PutBe(&ids, t < q->tokens.size() ? q->tokens[t] : new_tokens[t - q->tokens.size()], 4);
+        batch.Put(impl_->toks(), PosKey(s, idx), Seal(ids));
+        for (uint64_t t = idx * B; t < len; ++t) batch.Delete(impl_->tail(), PosKey(s, t));
+      }
+    }
+  }
+  if (len == q->length) return len;  // a pure retry
+  if (durable) {
+    Seq meta = *q;
+    meta.length = len;
+    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
+    KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
+  }
+  q->tail = std::move(tail);
+  q->length = len;
+  q->tokens.insert(q->tokens.end(), new_tokens.begin(), new_tokens.end());
+  for (auto& [lkey, blk] : completed) {
+    q->blocks[lkey].on_disk = durable;
+    Status st = impl_->PutHost(*q, lkey, blk.data());
+    if (!st.ok() && !durable) {  // a cache block with no host room: spill it straight to disk
+      rocksdb::WriteBatch b;
+      const auto [l, h, idx, v] = lkey;
+      b.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v),
+            Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
+      KVM_RETURN_IF_ERROR(impl_->Write(*q, &b));
+      q->blocks[lkey].on_disk = true;
+      ++impl_->stats.spills;
+    }
+  }
+  return len;
+}
+
+Result<uint64_t> BlockStore::Length(const SeqRef& s) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  const Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  return q->length;
+}
+
+Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
+                             std::span<uint8_t> out) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  if (b.layer >= q->shape.layers || b.kv_head >= q->shape.kv_heads)
+    return Status::InvalidArgument("layer/kv_head out of range");
+  if (out.size() != q->block_bytes())
+    return Status::InvalidArgument("read block: buffer of " + std::to_string(out.size()) +
+                                   " bytes, a block is " + std::to_string(q->block_bytes()));
+  const uint64_t full = q->length / q->B;
+  if (b.index < full)
+    return impl_->LoadBlock(*q, {b.layer, b.kv_head, b.index, values}, out.data());
+  if (b.index == full && q->length % q->B) {
+    const size_t valid = (q->length % q->B) * q->row_bytes();
+    std::memcpy(out.data(), q->tail_row(b.layer, b.kv_head, values, 0), valid);
+    std::memset(out.data() + valid, 0, out.size() - valid);
+    return Status::Ok();
+  }
+  return Status::OutOfRange("block " + std::to_string(b.index) + " is past the end (length " +
+                            std::to_string(q->length) + ")");
+}
+
+Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  if (length > q->length) return Status::OutOfRange("truncate past the end");
+  if (length == q->length) return Status::Ok();
+  const uint32_t B = q->B, L = q->shape.layers, H = q->shape.kv_heads;
+  const uint64_t keep_full = length / B, old_full = q->length / B;
+  const bool durable = q->dur == Durability::kDurable;
+  rocksdb::WriteBatch batch;
+  // The block that becomes the partial tail (if the cut is inside a full block): its rows go back
+  // to the tail.
+  std::vector<uint8_t> tail = q->tail;
+  const size_t rb = q->row_bytes();
+  if (length % B && keep_full < old_full) {
+    std::vector<uint8_t> blk(q->block_bytes());
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (int v = 0; v < 2; ++v) {
+          KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, {l, h, keep_full, v != 0}, blk.data()));
+          std::memcpy(tail.data() + (((size_t{l} * H + h) * 2 + v) * B) * rb, blk.data(),
+                      blk.size());
+        }
+  }
+  if (durable) {
+    for (uint64_t p = length; p < q->length; ++p) batch.Delete(impl_->tail(), PosKey(s, p));
+    for (uint64_t p = keep_full * B; p < length && keep_full < old_full;
+         ++p) {  // re-create the tail records
+      std::string rec;
+      PutBe(&rec, q->tokens[p], 4);
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h)
+          for (int v = 0; v < 2; ++v)
+            rec.append(reinterpret_cast<const char*>(
+                           tail.data() + ((((size_t{l} * H + h) * 2 + v) * B) + p % B) * rb),
+                       rb);
+      batch.Put(impl_->tail(), PosKey(s, p), Seal(rec));
+    }
+    for (uint64_t b = keep_full; b < old_full; ++b) batch.Delete(impl_->toks(), PosKey(s, b));
+    Seq meta = *q;
+    meta.length = length;
+    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
+  }
+  std::vector<LocKey> drop;
+  for (auto& [k, loc] : q->blocks)
+    if (std::get<2>(k) >= keep_full) drop.push_back(k);
+  for (const auto& k : drop) {
+    auto it = q->blocks.find(k);
+    const auto [l, h, idx, v] = k;
+    if (it->second.on_disk) batch.Delete(impl_->blocks(), BlockKey(s, {l, h, idx}, v));
+  }
+  if (batch.Count() > 0) KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
+  for (const auto& k : drop) {
+    auto it = q->blocks.find(k);
+    if (it->second.slot >= 0)
+      impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
+    q->blocks.erase(it);
+  }
+  q->tail = std::move(tail);
+  q->length = length;
+  q->tokens.resize(length);
+  return Status::Ok();
+}
+
+Status BlockStore::Delete(const SeqRef& s) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  rocksdb::WriteBatch batch;
+  std::vector<LocKey> keys;
+  for (auto& [k, loc] : q->blocks) keys.push_back(k);
+  for (const auto& k : keys) impl_->DropBlock(*q, k, &batch);
+  for (uint64_t p = (q->length / q->B) * q->B; p < q->length; ++p)
+    batch.Delete(impl_->tail(), PosKey(s, p));
+  for (uint64_t b = 0; b < q->length / q->B; ++b) batch.Delete(impl_->toks(), PosKey(s, b));
+  batch.Delete(impl_->meta(), SeqPrefix(s));
+  KVM_RETURN_IF_ERROR(
+      FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
+  impl_->seqs.erase({s.tenant, s.id});
+  return Status::Ok();
+}
+
+StoreStats BlockStore::Stats() const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  StoreStats st = impl_->stats;
+  st.host_slots_used = 0;
+  for (auto& [bytes, a] : impl_->arenas) st.host_slots_used += a->used();
+  return st;
+}
+
+Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, bool values,
+                                          const std::string& value) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence");
+  auto it = q->blocks.find({b.layer, b.kv_head, b.index, values});
+  if (it == q->blocks.end()) return Status::NotFound("block");
+  if (it->second.slot >= 0) {  // drop the host copy so the read goes to disk
+    impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
+    it->second.slot = -1;
+  }
+  return FromRocks(
+      impl_->db->Put(rocksdb::WriteOptions(), impl_->blocks(), BlockKey(s, b, values), value),
+      "put");
+}
+
+Result<std::string> BlockStore::RawBlockForTest(const SeqRef& s, const BlockId& b, bool values) {
+  std::string v;
+  KVM_RETURN_IF_ERROR(FromRocks(
+      impl_->db->Get(rocksdb::ReadOptions(), impl_->blocks(), BlockKey(s, b, values), &v), "get"));
+  return v;
+}
+
+}  // namespace kvm::store

@@ -1,0 +1,69 @@
+#include "kvmanager/host_arena.h"
+
+#include <sys/mman.h>
+
+#include <fstream>
+#include <string>
+
+namespace kvm::store {
+
+size_t DefaultHostCapacity(double fraction, size_t cap) {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  size_t kb = 0;
+  while (f >> key) {
+    if (key == "MemAvailable:") {
+      f >> kb;
+      break;
+    }
+    f.ignore(256, '\n');
+  }
+  const size_t avail = kb * 1024;
+  const size_t want = static_cast<size_t>(static_cast<double>(avail) * fraction);
+  return avail ? std::min(want, cap) : (size_t{1} << 30);
+}
+
+Result<std::unique_ptr<HostArena>> HostArena::Make(size_t capacity_bytes, size_t slot_bytes) {
+  if (slot_bytes == 0) return Status::InvalidArgument("host arena: slot size must be > 0");
+  const size_t n = capacity_bytes / slot_bytes;
+  if (n == 0)
+    return Status::InvalidArgument("host arena: capacity " + std::to_string(capacity_bytes) +
+                                   " is smaller than one slot of " + std::to_string(slot_bytes));
+  if (n > UINT32_MAX) return Status::InvalidArgument("host arena: too many slots");
+  const size_t bytes = n * slot_bytes;
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED)
+    return Status::NoSpace("host arena: cannot map " + std::to_string(bytes) + " bytes");
+  return std::unique_ptr<HostArena>(
+      new HostArena(static_cast<uint8_t*>(p), bytes, slot_bytes, static_cast<uint32_t>(n)));
+}
+
+HostArena::HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t capacity)
+    : base_(base), bytes_(bytes), slot_bytes_(slot_bytes), capacity_(capacity) {
+  free_.reserve(capacity);
+  for (uint32_t s = capacity; s > 0; --s) free_.push_back(s - 1);  // lowest slots first
+}
+
+HostArena::~HostArena() { munmap(base_, bytes_); }
+
+Result<uint32_t> HostArena::Allocate() {
+  std::lock_guard<std::mutex> l(mu_);
+  if (free_.empty())
+    return Status::NoSpace("host tier full (" + std::to_string(capacity_) + " slots)");
+  const uint32_t s = free_.back();
+  free_.pop_back();
+  return s;
+}
+
+void HostArena::Free(uint32_t slot) {
+  std::lock_guard<std::mutex> l(mu_);
+  free_.push_back(slot);
+}
+
+uint32_t HostArena::used() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return capacity_ - static_cast<uint32_t>(free_.size());
+}
+
+}  // namespace kvm::store
