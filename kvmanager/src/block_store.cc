@@ -353,74 +353,84 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   auto row = [&](uint64_t i, uint32_t l, uint32_t h, bool v) {  // payload row of token i
     return payload.data() + ((((size_t{l} * H + h) * 2 + v) * n) + i) * rb;
   };
-  // Build the new state and the batch first; commit in memory only after the write succeeded.
-  std::vector<uint8_t> tail = q->tail;
-  auto trow = [&](uint32_t l, uint32_t h, bool v, uint32_t r) {
-    return tail.data() + ((((size_t{l} * H + h) * 2 + v) * B) + r) * rb;
-  };
+  // The batch is built from the payload and the existing tail (nothing is copied wholesale); the
+  // in-memory state changes only after the write succeeded.
   rocksdb::WriteBatch batch;
-  std::vector<std::pair<LocKey, std::vector<uint8_t>>> completed;
   const bool durable = q->dur == Durability::kDurable;
-  uint64_t len = q->length;
-  std::vector<uint32_t> new_tokens;
-  for (uint64_t p = q->length; p < start + n; ++p) {
-    const uint64_t i = p - start;
-    const uint32_t r = static_cast<uint32_t>(p % B);
-    std::string rec;
-    PutBe(&rec, tokens[i], 4);
-    for (uint32_t l = 0; l < L; ++l)
-      for (uint32_t h = 0; h < H; ++h)
-        for (int v = 0; v < 2; ++v) {
-          std::memcpy(trow(l, h, v, r), row(i, l, h, v), rb);
-          rec.append(reinterpret_cast<const char*>(row(i, l, h, v)), rb);
-        }
-    new_tokens.push_back(tokens[i]);
-    if (durable) batch.Put(impl_->tail(), PosKey(s, p), Seal(rec));
-    len = p + 1;
-    if (len % B == 0) {  // the block is full: block records replace its tail records
-      const uint64_t idx = p / B;
+  const uint64_t old_len = q->length, end = start + n;
+  // Row r of block `idx` for (l, h, v): from the tail if it was there before, else from the
+  // payload.
+  auto block_row = [&](uint64_t idx, uint32_t r, uint32_t l, uint32_t h, int v) -> const uint8_t* {
+    const uint64_t pos = idx * B + r;
+    return pos < old_len ? q->tail_row(l, h, v != 0, r) : row(pos - start, l, h, v);
+  };
+  auto token_at = [&](uint64_t pos) {
+    return pos < old_len ? q->tokens[pos] : tokens[pos - start];
+  };
+  std::vector<uint64_t> completed;  // block indices that fill in this append
+  for (uint64_t p = old_len; p < end; ++p) {
+    if (durable) {
+      std::string rec;
+      rec.reserve(4 + size_t{L} * H * 2 * rb + 8);
+      PutBe(&rec, tokens[p - start], 4);
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h)
+          for (int v = 0; v < 2; ++v)
+            rec.append(reinterpret_cast<const char*>(row(p - start, l, h, v)), rb);
+      batch.Put(impl_->tail(), PosKey(s, p), Seal(std::move(rec)));
+    }
+    if ((p + 1) % B == 0) completed.push_back(p / B);
+  }
+  if (end <= old_len) return old_len;  // a pure retry
+  if (durable) {
+    for (uint64_t idx : completed) {  // block records replace the block's tail records
+      std::string blk;
       for (uint32_t l = 0; l < L; ++l)
         for (uint32_t h = 0; h < H; ++h)
           for (int v = 0; v < 2; ++v) {
-            std::vector<uint8_t> blk(trow(l, h, v, 0), trow(l, h, v, 0) + size_t{B} * rb);
-            if (durable)
-              batch.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v),
-                        Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
-            completed.emplace_back(LocKey{l, h, idx, v != 0}, std::move(blk));
+            blk.clear();
+            for (uint32_t r = 0; r < B; ++r)
+              blk.append(reinterpret_cast<const char*>(block_row(idx, r, l, h, v)), rb);
+            batch.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v), Seal(blk));
           }
-      if (durable) {
-        std::string ids;
-        for (uint64_t t = idx * B; t < len; ++t)
-          PutBe(&ids, t < q->tokens.size() ? q->tokens[t] : new_tokens[t - q->tokens.size()], 4);
-        batch.Put(impl_->toks(), PosKey(s, idx), Seal(ids));
-        for (uint64_t t = idx * B; t < len; ++t) batch.Delete(impl_->tail(), PosKey(s, t));
-      }
+      std::string ids;
+      for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) PutBe(&ids, token_at(t), 4);
+      batch.Put(impl_->toks(), PosKey(s, idx), Seal(ids));
+      for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) batch.Delete(impl_->tail(), PosKey(s, t));
     }
-  }
-  if (len == q->length) return len;  // a pure retry
-  if (durable) {
     Seq meta = *q;
-    meta.length = len;
+    meta.length = end;
     batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
     KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
   }
-  q->tail = std::move(tail);
-  q->length = len;
-  q->tokens.insert(q->tokens.end(), new_tokens.begin(), new_tokens.end());
-  for (auto& [lkey, blk] : completed) {
-    q->blocks[lkey].on_disk = durable;
-    Status st = impl_->PutHost(*q, lkey, blk.data());
-    if (!st.ok() && !durable) {  // a cache block with no host room: spill it straight to disk
-      rocksdb::WriteBatch b;
-      const auto [l, h, idx, v] = lkey;
-      b.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v),
-            Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
-      KVM_RETURN_IF_ERROR(impl_->Write(*q, &b));
-      q->blocks[lkey].on_disk = true;
-      ++impl_->stats.spills;
-    }
-  }
-  return len;
+  // Commit: completed blocks go to the host tier (assembled before the tail rows are overwritten),
+  // then the new rows enter the tail.
+  std::vector<uint8_t> blk(size_t{B} * rb);
+  for (uint64_t idx : completed)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (int v = 0; v < 2; ++v) {
+          for (uint32_t r = 0; r < B; ++r)
+            std::memcpy(blk.data() + size_t{r} * rb, block_row(idx, r, l, h, v), rb);
+          const LocKey lkey{l, h, idx, v != 0};
+          q->blocks[lkey].on_disk = durable;
+          if (impl_->PutHost(*q, lkey, blk.data()).ok() || durable) continue;
+          rocksdb::WriteBatch b;  // a cache block with no host room: spill it straight to disk
+          b.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v != 0),
+                Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
+          KVM_RETURN_IF_ERROR(impl_->Write(*q, &b));
+          q->blocks[lkey].on_disk = true;
+          ++impl_->stats.spills;
+        }
+  for (uint64_t p = old_len; p < end; ++p)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (int v = 0; v < 2; ++v)
+          std::memcpy(q->tail_row(l, h, v != 0, static_cast<uint32_t>(p % B)),
+                      row(p - start, l, h, v), rb);
+  for (uint64_t p = old_len; p < end; ++p) q->tokens.push_back(tokens[p - start]);
+  q->length = end;
+  return end;
 }
 
 Result<uint64_t> BlockStore::Length(const SeqRef& s) const {

@@ -1,0 +1,118 @@
+// Block-store throughput (synthetic KV of the LLaMA-7B-like shape L32 Hkv8 D128 fp16, B 16):
+// append MB/s to the host tier (cache sequences) and through RocksDB (durable: WAL, tail records,
+// block compaction), decode-like (1 token per append) and prefill-like (256 tokens per append);
+// promotion MB/s (spilled blocks read back from disk into the host tier); memcpy MB/s in the same
+// run.
+//   kvm_store_bench [--dir DIR] [--json]
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "kvmanager/block_store.h"
+
+using namespace kvm;
+using Clock = std::chrono::steady_clock;
+
+int main(int argc, char** argv) {
+  std::string dir = "/tmp/kvm_store_bench";
+  bool json = false;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--json"))
+      json = true;
+    else if (!std::strcmp(argv[i], "--dir") && i + 1 < argc)
+      dir = argv[++i];
+    else
+      return std::fprintf(stderr, "usage: kvm_store_bench [--dir DIR] [--json]\n"), 2;
+  }
+  const bool idle = bench::WaitForIdle();
+  const ModelShape shape{32, 32, 8, 128, DType::kF16, 1};
+  const uint32_t B = 16;
+  const size_t per_token = size_t{32} * 8 * 2 * 128 * 2;  // 128 KiB of K and V per token
+  auto payload = [&](uint64_t n) { return std::vector<uint8_t>(per_token * n, 0x3c); };
+  auto tokens = [](uint64_t start, uint64_t n) {
+    std::vector<uint32_t> t(n);
+    for (uint64_t i = 0; i < n; ++i) t[i] = static_cast<uint32_t>(start + i);
+    return t;
+  };
+  struct Row {
+    std::string what;
+    double mbps;
+  };
+  std::vector<Row> rows;
+  auto run = [&](const std::string& what, store::Durability d, uint64_t total, uint64_t per_append,
+                 uint64_t host) {
+    std::filesystem::remove_all(dir);
+    auto s = store::BlockStore::Open({dir, host});
+    if (!s.ok()) {
+      std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
+      std::exit(1);
+    }
+    const store::SeqRef r{"bench", 1};
+    if (!(*s)->Create(r, shape, B, d).ok()) std::exit(1);
+    const auto p = payload(per_append);
+    const auto t0 = Clock::now();
+    for (uint64_t pos = 0; pos < total; pos += per_append)
+      if (!(*s)->Append(r, pos, tokens(pos, per_append), p).ok()) {
+        std::fprintf(stderr, "append failed\n");
+        std::exit(1);
+      }
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    rows.push_back({what, total * per_token / secs / 1e6});
+    std::fprintf(stderr, "%s: %.1f MB/s\n", what.c_str(), rows.back().mbps);
+    return std::move(*s);
+  };
+  run("append, host tier (cache), 1 token per append", store::Durability::kCache, 512, 1,
+      1ull << 30);
+  run("append, host tier (cache), 256 tokens per append", store::Durability::kCache, 2048, 256,
+      1ull << 30);
+  run("append, RocksDB (durable, WAL), 1 token per append", store::Durability::kDurable, 512, 1,
+      1ull << 30);
+  run("append, RocksDB (durable, WAL), 256 tokens per append", store::Durability::kDurable, 2048,
+      256, 1ull << 30);
+  {  // promotion: a 32 MiB host tier, 256 MiB of blocks spilled, then every block read back
+    auto s = run("append, cache with spill to RocksDB, 256 tokens per append",
+                 store::Durability::kCache, 2048, 256, 32ull << 20);
+    const store::SeqRef r{"bench", 1};
+    std::vector<uint8_t> buf(size_t{B} * 128 * 2);
+    const uint64_t before = s->Stats().promotions;
+    const auto t0 = Clock::now();
+    uint64_t bytes = 0;
+    for (uint64_t b = 0; b < 2048 / B; ++b)
+      for (uint32_t l = 0; l < 32; ++l)
+        for (uint32_t h = 0; h < 8; ++h)
+          for (bool v : {false, true}) {
+            if (!s->ReadBlock(r, {l, h, b}, v, buf).ok()) std::exit(1);
+            bytes += buf.size();
+          }
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    rows.push_back({"read back, disk -> host promotion (" +
+                        std::to_string(s->Stats().promotions - before) + " promotions)",
+                    bytes / secs / 1e6});
+  }
+  {
+    std::vector<uint8_t> a(256u << 20, 1), b(256u << 20, 2);
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), a.size());
+    rows.push_back({"memcpy 256 MiB (same binary)",
+                    a.size() / std::chrono::duration<double>(Clock::now() - t0).count() / 1e6});
+  }
+  std::filesystem::remove_all(dir);
+  if (json) {
+    std::printf("{\"idle\": %s, \"rows\": [", idle ? "true" : "false");
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::printf("%s{\"what\": \"%s\", \"mb_per_s\": %.1f}", i ? ", " : "", rows[i].what.c_str(),
+                  rows[i].mbps);
+    std::printf("]}\n");
+  } else {
+    std::printf(
+        "L32 Hkv8 D128 fp16 (128 KiB of K+V per token), B 16; idle machine: %s\n| what | MB/s "
+        "|\n|---|---|\n",
+        idle ? "yes" : "NO");
+    for (auto& r : rows) std::printf("| %s | %.1f |\n", r.what.c_str(), r.mbps);
+  }
+  return 0;
+}
