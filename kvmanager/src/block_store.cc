@@ -3,9 +3,11 @@
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
 
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <set>
 #include <tuple>
 #include <vector>
 
@@ -44,14 +46,58 @@ std::string SeqPrefix(const SeqRef& s) {
   PutBe(&k, s.id, 8);
   return k;
 }
+// A cache sequence's spilled block (per sequence; removed at open: cache sequences do not survive).
 std::string BlockKey(const SeqRef& s, const BlockId& b, bool values) {
-  std::string k = SeqPrefix(s);
+  std::string k = "S" + SeqPrefix(s);
   PutBe(&k, b.layer, 4);
   PutBe(&k, b.kv_head, 4);
   PutBe(&k, b.index, 8);
   k.push_back(values ? 'V' : 'K');
   return k;
 }
+// Content address of a full block (DESIGN.md §5): a hash chain over the token ids, seeded with
+// (tenant, fingerprint, dtype, block size) and mixed with (layer, KV head). 128 bits.
+struct Addr {
+  uint64_t a = 0, b = 0;
+  bool operator<(const Addr& o) const { return a < o.a || (a == o.a && b < o.b); }
+  bool operator==(const Addr& o) const = default;
+};
+uint64_t Mix(uint64_t x) {  // splitmix64 finalizer
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+Addr LayoutSeed(const std::string& tenant, const ModelShape& shape, uint32_t B) {
+  Addr s{0x6a09e667f3bcc908ull, 0xbb67ae8584caa73bull};
+  for (char c : tenant)
+    s = {Mix(s.a ^ static_cast<uint8_t>(c)),
+         Mix(s.b + static_cast<uint8_t>(c) * 0x9e3779b97f4a7c15ull)};
+  for (uint64_t v : {shape.fingerprint, uint64_t(shape.dtype), uint64_t{B}, uint64_t{shape.layers},
+                     uint64_t{shape.kv_heads}, uint64_t{shape.head_dim}})
+    s = {Mix(s.a ^ v), Mix(s.b + v * 0x9e3779b97f4a7c15ull)};
+  return s;
+}
+// The chain value after block b, from the one after block b − 1 (Addr{} before block 0).
+Addr ChainNext(Addr prev, const uint32_t* tokens, uint32_t B) {
+  for (uint32_t i = 0; i < B; ++i)
+    prev = {Mix(prev.a ^ (tokens[i] + 0x1000193ull)),
+            Mix(prev.b + (tokens[i] + 1ull) * 0xc2b2ae3d27d4eb4full)};
+  return prev;
+}
+Addr BlockAddr(const Addr& seed, const Addr& chain, uint32_t layer, uint32_t kv_head) {
+  const uint64_t lh = (uint64_t{layer} << 32) | kv_head;
+  return {Mix(seed.a ^ chain.a ^ Mix(lh)), Mix(seed.b + chain.b + Mix(lh ^ 0x5555555555555555ull))};
+}
+std::string ContentKey(const Addr& a, bool values) {
+  std::string k = "C";
+  PutBe(&k, a.a, 8);
+  PutBe(&k, a.b, 8);
+  k.push_back(values ? 'V' : 'K');
+  return k;
+}
+
 std::string PosKey(const SeqRef& s, uint64_t pos) {
   std::string k = SeqPrefix(s);
   PutBe(&k, pos, 8);
@@ -81,6 +127,12 @@ struct Seq {
   std::vector<uint32_t> tokens;
   std::vector<uint8_t> tail;  // the partial block: [layers][kv_heads][K,V][B][D] elements
   std::map<LocKey, BlockLoc> blocks;
+  Addr seed;                // LayoutSeed
+  std::vector<Addr> chain;  // per full block (durable sequences)
+  int64_t lease_ms = 0, last_access = 0;
+  Addr addr(uint32_t l, uint32_t h, uint64_t idx) const {
+    return BlockAddr(seed, chain[idx], l, h);
+  }
   size_t row_bytes() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
   size_t block_bytes() const { return row_bytes() * B; }
   uint8_t* tail_row(uint32_t l, uint32_t h, bool v, uint32_t r) {
@@ -99,6 +151,7 @@ std::string EncodeMeta(const Seq& q) {
   PutBe(&m, q.B, 4);
   PutBe(&m, static_cast<uint8_t>(q.dur), 1);
   PutBe(&m, q.length, 8);
+  PutBe(&m, static_cast<uint64_t>(q.lease_ms), 8);
   return Seal(m);
 }
 
@@ -117,6 +170,53 @@ struct BlockStore::Impl {
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
   std::deque<std::tuple<std::pair<std::string, uint64_t>, LocKey>> host_fifo_v, host_fifo_k;
   StoreStats stats;
+  std::map<Addr, uint32_t>
+      refs;  // content address → sequences referencing it (durable full blocks)
+  // Layouts seen per tenant (for mismatch errors): fingerprint, dtype, block size, layers, kv
+  // heads, head dim.
+  std::map<std::string,
+           std::set<std::tuple<uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t>>>
+      layouts;
+
+  int64_t Now() const {
+    if (opt.now_ms) return opt.now_ms();
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  static std::tuple<uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t> Layout(
+      const ModelShape& s, uint32_t B) {
+    return {s.fingerprint, static_cast<uint32_t>(s.dtype), B, s.layers, s.kv_heads, s.head_dim};
+  }
+  std::string DiskKey(const Seq& q, const LocKey& lk) const {
+    const auto [l, h, idx, v] = lk;
+    return q.dur == Durability::kDurable ? ContentKey(q.addr(l, h, idx), v)
+                                         : BlockKey(q.ref, {l, h, idx}, v);
+  }
+  // Drops the references of full blocks [from, to) of a durable sequence; records reaching 0 are
+  // deleted.
+  void Unref(const Seq& q, uint64_t from, uint64_t to, rocksdb::WriteBatch* b,
+             std::vector<Addr>* released) {
+    if (q.dur != Durability::kDurable) return;
+    for (uint64_t idx = from; idx < to; ++idx)
+      for (uint32_t l = 0; l < q.shape.layers; ++l)
+        for (uint32_t h = 0; h < q.shape.kv_heads; ++h) {
+          const Addr a = q.addr(l, h, idx);
+          auto it = refs.find(a);
+          if (it != refs.end() && it->second == 1) {
+            b->Delete(blocks(), ContentKey(a, false));
+            b->Delete(blocks(), ContentKey(a, true));
+          }
+          released->push_back(a);
+        }
+  }
+  Status DeleteLocked(const SeqRef& s);
+  void Release(const std::vector<Addr>& released) {
+    for (const Addr& a : released) {
+      auto it = refs.find(a);
+      if (it != refs.end() && --it->second == 0) refs.erase(it);
+    }
+  }
 
   ~Impl() {
     for (size_t i = 1; i < cf.size(); ++i) db->DestroyColumnFamilyHandle(cf[i]);
@@ -176,9 +276,8 @@ struct BlockStore::Impl {
     HostArena* a = Arena(q.block_bytes());
     if (!loc.on_disk) {
       rocksdb::WriteBatch b;
-      const auto [l, h, idx, v] = lk;
       b.Put(
-          blocks(), BlockKey(q.ref, {l, h, idx}, v),
+          blocks(), DiskKey(q, lk),
           Seal(std::string(reinterpret_cast<const char*>(a->slot(static_cast<uint32_t>(loc.slot))),
                            q.block_bytes())));
       KVM_RETURN_IF_ERROR(Write(q, &b));
@@ -198,12 +297,13 @@ struct BlockStore::Impl {
         .emplace_back(std::make_pair(q.ref.tenant, q.ref.id), lk);
     return Status::Ok();
   }
+  // Forgets one block of the in-memory index (host slot freed); a cache sequence's spilled record
+  // is deleted through `b` (a durable one's records go through Unref).
   void DropBlock(Seq& q, const LocKey& lk, rocksdb::WriteBatch* b) {
     auto it = q.blocks.find(lk);
     if (it == q.blocks.end()) return;
     if (it->second.slot >= 0) Arena(q.block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
-    const auto [l, h, idx, v] = lk;
-    if (it->second.on_disk) b->Delete(blocks(), BlockKey(q.ref, {l, h, idx}, v));
+    if (it->second.on_disk && q.dur == Durability::kCache) b->Delete(blocks(), DiskKey(q, lk));
     q.blocks.erase(it);
   }
   // The bytes of a full block (host, else disk: verified, promoted).
@@ -215,11 +315,10 @@ struct BlockStore::Impl {
                   q.block_bytes());
       return Status::Ok();
     }
-    const auto [l, h, idx, v] = lk;
+    const uint64_t idx = std::get<2>(lk);
     std::string raw;
     KVM_RETURN_IF_ERROR(
-        FromRocks(db->Get(rocksdb::ReadOptions(), blocks(), BlockKey(q.ref, {l, h, idx}, v), &raw),
-                  "rocksdb get"));
+        FromRocks(db->Get(rocksdb::ReadOptions(), blocks(), DiskKey(q, lk), &raw), "rocksdb get"));
     KVM_ASSIGN_OR_RETURN(std::string data, Unseal(raw, "block " + std::to_string(idx)));
     if (data.size() != q.block_bytes())
       return Status::Corruption("block " + std::to_string(idx) + ": wrong size");
@@ -255,7 +354,7 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
     if (z == std::string::npos || key.size() != z + 9)
       return Status::Corruption("store: bad metadata key");
     KVM_ASSIGN_OR_RETURN(std::string m, Unseal(it->value().ToString(), "sequence metadata"));
-    if (m.size() != 41) return Status::Corruption("store: bad metadata size");
+    if (m.size() != 49) return Status::Corruption("store: bad metadata size");
     Seq q;
     q.ref = SeqRef{key.substr(0, z), GetBe(key.data() + z + 1, 8)};
     q.shape = ModelShape{static_cast<uint32_t>(GetBe(m.data(), 4)),
@@ -267,7 +366,10 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
     q.B = static_cast<uint32_t>(GetBe(m.data() + 28, 4));
     q.dur = static_cast<Durability>(GetBe(m.data() + 32, 1));
     q.length = GetBe(m.data() + 33, 8);
+    q.lease_ms = static_cast<int64_t>(GetBe(m.data() + 41, 8));
+    q.last_access = impl->Now();
     KVM_RETURN_IF_ERROR(q.shape.Validate());
+    q.seed = LayoutSeed(q.ref.tenant, q.shape, q.B);
     q.tail.assign(size_t{q.shape.layers} * q.shape.kv_heads * 2 * q.block_bytes(), 0);
     const uint64_t full = q.length / q.B;
     for (uint32_t l = 0; l < q.shape.layers; ++l)
@@ -279,9 +381,14 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
       KVM_RETURN_IF_ERROR(FromRocks(
           db->Get(rocksdb::ReadOptions(), impl->toks(), PosKey(q.ref, b), &raw), "tokens"));
       KVM_ASSIGN_OR_RETURN(std::string t, Unseal(raw, "token ids"));
+      if (t.size() != 4 * size_t{q.B}) return Status::Corruption("token ids: wrong size");
       for (uint32_t i = 0; i < q.B; ++i)
         q.tokens.push_back(static_cast<uint32_t>(GetBe(t.data() + 4 * i, 4)));
+      q.chain.push_back(ChainNext(b ? q.chain.back() : Addr{}, &q.tokens[b * q.B], q.B));
+      for (uint32_t l = 0; l < q.shape.layers; ++l)  // refcounts rebuilt from the sequences
+        for (uint32_t h = 0; h < q.shape.kv_heads; ++h) ++impl->refs[q.addr(l, h, b)];
     }
+    impl->layouts[q.ref.tenant].insert(Impl::Layout(q.shape, q.B));
     for (uint64_t p = full * q.B; p < q.length; ++p) {  // tail rows
       std::string raw;
       KVM_RETURN_IF_ERROR(
@@ -302,11 +409,18 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
     }
     impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
   }
+  // Spilled blocks of cache sequences ('S' keys) do not survive a restart.
+  std::unique_ptr<rocksdb::Iterator> bi(db->NewIterator(rocksdb::ReadOptions(), impl->blocks()));
+  rocksdb::WriteBatch orphans;
+  for (bi->Seek("S"); bi->Valid() && bi->key().starts_with("S"); bi->Next())
+    orphans.Delete(impl->blocks(), bi->key());
+  if (orphans.Count())
+    KVM_RETURN_IF_ERROR(FromRocks(db->Write(rocksdb::WriteOptions(), &orphans), "cleanup"));
   return std::unique_ptr<BlockStore>(new BlockStore(std::move(impl)));
 }
 
 Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
-                          Durability d) {
+                          Durability d, int64_t lease_ms) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   if (block_size == 0 || block_size > kMaxBlockSize)
     return Status::InvalidArgument("block_size out of range");
@@ -319,7 +433,11 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
   q.shape = shape;
   q.B = block_size;
   q.dur = d;
+  q.lease_ms = std::max<int64_t>(0, lease_ms);
+  q.last_access = impl_->Now();
+  q.seed = LayoutSeed(s.tenant, shape, block_size);
   q.tail.assign(size_t{shape.layers} * shape.kv_heads * 2 * q.block_bytes(), 0);
+  impl_->layouts[s.tenant].insert(Impl::Layout(shape, block_size));
   if (d == Durability::kDurable) {
     rocksdb::WriteBatch b;
     b.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(q));
@@ -381,18 +499,33 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     }
     if ((p + 1) % B == 0) completed.push_back(p / B);
   }
+  q->last_access = impl_->Now();
   if (end <= old_len) return old_len;  // a pure retry
+  // Content addresses of the completed blocks: the hash chain over their token ids.
+  std::vector<Addr> new_chain;
+  for (uint64_t idx : completed) {
+    std::vector<uint32_t> ids(B);
+    for (uint32_t i = 0; i < B; ++i) ids[i] = token_at(idx * B + i);
+    const Addr prev =
+        idx == 0 ? Addr{} : (idx - 1 < q->chain.size() ? q->chain[idx - 1] : new_chain.back());
+    new_chain.push_back(ChainNext(prev, ids.data(), B));
+  }
   if (durable) {
-    for (uint64_t idx : completed) {  // block records replace the block's tail records
+    for (size_t ci = 0; ci < completed.size();
+         ++ci) {  // block records replace the block's tail records
+      const uint64_t idx = completed[ci];
       std::string blk;
       for (uint32_t l = 0; l < L; ++l)
-        for (uint32_t h = 0; h < H; ++h)
+        for (uint32_t h = 0; h < H; ++h) {
+          const Addr a = BlockAddr(q->seed, new_chain[ci], l, h);
+          if (impl_->refs.count(a)) continue;  // another sequence stored this prefix block: shared
           for (int v = 0; v < 2; ++v) {
             blk.clear();
             for (uint32_t r = 0; r < B; ++r)
               blk.append(reinterpret_cast<const char*>(block_row(idx, r, l, h, v)), rb);
-            batch.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v), Seal(blk));
+            batch.Put(impl_->blocks(), ContentKey(a, v != 0), Seal(blk));
           }
+        }
       std::string ids;
       for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) PutBe(&ids, token_at(t), 4);
       batch.Put(impl_->toks(), PosKey(s, idx), Seal(ids));
@@ -403,8 +536,13 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
     KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
   }
-  // Commit: completed blocks go to the host tier (assembled before the tail rows are overwritten),
-  // then the new rows enter the tail.
+  // Commit: references and chain, completed blocks to the host tier (assembled before the tail rows
+  // are overwritten), then the new rows enter the tail.
+  q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
+  if (durable)
+    for (uint64_t idx : completed)
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h) ++impl_->refs[q->addr(l, h, idx)];
   std::vector<uint8_t> blk(size_t{B} * rb);
   for (uint64_t idx : completed)
     for (uint32_t l = 0; l < L; ++l)
@@ -447,6 +585,7 @@ Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
   if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
   if (b.layer >= q->shape.layers || b.kv_head >= q->shape.kv_heads)
     return Status::InvalidArgument("layer/kv_head out of range");
+  q->last_access = impl_->Now();
   if (out.size() != q->block_bytes())
     return Status::InvalidArgument("read block: buffer of " + std::to_string(out.size()) +
                                    " bytes, a block is " + std::to_string(q->block_bytes()));
@@ -509,29 +648,38 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   std::vector<LocKey> drop;
   for (auto& [k, loc] : q->blocks)
     if (std::get<2>(k) >= keep_full) drop.push_back(k);
-  for (const auto& k : drop) {
-    auto it = q->blocks.find(k);
-    const auto [l, h, idx, v] = k;
-    if (it->second.on_disk) batch.Delete(impl_->blocks(), BlockKey(s, {l, h, idx}, v));
-  }
+  std::vector<Addr> released;
+  impl_->Unref(*q, keep_full, old_full, &batch, &released);
+  for (const auto& k : drop)
+    if (q->blocks[k].on_disk && !durable) batch.Delete(impl_->blocks(), impl_->DiskKey(*q, k));
   if (batch.Count() > 0) KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
+  impl_->Release(released);
   for (const auto& k : drop) {
     auto it = q->blocks.find(k);
     if (it->second.slot >= 0)
       impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
     q->blocks.erase(it);
   }
+  q->chain.resize(std::min<size_t>(q->chain.size(), keep_full));
   q->tail = std::move(tail);
   q->length = length;
   q->tokens.resize(length);
+  q->last_access = impl_->Now();
   return Status::Ok();
 }
 
 Status BlockStore::Delete(const SeqRef& s) {
   std::lock_guard<std::mutex> lk(impl_->mu);
-  Seq* q = impl_->Find(s);
+  return impl_->DeleteLocked(s);
+}
+
+Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
+  Impl* impl_ = this;
+  Seq* q = Find(s);
   if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
   rocksdb::WriteBatch batch;
+  std::vector<Addr> released;
+  Unref(*q, 0, q->length / q->B, &batch, &released);
   std::vector<LocKey> keys;
   for (auto& [k, loc] : q->blocks) keys.push_back(k);
   for (const auto& k : keys) impl_->DropBlock(*q, k, &batch);
@@ -541,8 +689,56 @@ Status BlockStore::Delete(const SeqRef& s) {
   batch.Delete(impl_->meta(), SeqPrefix(s));
   KVM_RETURN_IF_ERROR(
       FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
+  Release(released);
   impl_->seqs.erase({s.tenant, s.id});
   return Status::Ok();
+}
+
+Result<uint64_t> BlockStore::PrefixLookup(const std::string& tenant, const ModelShape& shape,
+                                          uint32_t block_size,
+                                          std::span<const uint32_t> tokens) const {
+  KVM_RETURN_IF_ERROR(shape.Validate());
+  if (block_size == 0 || block_size > kMaxBlockSize)
+    return Status::InvalidArgument("block_size out of range");
+  std::lock_guard<std::mutex> l(impl_->mu);
+  auto matched = [&](const ModelShape& sh, uint32_t B) {
+    const Addr seed = LayoutSeed(tenant, sh, B);
+    Addr chain;
+    uint64_t n = 0;
+    for (uint64_t b = 0; (b + 1) * B <= tokens.size(); ++b) {
+      chain = ChainNext(chain, tokens.data() + b * B, B);
+      if (!impl_->refs.count(BlockAddr(seed, chain, 0, 0))) break;
+      n = (b + 1) * B;
+    }
+    return n;
+  };
+  const uint64_t n = matched(shape, block_size);
+  if (n == 0 && tokens.size() >= block_size) {  // stored under another model or layout? an error
+    auto it = impl_->layouts.find(tenant);
+    if (it != impl_->layouts.end())
+      for (const auto& [fp, dt, B, layers, kvh, hd] : it->second) {
+        const ModelShape other{layers, kvh, kvh, hd, static_cast<DType>(dt), fp};
+        if (std::make_tuple(fp, dt, B, layers, kvh, hd) == Impl::Layout(shape, block_size))
+          continue;
+        if (tokens.size() >= B && matched(other, B) > 0)
+          return Status::FailedPrecondition(
+              "this prefix is stored for model fingerprint " + std::to_string(fp) + ", " +
+              DTypeName(static_cast<DType>(dt)) + ", block size " + std::to_string(B) +
+              "; the lookup used fingerprint " + std::to_string(shape.fingerprint) + ", " +
+              DTypeName(shape.dtype) + ", block size " + std::to_string(block_size));
+      }
+  }
+  return n;
+}
+
+Result<uint64_t> BlockStore::ExpireLeases() {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  const int64_t now = impl_->Now();
+  std::vector<SeqRef> expired;
+  for (auto& [k, q] : impl_->seqs)
+    if (q.lease_ms > 0 && now - q.last_access > q.lease_ms) expired.push_back(q.ref);
+  for (const auto& r : expired) KVM_RETURN_IF_ERROR(impl_->DeleteLocked(r));
+  return expired.size();
 }
 
 StoreStats BlockStore::Stats() const {
@@ -550,6 +746,8 @@ StoreStats BlockStore::Stats() const {
   StoreStats st = impl_->stats;
   st.host_slots_used = 0;
   for (auto& [bytes, a] : impl_->arenas) st.host_slots_used += a->used();
+  for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
+  st.gpu_tier = "absent: the GPU tier is not built yet";
   return st;
 }
 
@@ -564,15 +762,18 @@ Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, boo
     impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
     it->second.slot = -1;
   }
-  return FromRocks(
-      impl_->db->Put(rocksdb::WriteOptions(), impl_->blocks(), BlockKey(s, b, values), value),
-      "put");
+  const std::string key = impl_->DiskKey(*q, {b.layer, b.kv_head, b.index, values});
+  return FromRocks(impl_->db->Put(rocksdb::WriteOptions(), impl_->blocks(), key, value), "put");
 }
 
 Result<std::string> BlockStore::RawBlockForTest(const SeqRef& s, const BlockId& b, bool values) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence");
   std::string v;
-  KVM_RETURN_IF_ERROR(FromRocks(
-      impl_->db->Get(rocksdb::ReadOptions(), impl_->blocks(), BlockKey(s, b, values), &v), "get"));
+  const std::string key = impl_->DiskKey(*q, {b.layer, b.kv_head, b.index, values});
+  KVM_RETURN_IF_ERROR(
+      FromRocks(impl_->db->Get(rocksdb::ReadOptions(), impl_->blocks(), key, &v), "get"));
   return v;
 }
 

@@ -46,11 +46,14 @@ std::vector<uint32_t> Tokens(uint64_t start, uint64_t n) {
   for (uint64_t i = start; i < start + n; ++i) t.push_back(static_cast<uint32_t>(i * 7 + 1));
   return t;
 }
-Result<uint64_t> AppendRange(BlockStore& s, const SeqRef& r, uint64_t start, uint64_t n) {
-  return s.Append(r, start, Tokens(start, n), Payload(r.id, start, n));
+// gen: which generator the bytes come from (the sequence id unless two sequences share content).
+Result<uint64_t> AppendRange(BlockStore& s, const SeqRef& r, uint64_t start, uint64_t n,
+                             int64_t gen = -1) {
+  return s.Append(r, start, Tokens(start, n), Payload(gen < 0 ? r.id : gen, start, n));
 }
 // Every row of [0, length) byte-identical to the generator, rows past it zero in the last block.
-void ExpectContent(BlockStore& s, const SeqRef& r, uint64_t length) {
+void ExpectContent(BlockStore& s, const SeqRef& r, uint64_t length, int64_t gen = -1) {
+  const uint64_t g = gen < 0 ? r.id : gen;
   std::vector<uint8_t> buf(kBlock);
   for (uint64_t b = 0; b * kB < length; ++b)
     for (uint32_t l = 0; l < kShape.layers; ++l)
@@ -61,7 +64,7 @@ void ExpectContent(BlockStore& s, const SeqRef& r, uint64_t length) {
           for (uint32_t row = 0; row < kB; ++row)
             for (size_t i = 0; i < kRow; ++i) {
               const uint64_t pos = b * kB + row;
-              const uint8_t want = pos < length ? Byte(r.id, pos, l, h, v, i) : 0;
+              const uint8_t want = pos < length ? Byte(g, pos, l, h, v, i) : 0;
               ASSERT_EQ(buf[row * kRow + i], want)
                   << "pos " << pos << " l " << l << " h " << h << " v " << v;
             }
@@ -266,6 +269,69 @@ TEST(BlockStoreTest, TruncateThenAppendAndReopen) {
   ExpectContent(**s, r, 19);
   ASSERT_TRUE((*s)->Delete(r).ok());
   EXPECT_TRUE((*s)->Length(r).status().IsNotFound());
+  std::filesystem::remove_all(dir);
+}
+
+TEST(BlockStoreTest, PrefixSharingAcrossSequencesAndRefcountsAfterRestart) {
+  const std::string dir = TempDir();
+  const SeqRef a{"t", 10}, b{"t", 11}, c{"t", 12};
+  const auto prefix = Tokens(0, 40);
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Create(a, kShape, kB, Durability::kDurable).ok());
+    ASSERT_TRUE((*s)->Create(b, kShape, kB, Durability::kDurable).ok());
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, prefix), 0u);
+    ASSERT_TRUE(AppendRange(**s, a, 0, 40, /*gen=*/1).ok());       // 2 full blocks + 8 tokens
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, prefix), 32u);  // whole blocks only
+    EXPECT_EQ(*(*s)->PrefixLookup("other-tenant", kShape, kB, prefix), 0u);
+    ASSERT_TRUE(AppendRange(**s, b, 0, 20, /*gen=*/1).ok());  // same first block, then its own
+    EXPECT_EQ((*s)->Stats().shared_blocks,
+              size_t{kShape.layers} * kShape.kv_heads);  // block 0 of each (l, h)
+    ASSERT_TRUE((*s)->Delete(a).ok());
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, prefix), 16u);  // b still holds block 0
+    ExpectContent(**s, b, 20, 1);
+  }
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});  // refcounts rebuilt from the sequences
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, prefix), 16u);
+    ExpectContent(**s, b, 20, 1);
+    // A mismatched model or layout is an error, not a silent miss.
+    ModelShape other = kShape;
+    other.fingerprint = 78;
+    Status st = (*s)->PrefixLookup("t", other, kB, prefix).status();
+    EXPECT_TRUE(st.IsFailedPrecondition()) << st.ToString();
+    EXPECT_NE(st.message().find("fingerprint 77"), std::string::npos);
+    ASSERT_TRUE((*s)->Delete(b).ok());
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, prefix),
+              0u);  // the last reference released the records
+    ASSERT_TRUE((*s)->Create(c, kShape, kB, Durability::kDurable).ok());
+    ASSERT_TRUE(AppendRange(**s, c, 0, 33, 1).ok());
+    ExpectContent(**s, c, 33, 1);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
+  const std::string dir = TempDir();
+  int64_t now = 0;
+  StoreOptions o{dir, 1 << 20};
+  o.now_ms = [&now] { return now; };
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef leased{"t", 20}, forever{"t", 21};
+  ASSERT_TRUE((*s)->Create(leased, kShape, kB, Durability::kDurable, /*lease_ms=*/1000).ok());
+  ASSERT_TRUE((*s)->Create(forever, kShape, kB, Durability::kDurable).ok());
+  now = 600;
+  ASSERT_TRUE(AppendRange(**s, leased, 0, 20).ok());  // an access renews the lease
+  now = 1500;
+  EXPECT_EQ(*(*s)->ExpireLeases(), 0u);
+  now = 1700;
+  EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
+  EXPECT_TRUE((*s)->Length(leased).status().IsNotFound());
+  EXPECT_TRUE((*s)->Length(forever).ok());
+  EXPECT_EQ((*s)->Stats().gpu_tier.rfind("absent", 0), 0u);  // reported as absent, with the reason
   std::filesystem::remove_all(dir);
 }
 

@@ -1,6 +1,5 @@
-// BlockStore: the service's storage of KV blocks (DESIGN.md §2, §5) over two tiers so far: the host
-// arena (HostArena) and RocksDB on local disk. NOT BUILT YET: the GPU tier, prefix sharing by
-// content address, leases, watermark eviction by selection recency (issue 8 is in progress).
+// BlockStore: the service's storage of KV blocks (DESIGN.md §2, §5) over two tiers: the host arena
+// (HostArena) and RocksDB on local disk. The GPU tier is absent in this build (Stats says so).
 //
 // A block is one layer and one KV head: K and V each [block_size][head_dim] of the sequence's
 // dtype, keyed by (tenant, sequence, layer, kv_head, block index, K|V). Appends are idempotent by
@@ -15,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -32,6 +32,7 @@ struct StoreOptions {
   uint64_t host_capacity_bytes = 0;  // host tier; 0 = DefaultHostCapacity(). Small in tests.
   bool sync = false;  // fsync the WAL on every durable append (power loss), not only kill -9
   uint64_t disk_capacity_bytes = 0;  // 0 = unlimited; appends past it answer NoSpace
+  std::function<int64_t()> now_ms;   // clock for leases; default: steady clock (tests inject one)
 };
 
 struct SeqRef {
@@ -44,6 +45,8 @@ struct StoreStats {
   uint64_t spills = 0;      // host → disk
   uint64_t promotions = 0;  // disk → host
   uint64_t disk_bytes_written = 0;
+  uint64_t shared_blocks = 0;  // durable block records referenced by more than one sequence
+  std::string gpu_tier;        // "absent: ..." (why) — the GPU tier is not built yet
 };
 
 class BlockStore {
@@ -53,7 +56,15 @@ class BlockStore {
   ~BlockStore();
 
   // AlreadyExists; InvalidArgument for a bad shape, block size or tenant name.
-  Status Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d);
+  // lease_ms > 0: the sequence expires after that long without an access.
+  Status Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d,
+                int64_t lease_ms = 0);
+  // How many leading tokens of `tokens` are stored (whole blocks) for this tenant, model and
+  // layout.
+  Result<uint64_t> PrefixLookup(const std::string& tenant, const ModelShape& shape,
+                                uint32_t block_size, std::span<const uint32_t> tokens) const;
+  // Deletes every sequence whose lease ran out; returns how many.
+  Result<uint64_t> ExpireLeases();
   // Appends tokens[start, start + n): payload = [layers][kv_heads][K,V][n][head_dim] elements (the
   // wire Append layout). Positions below the current length must carry the same token ids (a retry)
   // and are skipped; start past the length is FailedPrecondition. Returns the new length once
