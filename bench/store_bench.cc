@@ -46,7 +46,10 @@ int main(int argc, char** argv) {
   auto run = [&](const std::string& what, store::Durability d, uint64_t total, uint64_t per_append,
                  uint64_t host) {
     std::filesystem::remove_all(dir);
-    auto s = store::BlockStore::Open({dir, host});
+    store::StoreOptions so;
+    so.dir = dir;
+    so.host_capacity_bytes = host;
+    auto s = store::BlockStore::Open(so);
     if (!s.ok()) {
       std::fprintf(stderr, "%s\n", s.status().ToString().c_str());
       std::exit(1);

@@ -1,5 +1,6 @@
 # Warnings and sanitizers apply to C++ only, never to nvcc.
-add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-Wall> $<$<COMPILE_LANGUAGE:CXX>:-Wextra>)
+add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-Wall> $<$<COMPILE_LANGUAGE:CXX>:-Wextra>
+                    $<$<COMPILE_LANGUAGE:CXX>:-Wno-missing-field-initializers>)
 if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   # GCC 12 reports false -Wrestrict positives inside std::string concatenation (GCC bug 105329).
   add_compile_options($<$<COMPILE_LANGUAGE:CXX>:-Wno-restrict>)

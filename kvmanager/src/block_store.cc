@@ -3,15 +3,16 @@
 #include <rocksdb/db.h>
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <deque>
 #include <map>
 #include <set>
 #include <tuple>
 #include <vector>
 
 #include "kvmanager/host_arena.h"
+#include "proto/half.h"
 
 namespace kvm::store {
 namespace {
@@ -113,8 +114,11 @@ Status FromRocks(const rocksdb::Status& s, const std::string& what) {
 }
 
 struct BlockLoc {
-  int64_t slot = -1;     // host arena slot, or -1
-  bool on_disk = false;  // a block record exists in RocksDB
+  int64_t slot = -1;           // host arena slot, or -1
+  bool on_disk = false;        // a block record exists in RocksDB
+  uint64_t selected = 0;       // how often a selection included it
+  uint64_t last_selected = 0;  // tick of the last selection
+  uint64_t host_since = 0;     // tick it entered the host tier
 };
 using LocKey = std::tuple<uint32_t, uint32_t, uint64_t, bool>;  // layer, kv head, index, values
 
@@ -130,6 +134,30 @@ struct Seq {
   Addr seed;                // LayoutSeed
   std::vector<Addr> chain;  // per full block (durable sequences)
   int64_t lease_ms = 0, last_access = 0;
+  uint64_t pin_end = 0;  // an append in progress: its end position (the window pin follows it)
+  std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
+  void InitSums() {
+    sums.clear();
+    for (uint32_t i = 0; i < shape.layers * shape.kv_heads; ++i)
+      sums.emplace_back(B, shape.head_dim, true);
+  }
+  // Adds the K row of token `pos` for (l, h) to the summaries.
+  void Summarize(uint32_t l, uint32_t h, uint64_t pos, const uint8_t* k_row) {
+    std::vector<float> f(shape.head_dim);
+    for (uint32_t i = 0; i < shape.head_dim; ++i) f[i] = attn_elem(k_row, i);
+    sums[size_t{l} * shape.kv_heads + h].Append(pos, f.data());
+  }
+  float attn_elem(const uint8_t* row, uint32_t i) const {
+    switch (shape.dtype) {
+      case DType::kF16:
+        return HalfToFloat(reinterpret_cast<const uint16_t*>(row)[i]);
+      case DType::kBF16:
+        return Bf16ToFloat(reinterpret_cast<const uint16_t*>(row)[i]);
+      case DType::kF32:
+        return reinterpret_cast<const float*>(row)[i];
+    }
+    return 0.f;
+  }
   Addr addr(uint32_t l, uint32_t h, uint64_t idx) const {
     return BlockAddr(seed, chain[idx], l, h);
   }
@@ -168,7 +196,7 @@ struct BlockStore::Impl {
   mutable std::mutex mu;
   std::map<std::pair<std::string, uint64_t>, Seq> seqs;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
-  std::deque<std::tuple<std::pair<std::string, uint64_t>, LocKey>> host_fifo_v, host_fifo_k;
+  uint64_t tick = 0;                                    // orders selections and host-tier entries
   StoreStats stats;
   std::map<Addr, uint32_t>
       refs;  // content address → sequences referencing it (durable full blocks)
@@ -227,6 +255,10 @@ struct BlockStore::Impl {
     auto it = seqs.find({s.tenant, s.id});
     return it == seqs.end() ? nullptr : &it->second;
   }
+  const Seq* Find(const SeqRef& s) const {
+    auto it = seqs.find({s.tenant, s.id});
+    return it == seqs.end() ? nullptr : &it->second;
+  }
   rocksdb::WriteOptions Wopt(const Seq& q) const {
     rocksdb::WriteOptions w;
     w.sync = opt.sync && q.dur == Durability::kDurable;
@@ -254,23 +286,49 @@ struct BlockStore::Impl {
     }
     return a.get();
   }
-  // A host slot for a block of `bytes`, evicting (V blocks first) to the disk tier when full.
+  // A host slot for a block of `bytes`; a full tier first demotes blocks to disk down to the low
+  // watermark. NoSpace only when every resident block is pinned (then the caller serves from disk).
   Result<uint32_t> HostSlot(size_t bytes) {
     HostArena* a = Arena(bytes);
     if (!a) return Status::NoSpace("host tier cannot be mapped");
-    for (;;) {
-      auto s = a->Allocate();
-      if (s.ok()) return s;
-      auto& fifo = !host_fifo_v.empty() ? host_fifo_v : host_fifo_k;
-      if (fifo.empty()) return s.status();
-      auto [key, lk] = fifo.front();
-      fifo.pop_front();
-      auto it = seqs.find(key);
-      if (it == seqs.end()) continue;
-      auto bit = it->second.blocks.find(lk);
-      if (bit == it->second.blocks.end() || bit->second.slot < 0) continue;
-      KVM_RETURN_IF_ERROR(Spill(it->second, lk, bit->second));
+    auto s = a->Allocate();
+    if (s.ok()) return s;
+    KVM_RETURN_IF_ERROR(Evict(bytes, static_cast<uint32_t>(opt.low_watermark * a->capacity())));
+    return a->Allocate();
+  }
+  // Demotes host blocks of `bytes` until at most `target` slots are used: never-selected first, V
+  // before K, then least recently selected, then oldest; the sink and window blocks stay.
+  Status Evict(size_t bytes, uint32_t target) {
+    struct Cand {
+      bool selected, values;
+      uint64_t last, since;
+      Seq* q;
+      LocKey lk;
+    };
+    std::vector<Cand> cands;
+    for (auto& [key, q] : seqs) {
+      if (q.block_bytes() != bytes) continue;
+      const uint64_t full = std::max(q.length, q.pin_end) / q.B;
+      const uint64_t sinks = (uint64_t{opt.pinned_sink_tokens} + q.B - 1) / q.B;
+      const uint64_t window = (uint64_t{opt.pinned_window_tokens} + q.B - 1) / q.B;
+      for (auto& [lk, loc] : q.blocks) {
+        const uint64_t idx = std::get<2>(lk);
+        if (loc.slot < 0 || idx < sinks || idx + window >= full)
+          continue;  // pinned or not resident
+        cands.push_back(
+            {loc.selected > 0, std::get<3>(lk), loc.last_selected, loc.host_since, &q, lk});
+      }
     }
+    std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
+      return std::make_tuple(x.selected, !x.values, x.last, x.since) <
+             std::make_tuple(y.selected, !y.values, y.last, y.since);
+    });
+    HostArena* a = Arena(bytes);
+    for (const Cand& c : cands) {
+      if (a->used() <= target) break;
+      KVM_RETURN_IF_ERROR(Spill(*c.q, c.lk, c.q->blocks[c.lk]));
+    }
+    return Status::Ok();
   }
   Status Spill(Seq& q, const LocKey& lk, BlockLoc& loc) {
     HostArena* a = Arena(q.block_bytes());
@@ -293,8 +351,7 @@ struct BlockStore::Impl {
     std::memcpy(Arena(q.block_bytes())->slot(slot), data, q.block_bytes());
     BlockLoc& loc = q.blocks[lk];
     loc.slot = slot;
-    (std::get<3>(lk) ? host_fifo_v : host_fifo_k)
-        .emplace_back(std::make_pair(q.ref.tenant, q.ref.id), lk);
+    loc.host_since = ++tick;
     return Status::Ok();
   }
   // Forgets one block of the in-memory index (host slot freed); a cache sequence's spilled record
@@ -407,7 +464,21 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
             src += rb;
           }
     }
-    impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
+    Seq& placed = impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
+    placed.InitSums();  // summaries rebuilt from K (full blocks from disk, then the tail)
+    std::vector<uint8_t> blk(placed.block_bytes());
+    for (uint64_t b = 0; b < full; ++b)
+      for (uint32_t l = 0; l < placed.shape.layers; ++l)
+        for (uint32_t h = 0; h < placed.shape.kv_heads; ++h) {
+          KVM_RETURN_IF_ERROR(impl->LoadBlock(placed, {l, h, b, false}, blk.data()));
+          for (uint32_t r = 0; r < placed.B; ++r)
+            placed.Summarize(l, h, b * placed.B + r, blk.data() + r * placed.row_bytes());
+        }
+    for (uint64_t p = full * placed.B; p < placed.length; ++p)
+      for (uint32_t l = 0; l < placed.shape.layers; ++l)
+        for (uint32_t h = 0; h < placed.shape.kv_heads; ++h)
+          placed.Summarize(l, h, p,
+                           placed.tail_row(l, h, false, static_cast<uint32_t>(p % placed.B)));
   }
   // Spilled blocks of cache sequences ('S' keys) do not survive a restart.
   std::unique_ptr<rocksdb::Iterator> bi(db->NewIterator(rocksdb::ReadOptions(), impl->blocks()));
@@ -437,6 +508,7 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
   q.last_access = impl_->Now();
   q.seed = LayoutSeed(s.tenant, shape, block_size);
   q.tail.assign(size_t{shape.layers} * shape.kv_heads * 2 * q.block_bytes(), 0);
+  q.InitSums();
   impl_->layouts[s.tenant].insert(Impl::Layout(shape, block_size));
   if (d == Durability::kDurable) {
     rocksdb::WriteBatch b;
@@ -544,6 +616,7 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
       for (uint32_t l = 0; l < L; ++l)
         for (uint32_t h = 0; h < H; ++h) ++impl_->refs[q->addr(l, h, idx)];
   std::vector<uint8_t> blk(size_t{B} * rb);
+  q->pin_end = end;
   for (uint64_t idx : completed)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h)
@@ -566,8 +639,12 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
         for (int v = 0; v < 2; ++v)
           std::memcpy(q->tail_row(l, h, v != 0, static_cast<uint32_t>(p % B)),
                       row(p - start, l, h, v), rb);
+  for (uint64_t p = old_len; p < end; ++p)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h) q->Summarize(l, h, p, row(p - start, l, h, false));
   for (uint64_t p = old_len; p < end; ++p) q->tokens.push_back(tokens[p - start]);
   q->length = end;
+  q->pin_end = 0;
   return end;
 }
 
@@ -600,6 +677,72 @@ Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
   }
   return Status::OutOfRange("block " + std::to_string(b.index) + " is past the end (length " +
                             std::to_string(q->length) + ")");
+}
+
+Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                                std::span<const uint64_t> blocks) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  const uint64_t t = ++impl_->tick;
+  for (uint64_t b : blocks)
+    for (bool v : {false, true}) {
+      auto it = q->blocks.find({layer, kv_head, b, v});
+      if (it == q->blocks.end()) continue;  // the partial tail block is always in memory
+      ++it->second.selected;
+      it->second.last_selected = t;
+    }
+  q->last_access = impl_->Now();
+  return Status::Ok();
+}
+
+Status BlockStore::Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                           std::span<const uint64_t> blocks) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  // A plan's blocks were just selected: mark them first, so promoting one never evicts another.
+  const uint64_t t = ++impl_->tick;
+  for (uint64_t b : blocks)
+    for (bool v : {false, true}) {
+      auto it = q->blocks.find({layer, kv_head, b, v});
+      if (it == q->blocks.end()) continue;
+      ++it->second.selected;
+      it->second.last_selected = t;
+    }
+  std::vector<uint8_t> buf(q->block_bytes());
+  for (uint64_t b : blocks)
+    for (bool v : {false, true}) {
+      auto it = q->blocks.find({layer, kv_head, b, v});
+      if (it == q->blocks.end()) {
+        if (b < q->length / q->B) return Status::Internal("block index missing");
+        if (b * q->B < q->length) continue;  // the partial block: in memory
+        return Status::OutOfRange("promote: block " + std::to_string(b) + " is past the end");
+      }
+      if (it->second.slot < 0) KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, it->first, buf.data()));
+    }
+  return Status::Ok();
+}
+
+Status BlockStore::WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                                 const std::function<void(const sel::HeadSummaries&)>& fn) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  const Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
+    return Status::InvalidArgument("layer/kv_head out of range");
+  fn(q->sums[size_t{layer} * q->shape.kv_heads + kv_head]);
+  return Status::Ok();
+}
+
+Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool values) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  const Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  auto it = q->blocks.find({b.layer, b.kv_head, b.index, values});
+  if (it == q->blocks.end())
+    return b.index * q->B < q->length;  // the partial block lives in memory
+  return it->second.slot >= 0;
 }
 
 Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
@@ -664,6 +807,11 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   q->tail = std::move(tail);
   q->length = length;
   q->tokens.resize(length);
+  for (auto& sm : q->sums) sm.Truncate(keep_full * B);  // then re-add the partial block's rows
+  for (uint64_t p = keep_full * B; p < length; ++p)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        q->Summarize(l, h, p, q->tail_row(l, h, false, static_cast<uint32_t>(p % B)));
   q->last_access = impl_->Now();
   return Status::Ok();
 }

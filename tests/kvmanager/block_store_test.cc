@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <random>
@@ -186,7 +187,10 @@ TEST(BlockStoreTest, AcknowledgedAppendsSurviveKillDashNine) {
 
 TEST(BlockStoreTest, SmallHostTierSpillsAndPromotesByteIdentical) {
   const std::string dir = TempDir();
-  auto s = BlockStore::Open({dir, 8 * kBlock});  // 8 slots: one block index of K and V
+  StoreOptions o{dir, 8 * kBlock};  // 8 slots: one block index of K and V
+  o.pinned_sink_tokens = 0;         // a tier this small holds no pins
+  o.pinned_window_tokens = 0;
+  auto s = BlockStore::Open(o);
   ASSERT_TRUE(s.ok());
   const SeqRef r{"t", 3};
   ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kCache).ok());
@@ -335,5 +339,95 @@ TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   std::filesystem::remove_all(dir);
 }
 
+}  // namespace
+}  // namespace kvm::store
+
+namespace kvm::store {
+namespace {
+// A small host tier: never-selected middle blocks are demoted before selected ones, V before K;
+// sinks and the recent window stay; Promote brings a plan's blocks back before they are sent.
+TEST(BlockStoreTest, EvictionPrefersNeverSelectedKeepsSinksAndWindowPromoteBringsBack) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 32 * kBlock};  // 32 slots = 4 block indices of (2 layers x 2 heads x K,V)
+  o.pinned_sink_tokens = kB;         // block 0
+  o.pinned_window_tokens = kB;       // the last full block
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef r{"t", 30};
+  ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendRange(**s, r, 0, 3 * kB).ok());  // blocks 0..2
+  const uint64_t sel[] = {1};
+  for (uint32_t l = 0; l < kShape.layers; ++l)
+    for (uint32_t h = 0; h < kShape.kv_heads; ++h)
+      ASSERT_TRUE((*s)->MarkSelected(r, l, h, sel).ok());
+  ASSERT_TRUE(AppendRange(**s, r, 3 * kB, 5 * kB).ok());  // blocks 3..7: evictions happen
+  EXPECT_GT((*s)->Stats().spills, 0u);
+  for (uint32_t l = 0; l < kShape.layers; ++l)
+    for (uint32_t h = 0; h < kShape.kv_heads; ++h) {
+      EXPECT_TRUE(*(*s)->InHostTier(r, {l, h, 0}, false));  // sink
+      EXPECT_TRUE(*(*s)->InHostTier(r, {l, h, 7}, true));   // window
+      EXPECT_TRUE(*(*s)->InHostTier(r, {l, h, 1}, false));  // selected: kept
+      EXPECT_TRUE(*(*s)->InHostTier(r, {l, h, 1}, true));
+      EXPECT_FALSE(*(*s)->InHostTier(r, {l, h, 2}, true));  // never selected, V: demoted first
+    }
+  const uint64_t need[] = {2, 3};
+  ASSERT_TRUE((*s)->Promote(r, 1, 1, need).ok());
+  EXPECT_TRUE(*(*s)->InHostTier(r, {1, 1, 2}, true));
+  EXPECT_TRUE(*(*s)->InHostTier(r, {1, 1, 3}, false));
+  EXPECT_TRUE((*s)->Promote(r, 1, 1, std::vector<uint64_t>{99}).IsOutOfRange());
+  ExpectContent(**s, r, 8 * kB);  // byte-identical after demotions and promotions
+  std::filesystem::remove_all(dir);
+}
+}  // namespace
+}  // namespace kvm::store
+
+namespace kvm::store {
+namespace {
+// The selector's block summaries are kept by the store: maintained on append and truncate, rebuilt
+// from K at open.
+TEST(BlockStoreTest, BlockSummariesFollowAppendTruncateAndReopen) {
+  const std::string dir = TempDir();
+  const ModelShape shape{1, 2, 1, 32, DType::kF32, 5};
+  const SeqRef r{"t", 40};
+  auto kval = [](uint64_t pos, uint32_t i) { return float((pos * 7 + i * 3) % 13) / 4.0f - 1.5f; };
+  auto append = [&](BlockStore& s, uint64_t start, uint64_t n) {
+    std::vector<float> p;  // [1][1][K,V][n][32]
+    for (int v = 0; v < 2; ++v)
+      for (uint64_t t = start; t < start + n; ++t)
+        for (uint32_t i = 0; i < 32; ++i) p.push_back(v ? 0.5f : kval(t, i));
+    std::span<const uint8_t> bytes(reinterpret_cast<const uint8_t*>(p.data()), p.size() * 4);
+    return s.Append(r, start, Tokens(start, n), bytes);
+  };
+  auto expect = [&](BlockStore& s, uint64_t length) {
+    ASSERT_TRUE(s.WithSummaries(r, 0, 0, [&](const sel::HeadSummaries& sm) {
+                   ASSERT_EQ(sm.tokens(), length);
+                   for (uint64_t b = 0; b * 16 < length; ++b) {
+                     double mx = 0;
+                     for (uint64_t t = b * 16; t < std::min<uint64_t>(length, (b + 1) * 16); ++t) {
+                       double ss = 0;
+                       for (uint32_t i = 0; i < 32; ++i) ss += double(kval(t, i)) * kval(t, i);
+                       mx = std::max(mx, std::sqrt(ss));
+                     }
+                     ASSERT_NEAR(sm.block_max_norm(b), mx, 1e-5) << "block " << b;
+                   }
+                 }).ok());
+  };
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Create(r, shape, 16, Durability::kDurable).ok());
+    ASSERT_TRUE(append(**s, 0, 45).ok());
+    expect(**s, 45);
+    ASSERT_TRUE((*s)->Truncate(r, 21).ok());
+    expect(**s, 21);
+    ASSERT_TRUE(append(**s, 21, 20).ok());
+    expect(**s, 41);
+  }
+  auto s = BlockStore::Open({dir, 1 << 20});
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  expect(**s, 41);
+  EXPECT_TRUE((*s)->WithSummaries(r, 1, 0, [](const sel::HeadSummaries&) {}).IsInvalidArgument());
+  std::filesystem::remove_all(dir);
+}
 }  // namespace
 }  // namespace kvm::store

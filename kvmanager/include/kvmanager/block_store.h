@@ -22,6 +22,7 @@
 
 #include "proto/model_shape.h"
 #include "proto/status.h"
+#include "selector/selection.h"
 
 namespace kvm::store {
 
@@ -33,6 +34,12 @@ struct StoreOptions {
   bool sync = false;  // fsync the WAL on every durable append (power loss), not only kill -9
   uint64_t disk_capacity_bytes = 0;  // 0 = unlimited; appends past it answer NoSpace
   std::function<int64_t()> now_ms;   // clock for leases; default: steady clock (tests inject one)
+  // Eviction from the host tier: when an allocation finds it full, blocks are demoted to disk until
+  // at most low_watermark of the slots are in use. Order: blocks never selected first, V before K,
+  // then least recently selected; the sink and recent-window blocks of every sequence stay.
+  double low_watermark = 0.85;
+  uint32_t pinned_sink_tokens = 16;    // first tokens of each sequence kept in the host tier
+  uint32_t pinned_window_tokens = 64;  // last tokens of each sequence kept in the host tier
 };
 
 struct SeqRef {
@@ -75,6 +82,19 @@ class BlockStore {
   // K (values = false) or V of one block into out (block_size x head_dim elements; rows past the
   // end zero). OutOfRange past the end, Corruption on a checksum mismatch.
   Status ReadBlock(const SeqRef& s, const BlockId& b, bool values, std::span<uint8_t> out);
+  // The retrieval engine reports each selection (selection recency and frequency drive eviction).
+  Status MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                      std::span<const uint64_t> blocks);
+  // Makes sure the K and V of these full blocks are in the host tier (a plan's blocks before they
+  // are sent): promotes from disk, evicting others if needed.
+  Status Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                 std::span<const uint64_t> blocks);
+  // Runs fn with the per-block key summaries of (layer, kv_head) (selector/: max key norm, channel
+  // min/max), maintained on append and truncate, rebuilt from K at open; under the store's lock.
+  Status WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                       const std::function<void(const sel::HeadSummaries&)>& fn) const;
+  // Whether a block's K (or V) is in the host tier now.
+  Result<bool> InHostTier(const SeqRef& s, const BlockId& b, bool values) const;
   // Rolls back to `length` (≤ the current length).
   Status Truncate(const SeqRef& s, uint64_t length);
   Status Delete(const SeqRef& s);
