@@ -655,6 +655,23 @@ Result<uint64_t> BlockStore::Length(const SeqRef& s) const {
   return q->length;
 }
 
+Result<SeqInfo> BlockStore::Info(const SeqRef& s) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  const Seq* q = impl_->Find(s);
+  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  return SeqInfo{s.id, q->shape, q->B, q->length, q->dur};
+}
+
+std::vector<SeqInfo> BlockStore::List(const std::string& tenant) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  std::vector<SeqInfo> out;
+  for (auto it = impl_->seqs.lower_bound({tenant, 0});
+       it != impl_->seqs.end() && it->first.first == tenant; ++it)
+    out.push_back(
+        {it->second.ref.id, it->second.shape, it->second.B, it->second.length, it->second.dur});
+  return out;
+}
+
 Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
                              std::span<uint8_t> out) {
   std::lock_guard<std::mutex> l(impl_->mu);

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "proto/model_shape.h"
 #include "proto/status.h"
@@ -45,6 +46,14 @@ struct StoreOptions {
 struct SeqRef {
   std::string tenant;
   uint64_t id = 0;
+};
+
+struct SeqInfo {
+  uint64_t id = 0;
+  ModelShape shape;
+  uint32_t block_size = 0;
+  uint64_t length = 0;
+  Durability durability = Durability::kDurable;
 };
 
 struct StoreStats {
@@ -79,6 +88,9 @@ class BlockStore {
   Result<uint64_t> Append(const SeqRef& s, uint64_t start, std::span<const uint32_t> tokens,
                           std::span<const uint8_t> payload);
   Result<uint64_t> Length(const SeqRef& s) const;
+  Result<SeqInfo> Info(const SeqRef& s) const;
+  // The sequences of one tenant, by id.
+  std::vector<SeqInfo> List(const std::string& tenant) const;
   // K (values = false) or V of one block into out (block_size x head_dim elements; rows past the
   // end zero). OutOfRange past the end, Corruption on a checksum mismatch.
   Status ReadBlock(const SeqRef& s, const BlockId& b, bool values, std::span<uint8_t> out);

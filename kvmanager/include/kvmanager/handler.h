@@ -1,0 +1,58 @@
+// The control plane's request handler: a pure function of a session's state and one decoded frame,
+// returning the reply frame. No sockets, no threads: the Asio server (not built yet) decodes
+// frames, calls Handle and writes the reply; tests drive it directly.
+//
+// Auth: a session's first request must be Hello with the protocol version and a tenant's token
+// (TenantConfig); anything else before it is Unauthenticated. A loopback-only tenant (the embedded
+// default's development tenant) is refused from other addresses. Every sequence is addressed within
+// the session's tenant: another tenant's sequence answers NotFound, so existence does not leak.
+// Built now: Hello, CreateSequence, Append, PrefixLookup, Truncate, ReadBlocks, DeleteSequence,
+// ListSequences, Stats, Heartbeat. RetrieveLayer, SetLayerMap and Audit answer Unimplemented until
+// the retrieval engine exists.
+//
+// Thread-safe if the BlockStore is (it is); a SessionState belongs to one connection.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kvmanager/block_store.h"
+#include "proto/wire/frame.h"
+
+namespace kvm::server {
+
+struct TenantConfig {
+  std::string name;
+  std::string token;
+  bool loopback_only = false;  // accepted only from 127.0.0.0/8 and ::1
+};
+
+struct HandlerOptions {
+  std::vector<TenantConfig> tenants;
+  wire::FrameLimits limits;
+  std::string server_id = "kvmanager";
+  uint32_t heartbeat_interval_ms = 1000;
+};
+
+struct SessionState {
+  bool authenticated = false;
+  std::string tenant;
+  bool loopback = false;  // the peer's address is a loopback address
+  uint64_t session_id = 0;
+};
+
+class RequestHandler {
+ public:
+  RequestHandler(store::BlockStore* store, HandlerOptions opt);
+  // The reply frame to `f` (an Error frame for any failure), fully encoded.
+  std::vector<uint8_t> Handle(SessionState& s, const wire::Frame& f);
+
+ private:
+  Status Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply);
+  store::BlockStore* store_;
+  HandlerOptions opt_;
+  uint64_t next_session_ = 1;
+};
+
+}  // namespace kvm::server

@@ -1,0 +1,174 @@
+#include "kvmanager/handler.h"
+
+#include <chrono>
+
+#include "proto/kvm.pb.h"
+
+namespace kvm::server {
+namespace {
+
+std::vector<uint8_t> ErrorFrame(uint64_t id, const Status& s) {
+  wire::Error e;
+  e.set_code(static_cast<wire::ErrorCode>(s.code()));
+  e.set_message(s.message());
+  return wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), id, e);
+}
+
+store::Durability FromWire(wire::Durability d) {
+  return d == wire::CACHE ? store::Durability::kCache : store::Durability::kDurable;
+}
+
+uint64_t NowNs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+}  // namespace
+
+RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
+    : store_(store), opt_(std::move(opt)) {}
+
+std::vector<uint8_t> RequestHandler::Handle(SessionState& s, const wire::Frame& f) {
+  std::vector<uint8_t> reply;
+  Status st = Dispatch(s, f, &reply);
+  if (!st.ok()) return ErrorFrame(f.header.request_id, st);
+  return reply;
+}
+
+Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
+                                std::vector<uint8_t>* reply) {
+  using wire::MessageType;
+  const uint64_t id = f.header.request_id;
+  const auto type = static_cast<MessageType>(f.header.type);
+  if (f.header.type & wire::kReplyBit || type == MessageType::kError)
+    return Status::InvalidArgument(std::string("a client sent a ") +
+                                   wire::MessageTypeName(f.header.type));
+  auto send = [&](const google::protobuf::MessageLite& m, std::span<const uint8_t> payload = {}) {
+    *reply = wire::EncodeFrame(wire::ReplyType(type), id, m, payload);
+    return Status::Ok();
+  };
+  if (type == MessageType::kHello) {
+    wire::Hello h;
+    KVM_RETURN_IF_ERROR(wire::ParseProto(f, &h));
+    KVM_RETURN_IF_ERROR(wire::CheckHello(h));
+    for (const auto& t : opt_.tenants) {
+      if (t.name != h.tenant() || t.token != h.auth_token()) continue;
+      if (t.loopback_only && !s.loopback)
+        return Status::PermissionDenied("tenant '" + t.name +
+                                        "' is accepted from loopback addresses only");
+      s.authenticated = true;
+      s.tenant = t.name;
+      s.session_id = next_session_++;
+      wire::HelloReply r;
+      r.set_protocol_version(wire::kProtocolVersion);
+      r.set_server_id(opt_.server_id);
+      r.set_max_frame_bytes(opt_.limits.max_frame_bytes);
+      r.set_session_id(s.session_id);
+      r.set_heartbeat_interval_ms(opt_.heartbeat_interval_ms);
+      return send(r);
+    }
+    return Status::Unauthenticated("wrong tenant or token");
+  }
+  if (!s.authenticated) return Status::Unauthenticated("send Hello with a valid token first");
+  auto ref = [&](uint64_t seq) { return store::SeqRef{s.tenant, seq}; };
+  switch (type) {
+    case MessageType::kCreateSequence: {
+      wire::CreateSequence m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_ASSIGN_OR_RETURN(ModelShape shape, wire::FromWire(m.shape()));
+      KVM_RETURN_IF_ERROR(
+          store_->Create(ref(m.sequence_id()), shape, m.block_size(), FromWire(m.durability())));
+      wire::CreateSequenceReply r;
+      r.set_sequence_id(m.sequence_id());
+      return send(r);
+    }
+    case MessageType::kAppend: {
+      wire::Append m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      std::vector<uint32_t> tokens(m.token_ids().begin(), m.token_ids().end());
+      KVM_ASSIGN_OR_RETURN(uint64_t len, store_->Append(ref(m.sequence_id()), m.start_position(),
+                                                        tokens, f.payload));
+      wire::AppendReply r;
+      r.set_length(len);
+      return send(r);
+    }
+    case MessageType::kPrefixLookup: {
+      wire::PrefixLookup m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_ASSIGN_OR_RETURN(ModelShape shape, wire::FromWire(m.shape()));
+      std::vector<uint32_t> tokens(m.token_ids().begin(), m.token_ids().end());
+      KVM_ASSIGN_OR_RETURN(uint64_t n,
+                           store_->PrefixLookup(s.tenant, shape, m.block_size(), tokens));
+      wire::PrefixLookupReply r;
+      r.set_matched_tokens(n);
+      return send(r);
+    }
+    case MessageType::kTruncate: {
+      wire::Truncate m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_RETURN_IF_ERROR(store_->Truncate(ref(m.sequence_id()), m.length()));
+      wire::TruncateReply r;
+      r.set_length(m.length());
+      return send(r);
+    }
+    case MessageType::kReadBlocks: {
+      wire::ReadBlocks m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_ASSIGN_OR_RETURN(store::SeqInfo info, store_->Info(ref(m.sequence_id())));
+      const size_t block_bytes =
+          size_t{info.block_size} * info.shape.head_dim * DTypeSize(info.shape.dtype);
+      std::vector<uint8_t> payload;
+      if (uint64_t(m.block_indices_size()) * block_bytes > opt_.limits.max_frame_bytes)
+        return Status::OutOfRange("read blocks: the reply would exceed the frame limit");
+      payload.resize(size_t(m.block_indices_size()) * block_bytes);
+      for (int i = 0; i < m.block_indices_size(); ++i)
+        KVM_RETURN_IF_ERROR(
+            store_->ReadBlock(ref(m.sequence_id()), {m.layer(), m.kv_head(), m.block_indices(i)},
+                              m.values(), {payload.data() + size_t(i) * block_bytes, block_bytes}));
+      wire::ReadBlocksReply r;
+      r.set_block_size(info.block_size);
+      return send(r, payload);
+    }
+    case MessageType::kDeleteSequence: {
+      wire::DeleteSequence m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_RETURN_IF_ERROR(store_->Delete(ref(m.sequence_id())));
+      return send(wire::DeleteSequenceReply());
+    }
+    case MessageType::kListSequences: {
+      wire::ListSequencesReply r;
+      for (const auto& info : store_->List(s.tenant)) {
+        auto* si = r.add_sequences();
+        si->set_sequence_id(info.id);
+        si->set_length(info.length);
+        wire::ToWire(info.shape, si->mutable_shape());
+      }
+      return send(r);
+    }
+    case MessageType::kStats: {
+      const store::StoreStats st = store_->Stats();
+      wire::StatsReply r;
+      r.set_json("{\"host_slots_used\": " + std::to_string(st.host_slots_used) +
+                 ", \"host_slots\": " + std::to_string(st.host_slots) + ", \"spills\": " +
+                 std::to_string(st.spills) + ", \"promotions\": " + std::to_string(st.promotions) +
+                 ", \"shared_blocks\": " + std::to_string(st.shared_blocks) + ", \"gpu_tier\": \"" +
+                 st.gpu_tier + "\"}");
+      return send(r);
+    }
+    case MessageType::kHeartbeat: {
+      wire::HeartbeatReply r;
+      r.set_server_time_ns(NowNs());
+      return send(r);
+    }
+    case MessageType::kRetrieveLayer:
+    case MessageType::kSetLayerMap:
+    case MessageType::kAudit:
+      return Status::Unimplemented(std::string(wire::MessageTypeName(f.header.type)) +
+                                   ": the retrieval engine is not built yet");
+    default:
+      return Status::InvalidArgument("unexpected message type");
+  }
+}
+
+}  // namespace kvm::server
