@@ -1,0 +1,49 @@
+// The control-plane server (Boost.Asio), in the shape of the Asio HTTP server example: the server
+// owns the io_context and the acceptor; one Session per socket decodes frames (FrameDecoder, limits
+// checked before allocation) and hands each request, in order, to the RequestHandler on a bounded
+// worker pool; replies are written in request order. A protocol error (bad magic, oversized length,
+// ...) gets an Error frame and closes that connection only. A full pool answers Busy. Stop() stops
+// accepting, drains the requests in flight and joins the threads. NOT BUILT YET (issue 9):
+// deadlines and heartbeat-based liveness, the retrieval engine, admin HTTP and metrics.
+//
+// Thread-safe: Start/Stop/port from any thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kvmanager/block_store.h"
+#include "kvmanager/handler.h"
+
+namespace kvm::server {
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:7420";  // HOST:PORT; port 0 picks a free port (see port())
+  uint32_t io_threads = 1;                // decode/encode only
+  uint32_t worker_threads = 2;            // request handling (disk work)
+  uint32_t max_in_flight = 1024;          // requests queued or running; beyond: Busy
+  HandlerOptions handler;
+};
+
+class Server {
+ public:
+  // Binds and starts serving. InvalidArgument for a bad address, Unavailable when the port is
+  // taken.
+  static Result<std::unique_ptr<Server>> Start(const ServerOptions& o, store::BlockStore* store);
+  ~Server();
+  uint16_t port() const;
+  std::string address() const;  // "host:port" actually bound
+  // Stops accepting, waits (up to drain_ms) for the requests in flight, closes every session.
+  void Stop(int drain_ms = 5000);
+
+ private:
+  struct Impl;
+  explicit Server(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Splits "host:port" (IPv6 as "[::1]:port"); InvalidArgument naming the text otherwise.
+Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s);
+
+}  // namespace kvm::server

@@ -1,0 +1,240 @@
+#include "kvmanager/server.h"
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "proto/kvm.pb.h"
+
+namespace kvm::server {
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+
+Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s) {
+  std::string host;
+  std::string port;
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find(']');
+    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':')
+      return Status::InvalidArgument("address '" + s + "' is not [IPv6]:PORT");
+    host = s.substr(1, close - 1);
+    port = s.substr(close + 2);
+  } else {
+    const size_t colon = s.rfind(':');
+    if (colon == std::string::npos)
+      return Status::InvalidArgument("address '" + s + "' is not HOST:PORT");
+    host = s.substr(0, colon);
+    port = s.substr(colon + 1);
+  }
+  char* end = nullptr;
+  const long p = std::strtol(port.c_str(), &end, 10);
+  if (host.empty() || port.empty() || *end || p < 0 || p > 65535)
+    return Status::InvalidArgument("address '" + s + "': bad host or port");
+  return std::make_pair(host, static_cast<uint16_t>(p));
+}
+
+struct Server::Impl {
+  ServerOptions opt;
+  store::BlockStore* store = nullptr;
+  std::unique_ptr<RequestHandler> handler;
+  asio::io_context io;
+  std::unique_ptr<tcp::acceptor> acceptor;
+  std::unique_ptr<asio::thread_pool> workers;
+  std::vector<std::thread> io_threads;
+  std::atomic<int64_t> in_flight{0};
+  std::atomic<bool> stopping{false};
+  std::mutex mu;
+  std::condition_variable idle;
+
+  class Session;
+  std::mutex sessions_mu;
+  std::set<std::shared_ptr<Session>> sessions;
+
+  class Session : public std::enable_shared_from_this<Session> {
+   public:
+    Session(Impl* srv, tcp::socket sock)
+        : srv_(srv),
+          sock_(std::move(sock)),
+          strand_(asio::make_strand(srv->io)),
+          decoder_(srv->opt.handler.limits) {
+      boost::system::error_code ec;
+      const auto ep = sock_.remote_endpoint(ec);
+      state_.loopback = !ec && ep.address().is_loopback();
+    }
+    void Start() { Read(); }
+    void Close() {
+      asio::post(strand_, [self = shared_from_this()] {
+        boost::system::error_code ec;
+        self->sock_.shutdown(tcp::socket::shutdown_both, ec);
+        self->sock_.close(ec);
+      });
+    }
+
+   private:
+    void Read() {
+      sock_.async_read_some(
+          asio::buffer(buf_),
+          asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec,
+                                                                   size_t n) {
+            if (ec) return self->Finish();
+            Status st = self->decoder_.Feed({self->buf_.data(), n});
+            wire::Frame f;
+            while (self->decoder_.Next(&f)) self->pending_.push_back(std::move(f));
+            self->Pump();
+            if (!st.ok()) {  // a protocol error: answer it, then close this connection only
+              wire::Error e;
+              e.set_code(static_cast<wire::ErrorCode>(st.code()));
+              e.set_message(st.message());
+              self->Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), 0, e),
+                         /*then_close=*/true);
+              return;
+            }
+            self->Read();
+          }));
+    }
+    // Hands the next request (one at a time per session: replies stay in order) to the worker pool.
+    void Pump() {
+      if (busy_ || pending_.empty()) return;
+      wire::Frame f = std::move(pending_.front());
+      pending_.pop_front();
+      if (srv_->in_flight.fetch_add(1) >= srv_->opt.max_in_flight) {
+        srv_->in_flight.fetch_sub(1);
+        wire::Error e;
+        e.set_code(wire::ERR_BUSY);
+        e.set_message("server busy: too many requests in flight");
+        Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
+                               f.header.request_id, e),
+             false);
+        return Pump();
+      }
+      busy_ = true;
+      auto frame = std::make_shared<wire::Frame>(std::move(f));
+      asio::post(*srv_->workers, [self = shared_from_this(), frame] {
+        auto reply = std::make_shared<std::vector<uint8_t>>(
+            self->srv_->handler->Handle(self->state_, *frame));
+        asio::post(self->strand_, [self, reply] {
+          self->busy_ = false;
+          self->Send(std::move(*reply), false);
+          if (self->srv_->in_flight.fetch_sub(1) == 1) self->srv_->idle.notify_all();
+          self->Pump();
+        });
+      });
+    }
+    void Send(std::vector<uint8_t> bytes, bool then_close) {
+      out_.push_back({std::move(bytes), then_close});
+      if (out_.size() == 1) Write();
+    }
+    void Write() {
+      asio::async_write(sock_, asio::buffer(out_.front().first),
+                        asio::bind_executor(strand_, [self = shared_from_this()](
+                                                         boost::system::error_code ec, size_t) {
+                          const bool close = self->out_.front().second;
+                          self->out_.pop_front();
+                          if (ec || close) {
+                            boost::system::error_code ig;
+                            self->sock_.shutdown(tcp::socket::shutdown_both, ig);
+                            self->sock_.close(ig);
+                            return self->Finish();
+                          }
+                          if (!self->out_.empty()) self->Write();
+                        }));
+    }
+    void Finish() {
+      std::lock_guard<std::mutex> l(srv_->sessions_mu);
+      srv_->sessions.erase(shared_from_this());
+    }
+
+    Impl* srv_;
+    tcp::socket sock_;
+    asio::strand<asio::io_context::executor_type> strand_;
+    wire::FrameDecoder decoder_;
+    SessionState state_;
+    std::array<uint8_t, 64 * 1024> buf_;
+    std::deque<wire::Frame> pending_;
+    bool busy_ = false;
+    std::deque<std::pair<std::vector<uint8_t>, bool>> out_;
+  };
+
+  void Accept() {
+    acceptor->async_accept([this](boost::system::error_code ec, tcp::socket sock) {
+      if (ec) return;  // closed by Stop
+      auto s = std::make_shared<Session>(this, std::move(sock));
+      {
+        std::lock_guard<std::mutex> l(sessions_mu);
+        sessions.insert(s);
+      }
+      s->Start();
+      Accept();
+    });
+  }
+};
+
+Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& o, store::BlockStore* store) {
+  KVM_ASSIGN_OR_RETURN(auto hp, ParseHostPort(o.listen));
+  auto impl = std::make_unique<Impl>();
+  impl->opt = o;
+  impl->store = store;
+  impl->handler = std::make_unique<RequestHandler>(store, o.handler);
+  boost::system::error_code ec;
+  const auto addr = asio::ip::make_address(hp.first, ec);
+  if (ec) return Status::InvalidArgument("listen address '" + hp.first + "': " + ec.message());
+  const tcp::endpoint ep(addr, hp.second);
+  impl->acceptor = std::make_unique<tcp::acceptor>(impl->io);
+  impl->acceptor->open(ep.protocol(), ec);
+  if (!ec) impl->acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
+  if (!ec) impl->acceptor->bind(ep, ec);
+  if (!ec) impl->acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return Status::Unavailable("cannot listen on " + o.listen + ": " + ec.message());
+  impl->workers = std::make_unique<asio::thread_pool>(std::max(1u, o.worker_threads));
+  impl->Accept();
+  for (uint32_t i = 0; i < std::max(1u, o.io_threads); ++i)
+    impl->io_threads.emplace_back([p = impl.get()] {
+      auto guard = asio::make_work_guard(p->io);
+      p->io.run();
+    });
+  return std::unique_ptr<Server>(new Server(std::move(impl)));
+}
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Server::~Server() { Stop(0); }
+
+uint16_t Server::port() const {
+  boost::system::error_code ec;
+  return impl_->acceptor->local_endpoint(ec).port();
+}
+
+std::string Server::address() const {
+  boost::system::error_code ec;
+  const auto ep = impl_->acceptor->local_endpoint(ec);
+  return (ep.address().is_v6() ? "[" + ep.address().to_string() + "]" : ep.address().to_string()) +
+         ":" + std::to_string(ep.port());
+}
+
+void Server::Stop(int drain_ms) {
+  if (impl_->stopping.exchange(true)) return;
+  asio::post(impl_->io, [this] {
+    boost::system::error_code ec;
+    impl_->acceptor->close(ec);
+  });
+  {  // drain: the requests in flight finish and are answered
+    std::unique_lock<std::mutex> l(impl_->mu);
+    impl_->idle.wait_for(l, std::chrono::milliseconds(drain_ms),
+                         [this] { return impl_->in_flight.load() == 0; });
+  }
+  std::vector<std::shared_ptr<Impl::Session>> all;
+  {
+    std::lock_guard<std::mutex> l(impl_->sessions_mu);
+    all.assign(impl_->sessions.begin(), impl_->sessions.end());
+  }
+  for (auto& s : all) s->Close();
+  impl_->workers->join();
+  impl_->io.stop();
+  for (auto& t : impl_->io_threads) t.join();
+}
+
+}  // namespace kvm::server
