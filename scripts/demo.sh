@@ -13,7 +13,14 @@ echo "== attention of the committed model (how much the oracle keeps at 1/8 of a
 "$KVMCTL" attn-stats --context 1024 --queries 32
 echo "== greedy continuation of held-out text (Persuasion, never trained on), dense KV" >&2
 "$KVMCTL" generate --tokens models/austen/heldout.u16 --offset 2000 --count 200 --max-new 120 --greedy
+echo "== kvmanager on the embedded default settings (free port, temporary data dir)" >&2
+data=$(mktemp -d)
+./${KVM_BUILD_DIR:-build}/kvmanager/kvmanager --listen 127.0.0.1:0 --data-dir "$data" &
+pid=$!
+sleep 1
+kill -TERM $pid && wait $pid
+rm -rf "$data"
 cat >&2 <<'MSG'
-== not built yet: the kvmanager service, the UCX data plane, and `kvmctl demo` (PrHS through the
+== not built yet: the retrieval engine, the UCX data plane, and `kvmctl demo` (PrHS through the
    service with δ by kind, retrieval overhead and bytes streamed). See README.md "Status".
 MSG
