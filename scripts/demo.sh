@@ -15,7 +15,7 @@ echo "== greedy continuation of held-out text (Persuasion, never trained on), de
 "$KVMCTL" generate --tokens models/austen/heldout.u16 --offset 2000 --count 200 --max-new 120 --greedy
 echo "== kvmanager on the embedded default settings (free port, temporary data dir)" >&2
 data=$(mktemp -d)
-./${KVM_BUILD_DIR:-build}/kvmanager/kvmanager --listen 127.0.0.1:0 --data-dir "$data" &
+./${KVM_BUILD_DIR:-build}/kvmanager/kvmanager --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir "$data" &
 pid=$!
 sleep 1
 kill -TERM $pid && wait $pid

@@ -910,7 +910,12 @@ StoreStats BlockStore::Stats() const {
   std::lock_guard<std::mutex> l(impl_->mu);
   StoreStats st = impl_->stats;
   st.host_slots_used = 0;
-  for (auto& [bytes, a] : impl_->arenas) st.host_slots_used += a->used();
+  for (auto& [bytes, a] : impl_->arenas) {
+    st.host_slots_used += a->used();
+    st.host_bytes += uint64_t{a->used()} * bytes;
+    st.host_capacity_bytes += a->bytes();
+  }
+  st.sequences = impl_->seqs.size();
   for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
   st.gpu_tier = "absent: the GPU tier is not built yet";
   return st;

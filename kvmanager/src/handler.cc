@@ -2,6 +2,7 @@
 
 #include <chrono>
 
+#include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
 
 namespace kvm::server {
@@ -30,8 +31,15 @@ RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
     : store_(store), opt_(std::move(opt)) {}
 
 std::vector<uint8_t> RequestHandler::Handle(SessionState& s, const wire::Frame& f) {
+  const auto t0 = std::chrono::steady_clock::now();
   std::vector<uint8_t> reply;
   Status st = Dispatch(s, f, &reply);
+  if (opt_.metrics) {
+    opt_.metrics->ObserveRequest(
+        Metrics::OpName(f.header.type),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (!st.ok()) opt_.metrics->CountError(st.code());
+  }
   if (!st.ok()) return ErrorFrame(f.header.request_id, st);
   return reply;
 }

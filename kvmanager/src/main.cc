@@ -9,7 +9,9 @@
 #include <cstdio>
 #include <iostream>
 
+#include "kvmanager/admin.h"
 #include "kvmanager/block_store.h"
+#include "kvmanager/metrics.h"
 #include "kvmanager/server.h"
 
 namespace po = boost::program_options;
@@ -88,8 +90,9 @@ int main(int argc, char** argv) {
       "listen", po::value<std::string>(),
       "control plane HOST:PORT; port 0 picks a free one. Default: 127.0.0.1:7420")(
       "admin", po::value<std::string>(),
-      "admin HTTP HOST:PORT (/metrics, /healthz): NOT BUILT YET. Default: 127.0.0.1:7421")(
-      "data-dir", po::value<std::string>(), "RocksDB directory. Default: ./kvmanager-data")(
+      "admin HTTP HOST:PORT (/metrics /healthz /readyz /status); port 0 picks one. Default: "
+      "127.0.0.1:7421")("data-dir", po::value<std::string>(),
+                        "RocksDB directory. Default: ./kvmanager-data")(
       "config", po::value<std::string>(), "YAML config file (flags override it)")(
       "host-capacity-bytes", po::value<uint64_t>(),
       "host tier size. Default: min(25% of available memory, 16 GiB)")(
@@ -145,16 +148,45 @@ int main(int argc, char** argv) {
   auto store = store::BlockStore::Open(c.store);
   if (!store.ok())
     return std::fprintf(stderr, "kvmanager: %s\n", store.status().ToString().c_str()), 1;
+  server::Metrics metrics;
+  c.server.handler.metrics = &metrics;
   auto srv = server::Server::Start(c.server, store->get());
   if (!srv.ok()) return std::fprintf(stderr, "kvmanager: %s\n", srv.status().ToString().c_str()), 1;
+  store::StoreStats last;  // counters are exported as the increase since the last scrape
+  server::AdminOptions ao;
+  ao.listen = c.admin;
+  ao.ready = [] { return true; };  // the store is open and the control plane listens
+  ao.refresh = [&] {
+    const store::StoreStats st = (*store)->Stats();
+    metrics.SetSequences(double(st.sequences));
+    metrics.SetTier("host", double(st.host_bytes), double(st.host_capacity_bytes));
+    metrics.SetTier("disk", double(st.disk_bytes_written), double(c.store.disk_capacity_bytes));
+    metrics.AddEvictions("host", "disk", double(st.spills - last.spills));
+    metrics.AddPromotions("disk", "host", double(st.promotions - last.promotions));
+    last = st;
+  };
+  ao.status = [&] {
+    const store::StoreStats st = (*store)->Stats();
+    return "{\"sequences\": " + std::to_string(st.sequences) +
+           ", \"host_bytes\": " + std::to_string(st.host_bytes) +
+           ", \"host_capacity_bytes\": " + std::to_string(st.host_capacity_bytes) +
+           ", \"disk_bytes_written\": " + std::to_string(st.disk_bytes_written) +
+           ", \"gpu_tier\": \"" + st.gpu_tier + "\", \"control\": \"" + (*srv)->address() + "\"}";
+  };
+  auto admin = server::AdminServer::Start(ao, &metrics);
+  if (!admin.ok())
+    return std::fprintf(stderr, "kvmanager: %s\n", admin.status().ToString().c_str()), 1;
   std::printf("kvmanager listening on %s (control plane), data dir %s\n", (*srv)->address().c_str(),
               c.store.dir.c_str());
-  std::printf("kvmanager admin %s: NOT BUILT YET (no /metrics, /healthz)\n", c.admin.c_str());
+  std::printf("kvmanager admin on 127.0.0.1:%u (/metrics /healthz /readyz /status)\n",
+              unsigned((*admin)->port()));
   std::fflush(stdout);
   int sig = 0;
   sigwait(&sigs, &sig);
   std::fprintf(stderr, "kvmanager: signal %d: draining and stopping\n", sig);
   (*srv)->Stop(10000);
+  (*admin)->Stop();
+  admin->reset();
   srv->reset();
   store->reset();  // closes RocksDB (WAL already durable for acknowledged appends)
   std::fprintf(stderr, "kvmanager: stopped\n");

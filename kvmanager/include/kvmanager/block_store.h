@@ -58,6 +58,8 @@ struct SeqInfo {
 
 struct StoreStats {
   uint64_t host_slots_used = 0, host_slots = 0;
+  uint64_t host_bytes = 0, host_capacity_bytes = 0;
+  uint64_t sequences = 0;
   uint64_t spills = 0;      // host → disk
   uint64_t promotions = 0;  // disk → host
   uint64_t disk_bytes_written = 0;

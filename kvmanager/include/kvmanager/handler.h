@@ -22,6 +22,8 @@
 
 namespace kvm::server {
 
+class Metrics;
+
 struct TenantConfig {
   std::string name;
   std::string token;
@@ -33,6 +35,7 @@ struct HandlerOptions {
   wire::FrameLimits limits;
   std::string server_id = "kvmanager";
   uint32_t heartbeat_interval_ms = 1000;
+  Metrics* metrics = nullptr;  // request durations and error codes, when set
 };
 
 struct SessionState {
