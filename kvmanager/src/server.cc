@@ -67,11 +67,11 @@ struct Server::Impl {
       state_.loopback = !ec && ep.address().is_loopback();
     }
     void Start() { Read(); }
+    // Closes after the replies already queued are written (Stop: answered means delivered).
     void Close() {
       asio::post(strand_, [self = shared_from_this()] {
-        boost::system::error_code ec;
-        self->sock_.shutdown(tcp::socket::shutdown_both, ec);
-        self->sock_.close(ec);
+        self->closing_ = true;
+        if (self->out_.empty()) self->Shutdown();
       });
     }
 
@@ -97,9 +97,15 @@ struct Server::Impl {
             self->Read();
           }));
     }
-    // Hands the next request (one at a time per session: replies stay in order) to the worker pool.
+    void Shutdown() {
+      boost::system::error_code ec;
+      sock_.shutdown(tcp::socket::shutdown_both, ec);
+      sock_.close(ec);
+    }
+    // Hands the next request (one at a time per session: replies stay in order) to the worker pool;
+    // once the server is stopping no new request starts.
     void Pump() {
-      if (busy_ || pending_.empty()) return;
+      if (busy_ || pending_.empty() || srv_->stopping) return;
       wire::Frame f = std::move(pending_.front());
       pending_.pop_front();
       if (srv_->in_flight.fetch_add(1) >= srv_->opt.max_in_flight) {
@@ -135,10 +141,8 @@ struct Server::Impl {
                                                          boost::system::error_code ec, size_t) {
                           const bool close = self->out_.front().second;
                           self->out_.pop_front();
-                          if (ec || close) {
-                            boost::system::error_code ig;
-                            self->sock_.shutdown(tcp::socket::shutdown_both, ig);
-                            self->sock_.close(ig);
+                          if (ec || close || (self->closing_ && self->out_.empty())) {
+                            self->Shutdown();
                             return self->Finish();
                           }
                           if (!self->out_.empty()) self->Write();
@@ -157,6 +161,7 @@ struct Server::Impl {
     std::array<uint8_t, 64 * 1024> buf_;
     std::deque<wire::Frame> pending_;
     bool busy_ = false;
+    bool closing_ = false;
     std::deque<std::pair<std::vector<uint8_t>, bool>> out_;
   };
 
