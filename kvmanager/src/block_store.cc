@@ -239,6 +239,18 @@ struct BlockStore::Impl {
         }
   }
   Status DeleteLocked(const SeqRef& s);
+  // Records a selection of these blocks of (layer, kv_head) (the partial tail block is always in
+  // memory).
+  void Mark(Seq& q, uint32_t layer, uint32_t kv_head, std::span<const uint64_t> blocks) {
+    const uint64_t t = ++tick;
+    for (uint64_t b : blocks)
+      for (bool v : {false, true}) {
+        auto it = q.blocks.find({layer, kv_head, b, v});
+        if (it == q.blocks.end()) continue;
+        ++it->second.selected;
+        it->second.last_selected = t;
+      }
+  }
   void Release(const std::vector<Addr>& released) {
     for (const Addr& a : released) {
       auto it = refs.find(a);
@@ -701,14 +713,7 @@ Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_hea
   std::lock_guard<std::mutex> l(impl_->mu);
   Seq* q = impl_->Find(s);
   if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
-  const uint64_t t = ++impl_->tick;
-  for (uint64_t b : blocks)
-    for (bool v : {false, true}) {
-      auto it = q->blocks.find({layer, kv_head, b, v});
-      if (it == q->blocks.end()) continue;  // the partial tail block is always in memory
-      ++it->second.selected;
-      it->second.last_selected = t;
-    }
+  impl_->Mark(*q, layer, kv_head, blocks);
   q->last_access = impl_->Now();
   return Status::Ok();
 }
@@ -719,14 +724,7 @@ Status BlockStore::Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
   Seq* q = impl_->Find(s);
   if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
   // A plan's blocks were just selected: mark them first, so promoting one never evicts another.
-  const uint64_t t = ++impl_->tick;
-  for (uint64_t b : blocks)
-    for (bool v : {false, true}) {
-      auto it = q->blocks.find({layer, kv_head, b, v});
-      if (it == q->blocks.end()) continue;
-      ++it->second.selected;
-      it->second.last_selected = t;
-    }
+  impl_->Mark(*q, layer, kv_head, blocks);
   std::vector<uint8_t> buf(q->block_bytes());
   for (uint64_t b : blocks)
     for (bool v : {false, true}) {
