@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The README's main job. Installs what it needs, builds, and runs what exists of the vertical slice.
-# Today that is the reference worker on the committed real model (dense KV, in-process): it decodes
-# a continuation of held-out text. The service (kvmanager), the UCX data plane and `kvmctl demo`
-# with PrHS through the service are NOT built yet (issues 8-10); this script says so instead of
-# pretending.
+# The README's main job. Installs what it needs, builds, and runs what exists of the vertical slice:
+# the reference worker on the committed real model (dense KV, in-process) decoding a continuation of
+# held-out text, then the kvmanager service started on the embedded default and stopped. The
+# retrieval engine, the UCX data plane and `kvmctl demo` (PrHS through the service) are NOT built yet;
+# this script says so instead of pretending.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
