@@ -36,8 +36,12 @@ Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(
 
 Status SelectorKvSource::Append(uint32_t layer, uint64_t pos, const float* k, const float* v) {
   KVM_RETURN_IF_ERROR(dense_->Append(layer, pos, k, v));
-  for (uint32_t h = 0; h < shape_.kv_heads; ++h)
-    summaries_[size_t{layer} * shape_.kv_heads + h].Append(pos, k + size_t{h} * shape_.head_dim);
+  // Summaries of the keys as stored (in the KV dtype), as the service keeps them.
+  std::vector<float> row(shape_.head_dim);
+  for (uint32_t h = 0; h < shape_.kv_heads; ++h) {
+    dense_->Row(layer, h, pos, /*values=*/false, row.data());
+    summaries_[size_t{layer} * shape_.kv_heads + h].Append(pos, row.data());
+  }
   return Status::Ok();
 }
 

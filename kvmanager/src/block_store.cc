@@ -686,26 +686,39 @@ std::vector<SeqInfo> BlockStore::List(const std::string& tenant) const {
 
 Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
                              std::span<uint8_t> out) {
+  const uint64_t idx = b.index;
+  return ReadBlocks(s, b.layer, b.kv_head, values, {&idx, 1}, out);
+}
+
+Status BlockStore::ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
+                              std::span<const uint64_t> blocks, std::span<uint8_t> out) {
   std::lock_guard<std::mutex> l(impl_->mu);
   Seq* q = impl_->Find(s);
   if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
-  if (b.layer >= q->shape.layers || b.kv_head >= q->shape.kv_heads)
+  if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
     return Status::InvalidArgument("layer/kv_head out of range");
   q->last_access = impl_->Now();
-  if (out.size() != q->block_bytes())
-    return Status::InvalidArgument("read block: buffer of " + std::to_string(out.size()) +
-                                   " bytes, a block is " + std::to_string(q->block_bytes()));
+  const size_t bb = q->block_bytes();
+  if (out.size() != blocks.size() * bb)
+    return Status::InvalidArgument("read blocks: buffer of " + std::to_string(out.size()) +
+                                   " bytes for " + std::to_string(blocks.size()) +
+                                   " blocks of " + std::to_string(bb));
   const uint64_t full = q->length / q->B;
-  if (b.index < full)
-    return impl_->LoadBlock(*q, {b.layer, b.kv_head, b.index, values}, out.data());
-  if (b.index == full && q->length % q->B) {
-    const size_t valid = (q->length % q->B) * q->row_bytes();
-    std::memcpy(out.data(), q->tail_row(b.layer, b.kv_head, values, 0), valid);
-    std::memset(out.data() + valid, 0, out.size() - valid);
-    return Status::Ok();
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const uint64_t b = blocks[i];
+    uint8_t* dst = out.data() + i * bb;
+    if (b < full) {
+      KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, {layer, kv_head, b, values}, dst));
+    } else if (b == full && q->length % q->B) {
+      const size_t valid = (q->length % q->B) * q->row_bytes();
+      std::memcpy(dst, q->tail_row(layer, kv_head, values, 0), valid);
+      std::memset(dst + valid, 0, bb - valid);
+    } else {
+      return Status::OutOfRange("block " + std::to_string(b) + " is past the end (length " +
+                                std::to_string(q->length) + ")");
+    }
   }
-  return Status::OutOfRange("block " + std::to_string(b.index) + " is past the end (length " +
-                            std::to_string(q->length) + ")");
+  return Status::Ok();
 }
 
 Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,

@@ -28,7 +28,12 @@ uint64_t NowNs() {
 }  // namespace
 
 RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
-    : store_(store), opt_(std::move(opt)) {}
+    : store_(store), opt_(std::move(opt)) {
+  RetrievalOptions ro;
+  ro.max_reply_bytes = opt_.limits.max_frame_bytes / 2;  // room for the header of a big reply
+  ro.transport = opt_.transport;
+  engine_ = std::make_unique<RetrievalEngine>(store_, ro, opt_.metrics);
+}
 
 std::vector<uint8_t> RequestHandler::Handle(SessionState& s, const wire::Frame& f) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -85,10 +90,28 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       wire::CreateSequence m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       KVM_ASSIGN_OR_RETURN(ModelShape shape, wire::FromWire(m.shape()));
-      KVM_RETURN_IF_ERROR(
-          store_->Create(ref(m.sequence_id()), shape, m.block_size(), FromWire(m.durability())));
+      const store::SeqRef sr = ref(m.sequence_id());
+      if (m.attach()) {  // an existing sequence of the same shape and layout
+        KVM_ASSIGN_OR_RETURN(store::SeqInfo info, store_->Info(sr));
+        if (!(info.shape == shape) || info.block_size != m.block_size())
+          return Status::FailedPrecondition(
+              "attach: sequence " + std::to_string(m.sequence_id()) + " is stored as " +
+              info.shape.ToString() + " B " + std::to_string(info.block_size) +
+              ", the request says " + shape.ToString() + " B " + std::to_string(m.block_size()));
+      } else {
+        KVM_RETURN_IF_ERROR(store_->Create(sr, shape, m.block_size(), FromWire(m.durability())));
+      }
+      if (m.has_selector()) {
+        Status st = engine_->Configure(sr, m.selector(), m.hot_set_slots());
+        if (!st.ok()) {
+          if (!m.attach()) (void)store_->Delete(sr);  // never acknowledged: roll back
+          return st;
+        }
+      }
+      KVM_ASSIGN_OR_RETURN(uint64_t length, store_->Length(sr));
       wire::CreateSequenceReply r;
       r.set_sequence_id(m.sequence_id());
+      r.set_length(length);
       return send(r);
     }
     case MessageType::kAppend: {
@@ -116,6 +139,7 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       wire::Truncate m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       KVM_RETURN_IF_ERROR(store_->Truncate(ref(m.sequence_id()), m.length()));
+      engine_->Reset(ref(m.sequence_id()));
       wire::TruncateReply r;
       r.set_length(m.length());
       return send(r);
@@ -142,6 +166,7 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       wire::DeleteSequence m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       KVM_RETURN_IF_ERROR(store_->Delete(ref(m.sequence_id())));
+      engine_->Forget(ref(m.sequence_id()));
       return send(wire::DeleteSequenceReply());
     }
     case MessageType::kListSequences: {
@@ -169,11 +194,28 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       r.set_server_time_ns(NowNs());
       return send(r);
     }
-    case MessageType::kRetrieveLayer:
-    case MessageType::kSetLayerMap:
-    case MessageType::kAudit:
-      return Status::Unimplemented(std::string(wire::MessageTypeName(f.header.type)) +
-                                   ": the retrieval engine is not built yet");
+    case MessageType::kRetrieveLayer: {
+      wire::RetrieveLayer m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      wire::RetrieveLayerReply r;
+      std::vector<uint8_t> blocks;
+      KVM_RETURN_IF_ERROR(engine_->Retrieve(ref(m.sequence_id()), m, f.payload, &r, &blocks));
+      return send(r, blocks);
+    }
+    case MessageType::kSetLayerMap: {
+      wire::SetLayerMap m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      KVM_RETURN_IF_ERROR(engine_->SetLayerMap(
+          ref(m.sequence_id()), {m.source_layer().begin(), m.source_layer().end()}));
+      return send(wire::SetLayerMapReply());
+    }
+    case MessageType::kAudit: {
+      wire::Audit m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      wire::AuditReply r;
+      KVM_RETURN_IF_ERROR(engine_->Audit(ref(m.sequence_id()), m, f.payload, &r));
+      return send(r);
+    }
     default:
       return Status::InvalidArgument("unexpected message type");
   }

@@ -202,7 +202,8 @@ Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t 
 }
 
 Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
-                       const kvm::ModelShape& shape, uint64_t payload_len) {
+                       const kvm::ModelShape& shape, uint32_t pending_tokens,
+                       uint64_t payload_len) {
   if (layer >= shape.layers)
     return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range (layers " +
                                    std::to_string(shape.layers) + ")");
@@ -216,11 +217,13 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
       return Status::InvalidArgument("kv_head " + std::to_string(h) + " repeated");
   }
   const uint64_t want =
-      uint64_t{kv_heads.size()} * shape.group_size() * shape.head_dim * sizeof(float);
+      uint64_t{kv_heads.size()} * shape.head_dim *
+      (uint64_t{shape.group_size()} * sizeof(float) + uint64_t{pending_tokens} * DTypeSize(shape.dtype));
   if (payload_len != want)
-    return Status::InvalidArgument("queries: payload is " + std::to_string(payload_len) +
-                                   " bytes, expected " + std::to_string(want) +
-                                   " (fp32 [heads][group][head_dim])");
+    return Status::InvalidArgument(
+        "queries: payload is " + std::to_string(payload_len) + " bytes, expected " +
+        std::to_string(want) + " (fp32 [heads][group][head_dim], then " +
+        std::to_string(pending_tokens) + " pending K rows [heads][tokens][head_dim])");
   return Status::Ok();
 }
 

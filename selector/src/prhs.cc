@@ -96,7 +96,7 @@ Status OracleSelector::Select(const StepInput& in, Selection* out) {
 PrhsSelector::PrhsSelector(const SelectorOptions& o, const ModelShape& s)
     : opt_(o),
       shape_(s),
-      anchors_(size_t{s.layers} * s.kv_heads),
+      heads_(size_t{s.layers} * s.kv_heads),
       gates_(size_t{s.layers} * s.q_heads),
       layer_map_(s.layers) {
   for (uint32_t l = 0; l < s.layers; ++l) layer_map_[l] = l;
@@ -143,23 +143,61 @@ uint64_t PrhsSelector::PsawCut(uint32_t l, uint64_t T) const {
   return static_cast<uint64_t>(std::floor((1.0 - keep) * double(T)));
 }
 
+bool PrhsReuse(const SelectorOptions& o, uint64_t hot_set_slots, const AnchorRecord& a,
+               const HeadGate* gates, uint32_t group, uint32_t head_dim, const float* q,
+               uint64_t step, Selection* out) {
+  if (!a.valid || step < a.step) return false;
+  if (o.max_cluster_steps != 0 && step - a.step >= o.max_cluster_steps) return false;
+  const Geometry& geo = o.geometry;
+  const uint64_t T = step + 1, nb = geo.Blocks(T);
+  // Everything from the anchor's first window block on stays resident (blocks that left the window
+  // since the anchor: the worker still holds them); re-anchor before that outgrows the hot set.
+  std::vector<uint64_t> blocks = a.resident;
+  AddRange(0, geo.SinkBlocks(T), &blocks);
+  AddRange(std::min(geo.WindowFirstBlock(a.step + 1), nb), nb, &blocks);
+  if (blocks.size() > hot_set_slots) return false;
+  std::vector<double> bounds(group);
+  const double target = o.use_bound_gate ? o.target_delta : 0.0;
+  for (uint32_t h = 0; h < group; ++h) {
+    const GateDecision d = gates[h].Check(q + size_t{h} * head_dim, o.tau_cos, target);
+    if (!d.reuse) return false;
+    bounds[h] = d.bound;
+  }
+  *out = Selection{};
+  out->blocks = std::move(blocks);
+  out->delta = bounds;
+  out->kind = DeltaKind::kBound;
+  out->extra_blocks = out->blocks.size() > o.cap_blocks() ? out->blocks.size() - o.cap_blocks() : 0;
+  if (o.target_delta > 0)
+    for (double b : bounds) out->target_met = out->target_met && b <= o.target_delta;
+  return true;
+}
+
 Status PrhsSelector::Select(const StepInput& in, Selection* out) {
+  return SelectImpl(in, /*allow_reuse=*/true, out);
+}
+
+Status PrhsSelector::Anchor(const StepInput& in, Selection* out) {
+  return SelectImpl(in, /*allow_reuse=*/false, out);
+}
+
+Status PrhsSelector::SelectImpl(const StepInput& in, bool allow_reuse, Selection* out) {
   KVM_RETURN_IF_ERROR(CheckInput(in, shape_, opt_.geometry));
   const Geometry& geo = opt_.geometry;
   const uint64_t T = in.tokens(), nb = geo.Blocks(T);
   const uint32_t g = shape_.group_size();
-  Anchor& a = anchor(in.layer, in.kv_head);
+  HeadState& a = state(in.layer, in.kv_head);
   *out = Selection{};
   if (nb <= opt_.cap_blocks()) {
     ShortContext(nb, g, out);
-    a.valid = false;
+    a.anchor.valid = false;
     a.last = out->blocks;
     a.last_step = in.step;
     return Status::Ok();
   }
   const uint32_t src = layer_map_[in.layer];
   if (opt_.layer_sharing && src != in.layer) {
-    const Anchor& s = anchor(src, in.kv_head);
+    const HeadState& s = state(src, in.kv_head);
     if (s.last_step != in.step)
       return Status::FailedPrecondition("layer " + std::to_string(in.layer) + " shares layer " +
                                         std::to_string(src) + ", which has not selected yet");
@@ -170,38 +208,17 @@ Status PrhsSelector::Select(const StepInput& in, Selection* out) {
     a.last_step = in.step;
     return Status::Ok();
   }
-  if (a.valid) {
-    bool reuse = opt_.max_cluster_steps == 0 || in.step - a.step < opt_.max_cluster_steps;
-    // Everything from the anchor's first window block on stays resident; re-anchor before that
-    // outgrows the hot set.
-    std::vector<uint64_t> blocks = a.chosen;
-    AddRange(0, geo.SinkBlocks(T), &blocks);
-    AddRange(std::min(a.window_first, nb), nb, &blocks);
-    reuse = reuse && blocks.size() <= HotSetSlots();
-    std::vector<double> bounds(g);
-    const double target = opt_.use_bound_gate ? opt_.target_delta : 0.0;
-    for (uint32_t h = 0; h < g && reuse; ++h) {
-      const GateDecision d = gate(in.layer, in.kv_head * g + h)
-                                 .Check(in.q + size_t{h} * shape_.head_dim, opt_.tau_cos, target);
-      reuse = d.reuse;
-      bounds[h] = d.bound;
-    }
-    if (reuse) {
-      out->blocks = std::move(blocks);
-      out->delta = bounds;
-      out->kind = DeltaKind::kBound;
-      out->extra_blocks =
-          out->blocks.size() > opt_.cap_blocks() ? out->blocks.size() - opt_.cap_blocks() : 0;
-      if (opt_.target_delta > 0)
-        for (double b : bounds) out->target_met = out->target_met && b <= opt_.target_delta;
-      a.last = out->blocks;
-      return Status::Ok();
-    }
+  if (allow_reuse &&
+      PrhsReuse(opt_, HotSetSlots(), a.anchor, &gate(in.layer, in.kv_head * g), g,
+                shape_.head_dim, in.q, in.step, out)) {
+    a.last = out->blocks;
+    a.last_step = in.step;
+    return Status::Ok();
   }
   return AnchorStep(in, a, out);
 }
 
-Status PrhsSelector::AnchorStep(const StepInput& in, Anchor& a, Selection* out) {
+Status PrhsSelector::AnchorStep(const StepInput& in, HeadState& a, Selection* out) {
   const Geometry& geo = opt_.geometry;
   const uint64_t T = in.tokens(), nb = geo.Blocks(T), B = geo.block_size;
   const uint32_t g = shape_.group_size();
@@ -283,10 +300,9 @@ Status PrhsSelector::AnchorStep(const StepInput& in, Anchor& a, Selection* out) 
     hg.log_delta_a = log_delta[h];
     hg.k_max = out->k_max;
   }
-  a.valid = true;
-  a.step = in.step;
-  a.window_first = win_first;
-  a.chosen = std::move(chosen);
+  a.anchor.valid = true;
+  a.anchor.step = in.step;
+  a.anchor.resident = out->blocks;
   a.last = out->blocks;
   a.last_step = in.step;
   return Status::Ok();

@@ -58,7 +58,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         (void)kvm::wire::ValidateAppend(*a, shape, f.payload.size());
       } else if (auto* r = dynamic_cast<kvm::wire::RetrieveLayer*>(msg.get())) {
         std::vector<uint32_t> heads(r->kv_heads().begin(), r->kv_heads().end());
-        (void)kvm::wire::ValidateQueries(r->layer(), heads, shape, f.payload.size());
+        (void)kvm::wire::ValidateQueries(r->layer(), heads, shape, r->pending_tokens(),
+                                         f.payload.size());
       } else if (auto* c = dynamic_cast<kvm::wire::CreateSequence*>(msg.get())) {
         (void)kvm::wire::FromWire(c->shape());
       } else if (auto* h = dynamic_cast<kvm::wire::Hello*>(msg.get())) {

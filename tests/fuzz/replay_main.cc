@@ -37,7 +37,8 @@ std::vector<std::vector<uint8_t>> Seeds() {
   add(63, EncodeFrame(static_cast<uint16_t>(MessageType::kRetrieveLayer), 3, r, q));
   CreateSequence c;
   c.mutable_shape()->set_layers(2);
-  c.mutable_prhs()->set_tau_cos(0.8);
+  c.mutable_selector()->set_tau_cos(0.8);
+  c.mutable_selector()->set_name("prhs");
   add(1, EncodeFrame(static_cast<uint16_t>(MessageType::kCreateSequence), 4, c));
   return out;
 }

@@ -6,6 +6,11 @@
 #include <filesystem>
 
 #include "proto/kvm.pb.h"
+#include "selector/plan.h"
+#include "selector/prhs.h"
+#include "selector/scoring.h"
+#include "selector/wire_options.h"
+#include "testutil/kv.h"
 
 namespace kvm::server {
 namespace {
@@ -162,13 +167,265 @@ TEST_F(HandlerTest, MalformedRequestsAreErrorsNotCrashes) {
   wire::CreateSequence c = Create(2);  // a bad shape
   c.mutable_shape()->set_head_dim(48);
   EXPECT_TRUE(Call(s, MessageType::kCreateSequence, c).error.IsInvalidArgument());
-  wire::RetrieveLayer rl;
-  EXPECT_TRUE(Call(s, MessageType::kRetrieveLayer, rl).error.IsUnimplemented());
+  wire::RetrieveLayer rl;  // a sequence created without selector params: storage only
+  rl.set_sequence_id(1);
+  rl.add_kv_heads(0);
+  std::vector<uint8_t> q(2ull * 32 * 4);
+  Reply no_sel = Call(s, MessageType::kRetrieveLayer, rl, q);
+  EXPECT_TRUE(no_sel.error.IsFailedPrecondition());
+  EXPECT_NE(no_sel.error.message().find("selector"), std::string::npos);
   wire::Frame reply_from_client;  // a reply type sent as a request
   reply_from_client.header.type = wire::ReplyType(MessageType::kStats);
   reply_from_client.header.request_id = ++id_;
   EXPECT_TRUE(Decode(handler_->Handle(s, reply_from_client)).error.IsInvalidArgument());
   EXPECT_TRUE(Call(s, MessageType::kStats, wire::Stats()).error.ok());  // the session still works
+}
+
+// ---- The retrieval engine through the handler vs the in-process selector on the same data ----
+class RetrieveTest : public HandlerTest {
+ protected:
+  static constexpr uint32_t L = 2, Hq = 4, Hkv = 2, D = 32, B = 4;
+  static constexpr uint64_t kT = 240;
+  const ModelShape shape{L, Hq, Hkv, D, DType::kF16, 7};
+  void SetUp() override {
+    HandlerTest::SetUp();
+    for (uint32_t i = 0; i < L * Hkv; ++i) kv_.emplace_back(kT, D, B, DType::kF16, 100 + i);
+    opt_.geometry = {B, 4, 8};
+    opt_.budget_tokens = 48;
+    opt_.max_cluster_steps = 8;
+    ASSERT_TRUE(Hello(s_, "a", "tokA").ok());
+  }
+  wire::CreateSequence CreateWith(uint64_t id, uint32_t slots) {
+    wire::CreateSequence c;
+    c.set_sequence_id(id);
+    wire::ToWire(shape, c.mutable_shape());
+    c.set_block_size(B);
+    c.set_durability(wire::CACHE);
+    sel::ToWire({"prhs", opt_}, c.mutable_selector());
+    c.set_hot_set_slots(slots);
+    return c;
+  }
+  // Appends tokens [from, to) of the random KV.
+  void AppendTokens(uint64_t id, uint64_t from, uint64_t to) {
+    wire::Append a;
+    a.set_sequence_id(id);
+    a.set_start_position(from);
+    const size_t row = D * 2, n = to - from;
+    std::vector<uint8_t> payload(size_t{L} * Hkv * 2 * n * row);
+    uint8_t* p = payload.data();
+    for (uint32_t i = 0; i < L * Hkv; ++i)
+      for (int v = 0; v < 2; ++v)
+        for (uint64_t t = from; t < to; ++t, p += row) std::memcpy(p, Row(i, t, v), row);
+    for (uint64_t t = from; t < to; ++t) a.add_token_ids(uint32_t(t % 1000));
+    ASSERT_TRUE(Call(s_, MessageType::kAppend, a, payload).error.ok());
+  }
+  const uint8_t* Row(uint32_t i, uint64_t t, int values) {
+    const attn::HeadKV kv = kv_[i].view();
+    const void* blk = (values ? kv.v_blocks : kv.k_blocks)[t / B];
+    return static_cast<const uint8_t*>(blk) + (t % B) * D * 2;
+  }
+  // Queries of one group (random, seeded by step/layer/head) and the payload with pending rows.
+  std::vector<float> Queries(uint64_t step, uint32_t layer, uint32_t h) {
+    std::mt19937 rng(uint32_t(step * 31 + layer * 7 + h));
+    std::normal_distribution<float> n(0.f, 1.f);
+    std::vector<float> q(Hq / Hkv * D);
+    for (auto& x : q) x = 2.f * n(rng);
+    return q;
+  }
+  std::vector<uint8_t> QueryPayload(uint64_t step, uint32_t layer, std::vector<uint32_t> heads,
+                                    uint32_t pending) {
+    std::vector<uint8_t> out;
+    for (uint32_t h : heads) {
+      const auto q = Queries(step, layer, h);
+      const auto* b = reinterpret_cast<const uint8_t*>(q.data());
+      out.insert(out.end(), b, b + q.size() * 4);
+    }
+    for (uint32_t h : heads)
+      for (uint64_t t = step + 1 - pending; t <= step; ++t) {
+        const uint8_t* r = Row(layer * Hkv + h, t, 0);
+        out.insert(out.end(), r, r + D * 2);
+      }
+    return out;
+  }
+  Reply Retrieve(uint64_t id, uint64_t step, uint32_t layer, std::vector<uint32_t> heads,
+                 uint32_t pending, uint64_t generation = 0) {
+    wire::RetrieveLayer m;
+    m.set_sequence_id(id);
+    m.set_step(step);
+    m.set_layer(layer);
+    for (uint32_t h : heads) m.add_kv_heads(h);
+    m.set_pending_tokens(pending);
+    m.set_hot_set_generation(generation);
+    return Call(s_, MessageType::kRetrieveLayer, m, QueryPayload(step, layer, heads, pending));
+  }
+  std::vector<testutil::RandomKv> kv_;  // [layer][kv_head]
+  sel::SelectorOptions opt_;
+  SessionState s_;
+};
+
+TEST_F(RetrieveTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBytes) {
+  auto ref = std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value();
+  const uint32_t slots = uint32_t(ref->HotSetSlots());
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(1, slots)).error.ok());
+  std::vector<sel::HotSetMirror> mirrors(L * Hkv, sel::HotSetMirror(slots));
+  std::vector<uint64_t> local_first(L * Hkv, UINT64_MAX);
+  std::vector<sel::HeadSummaries> sums;
+  for (uint32_t i = 0; i < L * Hkv; ++i) {
+    sums.emplace_back(B, D);
+    for (uint64_t t = 0; t < kT; ++t) sums[i].Append(t, kv_[i].key(t));
+  }
+  const sel::Geometry& geo = opt_.geometry;
+  uint64_t appended = 0;
+  size_t sent_total = 0, anchors = 0;
+  for (uint64_t step : {20ull, 21ull, 100ull, 101ull, 150ull, 239ull}) {
+    AppendTokens(1, appended, step);  // the step's own token is pending (decode order)
+    appended = step;
+    for (uint32_t l = 0; l < L; ++l) {
+      Reply r = Retrieve(1, step, l, {1, 0}, 1);
+      ASSERT_TRUE(r.error.ok()) << r.error.ToString();
+      wire::RetrieveLayerReply rep;
+      ASSERT_TRUE(wire::ParseProto(r.frame, &rep).ok());
+      ASSERT_EQ(rep.heads_size(), 2);
+      size_t at = 0;  // payload offset
+      for (int k = 0; k < 2; ++k) {
+        const wire::HeadSelection& hs = rep.heads(k);
+        const uint32_t h = hs.kv_head(), i = l * Hkv + h;
+        EXPECT_EQ(h, k == 0 ? 1u : 0u);
+        // The in-process selector on the same keys (a prefix view of the random KV).
+        const auto q = Queries(step, l, h);
+        auto prefix = kv_[i].view();
+        prefix.tokens = step + 1;
+        prefix.n_blocks = uint32_t(geo.Blocks(step + 1));
+        sel::HeadSummaries hsum(B, D);
+        for (uint64_t t = 0; t <= step; ++t) hsum.Append(t, kv_[i].key(t));
+        sel::Selection want;
+        ASSERT_TRUE(ref->Anchor({step, l, h, q.data(), &prefix, &hsum}, &want).ok());
+        const std::vector<uint64_t> got(hs.resident_blocks().begin(), hs.resident_blocks().end());
+        EXPECT_EQ(got, want.blocks) << "step " << step << " layer " << l << " head " << h;
+        ASSERT_EQ(hs.delta_size(), 2);
+        for (int j = 0; j < 2; ++j) {
+          EXPECT_EQ(hs.delta(j), float(want.delta[j]));
+          if (want.anchor) EXPECT_EQ(hs.log_delta(j), ref->gate(l, h * 2 + j).log_delta_a);
+        }
+        EXPECT_EQ(hs.delta_kind(), static_cast<wire::DeltaKind>(want.kind));
+        EXPECT_EQ(hs.anchor(), want.anchor);
+        EXPECT_EQ(hs.k_max(), want.k_max);
+        anchors += want.anchor;
+        // The same plan as a mirror run here, and the sent blocks are the stored bytes.
+        sel::PlanStep plan;
+        sel::PlanBytes bytes;
+        const uint64_t prev =
+            local_first[i] == UINT64_MAX ? geo.WindowFirstBlock(step + 1) : local_first[i];
+        ASSERT_TRUE(
+            mirrors[i].Plan(want.blocks, step + 1, geo, prev, B * D * 2, D * 2, &plan, &bytes).ok());
+        local_first[i] = geo.WindowFirstBlock(step + 1);
+        ASSERT_EQ(size_t(hs.block_indices_size()), plan.sends.size());
+        ASSERT_EQ(size_t(hs.local_fill_blocks_size()), plan.local_fills.size());
+        EXPECT_EQ(std::vector<uint32_t>(hs.evicted_slots().begin(), hs.evicted_slots().end()),
+                  plan.evicted_slots);
+        for (int j = 0; j < hs.block_indices_size(); ++j) {
+          EXPECT_EQ(hs.block_indices(j), plan.sends[j].first);
+          EXPECT_EQ(hs.slots(j), plan.sends[j].second);
+          const uint64_t b = hs.block_indices(j);
+          for (int v = 0; v < 2; ++v, at += B * D * 2) {
+            ASSERT_LE(at + B * D * 2, r.frame.payload.size());
+            const void* blk = (v ? kv_[i].view().v_blocks : kv_[i].view().k_blocks)[b];
+            EXPECT_EQ(std::memcmp(r.frame.payload.data() + at, blk, B * D * 2), 0)
+                << "block " << b << (v ? " V" : " K");
+          }
+        }
+        sent_total += plan.sends.size();
+      }
+      EXPECT_EQ(at, r.frame.payload.size());
+    }
+  }
+  EXPECT_GT(anchors, 0u);
+  EXPECT_GT(sent_total, 0u);
+
+  // The same retrieval again sends nothing (the mirror holds it); a new generation sends again.
+  Reply again = Retrieve(1, 239, 0, {0}, 1);
+  ASSERT_TRUE(again.error.ok());
+  EXPECT_TRUE(again.frame.payload.empty());
+  Reply fresh = Retrieve(1, 239, 0, {0}, 1, /*generation=*/1);
+  ASSERT_TRUE(fresh.error.ok());
+  EXPECT_FALSE(fresh.frame.payload.empty());
+  EXPECT_TRUE(Retrieve(1, 239, 0, {0}, 1, /*generation=*/0).error.IsFailedPrecondition());
+
+  // Audit: the δ of the worker's resident set (mirror + sinks + local blocks), measured exactly.
+  wire::Audit au;
+  au.set_sequence_id(1);
+  au.set_step(239);
+  au.set_layer(0);
+  au.add_kv_heads(0);
+  au.set_pending_tokens(1);
+  Reply ar = Call(s_, MessageType::kAudit, au, QueryPayload(239, 0, {0}, 1));
+  ASSERT_TRUE(ar.error.ok()) << ar.error.ToString();
+  wire::AuditReply arep;
+  ASSERT_TRUE(wire::ParseProto(ar.frame, &arep).ok());
+  ASSERT_EQ(arep.delta_size(), 2);
+  wire::HeadSelection last;
+  wire::RetrieveLayerReply frep;
+  ASSERT_TRUE(wire::ParseProto(fresh.frame, &frep).ok());
+  const std::vector<uint64_t> resident(frep.heads(0).resident_blocks().begin(),
+                                       frep.heads(0).resident_blocks().end());
+  const auto q = Queries(239, 0, 0);
+  const sel::GroupScores gs = sel::ScoreGroup(q.data(), 2, kv_[0].view());
+  const auto d = sel::DeltaOf(gs, resident);
+  for (int j = 0; j < 2; ++j) EXPECT_FLOAT_EQ(arep.delta(j), float(d[j]));
+}
+
+TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
+  auto ref = std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value();
+  const uint32_t need = uint32_t(ref->HotSetSlots());
+  // A hot set too small for the budget: InvalidArgument at create, and nothing is left behind.
+  Reply small = Call(s_, MessageType::kCreateSequence, CreateWith(5, need - 1));
+  EXPECT_TRUE(small.error.IsInvalidArgument());
+  EXPECT_NE(small.error.message().find("hot_set_slots"), std::string::npos);
+  wire::ListSequencesReply lr;
+  Reply list = Call(s_, MessageType::kListSequences, wire::ListSequences());
+  ASSERT_TRUE(wire::ParseProto(list.frame, &lr).ok());
+  EXPECT_EQ(lr.sequences_size(), 0);
+  // Bad selector params name the field.
+  wire::CreateSequence bad = CreateWith(5, need);
+  bad.mutable_selector()->set_tau_cos(3);
+  Reply br = Call(s_, MessageType::kCreateSequence, bad);
+  EXPECT_TRUE(br.error.IsInvalidArgument());
+  EXPECT_NE(br.error.message().find("tau_cos"), std::string::npos);
+  bad.mutable_selector()->set_name("nope");
+  EXPECT_TRUE(Call(s_, MessageType::kCreateSequence, bad).error.IsInvalidArgument());
+
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(5, need)).error.ok());
+  AppendTokens(5, 0, 50);
+  EXPECT_TRUE(Retrieve(5, 60, 0, {0}, 1).error.IsFailedPrecondition());  // not appended yet
+  EXPECT_TRUE(Retrieve(5, 49, 2, {0}, 0).error.IsInvalidArgument());     // layer out of range
+  EXPECT_TRUE(Retrieve(5, 49, 0, {0, 0}, 0).error.IsInvalidArgument());  // repeated head
+  EXPECT_TRUE(Retrieve(5, 49, 0, {0}, 0).error.ok());
+  // Another tenant cannot retrieve from (or learn of) this sequence.
+  SessionState b;
+  ASSERT_TRUE(Hello(b, "b", "tokB").ok());
+  wire::RetrieveLayer m;
+  m.set_sequence_id(5);
+  m.set_step(49);
+  m.add_kv_heads(0);
+  EXPECT_TRUE(Call(b, MessageType::kRetrieveLayer, m, QueryPayload(49, 0, {0}, 0)).error.IsNotFound());
+  // Layer map: PrHS accepts a valid one, refuses one pointing deeper.
+  wire::SetLayerMap lm;
+  lm.set_sequence_id(5);
+  lm.add_source_layer(0);
+  lm.add_source_layer(0);
+  EXPECT_TRUE(Call(s_, MessageType::kSetLayerMap, lm).error.ok());
+  lm.set_source_layer(0, 1);
+  EXPECT_TRUE(Call(s_, MessageType::kSetLayerMap, lm).error.IsInvalidArgument());
+  // Attach to the existing sequence (a reconnect) keeps its data; a shape mismatch is refused.
+  wire::CreateSequence at = CreateWith(5, need);
+  at.set_attach(true);
+  Reply ar = Call(s_, MessageType::kCreateSequence, at);
+  ASSERT_TRUE(ar.error.ok());
+  wire::CreateSequenceReply crep;
+  ASSERT_TRUE(wire::ParseProto(ar.frame, &crep).ok());
+  EXPECT_EQ(crep.length(), 50u);
+  at.mutable_shape()->set_head_dim(64);
+  EXPECT_TRUE(Call(s_, MessageType::kCreateSequence, at).error.IsFailedPrecondition());
 }
 
 }  // namespace

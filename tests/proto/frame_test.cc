@@ -149,13 +149,17 @@ TEST(FrameTest, PayloadNotMatchingTheShapeIsRejected) {
 
   const uint32_t heads[] = {0, 1};
   const uint64_t q = 2ull * 4 * 32 * 4;
-  EXPECT_TRUE(ValidateQueries(1, heads, shape, q).ok());
-  EXPECT_TRUE(ValidateQueries(2, heads, shape, q).IsInvalidArgument());      // layer
-  EXPECT_TRUE(ValidateQueries(1, heads, shape, q + 4).IsInvalidArgument());  // size
+  EXPECT_TRUE(ValidateQueries(1, heads, shape, 0, q).ok());
+  EXPECT_TRUE(ValidateQueries(2, heads, shape, 0, q).IsInvalidArgument());      // layer
+  EXPECT_TRUE(ValidateQueries(1, heads, shape, 0, q + 4).IsInvalidArgument());  // size
   const uint32_t dup[] = {1, 1};
-  EXPECT_TRUE(ValidateQueries(1, dup, shape, q).IsInvalidArgument());
+  EXPECT_TRUE(ValidateQueries(1, dup, shape, 0, q).IsInvalidArgument());
   const uint32_t out[] = {2};
-  EXPECT_TRUE(ValidateQueries(1, out, shape, q / 2).IsInvalidArgument());
+  EXPECT_TRUE(ValidateQueries(1, out, shape, 0, q / 2).IsInvalidArgument());
+  // Pending K rows (fp16 here) follow the queries.
+  const uint64_t pending = 2ull * 3 * 32 * 2;
+  EXPECT_TRUE(ValidateQueries(1, heads, shape, 3, q + pending).ok());
+  EXPECT_TRUE(ValidateQueries(1, heads, shape, 3, q).IsInvalidArgument());
 }
 
 TEST(FrameTest, ShapeConvertsBothWaysAndIsValidated) {

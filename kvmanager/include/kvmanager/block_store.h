@@ -96,6 +96,10 @@ class BlockStore {
   // K (values = false) or V of one block into out (block_size x head_dim elements; rows past the
   // end zero). OutOfRange past the end, Corruption on a checksum mismatch.
   Status ReadBlock(const SeqRef& s, const BlockId& b, bool values, std::span<uint8_t> out);
+  // The same for many blocks of one (layer, kv_head) under one lock: block i into
+  // out[i * block bytes, (i + 1) * block bytes).
+  Status ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
+                    std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // The retrieval engine reports each selection (selection recency and frequency drive eviction).
   Status MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                       std::span<const uint64_t> blocks);

@@ -1,14 +1,15 @@
 // The control plane's request handler: a pure function of a session's state and one decoded frame,
-// returning the reply frame. No sockets, no threads: the Asio server (not built yet) decodes
+// returning the reply frame. No sockets, no threads: the Asio server decodes
 // frames, calls Handle and writes the reply; tests drive it directly.
 //
 // Auth: a session's first request must be Hello with the protocol version and a tenant's token
 // (TenantConfig); anything else before it is Unauthenticated. A loopback-only tenant (the embedded
 // default's development tenant) is refused from other addresses. Every sequence is addressed within
 // the session's tenant: another tenant's sequence answers NotFound, so existence does not leak.
-// Built now: Hello, CreateSequence, Append, PrefixLookup, Truncate, ReadBlocks, DeleteSequence,
-// ListSequences, Stats, Heartbeat. RetrieveLayer, SetLayerMap and Audit answer Unimplemented until
-// the retrieval engine exists.
+// Every operation of the wire schema: Hello, CreateSequence (with attach), Append, PrefixLookup,
+// Truncate, RetrieveLayer, SetLayerMap and Audit (the RetrievalEngine), ReadBlocks, DeleteSequence,
+// ListSequences, Stats, Heartbeat. A RetrieveLayer reply carries its blocks as the frame payload
+// (the TCP data path).
 //
 // Thread-safe if the BlockStore is (it is); a SessionState belongs to one connection.
 #pragma once
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "kvmanager/block_store.h"
+#include "kvmanager/retrieval.h"
 #include "proto/wire/frame.h"
 
 namespace kvm::server {
@@ -36,6 +38,7 @@ struct HandlerOptions {
   std::string server_id = "kvmanager";
   uint32_t heartbeat_interval_ms = 1000;
   Metrics* metrics = nullptr;  // request durations and error codes, when set
+  std::string transport = "tcp";  // how retrieval replies carry their blocks (metrics label)
 };
 
 struct SessionState {
@@ -55,6 +58,7 @@ class RequestHandler {
   Status Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply);
   store::BlockStore* store_;
   HandlerOptions opt_;
+  std::unique_ptr<RetrievalEngine> engine_;
   uint64_t next_session_ = 1;
 };
 

@@ -92,12 +92,31 @@ class OracleSelector : public Selector {
   ModelShape shape_;
 };
 
+// One (layer, KV head)'s anchor as a worker sees it in a retrieval reply: enough to decide reuse
+// without the keys (DESIGN.md §4 step 2).
+struct AnchorRecord {
+  bool valid = false;              // false: no anchor yet (or a short-context selection)
+  uint64_t step = 0;               // the anchor's step
+  std::vector<uint64_t> resident;  // its resident blocks, ascending
+};
+
+// PrHS's reuse rule, one implementation for PrhsSelector and for a worker gating against the
+// service's anchors. At `step` the reused set is the anchor's set + the sinks + every block from
+// the anchor's first window block on; it is reused when the cluster is shorter than
+// max_cluster_steps, the set fits `hot_set_slots`, and every head of the group passes its gate
+// (`gates`: the group's heads, `q`: [group][head_dim]). Returns true and fills `out` (kind bound)
+// on reuse.
+bool PrhsReuse(const SelectorOptions& o, uint64_t hot_set_slots, const AnchorRecord& a,
+               const HeadGate* gates, uint32_t group, uint32_t head_dim, const float* q,
+               uint64_t step, Selection* out);
+
 class PrhsSelector : public Selector {
  public:
   static Result<std::unique_ptr<PrhsSelector>> Make(const SelectorOptions& o,
                                                     const ModelShape& shape, uint64_t max_context);
   const char* name() const override { return "prhs"; }
   Status Select(const StepInput& in, Selection* out) override;
+  Status Anchor(const StepInput& in, Selection* out) override;
   uint64_t HotSetSlots() const override;
   // The cross-layer sharing map: source[l] = l (no sharing) or a shallower layer. InvalidArgument
   // when a layer points to itself-or-deeper other than l, or the size is wrong.
@@ -108,22 +127,20 @@ class PrhsSelector : public Selector {
   const HeadGate& gate(uint32_t layer, uint32_t q_head) const;
 
  private:
-  struct Anchor {
-    bool valid = false;
-    uint64_t step = 0;
-    uint64_t window_first = 0;        // first window block at the anchor
-    std::vector<uint64_t> chosen;     // anchor's non-forced blocks (middle + dilation)
+  struct HeadState {
+    AnchorRecord anchor;
     std::vector<uint64_t> last;       // the resident set of the last step (for sharing layers)
     uint64_t last_step = UINT64_MAX;  // the step `last` belongs to
   };
   PrhsSelector(const SelectorOptions& o, const ModelShape& s);
-  Anchor& anchor(uint32_t l, uint32_t kvh) { return anchors_[size_t{l} * shape_.kv_heads + kvh]; }
+  HeadState& state(uint32_t l, uint32_t kvh) { return heads_[size_t{l} * shape_.kv_heads + kvh]; }
   HeadGate& gate_mut(uint32_t l, uint32_t qh) { return gates_[size_t{l} * shape_.q_heads + qh]; }
-  Status AnchorStep(const StepInput& in, Anchor& a, Selection* out);
+  Status SelectImpl(const StepInput& in, bool allow_reuse, Selection* out);
+  Status AnchorStep(const StepInput& in, HeadState& a, Selection* out);
 
   SelectorOptions opt_;
   ModelShape shape_;
-  std::vector<Anchor> anchors_;  // [layer][kv_head]
+  std::vector<HeadState> heads_;  // [layer][kv_head]
   std::vector<HeadGate> gates_;  // [layer][q_head]
   std::vector<uint32_t> layer_map_;
 };

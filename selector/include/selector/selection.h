@@ -104,6 +104,9 @@ class Selector {
   virtual const char* name() const = 0;
   // Selects for one (step, layer, KV head). Steps come in order; within a step, layers ascend.
   virtual Status Select(const StepInput& in, Selection* out) = 0;
+  // A selection without reusing an earlier anchor: what the service runs when a worker's own gate
+  // failed (DESIGN.md §4 step 3). Default: Select (selectors without a gate select every step).
+  virtual Status Anchor(const StepInput& in, Selection* out) { return Select(in, out); }
   // Hot-set slots per (layer, KV head) this selector may need: budget/B + documented extras.
   virtual uint64_t HotSetSlots() const = 0;
 };

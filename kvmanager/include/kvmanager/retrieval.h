@@ -1,0 +1,80 @@
+// The retrieval engine (DESIGN.md §4 steps 3, 4 and 6): what the service does when a worker's gate
+// failed. Per sequence it holds the selector the worker asked for at create (selector/), one
+// hot-set mirror per (layer, KV head) (selector/plan.h), and the worker's hot-set generation.
+//
+// RetrieveLayer: the keys of (layer, KV head) are read from the block store (the K rows the worker
+// has not appended yet travel with the query), the selector re-anchors (Selector::Anchor: exact
+// q·K of every query head of the group, δ exact), the selection is marked in the store (eviction
+// order), the plan diffs it against the mirror, the blocks to send are promoted and read; the reply
+// carries per KV head the slot table changes (sends, local fills, evictions), the resident set, δ,
+// log δ, kind and K_max, and the sent blocks' K and V as payload.
+//
+// The worker keeps every block from the window start of its last retrieval on locally, so the
+// mirror's "previous window" is the window at the last retrieval of that (layer, KV head), not the
+// previous step: reuse steps never reach the service. Selector state is soft: a restarted service
+// (or a worker that re-attaches) starts without anchors and re-anchors at the next retrieval.
+//
+// Thread-safe: one mutex per sequence orders its requests (across sessions); different sequences
+// run in parallel.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kvmanager/block_store.h"
+
+namespace kvm::wire {
+class SelectorParams;
+class RetrieveLayer;
+class RetrieveLayerReply;
+class Audit;
+class AuditReply;
+}  // namespace kvm::wire
+
+namespace kvm::server {
+
+class Metrics;
+
+struct RetrievalOptions {
+  uint64_t max_reply_bytes = 64ull << 20;  // payload of one reply (the frame limit)
+  uint32_t max_pending_tokens = 4096;      // K rows a query may carry (not appended yet)
+  std::string transport = "tcp";           // kvm_stream_bytes_total's label for sent blocks
+};
+
+class RetrievalEngine {
+ public:
+  RetrievalEngine(store::BlockStore* store, RetrievalOptions opt, Metrics* metrics = nullptr);
+  ~RetrievalEngine();
+
+  // Sets up (or replaces: attach) the selector state of a stored sequence. InvalidArgument for bad
+  // selector params (naming the field) or a hot set smaller than the selector needs.
+  Status Configure(const store::SeqRef& s, const wire::SelectorParams& p, uint32_t hot_set_slots);
+  Status Retrieve(const store::SeqRef& s, const wire::RetrieveLayer& m,
+                  std::span<const uint8_t> payload, wire::RetrieveLayerReply* reply,
+                  std::vector<uint8_t>* blocks);
+  // The cross-layer sharing map (selectors.md §0.6); PrHS only.
+  Status SetLayerMap(const store::SeqRef& s, const std::vector<uint32_t>& source);
+  // δ of the worker's current resident set for the given queries (kind audit).
+  Status Audit(const store::SeqRef& s, const wire::Audit& m, std::span<const uint8_t> payload,
+               wire::AuditReply* reply);
+  // Drops a sequence's state (delete).
+  void Forget(const store::SeqRef& s);
+  // Forgets anchors and mirrors, keeps the params (truncate; the worker drops its hot set too).
+  void Reset(const store::SeqRef& s);
+
+ private:
+  struct Seq;
+  Result<std::shared_ptr<Seq>> Find(const store::SeqRef& s);
+  store::BlockStore* store_;
+  RetrievalOptions opt_;
+  Metrics* metrics_;
+  std::mutex mu_;
+  std::unordered_map<std::string, std::shared_ptr<Seq>> seqs_;
+};
+
+}  // namespace kvm::server

@@ -1,0 +1,326 @@
+#include "kvmanager/retrieval.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kvmanager/metrics.h"
+#include "proto/kvm.pb.h"
+#include "proto/wire/frame.h"
+#include "selector/plan.h"
+#include "selector/scoring.h"
+#include "selector/wire_options.h"
+
+namespace kvm::server {
+namespace {
+
+constexpr uint64_t kNoContact = UINT64_MAX;
+
+std::string Key(const store::SeqRef& s) { return s.tenant + '\0' + std::to_string(s.id); }
+
+const char* KindName(DeltaKind k) {
+  switch (k) {
+    case DeltaKind::kExact:
+      return "exact";
+    case DeltaKind::kBound:
+      return "bound";
+    case DeltaKind::kAudit:
+      return "audit";
+    default:
+      return "unknown";
+  }
+}
+
+}  // namespace
+
+struct RetrievalEngine::Seq {
+  std::mutex mu;
+  ModelShape shape;
+  uint32_t B = 0;
+  sel::NamedOptions sel;
+  uint32_t slots = 0;
+  std::unique_ptr<sel::Selector> selector;
+  std::vector<sel::HotSetMirror> mirrors;  // [layer][kv_head]
+  std::vector<uint64_t> local_first;       // [layer][kv_head]: window start at the last contact
+  uint64_t generation = 0;
+
+  size_t index(uint32_t l, uint32_t h) const { return size_t{l} * shape.kv_heads + h; }
+  void ResetMirrors() {
+    mirrors.assign(size_t{shape.layers} * shape.kv_heads, sel::HotSetMirror(slots));
+    local_first.assign(mirrors.size(), kNoContact);
+  }
+};
+
+// The keys of one (layer, KV head) over T tokens: stored blocks + the pending rows of the query.
+struct LayerKeys {
+  std::vector<uint8_t> k;  // [blocks][B][D] of dtype
+  std::vector<const void*> ptr;
+  attn::HeadKV kv;
+  sel::HeadSummaries sums{1, 1};
+};
+
+namespace {
+
+// Reads the keys of (layer, h) for T tokens: [0, T - pending) from the store, the rest from
+// `pending` ([pending][D] rows of dtype). The summaries are the store's plus the pending rows.
+Status LoadKeys(store::BlockStore* store, const store::SeqRef& s, const ModelShape& shape,
+                uint32_t B, uint32_t layer, uint32_t h, uint64_t T, uint32_t pending,
+                const uint8_t* pending_rows, LayerKeys* out) {
+  const size_t row = size_t{shape.head_dim} * DTypeSize(shape.dtype), bb = row * B;
+  const uint64_t nb = (T + B - 1) / B, stored = T - pending;
+  const uint64_t stored_blocks = (stored + B - 1) / B;
+  out->k.assign(nb * bb, 0);
+  std::vector<uint64_t> ids(stored_blocks);
+  for (uint64_t b = 0; b < stored_blocks; ++b) ids[b] = b;
+  KVM_RETURN_IF_ERROR(
+      store->ReadBlocks(s, layer, h, /*values=*/false, ids, {out->k.data(), stored_blocks * bb}));
+  // Rows at or past `stored` come from the query (the store may hold more rows in that block).
+  if (stored % B) std::memset(out->k.data() + stored * row, 0, (stored_blocks * B - stored) * row);
+  if (pending) std::memcpy(out->k.data() + stored * row, pending_rows, size_t{pending} * row);
+  out->ptr.resize(nb);
+  for (uint64_t b = 0; b < nb; ++b) out->ptr[b] = out->k.data() + b * bb;
+  out->kv = attn::HeadKV{out->ptr.data(), out->ptr.data(), static_cast<uint32_t>(nb), T, B,
+                         shape.head_dim, shape.dtype};
+  KVM_RETURN_IF_ERROR(store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) {
+    out->sums = hs;
+  }));
+  out->sums.Truncate(std::min(out->sums.tokens(), stored));
+  std::vector<float> f(shape.head_dim);
+  for (uint64_t t = out->sums.tokens(); t < T; ++t) {
+    attn::LoadRow(out->kv, t, false, f.data());
+    out->sums.Append(t, f.data());
+  }
+  return Status::Ok();
+}
+
+// Parsed queries and pending rows of a RetrieveLayer / Audit payload.
+struct Queries {
+  std::vector<float> q;  // [heads][group][D]
+  const uint8_t* pending = nullptr;
+  size_t pending_stride = 0;  // bytes per head
+};
+
+Status ParseQueries(const ModelShape& shape, uint32_t layer, std::span<const uint32_t> heads,
+                    uint64_t step, uint32_t pending, uint64_t length, uint32_t max_pending,
+                    std::span<const uint8_t> payload, Queries* out) {
+  KVM_RETURN_IF_ERROR(wire::ValidateQueries(layer, heads, shape, pending, payload.size()));
+  const uint64_t T = step + 1;
+  if (pending > max_pending)
+    return Status::InvalidArgument("pending_tokens " + std::to_string(pending) + " > the limit " +
+                                   std::to_string(max_pending));
+  if (pending > T) return Status::InvalidArgument("pending_tokens exceeds step + 1");
+  if (T - pending > length)
+    return Status::FailedPrecondition(
+        "step " + std::to_string(step) + " with " + std::to_string(pending) +
+        " pending tokens needs " + std::to_string(T - pending) + " stored tokens, the sequence has " +
+        std::to_string(length) + " (append first)");
+  const size_t qbytes = heads.size() * shape.group_size() * size_t{shape.head_dim} * sizeof(float);
+  out->q.resize(qbytes / sizeof(float));
+  std::memcpy(out->q.data(), payload.data(), qbytes);
+  out->pending = payload.data() + qbytes;
+  out->pending_stride = size_t{pending} * shape.head_dim * DTypeSize(shape.dtype);
+  return Status::Ok();
+}
+
+}  // namespace
+
+RetrievalEngine::RetrievalEngine(store::BlockStore* store, RetrievalOptions opt, Metrics* metrics)
+    : store_(store), opt_(std::move(opt)), metrics_(metrics) {}
+RetrievalEngine::~RetrievalEngine() = default;
+
+Status RetrievalEngine::Configure(const store::SeqRef& s, const wire::SelectorParams& p,
+                                  uint32_t hot_set_slots) {
+  KVM_ASSIGN_OR_RETURN(store::SeqInfo info, store_->Info(s));
+  auto q = std::make_shared<Seq>();
+  q->shape = info.shape;
+  q->B = info.block_size;
+  KVM_ASSIGN_OR_RETURN(q->sel, sel::FromWire(p, info.block_size));
+  if (q->sel.options.geometry.window_tokens == 0)
+    return Status::InvalidArgument("window_tokens: the service needs a recent window (>= 1)");
+  KVM_ASSIGN_OR_RETURN(q->selector, sel::MakeSelector(q->sel.name, q->sel.options, info.shape,
+                                                      /*max_context=*/UINT32_MAX));
+  const uint64_t need = q->selector->HotSetSlots();
+  if (hot_set_slots < need)
+    return Status::InvalidArgument("hot_set_slots: " + std::to_string(hot_set_slots) +
+                                   " blocks per (layer, KV head) is too small; selector " +
+                                   q->sel.name + " with this budget needs " + std::to_string(need));
+  q->slots = hot_set_slots;
+  q->ResetMirrors();
+  std::lock_guard<std::mutex> l(mu_);
+  seqs_[Key(s)] = std::move(q);
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<RetrievalEngine::Seq>> RetrievalEngine::Find(const store::SeqRef& s) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = seqs_.find(Key(s));
+    if (it != seqs_.end()) return it->second;
+  }
+  KVM_RETURN_IF_ERROR(store_->Info(s).status());  // NotFound for another tenant's sequence
+  return Status::FailedPrecondition(
+      "sequence " + std::to_string(s.id) +
+      " has no selector state (created without selector params, or the service restarted): "
+      "send CreateSequence with attach and the selector params");
+}
+
+void RetrievalEngine::Forget(const store::SeqRef& s) {
+  std::lock_guard<std::mutex> l(mu_);
+  seqs_.erase(Key(s));
+}
+
+void RetrievalEngine::Reset(const store::SeqRef& s) {
+  auto q = Find(s);
+  if (!q.ok()) return;
+  std::lock_guard<std::mutex> l((*q)->mu);
+  auto fresh = sel::MakeSelector((*q)->sel.name, (*q)->sel.options, (*q)->shape, UINT32_MAX);
+  if (fresh.ok()) (*q)->selector = std::move(*fresh);
+  (*q)->ResetMirrors();
+}
+
+Status RetrievalEngine::SetLayerMap(const store::SeqRef& s, const std::vector<uint32_t>& source) {
+  KVM_ASSIGN_OR_RETURN(auto q, Find(s));
+  std::lock_guard<std::mutex> l(q->mu);
+  auto* prhs = dynamic_cast<sel::PrhsSelector*>(q->selector.get());
+  if (!prhs)
+    return Status::FailedPrecondition("set layer map: selector " + q->sel.name +
+                                      " has no cross-layer sharing (prhs only)");
+  return prhs->SetLayerMap(source);
+}
+
+Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLayer& m,
+                                 std::span<const uint8_t> payload, wire::RetrieveLayerReply* reply,
+                                 std::vector<uint8_t>* blocks) {
+  KVM_ASSIGN_OR_RETURN(auto q, Find(s));
+  std::lock_guard<std::mutex> l(q->mu);
+  const ModelShape& shape = q->shape;
+  const std::vector<uint32_t> heads(m.kv_heads().begin(), m.kv_heads().end());
+  KVM_ASSIGN_OR_RETURN(uint64_t length, store_->Length(s));
+  Queries in;
+  KVM_RETURN_IF_ERROR(ParseQueries(shape, m.layer(), heads, m.step(), m.pending_tokens(), length,
+                                   opt_.max_pending_tokens, payload, &in));
+  if (m.hot_set_generation() < q->generation)
+    return Status::FailedPrecondition("hot-set generation " +
+                                      std::to_string(m.hot_set_generation()) + " is older than " +
+                                      std::to_string(q->generation));
+  if (m.hot_set_generation() > q->generation) {  // the worker lost its hot set
+    q->generation = m.hot_set_generation();
+    q->ResetMirrors();
+  }
+  const sel::Geometry& geo = q->sel.options.geometry;
+  KVM_ASSIGN_OR_RETURN(BlockLayout layout, BlockLayout::Make(shape, q->B));
+  const size_t bb = layout.kv_block_bytes();
+  const uint64_t T = m.step() + 1;
+  const uint32_t g = shape.group_size(), D = shape.head_dim;
+  auto* prhs = dynamic_cast<sel::PrhsSelector*>(q->selector.get());
+  reply->set_layer(m.layer());
+  reply->set_hot_set_generation(q->generation);
+  reply->set_part(0);
+  reply->set_parts(1);
+  blocks->clear();
+  sel::PlanBytes bytes;
+  double retrievals = 0;
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const uint32_t h = heads[i];
+    LayerKeys keys;
+    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
+                                 in.pending + i * in.pending_stride, &keys));
+    const float* qg = in.q.data() + i * g * D;
+    sel::StepInput step_in{m.step(), m.layer(), h, qg, &keys.kv, &keys.sums};
+    sel::Selection sel;
+    KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
+    retrievals += sel.retrieved_heads;
+    const size_t idx = q->index(m.layer(), h);
+    const uint64_t prev_first =
+        q->local_first[idx] == kNoContact ? geo.WindowFirstBlock(T) : q->local_first[idx];
+    sel::PlanStep plan;
+    KVM_RETURN_IF_ERROR(q->mirrors[idx].Plan(sel.blocks, T, geo, prev_first, bb,
+                                             layout.row_bytes(), &plan, &bytes));
+    q->local_first[idx] = geo.WindowFirstBlock(T);
+    // Blocks to send: in the host tier first, then read (K then V of each) into the payload.
+    std::vector<uint64_t> sent;
+    for (const auto& [b, slot] : plan.sends) sent.push_back(b);
+    KVM_RETURN_IF_ERROR(store_->Promote(s, m.layer(), h, sent));
+    if (blocks->size() + sent.size() * 2 * bb > opt_.max_reply_bytes)
+      return Status::OutOfRange("retrieve: the reply's blocks exceed " +
+                                std::to_string(opt_.max_reply_bytes) + " bytes");
+    for (uint64_t b : sent) {
+      const size_t at = blocks->size();
+      blocks->resize(at + 2 * bb);
+      KVM_RETURN_IF_ERROR(store_->ReadBlocks(s, m.layer(), h, false, {&b, 1}, {blocks->data() + at, bb}));
+      KVM_RETURN_IF_ERROR(
+          store_->ReadBlocks(s, m.layer(), h, true, {&b, 1}, {blocks->data() + at + bb, bb}));
+    }
+    KVM_RETURN_IF_ERROR(store_->MarkSelected(s, m.layer(), h, sel.blocks));
+
+    wire::HeadSelection* hs = reply->add_heads();
+    hs->set_kv_head(h);
+    for (const auto& [b, slot] : plan.sends) {
+      hs->add_block_indices(b);
+      hs->add_slots(slot);
+    }
+    for (const auto& [b, slot] : plan.local_fills) {
+      hs->add_local_fill_blocks(b);
+      hs->add_local_fill_slots(slot);
+    }
+    for (uint32_t e : plan.evicted_slots) hs->add_evicted_slots(e);
+    for (uint64_t b : sel.blocks) hs->add_resident_blocks(b);
+    for (uint32_t j = 0; j < g; ++j) {
+      const double d = j < sel.delta.size() ? sel.delta[j] : NAN;
+      hs->add_delta(static_cast<float>(d));
+      hs->add_log_delta(prhs && sel.anchor ? prhs->gate(m.layer(), h * g + j).log_delta_a
+                                           : std::log(d));
+      if (metrics_ && !std::isnan(d))
+        metrics_->ObserveDelta(q->sel.name, KindName(sel.kind), d, q->sel.options.target_delta);
+    }
+    hs->set_delta_kind(static_cast<wire::DeltaKind>(sel.kind));
+    hs->set_k_max(sel.k_max);
+    hs->set_anchor_step(static_cast<uint32_t>(m.step()));
+    hs->set_anchor(sel.anchor);
+  }
+  if (metrics_) {
+    metrics_->AddRetrievals(retrievals);
+    metrics_->AddStreamBytes("out", opt_.transport, double(blocks->size()));
+  }
+  return Status::Ok();
+}
+
+Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
+                              std::span<const uint8_t> payload, wire::AuditReply* reply) {
+  KVM_ASSIGN_OR_RETURN(auto q, Find(s));
+  std::lock_guard<std::mutex> l(q->mu);
+  const ModelShape& shape = q->shape;
+  const std::vector<uint32_t> heads(m.kv_heads().begin(), m.kv_heads().end());
+  KVM_ASSIGN_OR_RETURN(uint64_t length, store_->Length(s));
+  Queries in;
+  KVM_RETURN_IF_ERROR(ParseQueries(shape, m.layer(), heads, m.step(), m.pending_tokens(), length,
+                                   opt_.max_pending_tokens, payload, &in));
+  const sel::Geometry& geo = q->sel.options.geometry;
+  const uint64_t T = m.step() + 1, nb = geo.Blocks(T);
+  const uint32_t g = shape.group_size(), D = shape.head_dim;
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const size_t idx = q->index(m.layer(), heads[i]);
+    if (q->local_first[idx] == kNoContact)
+      return Status::FailedPrecondition("audit: no retrieval yet for layer " +
+                                        std::to_string(m.layer()) + " KV head " +
+                                        std::to_string(heads[i]));
+    // The worker's resident set: its hot set + the sinks + what it holds locally.
+    std::vector<uint64_t> resident;
+    for (uint64_t b : q->mirrors[idx].slot_table())
+      if (b != sel::kEmptySlot && b < nb) resident.push_back(b);
+    std::sort(resident.begin(), resident.end());
+    sel::AddRange(0, geo.SinkBlocks(T), &resident);
+    sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
+    LayerKeys keys;
+    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), heads[i], T,
+                                 m.pending_tokens(), in.pending + i * in.pending_stride, &keys));
+    const sel::GroupScores gs = sel::ScoreGroup(in.q.data() + i * g * D, g, keys.kv);
+    for (double d : sel::DeltaOf(gs, resident)) {
+      reply->add_delta(static_cast<float>(d));
+      if (metrics_) metrics_->ObserveDelta(q->sel.name, "audit", d, q->sel.options.target_delta);
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace kvm::server
