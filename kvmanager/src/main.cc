@@ -48,7 +48,7 @@ void LoadConfig(const std::string& path, Config* c) {
   static const char* kKnown[] = {
       "listen", "admin",      "data_dir",       "host_capacity_bytes", "disk_capacity_bytes",
       "sync",   "io_threads", "worker_threads", "max_in_flight",       "max_frame_bytes",
-      "tenants"};
+      "session_timeout_ms", "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
     if (std::find(std::begin(kKnown), std::end(kKnown), k) == std::end(kKnown))
@@ -64,6 +64,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("worker_threads", &c->server.worker_threads);
   get("max_in_flight", &c->server.max_in_flight);
   get("max_frame_bytes", &c->server.handler.limits.max_frame_bytes);
+  get("session_timeout_ms", &c->server.session_timeout_ms);
   if (y["tenants"]) {
     if (!y["tenants"].IsSequence()) Usage("config " + path + ": field 'tenants' must be a list");
     c->server.handler.tenants.clear();
@@ -105,7 +106,9 @@ int main(int argc, char** argv) {
       "max-in-flight", po::value<uint32_t>(),
       "requests queued or running before Busy. Default: 1024")(
       "max-frame-bytes", po::value<uint64_t>(),
-      "largest accepted frame. Default: 268435456 (256 MiB)");
+      "largest accepted frame. Default: 268435456 (256 MiB)")(
+      "session-timeout-ms", po::value<uint32_t>(),
+      "close a session silent (no request, no heartbeat) this long; 0 = never. Default: 10000");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -132,6 +135,8 @@ int main(int argc, char** argv) {
   if (vm.count("io-threads")) c.server.io_threads = vm["io-threads"].as<uint32_t>();
   if (vm.count("worker-threads")) c.server.worker_threads = vm["worker-threads"].as<uint32_t>();
   if (vm.count("max-in-flight")) c.server.max_in_flight = vm["max-in-flight"].as<uint32_t>();
+  if (vm.count("session-timeout-ms"))
+    c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))
     c.server.handler.limits.max_frame_bytes = vm["max-frame-bytes"].as<uint64_t>();
   if (!server::ParseHostPort(c.server.listen).ok())

@@ -61,12 +61,16 @@ struct Server::Impl {
         : srv_(srv),
           sock_(std::move(sock)),
           strand_(asio::make_strand(srv->io)),
+          timer_(strand_),
           decoder_(srv->opt.handler.limits) {
       boost::system::error_code ec;
       const auto ep = sock_.remote_endpoint(ec);
       state_.loopback = !ec && ep.address().is_loopback();
     }
-    void Start() { Read(); }
+    void Start() {
+      Read();
+      Arm();
+    }
     // Closes after the replies already queued are written (Stop: answered means delivered).
     void Close() {
       asio::post(strand_, [self = shared_from_this()] {
@@ -82,6 +86,7 @@ struct Server::Impl {
           asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec,
                                                                    size_t n) {
             if (ec) return self->Finish();
+            self->last_heard_ = std::chrono::steady_clock::now();
             Status st = self->decoder_.Feed({self->buf_.data(), n});
             wire::Frame f;
             while (self->decoder_.Next(&f)) self->pending_.push_back(std::move(f));
@@ -97,7 +102,25 @@ struct Server::Impl {
             self->Read();
           }));
     }
+    // Liveness: close a session that has been silent (and idle) for session_timeout_ms.
+    void Arm() {
+      const uint32_t ms = srv_->opt.session_timeout_ms;
+      if (ms == 0) return;
+      timer_.expires_after(std::chrono::milliseconds(ms / 4 + 1));
+      timer_.async_wait([self = shared_from_this(), ms](boost::system::error_code ec) {
+        if (ec || self->closed_) return;
+        const auto silent = std::chrono::steady_clock::now() - self->last_heard_;
+        if (!self->busy_ && self->pending_.empty() && self->out_.empty() &&
+            silent > std::chrono::milliseconds(ms)) {
+          self->Shutdown();
+          return self->Finish();
+        }
+        self->Arm();
+      });
+    }
     void Shutdown() {
+      closed_ = true;
+      timer_.cancel();
       boost::system::error_code ec;
       sock_.shutdown(tcp::socket::shutdown_both, ec);
       sock_.close(ec);
@@ -156,6 +179,9 @@ struct Server::Impl {
     Impl* srv_;
     tcp::socket sock_;
     asio::strand<asio::io_context::executor_type> strand_;
+    asio::steady_timer timer_;
+    std::chrono::steady_clock::time_point last_heard_ = std::chrono::steady_clock::now();
+    bool closed_ = false;
     wire::FrameDecoder decoder_;
     SessionState state_;
     std::array<uint8_t, 64 * 1024> buf_;

@@ -244,3 +244,28 @@ TEST_F(ServerTest, StopDrainsRequestsInFlight) {
 
 }  // namespace
 }  // namespace kvm::server
+
+namespace kvm::server {
+namespace {
+
+TEST_F(ServerTest, SilentSessionsAreClosedHeartbeatsKeepThemAlive) {
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.handler.tenants = {{"a", "tokA", false}};
+  o.session_timeout_ms = 300;
+  auto s = Server::Start(o, store_.get());
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Client silent((*s)->port()), beating((*s)->port());
+  ASSERT_TRUE(silent.Hello("a", "tokA").ok());
+  ASSERT_TRUE(beating.Hello("a", "tokA").ok());
+  for (int i = 0; i < 12; ++i) {  // 1.2 s: four timeouts' worth
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    ASSERT_TRUE(beating.Call(MessageType::kHeartbeat, wire::Heartbeat()).ok()) << "beat " << i;
+  }
+  wire::Frame f;
+  EXPECT_FALSE(silent.Recv(&f));  // the server closed it
+  EXPECT_TRUE(beating.Call(MessageType::kStats, wire::Stats()).ok());
+}
+
+}  // namespace
+}  // namespace kvm::server

@@ -3,8 +3,9 @@
 // checked before allocation) and hands each request, in order, to the RequestHandler on a bounded
 // worker pool; replies are written in request order. A protocol error (bad magic, oversized length,
 // ...) gets an Error frame and closes that connection only. A full pool answers Busy. Stop() stops
-// accepting, drains the requests in flight and joins the threads. NOT BUILT YET (issue 9):
-// deadlines and heartbeat-based liveness, the retrieval engine, admin HTTP and metrics.
+// accepting, drains the requests in flight and joins the threads. A session silent for longer than
+// session_timeout_ms (heartbeats keep it alive) is closed. Deadlines are the client's: it stops
+// waiting and reports TimedOut (client/); a late reply to a request it gave up on is discarded.
 //
 // Thread-safe: Start/Stop/port from any thread.
 #pragma once
@@ -23,6 +24,10 @@ struct ServerOptions {
   uint32_t io_threads = 1;                // decode/encode only
   uint32_t worker_threads = 2;            // request handling (disk work)
   uint32_t max_in_flight = 1024;          // requests queued or running; beyond: Busy
+  // Liveness: a session that sends nothing (no request, no heartbeat) for this long while none of
+  // its requests is in flight is closed and its state reclaimed. 0 = never. Default: 10 heartbeat
+  // intervals of the default 1 s.
+  uint32_t session_timeout_ms = 10000;
   HandlerOptions handler;
 };
 
