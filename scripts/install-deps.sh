@@ -11,7 +11,6 @@ PKGS=(
   prometheus-cpp-dev prometheus              # metrics; promtool checks /metrics in tests
   libyaml-cpp-dev nlohmann-json3-dev         # config file, JSON output
   libgtest-dev libgmock-dev libbenchmark-dev # tests and benchmarks
-  libsentencepiece-dev                       # tokenizer of the reference model
   clang libclang-rt-14-dev clang-format      # libFuzzer build, thread-safety analysis, format check
 )
 missing=()

@@ -154,6 +154,7 @@ Status ReferenceWorker::Forward(uint32_t token, uint64_t pos, float* logits) {
     return Status::OutOfRange("position " + std::to_string(pos) +
                               " beyond the model's trained length " + std::to_string(c.seq_len));
   const uint32_t D = c.dim, hd = c.head_dim(), H = c.hidden_dim;
+  kv_->BeginToken(token, pos);
   std::memcpy(x_.data(), m_.tok_emb_ + size_t{token} * D, D * sizeof(float));
   const float* cs = &rope_cos_[pos * hd / 2];
   const float* sn = &rope_sin_[pos * hd / 2];

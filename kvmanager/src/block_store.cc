@@ -701,8 +701,8 @@ Status BlockStore::ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head,
   const size_t bb = q->block_bytes();
   if (out.size() != blocks.size() * bb)
     return Status::InvalidArgument("read blocks: buffer of " + std::to_string(out.size()) +
-                                   " bytes for " + std::to_string(blocks.size()) +
-                                   " blocks of " + std::to_string(bb));
+                                   " bytes for " + std::to_string(blocks.size()) + " blocks of " +
+                                   std::to_string(bb));
   const uint64_t full = q->length / q->B;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const uint64_t b = blocks[i];

@@ -205,8 +205,8 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
     case MessageType::kSetLayerMap: {
       wire::SetLayerMap m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
-      KVM_RETURN_IF_ERROR(engine_->SetLayerMap(
-          ref(m.sequence_id()), {m.source_layer().begin(), m.source_layer().end()}));
+      KVM_RETURN_IF_ERROR(engine_->SetLayerMap(ref(m.sequence_id()),
+                                               {m.source_layer().begin(), m.source_layer().end()}));
       return send(wire::SetLayerMapReply());
     }
     case MessageType::kAudit: {

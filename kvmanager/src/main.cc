@@ -45,10 +45,18 @@ void LoadConfig(const std::string& path, Config* c) {
       Usage("config " + path + ": field '" + key + "' has a bad value");
     }
   };
-  static const char* kKnown[] = {
-      "listen", "admin",      "data_dir",       "host_capacity_bytes", "disk_capacity_bytes",
-      "sync",   "io_threads", "worker_threads", "max_in_flight",       "max_frame_bytes",
-      "session_timeout_ms", "tenants"};
+  static const char* kKnown[] = {"listen",
+                                 "admin",
+                                 "data_dir",
+                                 "host_capacity_bytes",
+                                 "disk_capacity_bytes",
+                                 "sync",
+                                 "io_threads",
+                                 "worker_threads",
+                                 "max_in_flight",
+                                 "max_frame_bytes",
+                                 "session_timeout_ms",
+                                 "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
     if (std::find(std::begin(kKnown), std::end(kKnown), k) == std::end(kKnown))

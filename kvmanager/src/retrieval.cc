@@ -80,10 +80,9 @@ Status LoadKeys(store::BlockStore* store, const store::SeqRef& s, const ModelSha
   out->ptr.resize(nb);
   for (uint64_t b = 0; b < nb; ++b) out->ptr[b] = out->k.data() + b * bb;
   out->kv = attn::HeadKV{out->ptr.data(), out->ptr.data(), static_cast<uint32_t>(nb), T, B,
-                         shape.head_dim, shape.dtype};
-  KVM_RETURN_IF_ERROR(store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) {
-    out->sums = hs;
-  }));
+                         shape.head_dim,  shape.dtype};
+  KVM_RETURN_IF_ERROR(
+      store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { out->sums = hs; }));
   out->sums.Truncate(std::min(out->sums.tokens(), stored));
   std::vector<float> f(shape.head_dim);
   for (uint64_t t = out->sums.tokens(); t < T; ++t) {
@@ -112,8 +111,8 @@ Status ParseQueries(const ModelShape& shape, uint32_t layer, std::span<const uin
   if (T - pending > length)
     return Status::FailedPrecondition(
         "step " + std::to_string(step) + " with " + std::to_string(pending) +
-        " pending tokens needs " + std::to_string(T - pending) + " stored tokens, the sequence has " +
-        std::to_string(length) + " (append first)");
+        " pending tokens needs " + std::to_string(T - pending) +
+        " stored tokens, the sequence has " + std::to_string(length) + " (append first)");
   const size_t qbytes = heads.size() * shape.group_size() * size_t{shape.head_dim} * sizeof(float);
   out->q.resize(qbytes / sizeof(float));
   std::memcpy(out->q.data(), payload.data(), qbytes);
@@ -234,8 +233,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     const uint64_t prev_first =
         q->local_first[idx] == kNoContact ? geo.WindowFirstBlock(T) : q->local_first[idx];
     sel::PlanStep plan;
-    KVM_RETURN_IF_ERROR(q->mirrors[idx].Plan(sel.blocks, T, geo, prev_first, bb,
-                                             layout.row_bytes(), &plan, &bytes));
+    KVM_RETURN_IF_ERROR(q->mirrors[idx].Plan(sel.blocks, T, geo, prev_first, bb, layout.row_bytes(),
+                                             &plan, &bytes));
     q->local_first[idx] = geo.WindowFirstBlock(T);
     // Blocks to send: in the host tier first, then read (K then V of each) into the payload.
     std::vector<uint64_t> sent;
@@ -247,7 +246,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     for (uint64_t b : sent) {
       const size_t at = blocks->size();
       blocks->resize(at + 2 * bb);
-      KVM_RETURN_IF_ERROR(store_->ReadBlocks(s, m.layer(), h, false, {&b, 1}, {blocks->data() + at, bb}));
+      KVM_RETURN_IF_ERROR(
+          store_->ReadBlocks(s, m.layer(), h, false, {&b, 1}, {blocks->data() + at, bb}));
       KVM_RETURN_IF_ERROR(
           store_->ReadBlocks(s, m.layer(), h, true, {&b, 1}, {blocks->data() + at + bb, bb}));
     }
@@ -277,6 +277,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_k_max(sel.k_max);
     hs->set_anchor_step(static_cast<uint32_t>(m.step()));
     hs->set_anchor(sel.anchor);
+    hs->set_retrieved_heads(sel.retrieved_heads);
   }
   if (metrics_) {
     metrics_->AddRetrievals(retrievals);
@@ -312,8 +313,8 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
     sel::AddRange(0, geo.SinkBlocks(T), &resident);
     sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
     LayerKeys keys;
-    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), heads[i], T,
-                                 m.pending_tokens(), in.pending + i * in.pending_stride, &keys));
+    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), heads[i], T, m.pending_tokens(),
+                                 in.pending + i * in.pending_stride, &keys));
     const sel::GroupScores gs = sel::ScoreGroup(in.q.data() + i * g * D, g, keys.kv);
     for (double d : sel::DeltaOf(gs, resident)) {
       reply->add_delta(static_cast<float>(d));

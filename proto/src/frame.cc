@@ -216,9 +216,9 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
     if (!seen.insert(h).second)
       return Status::InvalidArgument("kv_head " + std::to_string(h) + " repeated");
   }
-  const uint64_t want =
-      uint64_t{kv_heads.size()} * shape.head_dim *
-      (uint64_t{shape.group_size()} * sizeof(float) + uint64_t{pending_tokens} * DTypeSize(shape.dtype));
+  const uint64_t want = uint64_t{kv_heads.size()} * shape.head_dim *
+                        (uint64_t{shape.group_size()} * sizeof(float) +
+                         uint64_t{pending_tokens} * DTypeSize(shape.dtype));
   if (payload_len != want)
     return Status::InvalidArgument(
         "queries: payload is " + std::to_string(payload_len) + " bytes, expected " +

@@ -208,9 +208,8 @@ Status PrhsSelector::SelectImpl(const StepInput& in, bool allow_reuse, Selection
     a.last_step = in.step;
     return Status::Ok();
   }
-  if (allow_reuse &&
-      PrhsReuse(opt_, HotSetSlots(), a.anchor, &gate(in.layer, in.kv_head * g), g,
-                shape_.head_dim, in.q, in.step, out)) {
+  if (allow_reuse && PrhsReuse(opt_, HotSetSlots(), a.anchor, &gate(in.layer, in.kv_head * g), g,
+                               shape_.head_dim, in.q, in.step, out)) {
     a.last = out->blocks;
     a.last_step = in.step;
     return Status::Ok();

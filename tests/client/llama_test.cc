@@ -90,6 +90,10 @@ TEST(LlamaTest, TokenizerRoundTripsHeldOutText) {
   const std::string text = (*tok)->Decode(some);
   EXPECT_GT(text.size(), 200u);
   EXPECT_EQ((*tok)->Encode(text), some);
+  // A long stretch (many paragraphs): SentencePiece's encoding of the book is reproduced exactly.
+  std::vector<uint32_t> many(ids->begin() + 1, ids->begin() + 20001);
+  EXPECT_EQ((*tok)->Encode((*tok)->Decode(many)), many);
+  EXPECT_TRUE(Tokenizer::Load(ModelDir() + "/model.bin").status().IsInvalidArgument());
 }
 
 class LoaderTest : public ::testing::Test {

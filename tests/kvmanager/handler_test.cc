@@ -316,8 +316,9 @@ TEST_F(RetrieveTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBy
         sel::PlanBytes bytes;
         const uint64_t prev =
             local_first[i] == UINT64_MAX ? geo.WindowFirstBlock(step + 1) : local_first[i];
-        ASSERT_TRUE(
-            mirrors[i].Plan(want.blocks, step + 1, geo, prev, B * D * 2, D * 2, &plan, &bytes).ok());
+        ASSERT_TRUE(mirrors[i]
+                        .Plan(want.blocks, step + 1, geo, prev, B * D * 2, D * 2, &plan, &bytes)
+                        .ok());
         local_first[i] = geo.WindowFirstBlock(step + 1);
         ASSERT_EQ(size_t(hs.block_indices_size()), plan.sends.size());
         ASSERT_EQ(size_t(hs.local_fill_blocks_size()), plan.local_fills.size());
@@ -407,7 +408,8 @@ TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
   m.set_sequence_id(5);
   m.set_step(49);
   m.add_kv_heads(0);
-  EXPECT_TRUE(Call(b, MessageType::kRetrieveLayer, m, QueryPayload(49, 0, {0}, 0)).error.IsNotFound());
+  EXPECT_TRUE(
+      Call(b, MessageType::kRetrieveLayer, m, QueryPayload(49, 0, {0}, 0)).error.IsNotFound());
   // Layer map: PrHS accepts a valid one, refuses one pointing deeper.
   wire::SetLayerMap lm;
   lm.set_sequence_id(5);

@@ -3,9 +3,9 @@
 // The worker calls, for every layer of every token in order: Append(layer, pos, k, v) with the new
 // token's post-RoPE keys and values, then Attend(layer, pos, q, out) for the attention of that
 // token over positions [0, pos]. Implementations: the local dense cache (DenseKvSource, here), a
-// local selector (later) and the service (later). All attend in increasing token order with the
-// attention/ reference arithmetic, so two sources that attend the same tokens give bit-identical
-// outputs.
+// local selector (selector_source.h) and the service (service_source.h). All attend in increasing
+// token order with the attention/ reference arithmetic, so two sources that attend the same tokens
+// give bit-identical outputs.
 //
 // Not thread-safe: one worker drives one source.
 #pragma once
@@ -23,6 +23,11 @@ namespace kvm::client {
 class KvSource {
  public:
   virtual ~KvSource() = default;
+  // The token id at `pos`, before its layers' Append calls (the service keys prefixes by tokens).
+  virtual void BeginToken(uint32_t token, uint64_t pos) {
+    (void)token;
+    (void)pos;
+  }
   // k, v: [kv_heads][head_dim] fp32 (k post-RoPE). REQUIRES: pos == current length of `layer`
   // (or < it: a re-append of a known position must carry the same data and is a no-op).
   virtual Status Append(uint32_t layer, uint64_t pos, const float* k, const float* v) = 0;

@@ -37,7 +37,7 @@ struct HandlerOptions {
   wire::FrameLimits limits;
   std::string server_id = "kvmanager";
   uint32_t heartbeat_interval_ms = 1000;
-  Metrics* metrics = nullptr;  // request durations and error codes, when set
+  Metrics* metrics = nullptr;     // request durations and error codes, when set
   std::string transport = "tcp";  // how retrieval replies carry their blocks (metrics label)
 };
 

@@ -141,7 +141,7 @@ class PrhsSelector : public Selector {
   SelectorOptions opt_;
   ModelShape shape_;
   std::vector<HeadState> heads_;  // [layer][kv_head]
-  std::vector<HeadGate> gates_;  // [layer][q_head]
+  std::vector<HeadGate> gates_;   // [layer][q_head]
   std::vector<uint32_t> layer_map_;
 };
 

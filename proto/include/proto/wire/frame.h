@@ -133,8 +133,7 @@ Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t 
 // Queries of a RetrieveLayer / Audit: kv_heads in range, unique, payload = heads * g * D * 4 bytes
 // of fp32 queries + heads * pending_tokens * D pending K rows of the shape's dtype.
 Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
-                       const kvm::ModelShape& shape, uint32_t pending_tokens,
-                       uint64_t payload_len);
+                       const kvm::ModelShape& shape, uint32_t pending_tokens, uint64_t payload_len);
 
 class Hello;
 // FailedPrecondition when the client speaks another protocol version.

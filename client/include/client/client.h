@@ -1,0 +1,72 @@
+// The worker's connection to one kvmanager shard: the authenticated control channel (TCP, the
+// proto/ wire) and the sequence API on top of it (DESIGN.md §4).
+//
+//   auto c = Client::Connect({.address = "127.0.0.1:7420", .tenant = "dev", .token = "dev"});
+//   c->CreateSequence(...); c->AppendAsync(...); ... c->Flush();
+//
+// Requests are pipelined: AppendAsync (and any CallAsync) returns once the frame is written; its
+// reply is checked when a later call reads past it, or at Flush (the first failure is returned
+// then). Call waits for its own reply up to the deadline (TimedOut; a reply that arrives later is
+// discarded). A background thread sends a Heartbeat whenever the channel was quiet for the
+// server's heartbeat interval, so an idle worker keeps its session. Reconnect opens a fresh
+// session (the caller re-attaches its sequences and bumps its hot-set generation).
+//
+// Thread-compatible: one thread drives a Client (the heartbeat thread only writes, under a lock).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "proto/status.h"
+#include "proto/wire/frame.h"
+
+namespace kvm::client {
+
+struct ConnectOptions {
+  std::string address = "127.0.0.1:7420";  // HOST:PORT ([v6]:PORT)
+  std::string tenant = "dev";
+  std::string token = "dev";
+  std::string client_name = "kvm-client";
+  uint32_t deadline_ms = 30000;  // per request
+  bool heartbeats = true;        // background heartbeats at the server's interval
+};
+
+class Client {
+ public:
+  // Connects and says Hello. Unavailable when nothing listens, Unauthenticated / PermissionDenied
+  // for a refused token, FailedPrecondition for another protocol version.
+  static Result<std::unique_ptr<Client>> Connect(const ConnectOptions& o);
+  ~Client();
+
+  // One request and its reply frame (an Error reply becomes its Status).
+  Result<wire::Frame> Call(wire::MessageType type, const google::protobuf::MessageLite& m,
+                           std::span<const uint8_t> payload = {});
+  // Sends now; `on_reply` (may be empty) runs with the reply when it is read (during a later Call
+  // or Flush), on the driving thread. A failed reply without a handler is kept for Flush.
+  Status CallAsync(wire::MessageType type, const google::protobuf::MessageLite& m,
+                   std::span<const uint8_t> payload,
+                   std::function<void(const Result<wire::Frame>&)> on_reply = {});
+  // Waits for every asynchronous reply; the first failure among them.
+  Status Flush();
+  // Closes the channel and opens a new session with the same options.
+  Status Reconnect();
+
+  uint64_t session_id() const;
+  uint32_t heartbeat_interval_ms() const;
+  uint64_t max_frame_bytes() const;
+  const ConnectOptions& options() const;
+  // Bytes of frame payloads received (the blocks of the TCP data path) and sent.
+  uint64_t payload_bytes_in() const;
+  uint64_t payload_bytes_out() const;
+
+ private:
+  struct Impl;
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvm::client

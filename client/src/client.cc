@@ -1,0 +1,294 @@
+#include "client/client.h"
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "proto/kvm.pb.h"
+
+namespace kvm::client {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+Result<std::pair<std::string, std::string>> SplitHostPort(const std::string& s) {
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find(']');
+    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':')
+      return Status::InvalidArgument("address '" + s + "' is not [IPv6]:PORT");
+    return std::make_pair(s.substr(1, close - 1), s.substr(close + 2));
+  }
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == s.size())
+    return Status::InvalidArgument("address '" + s + "' is not HOST:PORT");
+  return std::make_pair(s.substr(0, colon), s.substr(colon + 1));
+}
+
+Result<int> Dial(const std::string& address) {
+  KVM_ASSIGN_OR_RETURN(auto hp, SplitHostPort(address));
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* res = nullptr;
+  if (int rc = getaddrinfo(hp.first.c_str(), hp.second.c_str(), &hints, &res); rc != 0)
+    return Status::InvalidArgument("address '" + address + "': " + gai_strerror(rc));
+  std::string err = "no address";
+  int fd = -1;
+  for (addrinfo* a = res; a; a = a->ai_next) {
+    fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+    if (fd < 0) continue;
+    if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) break;
+    err = std::strerror(errno);
+    ::close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  if (fd < 0) return Status::Unavailable("cannot connect to " + address + ": " + err);
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+}  // namespace
+
+struct Client::Impl {
+  ConnectOptions opt;
+  int fd = -1;
+  std::mutex write_mu;  // the driving thread and the heartbeat thread both write
+  wire::FrameDecoder decoder;
+  uint64_t next_id = 1;
+  uint64_t session_id = 0;
+  uint32_t heartbeat_ms = 1000;
+  uint64_t max_frame = 0;
+  uint64_t bytes_in = 0, bytes_out = 0;
+  std::atomic<int64_t> last_write_ns{0};
+  // Requests whose replies have not been read yet, in send order (replies come in order).
+  struct Pending {
+    uint64_t id;
+    std::function<void(const Result<wire::Frame>&)> on_reply;
+    bool heartbeat = false;
+  };
+  std::deque<Pending> pending;
+  std::mutex pending_mu;  // the heartbeat thread appends its requests too
+  Status async_error;
+  // Heartbeats.
+  std::thread beat;
+  std::mutex beat_mu;
+  std::condition_variable beat_cv;
+  bool stop = false;
+
+  ~Impl() { Close(); }
+
+  void Close() {
+    {
+      std::lock_guard<std::mutex> l(beat_mu);
+      stop = true;
+    }
+    beat_cv.notify_all();
+    if (beat.joinable()) beat.join();
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+    std::lock_guard<std::mutex> l(pending_mu);
+    pending.clear();
+    decoder = wire::FrameDecoder();
+  }
+
+  // REQUIRES: write_mu held.
+  Status WriteAll(const std::vector<uint8_t>& bytes) {
+    if (fd < 0) return Status::Unavailable("not connected");
+    size_t off = 0;
+    while (off < bytes.size()) {
+      const ssize_t n = ::send(fd, bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0)
+        return Status::Unavailable(std::string("connection lost while sending: ") +
+                                   std::strerror(errno));
+      off += size_t(n);
+    }
+    last_write_ns = Clock::now().time_since_epoch().count();
+    return Status::Ok();
+  }
+
+  Result<uint64_t> Send(wire::MessageType type, const google::protobuf::MessageLite& m,
+                        std::span<const uint8_t> payload,
+                        std::function<void(const Result<wire::Frame>&)> on_reply, bool hb) {
+    std::lock_guard<std::mutex> w(write_mu);  // the order of `pending` is the order on the wire
+    uint64_t id;
+    {
+      std::lock_guard<std::mutex> l(pending_mu);
+      id = next_id++;
+      pending.push_back({id, std::move(on_reply), hb});
+    }
+    Status st = WriteAll(wire::EncodeFrame(static_cast<uint16_t>(type), id, m, payload));
+    if (!st.ok()) return st;
+    bytes_out += payload.size();
+    return id;
+  }
+
+  // Reads one frame (deadline); Unavailable when the connection closed.
+  Result<wire::Frame> ReadFrame(Clock::time_point deadline) {
+    wire::Frame f;
+    while (!decoder.Next(&f)) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) return Status::TimedOut("no reply within the deadline");
+      pollfd p{fd, POLLIN, 0};
+      const int r = ::poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) continue;
+      uint8_t buf[256 * 1024];
+      const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return Status::Unavailable("the server closed the connection");
+      KVM_RETURN_IF_ERROR(decoder.Feed({buf, size_t(n)}));
+    }
+    return f;
+  }
+
+  static Result<wire::Frame> AsResult(wire::Frame f) {
+    if (f.header.type == static_cast<uint16_t>(wire::MessageType::kError)) {
+      wire::Error e;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &e));
+      return wire::StatusFromWire(e.code(), e.message());
+    }
+    return f;
+  }
+
+  // Reads replies in order until the one for `id` (0: until none is pending), dispatching the
+  // asynchronous ones on the way.
+  Result<wire::Frame> ReadUntil(uint64_t id) {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(opt.deadline_ms);
+    for (;;) {
+      Pending head;
+      {
+        std::lock_guard<std::mutex> l(pending_mu);
+        if (pending.empty()) {
+          if (id == 0) return wire::Frame{};
+          return Status::Internal("reply for request " + std::to_string(id) + " lost");
+        }
+        head = pending.front();
+      }
+      auto f = ReadFrame(deadline);
+      if (!f.ok()) {
+        if (f.status().code() == StatusCode::kUnavailable) Close();
+        return f.status();
+      }
+      if (f->header.request_id != head.id && f->header.request_id != 0)
+        return Status::Internal("reply out of order: got " + std::to_string(f->header.request_id) +
+                                ", expected " + std::to_string(head.id));
+      {
+        std::lock_guard<std::mutex> l(pending_mu);
+        pending.pop_front();
+      }
+      bytes_in += f->payload.size();
+      Result<wire::Frame> r = AsResult(std::move(*f));
+      if (head.id == id) return r;
+      if (head.on_reply) {
+        head.on_reply(r);
+      } else if (!r.ok() && !head.heartbeat && async_error.ok()) {
+        async_error = r.status();
+      }
+    }
+  }
+
+  Status Hello() {
+    wire::Hello h;
+    h.set_protocol_version(wire::kProtocolVersion);
+    h.set_tenant(opt.tenant);
+    h.set_auth_token(opt.token);
+    h.set_client_name(opt.client_name);
+    KVM_ASSIGN_OR_RETURN(uint64_t id, Send(wire::MessageType::kHello, h, {}, {}, false));
+    KVM_ASSIGN_OR_RETURN(wire::Frame f, ReadUntil(id));
+    wire::HelloReply r;
+    KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
+    session_id = r.session_id();
+    heartbeat_ms = r.heartbeat_interval_ms() ? r.heartbeat_interval_ms() : 1000;
+    max_frame = r.max_frame_bytes();
+    return Status::Ok();
+  }
+
+  Status Open() {
+    KVM_ASSIGN_OR_RETURN(fd, Dial(opt.address));
+    stop = false;
+    Status st = Hello();
+    if (!st.ok()) {
+      Close();
+      return st;
+    }
+    if (opt.heartbeats) beat = std::thread([this] { Beat(); });
+    return Status::Ok();
+  }
+
+  // Sends a Heartbeat whenever nothing was written for an interval (replies are read by the
+  // driving thread with the others).
+  void Beat() {
+    std::unique_lock<std::mutex> l(beat_mu);
+    while (!stop) {
+      beat_cv.wait_for(l, std::chrono::milliseconds(heartbeat_ms / 2 + 1));
+      if (stop) break;
+      const int64_t now = Clock::now().time_since_epoch().count();
+      if (now - last_write_ns.load() < int64_t(heartbeat_ms) * 1000000) continue;
+      wire::Heartbeat h;
+      h.set_client_time_ns(uint64_t(now));
+      (void)Send(wire::MessageType::kHeartbeat, h, {}, {}, true);
+    }
+  }
+};
+
+Result<std::unique_ptr<Client>> Client::Connect(const ConnectOptions& o) {
+  auto impl = std::make_unique<Impl>();
+  impl->opt = o;
+  KVM_RETURN_IF_ERROR(impl->Open());
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+Result<wire::Frame> Client::Call(wire::MessageType type, const google::protobuf::MessageLite& m,
+                                 std::span<const uint8_t> payload) {
+  if (impl_->fd < 0) return Status::Unavailable("not connected (Reconnect)");
+  KVM_ASSIGN_OR_RETURN(uint64_t id, impl_->Send(type, m, payload, {}, false));
+  return impl_->ReadUntil(id);
+}
+
+Status Client::CallAsync(wire::MessageType type, const google::protobuf::MessageLite& m,
+                         std::span<const uint8_t> payload,
+                         std::function<void(const Result<wire::Frame>&)> on_reply) {
+  if (impl_->fd < 0) return Status::Unavailable("not connected (Reconnect)");
+  return impl_->Send(type, m, payload, std::move(on_reply), false).status();
+}
+
+Status Client::Flush() {
+  if (impl_->fd >= 0) KVM_RETURN_IF_ERROR(impl_->ReadUntil(0).status());
+  Status s = impl_->async_error;
+  impl_->async_error = Status::Ok();
+  return s;
+}
+
+Status Client::Reconnect() {
+  impl_->Close();
+  impl_->async_error = Status::Ok();
+  return impl_->Open();
+}
+
+uint64_t Client::session_id() const { return impl_->session_id; }
+uint32_t Client::heartbeat_interval_ms() const { return impl_->heartbeat_ms; }
+uint64_t Client::max_frame_bytes() const { return impl_->max_frame; }
+const ConnectOptions& Client::options() const { return impl_->opt; }
+uint64_t Client::payload_bytes_in() const { return impl_->bytes_in; }
+uint64_t Client::payload_bytes_out() const { return impl_->bytes_out; }
+
+}  // namespace kvm::client

@@ -1,0 +1,454 @@
+#include "client/service_source.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <unordered_map>
+
+#include "proto/kvm.pb.h"
+#include "selector/plan.h"
+#include "selector/wire_options.h"
+
+namespace kvm::client {
+namespace {
+
+constexpr uint32_t kPrefillBatch = 64;  // tokens per Append message during prefill
+
+// Deterministic sampling of audits: a hash of (step, layer, KV head) below the fraction.
+bool Sampled(uint64_t step, uint32_t layer, uint32_t h, double frac) {
+  if (frac <= 0) return false;
+  uint64_t x = step * 0x9E3779B97F4A7C15ull ^ (uint64_t{layer} << 32 | h);
+  x ^= x >> 31;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 29;
+  return double(x % 1000000) < frac * 1e6;
+}
+
+}  // namespace
+
+struct ServiceKvSource::Impl {
+  Client* client = nullptr;
+  ModelShape shape;
+  ServiceSourceOptions opt;
+  BlockLayout layout = std::move(BlockLayout::Make({1, 1, 1, 32, DType::kF32, 0}, 1)).value();
+  std::unique_ptr<sel::Selector> sizing;  // the selector, for HotSetSlots and the reuse rule
+  uint32_t L = 0, Hkv = 0, g = 0, D = 0, B = 0, slots = 0;
+  size_t bb = 0, row = 0;
+  uint64_t generation = 0;
+
+  struct Head {
+    std::vector<std::vector<uint8_t>> lk, lv;  // local blocks by index (empty: not held)
+    uint64_t local_first = 0;                  // blocks at or after it are held locally
+    std::vector<uint64_t> slot_block;          // the hot set's slot table
+    std::unordered_map<uint64_t, uint32_t> where;
+    sel::AnchorRecord rec;
+    std::vector<sel::HeadGate> gates;  // [group]
+    bool contact = false;              // a retrieval happened since the last hot-set reset
+  };
+  std::vector<Head> heads;   // [layer][kv_head]
+  std::vector<uint8_t> hot;  // hot-set buffer: [layer][kv_head][slot][K,V][B][D]
+  std::vector<uint8_t> zero;
+
+  // Appends not sent yet: rows [token][layer][kv_head][K,V][D] of tokens [buf_start, ...).
+  uint64_t buf_start = 0;
+  std::vector<uint32_t> buf_tokens;
+  std::vector<uint8_t> buf_rows;
+  uint64_t sent_upto = 0;  // tokens whose Append is on the wire
+  uint32_t token = 0;
+
+  std::vector<ServiceRecord> records;
+  ServiceTotals totals;
+
+  Head& head(uint32_t l, uint32_t h) { return heads[size_t{l} * Hkv + h]; }
+  uint8_t* slot_ptr(uint32_t l, uint32_t h, uint32_t slot) {
+    return hot.data() + ((size_t{l} * Hkv + h) * slots + slot) * 2 * bb;
+  }
+  size_t token_rows_bytes() const { return size_t{L} * Hkv * 2 * row; }
+
+  Status Create() {
+    wire::CreateSequence c;
+    c.set_sequence_id(opt.sequence_id);
+    wire::ToWire(shape, c.mutable_shape());
+    c.set_block_size(B);
+    c.set_durability(opt.durable ? wire::DURABLE : wire::CACHE);
+    sel::ToWire({opt.selector, opt.options}, c.mutable_selector());
+    c.set_hot_set_slots(slots);
+    c.set_attach(opt.attach);
+    KVM_ASSIGN_OR_RETURN(wire::Frame f, client->Call(wire::MessageType::kCreateSequence, c));
+    wire::CreateSequenceReply r;
+    KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
+    if (opt.attach) sent_upto = buf_start = r.length();
+    return Status::Ok();
+  }
+
+  Status SendAppends() {
+    const uint64_t n = buf_tokens.size();
+    if (n == 0) return Status::Ok();
+    wire::Append a;
+    a.set_sequence_id(opt.sequence_id);
+    a.set_start_position(buf_start);
+    for (uint32_t t : buf_tokens) a.add_token_ids(t);
+    // Wire layout: [layer][kv_head][K,V][token][D].
+    std::vector<uint8_t> payload(n * token_rows_bytes());
+    uint8_t* p = payload.data();
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < Hkv; ++h)
+        for (int v = 0; v < 2; ++v)
+          for (uint64_t t = 0; t < n; ++t, p += row)
+            std::memcpy(
+                p, buf_rows.data() + t * token_rows_bytes() + ((size_t{l} * Hkv + h) * 2 + v) * row,
+                row);
+    KVM_RETURN_IF_ERROR(client->CallAsync(wire::MessageType::kAppend, a, payload));
+    sent_upto = buf_start + n;
+    buf_start = sent_upto;
+    buf_tokens.clear();
+    buf_rows.clear();
+    return Status::Ok();
+  }
+
+  // Drops local blocks below `first` (they are in the hot set or not needed).
+  void Trim(Head& hd, uint64_t first) {
+    for (uint64_t b = hd.local_first; b < first && b < hd.lk.size(); ++b) {
+      std::vector<uint8_t>().swap(hd.lk[b]);
+      std::vector<uint8_t>().swap(hd.lv[b]);
+    }
+    hd.local_first = std::max(hd.local_first, first);
+  }
+
+  void Evict(Head& hd, uint32_t slot) {
+    if (slot < slots && hd.slot_block[slot] != sel::kEmptySlot) {
+      hd.where.erase(hd.slot_block[slot]);
+      hd.slot_block[slot] = sel::kEmptySlot;
+    }
+  }
+  Status Place(Head& hd, uint32_t l, uint32_t h, uint32_t slot, uint64_t b, const uint8_t* k,
+               const uint8_t* v) {
+    if (slot >= slots)
+      return Status::Internal("the service sent slot " + std::to_string(slot) + " of " +
+                              std::to_string(slots));
+    Evict(hd, slot);
+    std::memcpy(slot_ptr(l, h, slot), k, bb);
+    std::memcpy(slot_ptr(l, h, slot) + bb, v, bb);
+    hd.slot_block[slot] = b;
+    hd.where[b] = slot;
+    return Status::Ok();
+  }
+
+  // Queries of the groups `hs` (fp32) + the K rows the service has not stored yet.
+  std::vector<uint8_t> QueryPayload(uint32_t l, const std::vector<uint32_t>& hs, const float* q,
+                                    uint64_t T, uint32_t pending) {
+    std::vector<uint8_t> out;
+    const size_t qb = size_t{g} * D * sizeof(float);
+    out.reserve(hs.size() * (qb + size_t{pending} * row));
+    for (uint32_t h : hs) {
+      const auto* p = reinterpret_cast<const uint8_t*>(q + size_t{h} * g * D);
+      out.insert(out.end(), p, p + qb);
+    }
+    for (uint32_t h : hs) {
+      Head& hd = head(l, h);
+      for (uint64_t t = T - pending; t < T; ++t) {
+        const uint8_t* r = hd.lk[t / B].data() + (t % B) * row;
+        out.insert(out.end(), r, r + row);
+      }
+    }
+    return out;
+  }
+
+  Status Retrieve(uint32_t l, uint64_t pos, const std::vector<uint32_t>& hs, const float* q,
+                  std::vector<std::vector<uint64_t>>* selection) {
+    const uint64_t T = pos + 1;
+    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
+    wire::RetrieveLayer m;
+    m.set_sequence_id(opt.sequence_id);
+    m.set_step(pos);
+    m.set_layer(l);
+    for (uint32_t h : hs) m.add_kv_heads(h);
+    m.set_hot_set_generation(generation);
+    m.set_pending_tokens(pending);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto f = client->Call(wire::MessageType::kRetrieveLayer, m, QueryPayload(l, hs, q, T, pending));
+    totals.retrieve_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!f.ok()) return f.status().WithContext("retrieve layer " + std::to_string(l));
+    ++totals.round_trips;
+    wire::RetrieveLayerReply r;
+    KVM_RETURN_IF_ERROR(wire::ParseProto(*f, &r));
+    if (r.heads_size() != int(hs.size()))
+      return Status::Internal("retrieve: " + std::to_string(r.heads_size()) + " heads for " +
+                              std::to_string(hs.size()));
+    size_t at = 0;
+    const auto& payload = f->payload;
+    for (const wire::HeadSelection& sel : r.heads()) {
+      const uint32_t h = sel.kv_head();
+      if (h >= Hkv || sel.delta_size() != int(g) || sel.log_delta_size() != int(g) ||
+          sel.slots_size() != sel.block_indices_size() ||
+          sel.local_fill_slots_size() != sel.local_fill_blocks_size())
+        return Status::Internal("retrieve: malformed head selection");
+      Head& hd = head(l, h);
+      for (uint32_t e : sel.evicted_slots()) Evict(hd, e);
+      for (int i = 0; i < sel.local_fill_blocks_size(); ++i) {
+        const uint64_t b = sel.local_fill_blocks(i);
+        if (b >= hd.lk.size() || hd.lk[b].empty())
+          return Status::Internal("local fill of block " + std::to_string(b) +
+                                  " that the worker does not hold");
+        KVM_RETURN_IF_ERROR(
+            Place(hd, l, h, sel.local_fill_slots(i), b, hd.lk[b].data(), hd.lv[b].data()));
+        totals.local_fill_bytes += 2 * bb;
+      }
+      for (int i = 0; i < sel.block_indices_size(); ++i) {
+        if (at + 2 * bb > payload.size())
+          return Status::Internal("retrieve: the reply's payload is short");
+        KVM_RETURN_IF_ERROR(
+            Place(hd, l, h, sel.slots(i), sel.block_indices(i), &payload[at], &payload[at + bb]));
+        at += 2 * bb;
+      }
+      hd.rec.valid = sel.anchor();
+      hd.rec.step = pos;
+      hd.rec.resident.assign(sel.resident_blocks().begin(), sel.resident_blocks().end());
+      for (uint32_t j = 0; j < g; ++j) {
+        sel::HeadGate& gt = hd.gates[j];
+        const float* qj = q + (size_t{h} * g + j) * D;
+        gt.q_a.assign(qj, qj + D);
+        gt.log_delta_a = sel.log_delta(j);
+        gt.delta_a = std::exp(gt.log_delta_a);
+        gt.k_max = sel.k_max();
+        records.push_back(
+            {pos, l, h * g + j, double(sel.delta(j)), static_cast<DeltaKind>(sel.delta_kind())});
+      }
+      totals.retrievals += sel.retrieved_heads();
+      hd.contact = true;
+      Trim(hd, opt.options.geometry.WindowFirstBlock(T));
+      (*selection)[h] = hd.rec.resident;
+    }
+    if (at != payload.size()) return Status::Internal("retrieve: unread payload bytes");
+    totals.streamed_bytes += payload.size();
+    return Status::Ok();
+  }
+
+  void Audit(uint32_t l, uint64_t pos, uint32_t h, const float* q) {
+    const uint64_t T = pos + 1;
+    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
+    wire::Audit m;
+    m.set_sequence_id(opt.sequence_id);
+    m.set_step(pos);
+    m.set_layer(l);
+    m.add_kv_heads(h);
+    m.set_pending_tokens(pending);
+    const uint32_t group = g;
+    Status s = client->CallAsync(
+        wire::MessageType::kAudit, m, QueryPayload(l, {h}, q, T, pending),
+        [this, pos, l, h, group](const Result<wire::Frame>& f) {
+          wire::AuditReply r;
+          if (!f.ok() || !wire::ParseProto(*f, &r).ok() || r.delta_size() != int(group)) return;
+          for (uint32_t j = 0; j < group; ++j)
+            records.push_back({pos, l, h * group + j, double(r.delta(j)), DeltaKind::kAudit});
+          totals.audits += group;
+        });
+    (void)s;  // an audit is best-effort; a broken channel shows at the next retrieval
+  }
+};
+
+Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
+                                                               const ModelShape& shape,
+                                                               const ServiceSourceOptions& o) {
+  if (!client) return Status::InvalidArgument("service source: no client");
+  auto impl = std::make_unique<Impl>();
+  impl->client = client;
+  impl->shape = shape;
+  impl->opt = o;
+  impl->B = o.options.geometry.block_size;
+  KVM_ASSIGN_OR_RETURN(impl->layout, BlockLayout::Make(shape, impl->B));
+  KVM_ASSIGN_OR_RETURN(impl->sizing, sel::MakeSelector(o.selector, o.options, shape, UINT32_MAX));
+  impl->L = shape.layers;
+  impl->Hkv = shape.kv_heads;
+  impl->g = shape.group_size();
+  impl->D = shape.head_dim;
+  impl->bb = impl->layout.kv_block_bytes();
+  impl->row = impl->layout.row_bytes();
+  impl->slots = static_cast<uint32_t>(impl->sizing->HotSetSlots());
+  impl->heads.resize(size_t{impl->L} * impl->Hkv);
+  for (auto& hd : impl->heads) {
+    hd.slot_block.assign(impl->slots, sel::kEmptySlot);
+    hd.gates.resize(impl->g);
+  }
+  impl->hot.resize(impl->heads.size() * impl->slots * 2 * impl->bb);
+  impl->zero.assign(impl->bb, 0);
+  KVM_RETURN_IF_ERROR(impl->Create());
+  return std::unique_ptr<ServiceKvSource>(new ServiceKvSource(std::move(impl)));
+}
+
+ServiceKvSource::ServiceKvSource(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+ServiceKvSource::~ServiceKvSource() = default;
+
+void ServiceKvSource::BeginToken(uint32_t token, uint64_t pos) {
+  (void)pos;
+  impl_->token = token;
+}
+
+Status ServiceKvSource::Append(uint32_t layer, uint64_t pos, const float* k, const float* v) {
+  Impl& m = *impl_;
+  if (layer >= m.L)
+    return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range");
+  if (pos < m.sent_upto) return Status::Ok();  // a re-append of a known position
+  const uint64_t b = pos / m.B;
+  for (uint32_t h = 0; h < m.Hkv; ++h) {
+    Impl::Head& hd = m.head(layer, h);
+    if (hd.lk.size() <= b) {
+      hd.lk.resize(b + 1);
+      hd.lv.resize(b + 1);
+    }
+    if (hd.lk[b].empty()) {
+      hd.lk[b].assign(m.bb, 0);
+      hd.lv[b].assign(m.bb, 0);
+    }
+    EncodeRow(k + size_t{h} * m.D, m.D, m.shape.dtype, hd.lk[b].data() + (pos % m.B) * m.row);
+    EncodeRow(v + size_t{h} * m.D, m.D, m.shape.dtype, hd.lv[b].data() + (pos % m.B) * m.row);
+  }
+  // Stage the token's rows for the batched Append.
+  const uint64_t t = pos - m.buf_start;
+  if (t >= m.buf_tokens.size()) {
+    m.buf_tokens.resize(t + 1);
+    m.buf_rows.resize((t + 1) * m.token_rows_bytes());
+  }
+  m.buf_tokens[t] = m.token;
+  for (uint32_t h = 0; h < m.Hkv; ++h) {
+    uint8_t* dst =
+        m.buf_rows.data() + t * m.token_rows_bytes() + (size_t{layer} * m.Hkv + h) * 2 * m.row;
+    Impl::Head& hd = m.head(layer, h);
+    std::memcpy(dst, hd.lk[b].data() + (pos % m.B) * m.row, m.row);
+    std::memcpy(dst + m.row, hd.lv[b].data() + (pos % m.B) * m.row, m.row);
+  }
+  // One Append per decode step (after its last layer); prefill in batches.
+  if (layer + 1 == m.L && (pos + 1 >= m.opt.prefill || m.buf_tokens.size() >= kPrefillBatch))
+    return m.SendAppends();
+  return Status::Ok();
+}
+
+Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, float* out) {
+  Impl& m = *impl_;
+  if (layer >= m.L)
+    return Status::InvalidArgument("layer " + std::to_string(layer) + " out of range");
+  const uint64_t T = pos + 1;
+  const sel::Geometry& geo = m.opt.options.geometry;
+  const uint64_t nb = geo.Blocks(T);
+  const bool decode = pos >= m.opt.prefill;
+  const bool prhs = m.opt.selector == "prhs";
+  std::vector<std::vector<uint64_t>> selection(m.Hkv);
+  std::vector<uint32_t> need;
+  if (decode) {
+    if (layer == 0) ++m.totals.steps;
+    m.totals.dense_equivalent += T * 2 * m.row * m.Hkv;
+    for (uint32_t h = 0; h < m.Hkv; ++h) {
+      Impl::Head& hd = m.head(layer, h);
+      if (!hd.contact) m.Trim(hd, geo.WindowFirstBlock(T));  // the worker keeps its window only
+      const float* qg = q + size_t{h} * m.g * m.D;
+      sel::Selection s;
+      bool local = false;
+      if (prhs && hd.contact && nb <= m.opt.options.cap_blocks()) {  // short context
+        local = true;
+        for (uint64_t b = 0; b < hd.local_first && local; ++b) local = hd.where.count(b) > 0;
+        if (local) {
+          sel::AddRange(0, nb, &s.blocks);
+          for (uint32_t j = 0; j < m.g; ++j)
+            m.records.push_back({pos, layer, h * m.g + j, 0.0, DeltaKind::kExact});
+        }
+      } else if (prhs && hd.contact) {
+        ++m.totals.gate_checks;
+        local =
+            sel::PrhsReuse(m.opt.options, m.slots, hd.rec, hd.gates.data(), m.g, m.D, qg, pos, &s);
+        if (local) {
+          ++m.totals.reuses;
+          for (uint32_t j = 0; j < m.g; ++j)
+            m.records.push_back({pos, layer, h * m.g + j, s.delta[j], DeltaKind::kBound});
+          if (Sampled(pos, layer, h, m.opt.audit_fraction)) m.Audit(layer, pos, h, q);
+        }
+      }
+      if (local) {
+        selection[h] = std::move(s.blocks);
+      } else {
+        need.push_back(h);
+      }
+    }
+    if (!need.empty()) {
+      Status st = m.Retrieve(layer, pos, need, q, &selection);
+      if (st.code() == StatusCode::kUnavailable) {  // the connection dropped: a fresh hot set
+        KVM_RETURN_IF_ERROR(ResetHotSet());
+        return Attend(layer, pos, q, out);
+      }
+      KVM_RETURN_IF_ERROR(st);
+    }
+  }
+  // Attention over the selection (decode) or everything (prefill), token order.
+  std::vector<const void*> kp(nb), vp(nb);
+  std::vector<uint8_t> mask;
+  for (uint32_t h = 0; h < m.Hkv; ++h) {
+    Impl::Head& hd = m.head(layer, h);
+    std::fill(kp.begin(), kp.end(), m.zero.data());
+    std::fill(vp.begin(), vp.end(), m.zero.data());
+    std::vector<uint64_t> all;
+    if (!decode) sel::AddRange(0, nb, &all);
+    const std::vector<uint64_t>& blocks = decode ? selection[h] : all;
+    if (decode) mask.assign(T, 0);
+    uint64_t resident_far = 0;
+    for (uint64_t b : blocks) {
+      if (b >= nb) return Status::Internal("selected block past the end");
+      if (b >= hd.local_first && b < hd.lk.size() && !hd.lk[b].empty()) {
+        kp[b] = hd.lk[b].data();
+        vp[b] = hd.lv[b].data();
+      } else if (auto it = hd.where.find(b); it != hd.where.end()) {
+        kp[b] = m.slot_ptr(layer, h, it->second);
+        vp[b] = m.slot_ptr(layer, h, it->second) + m.bb;
+      } else {
+        return Status::Internal("block " + std::to_string(b) + " of layer " +
+                                std::to_string(layer) + " head " + std::to_string(h) +
+                                " is neither local nor in the hot set");
+      }
+      if (decode) {
+        for (uint64_t t = b * m.B; t < std::min<uint64_t>(T, (b + 1) * m.B); ++t) mask[t] = 1;
+        if (b < geo.WindowFirstBlock(T)) ++resident_far;
+      }
+    }
+    m.totals.topk_refetch += resident_far * 2 * m.bb;
+    const attn::HeadKV kv{kp.data(), vp.data(),    static_cast<uint32_t>(nb), T, m.B,
+                          m.D,       m.shape.dtype};
+    const size_t off = size_t{h} * m.g * m.D;
+    KVM_RETURN_IF_ERROR(attn::Attend(q + off, m.g, kv, mask, out + off));
+  }
+  return Status::Ok();
+}
+
+Status ServiceKvSource::Flush() {
+  KVM_RETURN_IF_ERROR(impl_->SendAppends());
+  return impl_->client->Flush();
+}
+
+Status ServiceKvSource::ResetHotSet() {
+  Impl& m = *impl_;
+  // Reconnect when the channel is gone; re-attach either way (the selector state is soft).
+  const Status flushed = m.client->Flush();
+  if (!flushed.ok() || !m.client->Call(wire::MessageType::kHeartbeat, wire::Heartbeat()).ok())
+    KVM_RETURN_IF_ERROR(m.client->Reconnect());
+  const uint64_t had = m.sent_upto;
+  m.opt.attach = true;
+  KVM_RETURN_IF_ERROR(m.Create());
+  if (m.sent_upto < had)
+    return Status::Unavailable("the service holds " + std::to_string(m.sent_upto) +
+                               " tokens of sequence " + std::to_string(m.opt.sequence_id) +
+                               ", the worker had sent " + std::to_string(had) +
+                               " (cache-mode data lost with the service)");
+  ++m.generation;
+  for (auto& hd : m.heads) {
+    hd.slot_block.assign(m.slots, sel::kEmptySlot);
+    hd.where.clear();
+    hd.rec = {};
+    hd.contact = false;
+  }
+  return Status::Ok();
+}
+
+const std::vector<ServiceRecord>& ServiceKvSource::records() const { return impl_->records; }
+const ServiceTotals& ServiceKvSource::totals() const { return impl_->totals; }
+uint32_t ServiceKvSource::hot_set_slots() const { return impl_->slots; }
+uint64_t ServiceKvSource::hot_set_generation() const { return impl_->generation; }
+
+}  // namespace kvm::client
