@@ -422,6 +422,13 @@ Status ServiceKvSource::Flush() {
   return impl_->client->Flush();
 }
 
+Status ServiceKvSource::Delete() {
+  KVM_RETURN_IF_ERROR(Flush());
+  wire::DeleteSequence d;
+  d.set_sequence_id(impl_->opt.sequence_id);
+  return impl_->client->Call(wire::MessageType::kDeleteSequence, d).status();
+}
+
 Status ServiceKvSource::ResetHotSet() {
   Impl& m = *impl_;
   // Reconnect when the channel is gone; re-attach either way (the selector state is soft).

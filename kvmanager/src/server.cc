@@ -193,7 +193,8 @@ struct Server::Impl {
 
   void Accept() {
     acceptor->async_accept([this](boost::system::error_code ec, tcp::socket sock) {
-      if (ec) return;  // closed by Stop
+      if (ec) return;                            // closed by Stop
+      sock.set_option(tcp::no_delay(true), ec);  // replies are small and latency-bound
       auto s = std::make_shared<Session>(this, std::move(sock));
       {
         std::lock_guard<std::mutex> l(sessions_mu);

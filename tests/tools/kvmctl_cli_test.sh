@@ -31,5 +31,21 @@ assert not missing, missing
 assert d["selector"] == "prhs" and d["steps"] == 6 and d["within_target_fraction"] is None and d["bound_violations"] == 0
 PY
 then echo "ok: eval --json is one object with every documented key"; else echo "FAIL: eval --json: $out"; fail=1; fi
+expect_usage "--target-delta" demo --selector streaming --target-delta 0.1
+expect_usage "--kv-dtype" demo --kv-dtype fp8
+# demo --json: starts its own kvmanager (found next to kvmctl), one object with the contract's keys.
+out=$("$K" demo --max-new 24 --context 200 --json 2>/dev/null)
+if /usr/bin/python3 - "$out" <<'PY'
+import json, sys
+d = json.loads(sys.argv[1])
+need = ["tokens", "delta_mean", "delta_p99", "delta_kind", "within_target_fraction", "retrieval_overhead",
+        "streamed_bytes", "dense_offload_bytes", "tokens_per_second", "transport"]
+missing = [k for k in need if k not in d]
+assert not missing, missing
+assert d["tokens"] == 24 and d["transport"] in ("tcp", "ucx", "inproc"), d
+assert 0 < d["streamed_bytes"] < d["dense_offload_bytes"], d
+assert 0 <= d["delta_mean"] <= 1 and 0 <= d["within_target_fraction"] <= 1 and d["retrieval_overhead"] > 0, d
+PY
+then echo "ok: demo --json is one object with every documented key"; else echo "FAIL: demo --json: $out"; fail=1; fi
 [ $fail -eq 0 ] && echo "kvmctl cli: all contract checks passed"
 exit $fail

@@ -86,4 +86,25 @@ inline constexpr const char* kBenchAttentionUsage =
 int RunBenchAttention(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);
 
+inline constexpr const char* kDemoUsage =
+    "  demo [--server HOST:PORT] [--selector NAME] [--budget-frac F] [--target-delta D] [--max-new "
+    "N] [--json]\n"
+    "       [--context N] [--offset N] [--audit-frac F] [--kv-dtype fp16|bf16|fp32] [--kvmanager "
+    "PATH]\n"
+    "      The reference model decodes a prompt of the committed held-out text through the "
+    "service: the\n"
+    "      PrHS gate on the worker, retrievals on the service, only the selected blocks streamed. "
+    "Prints the\n"
+    "      text, then delta by kind, retrieval overhead, bytes streamed vs dense offload, "
+    "tokens/s. Defaults:\n"
+    "      prhs, target delta 0.1 with a cap of 1/8 of the context (--target-delta 0: budget mode, "
+    "budget\n"
+    "      = --budget-frac), 640 prompt tokens, 256 new. Without --server it starts and stops its "
+    "own\n"
+    "      kvmanager on free loopback ports. --json: one object on stdout (progress goes to "
+    "stderr).";
+int RunDemo(const std::vector<std::string>& args);
+// JSON string escaping (quotes, backslashes, control characters).
+std::string JsonEscape(const std::string& s);
+
 }  // namespace kvm::tools

@@ -78,6 +78,8 @@ class ServiceKvSource : public KvSource {
   Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) override;
   // Waits for outstanding appends and audits.
   Status Flush();
+  // Deletes the sequence on the service.
+  Status Delete();
   // The worker lost its hot set (or the connection): drop it, reconnect when needed, re-attach,
   // and bump the hot-set generation so the service forgets its mirror.
   Status ResetHotSet();

@@ -1,0 +1,350 @@
+// kvmctl demo: the README's main job. The reference worker decodes a prompt from the committed
+// held-out text through the service (ServiceKvSource: PrHS gate on the worker, retrievals on the
+// service, only the selected blocks streamed), prints the text and a summary. Without --server it
+// starts its own kvmanager on free ports in a temporary data directory and stops it at the end.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <string>
+#include <thread>
+
+#include "client/llama.h"
+#include "client/service_source.h"
+#include "client/tokenizer.h"
+#include "commands.h"
+#include "flags.h"
+
+namespace kvm::tools {
+namespace {
+
+// A kvmanager child process on free loopback ports.
+class LocalService {
+ public:
+  ~LocalService() { Stop(); }
+  Status Start(const std::string& binary) {
+    char tmpl[] = "/tmp/kvmctl_demo_XXXXXX";
+    if (!mkdtemp(tmpl)) return Status::Internal("cannot create a temporary directory");
+    dir_ = tmpl;
+    int fds[2];
+    if (pipe(fds) != 0) return Status::Internal("pipe failed");
+    pid_ = fork();
+    if (pid_ < 0) return Status::Internal("fork failed");
+    if (pid_ == 0) {
+      dup2(fds[1], STDOUT_FILENO);
+      close(fds[0]);
+      close(fds[1]);
+      const std::string data = dir_ + "/data";
+      execl(binary.c_str(), binary.c_str(), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+            "--data-dir", data.c_str(), static_cast<char*>(nullptr));
+      std::perror("kvmctl demo: exec kvmanager");
+      _exit(127);
+    }
+    close(fds[1]);
+    FILE* out = fdopen(fds[0], "r");
+    char line[512];
+    while (out && std::fgets(line, sizeof(line), out)) {
+      const std::string l(line);
+      const std::string key = "kvmanager listening on ";
+      if (l.rfind(key, 0) == 0) {
+        address_ = l.substr(key.size(), l.find(' ', key.size()) - key.size());
+        break;
+      }
+    }
+    // Keep reading (and dropping) its stdout so it never blocks on a full pipe.
+    if (out)
+      std::thread([out] {
+        char buf[512];
+        while (std::fgets(buf, sizeof(buf), out)) {
+        }
+        std::fclose(out);
+      }).detach();
+    if (address_.empty()) {
+      Stop();
+      return Status::Unavailable("kvmanager (" + binary + ") did not start");
+    }
+    return Status::Ok();
+  }
+  void Stop() {
+    if (pid_ > 0) {
+      kill(pid_, SIGTERM);
+      int st = 0;
+      waitpid(pid_, &st, 0);
+      pid_ = -1;
+    }
+    if (!dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(dir_, ec);
+      dir_.clear();
+    }
+  }
+  const std::string& address() const { return address_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string dir_, address_;
+};
+
+std::string FindKvmanager(const Flags& f) {
+  if (auto v = f.Str("kvmanager")) return *v;
+  std::error_code ec;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  for (const auto& rel : {"../../kvmanager/kvmanager", "kvmanager", "../kvmanager/kvmanager"}) {
+    const auto p = exe.parent_path() / rel;
+    if (!ec && std::filesystem::exists(p)) return std::filesystem::weakly_canonical(p).string();
+  }
+  throw UsageError("--kvmanager is required (no kvmanager binary found next to this kvmctl)");
+}
+
+struct Stat {
+  size_t n = 0;
+  double mean = 0, p99 = 0, max = 0;
+};
+Stat Summarize(std::vector<double> v) {
+  Stat s;
+  s.n = v.size();
+  if (v.empty()) return s;
+  std::sort(v.begin(), v.end());
+  double sum = 0;
+  for (double x : v) sum += x;
+  s.mean = sum / double(v.size());
+  s.p99 = v[std::min(v.size() - 1, size_t(std::ceil(0.99 * double(v.size()))) - 1)];
+  s.max = v.back();
+  return s;
+}
+}  // namespace
+
+std::string JsonEscape(const std::string& s) {
+  std::string o;
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      o += '\\';
+      o += char(c);
+    } else if (c < 0x20) {
+      char b[8];
+      std::snprintf(b, sizeof(b), "\\u%04x", c);
+      o += b;
+    } else {
+      o += char(c);
+    }
+  }
+  return o;
+}
+
+namespace {
+std::string Num(double x) {
+  if (!std::isfinite(x)) return "null";
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.6g", x);
+  return b;
+}
+
+}  // namespace
+
+int RunDemo(const std::vector<std::string>& args) {
+  const Flags f(
+      args,
+      {"server", "selector", "budget-frac", "target-delta", "max-new", "context", "offset", "model",
+       "tokenizer", "tokens", "kvmanager", "audit-frac", "tenant", "token", "kv-dtype"},
+      {"json"});
+  const bool json = f.Bool("json");
+  const std::string name = f.Str("selector", "prhs");
+  const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
+  const std::string tok_path = PathOrDefault(f, "tokenizer", "models/austen/tokenizer.model");
+  const std::string text_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
+  auto model = client::LlamaModel::Load(model_path);
+  if (!model.ok())
+    return std::fprintf(stderr, "kvmctl demo: %s\n", model.status().ToString().c_str()), 1;
+  const auto& cfg = (*model)->config();
+  auto tok = client::Tokenizer::Load(tok_path);
+  if (!tok.ok())
+    return std::fprintf(stderr, "kvmctl demo: %s\n", tok.status().ToString().c_str()), 1;
+  auto ids = client::ReadTokenFile(text_path);
+  if (!ids.ok())
+    return std::fprintf(stderr, "kvmctl demo: %s\n", ids.status().ToString().c_str()), 1;
+  const uint64_t max_new = uint64_t(f.Int("max-new", 256, 1, cfg.seq_len - 2));
+  const uint64_t context =
+      uint64_t(f.Int("context", std::min<int64_t>(640, cfg.seq_len - max_new), 2, cfg.seq_len));
+  if (context + max_new > cfg.seq_len)
+    throw UsageError("--context + --max-new exceed the model's length " +
+                     std::to_string(cfg.seq_len));
+  const uint64_t offset = uint64_t(f.Int("offset", 1000, 0, INT64_MAX));
+  if (offset + context > ids->size()) throw UsageError("--offset + --context past the text's end");
+  const std::string dtype_name = f.Str("kv-dtype", "fp16");
+  const DType dtype = dtype_name == "fp32"   ? DType::kF32
+                      : dtype_name == "bf16" ? DType::kBF16
+                      : dtype_name == "fp16" ? DType::kF16
+                                             : throw UsageError("--kv-dtype: fp16, bf16 or fp32");
+  const ModelShape shape = (*model)->Shape(dtype);
+
+  // Selector: PrHS at δ* 0.1 with a 1/8 cap by default; --target-delta 0 = budget mode.
+  sel::SelectorOptions o;
+  const uint32_t B = 16;
+  o.geometry = {B, 4, B};
+  const double frac = f.Double("budget-frac", 0.125, 1e-6, 1.0);
+  // At least one block beyond the sinks and the window (short prompts).
+  const uint64_t min_tokens = (o.geometry.MaxSinkBlocks() + o.geometry.MaxWindowBlocks() + 1) * B;
+  const uint64_t tokens_frac =
+      std::max<uint64_t>(min_tokens, uint64_t(std::llround(frac * context / B)) * B);
+  const bool has_target = name == "prhs" || name == "oracle";
+  o.target_delta = has_target ? f.Double("target-delta", 0.1, 0.0, 0.999) : 0.0;
+  if (!has_target && f.Has("target-delta"))
+    throw UsageError("--target-delta: only prhs and oracle have a target mode");
+  if (o.target_delta > 0)
+    o.max_resident_tokens = tokens_frac;
+  else
+    o.budget_tokens = tokens_frac;
+
+  LocalService local;
+  std::string address = f.Str("server", "");
+  if (address.empty()) {
+    const std::string bin = FindKvmanager(f);
+    if (Status s = local.Start(bin); !s.ok())
+      return std::fprintf(stderr, "kvmctl demo: %s\n", s.ToString().c_str()), 1;
+    std::fprintf(stderr, "[demo] started kvmanager on %s\n", local.address().c_str());
+    address = local.address();
+  }
+  client::ConnectOptions co;
+  co.address = address;
+  co.tenant = f.Str("tenant", "dev");
+  co.token = f.Str("token", "dev");
+  co.client_name = "kvmctl-demo";
+  auto conn = client::Client::Connect(co);
+  if (!conn.ok())
+    return std::fprintf(stderr, "kvmctl demo: %s\n", conn.status().ToString().c_str()), 1;
+  client::ServiceSourceOptions so;
+  so.sequence_id = uint64_t(std::chrono::system_clock::now().time_since_epoch().count()) ^
+                   (uint64_t(getpid()) << 40);
+  so.selector = name;
+  so.options = o;
+  so.prefill = context;
+  so.audit_fraction = f.Double("audit-frac", 0.05, 0.0, 1.0);
+  auto src = client::ServiceKvSource::Make(conn->get(), shape, so);
+  if (!src.ok())
+    return std::fprintf(stderr, "kvmctl demo: %s\n", src.status().ToString().c_str()), 1;
+  client::ReferenceWorker w(**model, src->get());
+  std::vector<float> logits(cfg.vocab_size);
+  std::fprintf(
+      stderr, "[demo] %s, %s KV, selector %s (%s), prompt %llu tokens of the held-out text\n",
+      address.c_str(), DTypeName(dtype), name.c_str(),
+      o.target_delta > 0 ? ("target delta " + Num(o.target_delta) + ", cap " +
+                            std::to_string(o.max_resident_tokens) + " tokens")
+                               .c_str()
+                         : ("budget " + std::to_string(o.budget_tokens) + " tokens").c_str(),
+      (unsigned long long)context);
+  auto fail = [&](const Status& s) {
+    std::fprintf(stderr, "\nkvmctl demo: %s\n", s.ToString().c_str());
+    return 1;
+  };
+  const auto t0 = std::chrono::steady_clock::now();
+  for (uint64_t p = 0; p < context; ++p) {
+    if (Status s = w.Forward((*ids)[offset + p], p, p + 1 == context ? logits.data() : nullptr);
+        !s.ok())
+      return fail(s);
+    if (p % 64 == 0 || p + 1 == context)
+      std::fprintf(stderr, "\r[demo] prefill %llu/%llu", (unsigned long long)p + 1,
+                   (unsigned long long)context);
+  }
+  std::fprintf(stderr, "\n");
+  const auto t1 = std::chrono::steady_clock::now();
+  std::vector<uint32_t> out;
+  for (uint64_t i = 0; i < max_new; ++i) {
+    const uint32_t next = uint32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    out.push_back(next);
+    if (i + 1 == max_new) break;
+    if (Status s = w.Forward(next, context + i, logits.data()); !s.ok()) return fail(s);
+    if (i % 16 == 0 || i + 2 == max_new)
+      std::fprintf(stderr, "\r[demo] decode %llu/%llu", (unsigned long long)i + 2,
+                   (unsigned long long)max_new);
+  }
+  std::fprintf(stderr, "\n");
+  if (Status s = (*src)->Flush(); !s.ok()) return fail(s);
+  const double decode_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
+
+  // δ by kind: the worker's claims for every (step, layer, query head) — exact at anchors and
+  // short contexts, the bound on reuse — and the audits measured by the service on samples.
+  std::map<DeltaKind, std::vector<double>> by_kind;
+  std::vector<double> claims;
+  for (const auto& r : (*src)->records()) {
+    by_kind[r.kind].push_back(r.delta);
+    if (r.kind != DeltaKind::kAudit) claims.push_back(r.delta);
+  }
+  const Stat all = Summarize(claims);
+  size_t within = 0;
+  for (double d : claims) within += d <= o.target_delta;
+  const double within_frac = o.target_delta > 0 && !claims.empty()
+                                 ? double(within) / double(claims.size())
+                                 : std::numeric_limits<double>::quiet_NaN();
+  const client::ServiceTotals& t = (*src)->totals();
+  const double steps = double(t.steps);
+  const double overhead =
+      steps > 0 ? double(t.retrievals) / (steps * cfg.n_layers * cfg.n_heads) : 0;
+  const double tps = decode_s > 0 ? double(t.steps) / decode_s : 0;
+  (void)(*src)->Delete();  // the sequence is the demo's own
+  local.Stop();
+  const char* kinds = "exact at anchors, bound on reuse steps, audit on sampled reuse steps";
+  if (json) {
+    std::string byk;
+    for (const auto& [k, v] : by_kind) {
+      const Stat s = Summarize(v);
+      byk += std::string(byk.empty() ? "" : ", ") + "\"" + DeltaKindName(k) +
+             "\": {\"n\": " + std::to_string(s.n) + ", \"mean\": " + Num(s.mean) +
+             ", \"p99\": " + Num(s.p99) + ", \"max\": " + Num(s.max) + "}";
+    }
+    std::printf(
+        "{\"tokens\": %zu, \"prompt_tokens\": %llu, \"selector\": \"%s\", \"target_delta\": %s, "
+        "\"delta_mean\": %s, \"delta_p99\": %s, \"delta_kind\": \"%s\", \"delta_by_kind\": {%s}, "
+        "\"within_target_fraction\": %s, \"retrieval_overhead\": %s, \"round_trips\": %llu, "
+        "\"gate_reuses\": %llu, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
+        "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
+        "\"prefill_seconds\": %s, \"transport\": \"tcp\", \"text\": \"%s\"}\n",
+        out.size(), (unsigned long long)context, name.c_str(), Num(o.target_delta).c_str(),
+        Num(all.mean).c_str(), Num(all.p99).c_str(), kinds, byk.c_str(), Num(within_frac).c_str(),
+        Num(overhead).c_str(), (unsigned long long)t.round_trips, (unsigned long long)t.reuses,
+        (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
+        (unsigned long long)t.topk_refetch,
+        Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
+        Num(tps).c_str(), Num(prefill_s).c_str(), JsonEscape((*tok)->Decode(out)).c_str());
+    return 0;
+  }
+  std::vector<uint32_t> tail(ids->begin() + offset + context - std::min<uint64_t>(context, 48),
+                             ids->begin() + offset + context);
+  std::printf("...%s", (*tok)->Decode(tail).c_str());
+  std::printf(" >>> %s\n\n", (*tok)->Decode(out).c_str());
+  std::printf("summary (%s through the service at %s, transport tcp)\n", name.c_str(),
+              address.c_str());
+  std::printf("  tokens generated        %zu (prompt %llu), %.1f tokens/s decode, prefill %.2f s\n",
+              out.size(), (unsigned long long)context, tps, prefill_s);
+  std::printf("  dropped mass delta      mean %s, p99 %s over %zu (step, layer, head) claims",
+              Num(all.mean).c_str(), Num(all.p99).c_str(), all.n);
+  if (o.target_delta > 0)
+    std::printf("; within target %s: %s", Num(o.target_delta).c_str(), Num(within_frac).c_str());
+  std::printf("\n");
+  for (const auto& [k, v] : by_kind) {
+    const Stat s = Summarize(v);
+    std::printf("    %-6s n %-6zu mean %-10s p99 %-10s max %s\n", DeltaKindName(k), s.n,
+                Num(s.mean).c_str(), Num(s.p99).c_str(), Num(s.max).c_str());
+  }
+  std::printf(
+      "  retrieval overhead      %s (query heads scored / steps x layers x heads); %llu "
+      "round trips, %llu gate reuses\n",
+      Num(overhead).c_str(), (unsigned long long)t.round_trips, (unsigned long long)t.reuses);
+  std::printf(
+      "  bytes streamed          %llu vs dense offload %llu (%s) vs per-step top-k "
+      "refetch %llu\n",
+      (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
+      Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
+      (unsigned long long)t.topk_refetch);
+  return 0;
+}
+
+}  // namespace kvm::tools
