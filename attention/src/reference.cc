@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -38,20 +39,52 @@ float LoadElem(const void* base, size_t i, DType dtype) {
   return std::numeric_limits<float>::quiet_NaN();
 }
 
+// n elements of dtype at base (element offset `first`) to fp32.
+void LoadElems(const void* base, size_t first, size_t n, DType dtype, float* out) {
+  switch (dtype) {
+    case DType::kF16:
+      HalfToFloatN(static_cast<const uint16_t*>(base) + first, out, n);
+      return;
+    case DType::kBF16:
+      Bf16ToFloatN(static_cast<const uint16_t*>(base) + first, out, n);
+      return;
+    case DType::kF32:
+      std::memcpy(out, static_cast<const float*>(base) + first, n * sizeof(float));
+      return;
+  }
+  for (size_t i = 0; i < n; ++i) out[i] = LoadElem(base, first + i, dtype);
+}
+
 void LoadRow(const HeadKV& kv, uint64_t token, bool values, float* out) {
   const uint64_t b = token / kv.block_size;
   const size_t row = static_cast<size_t>(token % kv.block_size) * kv.head_dim;
-  const void* base = values ? kv.v_blocks[b] : kv.k_blocks[b];
-  for (uint32_t i = 0; i < kv.head_dim; ++i) out[i] = LoadElem(base, row + i, kv.dtype);
+  LoadElems(values ? kv.v_blocks[b] : kv.k_blocks[b], row, kv.head_dim, kv.dtype, out);
 }
 
 void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
-  std::vector<float> k(kv.head_dim);
-  for (uint64_t j = 0; j < kv.tokens; ++j) {
-    LoadRow(kv, j, false, k.data());
-    float s = 0.0f;
-    for (uint32_t i = 0; i < kv.head_dim; ++i) s += q[i] * k[i];
-    scores[j] = s * scale;
+  ScoreKeysGroup(q, 1, kv, scale, scores);
+}
+
+void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
+  const uint32_t D = kv.head_dim, B = kv.block_size;
+  std::vector<float> k(size_t{B} * D);  // one block at a time, converted once for the group
+  for (uint64_t first = 0; first < kv.tokens; first += B) {
+    const uint64_t n = std::min<uint64_t>(B, kv.tokens - first);
+    LoadElems(kv.k_blocks[first / B], 0, n * D, kv.dtype, k.data());
+    for (uint32_t h = 0; h < group; ++h) {
+      const float* qh = q + size_t{h} * D;
+      for (uint64_t r = 0; r < n; ++r) {
+        const float* kr = &k[r * D];
+        // Eight partial sums (lane i % 8), added pairwise at the end: a fixed order that
+        // vectorizes. head_dim is a multiple of 32.
+        float acc[8] = {};
+        for (uint32_t i = 0; i < D; i += 8)
+          for (uint32_t j = 0; j < 8; ++j) acc[j] += qh[i + j] * kr[i + j];
+        const float s =
+            ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+        scores[size_t{h} * kv.tokens + first + r] = s * scale;
+      }
+    }
   }
 }
 

@@ -31,10 +31,10 @@ GroupScores ScoreGroup(const float* q, uint32_t group, const attn::HeadKV& kv) {
   s.block_mass.assign(size_t{group} * nb, 0.0);
   s.agg.assign(nb, 0.0);
   const float scale = 1.0f / std::sqrt(static_cast<float>(kv.head_dim));
+  attn::ScoreKeysGroup(q, group, kv, scale, s.logits.data());
   for (uint32_t h = 0; h < group; ++h) {
     float* lg = &s.logits[size_t{h} * kv.tokens];
     float* p = &s.probs[size_t{h} * kv.tokens];
-    attn::ScoreKeys(q + size_t{h} * kv.head_dim, kv, scale, lg);
     attn::Softmax(lg, kv.tokens, p);
     s.lse[h] = LogSumExp(lg, kv.tokens, nullptr, 0);
     for (uint64_t t = 0; t < kv.tokens; ++t) s.block_mass[h * nb + t / kv.block_size] += p[t];

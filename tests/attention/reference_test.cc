@@ -21,6 +21,24 @@ TEST(ReferenceTest, ScoresAreScaledDotProducts) {
   for (int j = 0; j < 37; ++j) EXPECT_FLOAT_EQ(s[j], 0.5f * 2.0f * kv.key(j)[3]);
 }
 
+TEST(ReferenceTest, GroupScoresAreThePerHeadScoresForEveryDtype) {
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    RandomKv kv(53, 64, 16, dt, 2);  // a ragged last block
+    std::vector<float> q(3 * 64), one(53), group(3 * 53);
+    for (size_t i = 0; i < q.size(); ++i) q[i] = std::sin(float(i));
+    ScoreKeysGroup(q.data(), 3, kv.view(), 0.125f, group.data());
+    for (int h = 0; h < 3; ++h) {
+      ScoreKeys(&q[h * 64], kv.view(), 0.125f, one.data());
+      for (int j = 0; j < 53; ++j) {
+        ASSERT_EQ(group[h * 53 + j], one[j]) << DTypeName(dt) << " head " << h << " token " << j;
+        double want = 0;  // and close to the exact dot product
+        for (int i = 0; i < 64; ++i) want += double(q[h * 64 + i]) * kv.key(j)[i];
+        ASSERT_NEAR(one[j], 0.125 * want, 1e-5 * (1 + std::fabs(want)));
+      }
+    }
+  }
+}
+
 TEST(ReferenceTest, SoftmaxIsStableAndSumsToOne) {
   std::vector<float> s = {1000.f, 1000.f, -1000.f, 999.f};
   std::vector<float> p(4);

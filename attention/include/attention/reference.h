@@ -43,6 +43,9 @@ void LoadRow(const HeadKV& kv, uint64_t token, bool values, float* out);
 
 // q·k_j · scale for every token j < kv.tokens. q: [head_dim] fp32; scores: [kv.tokens].
 void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores);
+// The same for the `group` query heads q [group][head_dim] into scores [group][kv.tokens] (each key
+// block converted once; every score computed exactly as ScoreKeys does).
+void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
 
 // Numerically stable softmax of n logits into p (may alias s). Max subtracted, fp32 sum in order.
 void Softmax(const float* s, size_t n, float* p);
