@@ -1,0 +1,152 @@
+// The in-process transport: a registry of this process's in-process transports by address; Send
+// queues the message at the receiver, whose WaitFor places and copies it (memcpy into the segments)
+// on its own thread, then tells the sender.
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include "transport/transport.h"
+
+namespace kvm::transport {
+namespace {
+
+class InProcess;
+
+std::mutex g_mu;
+std::map<uint64_t, InProcess*> g_registry;  // address → live transport
+uint64_t g_next = 1;
+
+class InProcess : public Transport {
+ public:
+  InProcess() {
+    std::lock_guard<std::mutex> l(g_mu);
+    id_ = g_next++;
+    g_registry[id_] = this;
+  }
+  ~InProcess() override {
+    {
+      std::lock_guard<std::mutex> l(g_mu);
+      g_registry.erase(id_);
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& m : inbox_) m.done(Status::Cancelled("receiver closed"));
+  }
+  const char* name() const override { return "inproc"; }
+  std::vector<uint8_t> address() const override {
+    std::vector<uint8_t> a(sizeof(id_));
+    std::memcpy(a.data(), &id_, sizeof(id_));
+    return a;
+  }
+  size_t max_header_bytes() const override { return 8192; }
+  Status Register(void*, size_t) override { return Status::Ok(); }
+
+  Result<uint64_t> Connect(std::span<const uint8_t> address) override {
+    if (address.size() != sizeof(uint64_t))
+      return Status::InvalidArgument("in-process address of " + std::to_string(address.size()) +
+                                     " bytes");
+    uint64_t id;
+    std::memcpy(&id, address.data(), sizeof(id));
+    {
+      std::lock_guard<std::mutex> l(g_mu);
+      if (!g_registry.count(id))
+        return Status::Unavailable("no in-process transport " + std::to_string(id));
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    peers_.insert(id);
+    return id;  // the peer id is the receiver's address
+  }
+  void Disconnect(uint64_t peer) override {
+    std::lock_guard<std::mutex> l(mu_);
+    peers_.erase(peer);
+  }
+  Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
+              SendDone done) override {
+    if (header.size() > max_header_bytes())
+      return Status::InvalidArgument("header of " + std::to_string(header.size()) + " bytes");
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!peers_.count(peer)) return Status::Unavailable("in-process peer not connected");
+    }
+    std::lock_guard<std::mutex> l(g_mu);  // the receiver cannot go away while we queue
+    auto it = g_registry.find(peer);
+    if (it == g_registry.end()) return Status::Unavailable("in-process peer is gone");
+    InProcess* r = it->second;
+    {
+      std::lock_guard<std::mutex> rl(r->mu_);
+      r->inbox_.push_back({{header.begin(), header.end()}, data, std::move(done)});
+    }
+    r->cv_.notify_all();
+    return Status::Ok();
+  }
+  std::string Describe(uint64_t) const override { return "inproc (memcpy)"; }
+
+  void SetReceiver(Placement place, Delivered delivered) override {
+    std::lock_guard<std::mutex> l(mu_);
+    place_ = std::move(place);
+    delivered_ = std::move(delivered);
+  }
+  Status WaitFor(const std::function<bool()>& done, int timeout_ms) override {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+      std::deque<Message> batch;
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        if (inbox_.empty()) {
+          if (done()) return Status::Ok();
+          if (!cv_.wait_until(l, deadline, [&] { return !inbox_.empty(); }))
+            return done() ? Status::Ok() : Status::TimedOut("data plane: nothing arrived in time");
+        }
+        batch.swap(inbox_);
+      }
+      for (auto& m : batch) Deliver(m);
+    }
+  }
+
+ private:
+  struct Message {
+    std::vector<uint8_t> header;
+    std::span<const uint8_t> data;
+    SendDone done;
+  };
+  void Deliver(Message& m) {
+    Status st;
+    if (!place_) {
+      st = Status::FailedPrecondition("no receiver set");
+    } else {
+      auto segs = place_(m.header, m.data.size());
+      if (!segs.ok()) {
+        st = segs.status();
+      } else {
+        size_t off = 0;
+        for (const Segment& s : *segs) {
+          if (off + s.len > m.data.size()) {
+            st = Status::InvalidArgument("placement exceeds the data");
+            break;
+          }
+          std::memcpy(s.ptr, m.data.data() + off, s.len);
+          off += s.len;
+        }
+        if (st.ok() && off != m.data.size())
+          st = Status::InvalidArgument("placement does not cover the data");
+      }
+    }
+    if (delivered_) delivered_(m.header, st);
+    m.done(Status::Ok());
+  }
+  uint64_t id_ = 0;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Message> inbox_;
+  std::set<uint64_t> peers_;  // connected (sending side)
+  Placement place_;
+  Delivered delivered_;
+};
+
+}  // namespace
+
+std::unique_ptr<Transport> MakeInProcess() { return std::make_unique<InProcess>(); }
+
+}  // namespace kvm::transport

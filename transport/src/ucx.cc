@@ -1,0 +1,395 @@
+// The UCX transport (UCX 1.13 from Debian): one UCP context and worker (thread mode MULTI: sends
+// come from the service's handler threads), endpoints created from peers' worker addresses (no
+// listener port), active message id 1. Rendezvous data is received straight into the placement's
+// segments (an iov datatype); eager data is copied there in the callback. Progress is event-driven:
+// ucp_worker_arm + poll on the worker's event fd (ucp_worker_signal wakes the progress thread).
+#include <poll.h>
+#include <ucp/api/ucp.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "transport/transport.h"
+
+namespace kvm::transport {
+namespace {
+
+constexpr unsigned kAmId = 1;
+
+Status FromUcs(ucs_status_t s, const std::string& what) {
+  if (s == UCS_OK) return Status::Ok();
+  const std::string m = what + ": " + ucs_status_string(s);
+  switch (s) {
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_NOT_CONNECTED:
+      return Status::Unavailable(m);
+    case UCS_ERR_CANCELED:
+      return Status::Cancelled(m);
+    case UCS_ERR_TIMED_OUT:
+      return Status::TimedOut(m);
+    case UCS_ERR_NO_MEMORY:
+    case UCS_ERR_NO_RESOURCE:
+      return Status::Busy(m);
+    case UCS_ERR_INVALID_PARAM:
+      return Status::InvalidArgument(m);
+    default:
+      return Status::Internal(m);
+  }
+}
+
+class Ucx;
+
+// A rendezvous receive in flight: its iov and header live until completion.
+struct RecvOp {
+  Ucx* t;
+  std::vector<uint8_t> header;
+  std::vector<ucp_dt_iov_t> iov;
+};
+
+struct SendOp {
+  SendDone done;
+};
+
+class Ucx : public Transport {
+ public:
+  ~Ucx() override {
+    if (progress_.joinable()) {
+      stop_ = true;
+      Wake();
+      progress_.join();
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      for (auto& [id, ep] : eps_) Close(ep);
+      eps_.clear();
+    }
+    // Let the closes flush (bounded), then release what is left so the worker can go.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (worker_ && std::chrono::steady_clock::now() < until) {
+      Progress();
+      std::lock_guard<std::mutex> l(mu_);
+      if (closing_.empty()) break;
+    }
+    for (auto r : closing_) ucp_request_free(r);
+    closing_.clear();
+    for (auto& m : maps_) ucp_mem_unmap(ctx_, m);
+    if (worker_) ucp_worker_destroy(worker_);
+    if (ctx_) ucp_cleanup(ctx_);
+  }
+
+  Status Init(const UcxOptions& o) {
+    opt_ = o;
+    ucp_config_t* cfg = nullptr;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_config_read(nullptr, nullptr, &cfg), "ucp_config_read"));
+    ucp_params_t p{};
+    p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+    p.features = UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    p.mt_workers_shared = 1;
+    const ucs_status_t s = ucp_init(&p, cfg, &ctx_);
+    ucp_config_release(cfg);
+    KVM_RETURN_IF_ERROR(FromUcs(s, "ucp_init"));
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_MULTI;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_create(ctx_, &wp, &worker_), "ucp_worker_create"));
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_get_efd(worker_, &efd_), "ucp_worker_get_efd"));
+    ucp_address_t* a = nullptr;
+    size_t alen = 0;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_get_address(worker_, &a, &alen), "get_address"));
+    address_.assign(reinterpret_cast<uint8_t*>(a), reinterpret_cast<uint8_t*>(a) + alen);
+    ucp_worker_release_address(worker_, a);
+    ucp_worker_attr_t wa{};
+    wa.field_mask = UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_query(worker_, &wa), "ucp_worker_query"));
+    max_header_ = wa.max_am_header;
+    ucp_am_handler_param_t hp{};
+    hp.field_mask =
+        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG |
+        UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.id = kAmId;
+    hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+    hp.cb = &Ucx::OnAm;
+    hp.arg = this;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_set_am_recv_handler(worker_, &hp), "am handler"));
+    if (o.progress_thread) progress_ = std::thread([this] { ProgressLoop(); });
+    return Status::Ok();
+  }
+
+  const char* name() const override { return "ucx"; }
+  std::vector<uint8_t> address() const override { return address_; }
+  size_t max_header_bytes() const override { return max_header_; }
+
+  Status Register(void* base, size_t len) override {
+    ucp_mem_map_params_t mp{};
+    mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    mp.address = base;
+    mp.length = len;
+    ucp_mem_h memh = nullptr;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_mem_map(ctx_, &mp, &memh), "ucp_mem_map"));
+    maps_.push_back(memh);
+    return Status::Ok();
+  }
+
+  Result<uint64_t> Connect(std::span<const uint8_t> address) override {
+    if (address.size() < 8 || address.size() > 65536)
+      return Status::InvalidArgument("UCX worker address of " + std::to_string(address.size()) +
+                                     " bytes");
+    std::vector<uint8_t> copy(address.begin(), address.end());  // UCX reads it during create
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.address = reinterpret_cast<const ucp_address_t*>(copy.data());
+    ep.err_mode = opt_.peer_error_mode ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+    if (opt_.peer_error_mode) {
+      ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.err_handler.cb = [](void*, ucp_ep_h, ucs_status_t) {};  // sends fail; heartbeats decide
+      ep.err_handler.arg = nullptr;
+    }
+    ucp_ep_h h = nullptr;
+    KVM_RETURN_IF_ERROR(FromUcs(ucp_ep_create(worker_, &ep, &h), "ucp_ep_create"));
+    std::lock_guard<std::mutex> l(mu_);
+    const uint64_t id = next_peer_++;
+    eps_[id] = h;
+    Wake();
+    return id;
+  }
+
+  void Disconnect(uint64_t peer) override {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = eps_.find(peer);
+    if (it == eps_.end()) return;
+    Close(it->second);
+    eps_.erase(it);
+  }
+
+  Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
+              SendDone done) override {
+    if (header.size() > max_header_) {
+      return Status::InvalidArgument("active-message header of " + std::to_string(header.size()) +
+                                     " bytes > ucp_am_max_header_size " +
+                                     std::to_string(max_header_));
+    }
+    ucp_ep_h ep;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = eps_.find(peer);
+      if (it == eps_.end()) return Status::Unavailable("UCX peer " + std::to_string(peer) + " gone");
+      ep = it->second;
+    }
+    auto* op = new SendOp{std::move(done)};
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    rp.cb.send = [](void* req, ucs_status_t s, void* user) {
+      auto* o = static_cast<SendOp*>(user);
+      o->done(FromUcs(s, "UCX send"));
+      delete o;
+      ucp_request_free(req);
+    };
+    rp.user_data = op;
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kAmId, header.data(), header.size(), data.data(),
+                                         data.size(), &rp);
+    if (r == nullptr) {  // completed in place
+      op->done(Status::Ok());
+      delete op;
+    } else if (UCS_PTR_IS_ERR(r)) {
+      const Status st = FromUcs(UCS_PTR_STATUS(r), "ucp_am_send_nbx");
+      delete op;
+      return st;
+    }
+    Wake();  // the progress thread moves the rendezvous on
+    return Status::Ok();
+  }
+
+  std::string Describe(uint64_t peer) const override {
+    ucp_ep_h ep;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = eps_.find(peer);
+      if (it == eps_.end()) return "no such peer";
+      ep = it->second;
+    }
+    char* buf = nullptr;
+    size_t len = 0;
+    FILE* f = open_memstream(&buf, &len);
+    if (!f) return "";
+    ucp_ep_print_info(ep, f);
+    std::fclose(f);
+    std::string s(buf, len);
+    std::free(buf);
+    return s;
+  }
+
+  void SetReceiver(Placement place, Delivered delivered) override {
+    std::lock_guard<std::mutex> l(rx_mu_);
+    place_ = std::move(place);
+    delivered_ = std::move(delivered);
+  }
+
+  Status WaitFor(const std::function<bool()>& done, int timeout_ms) override {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+      Progress();
+      if (done()) return Status::Ok();
+      const ucs_status_t a = ucp_worker_arm(worker_);
+      if (a == UCS_ERR_BUSY) continue;  // more events to progress first
+      if (a != UCS_OK) return FromUcs(a, "ucp_worker_arm");
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            deadline - std::chrono::steady_clock::now())
+                            .count();
+      if (left <= 0) return Status::TimedOut("data plane: nothing arrived within the deadline");
+      pollfd p{efd_, POLLIN, 0};
+      (void)poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+    }
+  }
+
+ private:
+  void Wake() {
+    if (opt_.progress_thread) ucp_worker_signal(worker_);
+  }
+  void Close(ucp_ep_h ep) {
+    ucp_request_param_t rp{};
+    rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    rp.flags = opt_.peer_error_mode ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+    ucs_status_ptr_t r = ucp_ep_close_nbx(ep, &rp);
+    // A flush-close to a live peer completes in progress; one to a dead peer never does (error mode
+    // NONE cannot force): the request is left to UCX.
+    if (r && !UCS_PTR_IS_ERR(r)) closing_.push_back(r);
+  }
+
+  // Progresses the worker, then posts the rendezvous receives its callbacks queued.
+  void Progress() {
+    while (ucp_worker_progress(worker_) != 0) {
+    }
+    std::deque<std::pair<void*, std::unique_ptr<RecvOp>>> rndv;
+    {
+      std::lock_guard<std::mutex> l(rx_mu_);
+      rndv.swap(rndv_);
+    }
+    for (auto& [desc, op] : rndv) PostReceive(desc, std::move(op));
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = closing_.begin(); it != closing_.end();) {
+      if (ucp_request_check_status(*it) != UCS_INPROGRESS) {
+        ucp_request_free(*it);
+        it = closing_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void ProgressLoop() {
+    while (!stop_) {
+      Progress();
+      const ucs_status_t a = ucp_worker_arm(worker_);
+      if (a == UCS_ERR_BUSY) continue;
+      pollfd p{efd_, POLLIN, 0};
+      (void)poll(&p, 1, 100);
+    }
+  }
+
+  void Finish(std::span<const uint8_t> header, const Status& st) {
+    Delivered d;
+    {
+      std::lock_guard<std::mutex> l(rx_mu_);
+      d = delivered_;
+    }
+    if (d) d(header, st);
+  }
+
+  void PostReceive(void* desc, std::unique_ptr<RecvOp> op) {
+    ucp_request_param_t rp{};
+    rp.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+    rp.datatype = ucp_dt_make_iov();
+    rp.cb.recv_am = [](void* req, ucs_status_t s, size_t, void* user) {
+      std::unique_ptr<RecvOp> o(static_cast<RecvOp*>(user));
+      o->t->Finish(o->header, FromUcs(s, "UCX receive"));
+      ucp_request_free(req);
+    };
+    RecvOp* raw = op.get();
+    rp.user_data = raw;
+    ucs_status_ptr_t r = ucp_am_recv_data_nbx(worker_, desc, raw->iov.data(), raw->iov.size(), &rp);
+    if (r == nullptr) {
+      Finish(raw->header, Status::Ok());
+    } else if (UCS_PTR_IS_ERR(r)) {
+      Finish(raw->header, FromUcs(UCS_PTR_STATUS(r), "ucp_am_recv_data_nbx"));
+    } else {
+      (void)op.release();  // the callback owns it now
+    }
+  }
+
+  static ucs_status_t OnAm(void* arg, const void* header, size_t header_len, void* data,
+                           size_t len, const ucp_am_recv_param_t* param) {
+    auto* t = static_cast<Ucx*>(arg);
+    const std::span<const uint8_t> h(static_cast<const uint8_t*>(header), header_len);
+    Placement place;
+    {
+      std::lock_guard<std::mutex> l(t->rx_mu_);
+      place = t->place_;
+    }
+    Result<std::vector<Segment>> segs =
+        place ? place(h, len) : Result<std::vector<Segment>>(Status::FailedPrecondition("no receiver"));
+    size_t total = 0;
+    if (segs.ok())
+      for (const Segment& s : *segs) total += s.len;
+    if (segs.ok() && total != len) segs = Status::InvalidArgument("placement does not match the data");
+    const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
+    if (!segs.ok()) {
+      t->Finish(h, segs.status());
+      if (rndv) ucp_am_data_release(t->worker_, data);
+      return UCS_OK;
+    }
+    if (!rndv) {  // eager: the data is here
+      size_t off = 0;
+      for (const Segment& s : *segs) {
+        std::memcpy(s.ptr, static_cast<const uint8_t*>(data) + off, s.len);
+        off += s.len;
+      }
+      t->Finish(h, Status::Ok());
+      return UCS_OK;
+    }
+    auto op = std::make_unique<RecvOp>();
+    op->t = t;
+    op->header.assign(h.begin(), h.end());
+    for (const Segment& s : *segs) op->iov.push_back({s.ptr, s.len});
+    std::lock_guard<std::mutex> l(t->rx_mu_);
+    t->rndv_.emplace_back(data, std::move(op));
+    return UCS_INPROGRESS;  // the descriptor stays valid until ucp_am_recv_data_nbx
+  }
+
+  UcxOptions opt_;
+  ucp_context_h ctx_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  int efd_ = -1;
+  std::vector<uint8_t> address_;
+  size_t max_header_ = 0;
+  std::vector<ucp_mem_h> maps_;
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, ucp_ep_h> eps_;
+  std::vector<ucs_status_ptr_t> closing_;
+  uint64_t next_peer_ = 1;
+  std::mutex rx_mu_;
+  Placement place_;
+  Delivered delivered_;
+  std::deque<std::pair<void*, std::unique_ptr<RecvOp>>> rndv_;
+  std::atomic<bool> stop_{false};
+  std::thread progress_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Transport>> MakeUcx(const UcxOptions& o) {
+  auto t = std::make_unique<Ucx>();
+  KVM_RETURN_IF_ERROR(t->Init(o));
+  return std::unique_ptr<Transport>(std::move(t));
+}
+
+}  // namespace kvm::transport
