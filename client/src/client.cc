@@ -72,6 +72,7 @@ struct Client::Impl {
   uint64_t session_id = 0;
   uint32_t heartbeat_ms = 1000;
   uint64_t max_frame = 0;
+  bool data_plane_active = false;
   uint64_t bytes_in = 0, bytes_out = 0;
   std::atomic<int64_t> last_write_ns{0};
   // Requests whose replies have not been read yet, in send order (replies come in order).
@@ -209,6 +210,10 @@ struct Client::Impl {
     h.set_tenant(opt.tenant);
     h.set_auth_token(opt.token);
     h.set_client_name(opt.client_name);
+    if (opt.data_plane) {
+      const auto a = opt.data_plane->address();
+      h.set_ucx_worker_address(std::string(a.begin(), a.end()));
+    }
     KVM_ASSIGN_OR_RETURN(uint64_t id, Send(wire::MessageType::kHello, h, {}, {}, false));
     KVM_ASSIGN_OR_RETURN(wire::Frame f, ReadUntil(id));
     wire::HelloReply r;
@@ -216,6 +221,7 @@ struct Client::Impl {
     session_id = r.session_id();
     heartbeat_ms = r.heartbeat_interval_ms() ? r.heartbeat_interval_ms() : 1000;
     max_frame = r.max_frame_bytes();
+    data_plane_active = opt.data_plane && !r.ucx_worker_address().empty();
     return Status::Ok();
   }
 
@@ -285,6 +291,9 @@ Status Client::Reconnect() {
 }
 
 uint64_t Client::session_id() const { return impl_->session_id; }
+transport::Transport* Client::data_plane() const {
+  return impl_->data_plane_active ? impl_->opt.data_plane : nullptr;
+}
 uint32_t Client::heartbeat_interval_ms() const { return impl_->heartbeat_ms; }
 uint64_t Client::max_frame_bytes() const { return impl_->max_frame; }
 const ConnectOptions& Client::options() const { return impl_->opt; }

@@ -3,7 +3,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <unordered_map>
+#include <utility>
 
 #include "proto/kvm.pb.h"
 #include "selector/plan.h"
@@ -58,6 +60,12 @@ struct ServiceKvSource::Impl {
 
   std::vector<ServiceRecord> records;
   ServiceTotals totals;
+
+  // Data plane: active messages per retrieval request id (parts arrived, first error). The
+  // transport calls back on the thread in WaitFor; the lock keeps that obviously safe.
+  std::unordered_map<uint64_t, uint32_t> arrived;
+  Status data_error;
+  std::mutex data_mu;
 
   Head& head(uint32_t l, uint32_t h) { return heads[size_t{l} * Hkv + h]; }
   uint8_t* slot_ptr(uint32_t l, uint32_t h, uint32_t slot) {
@@ -121,14 +129,17 @@ struct ServiceKvSource::Impl {
       hd.slot_block[slot] = sel::kEmptySlot;
     }
   }
+  // Records block b in `slot`, copying its K and V there unless they already landed (k null).
   Status Place(Head& hd, uint32_t l, uint32_t h, uint32_t slot, uint64_t b, const uint8_t* k,
                const uint8_t* v) {
     if (slot >= slots)
       return Status::Internal("the service sent slot " + std::to_string(slot) + " of " +
                               std::to_string(slots));
     Evict(hd, slot);
-    std::memcpy(slot_ptr(l, h, slot), k, bb);
-    std::memcpy(slot_ptr(l, h, slot) + bb, v, bb);
+    if (k) {
+      std::memcpy(slot_ptr(l, h, slot), k, bb);
+      std::memcpy(slot_ptr(l, h, slot) + bb, v, bb);
+    }
     hd.slot_block[slot] = b;
     hd.where[b] = slot;
     return Status::Ok();
@@ -173,6 +184,27 @@ struct ServiceKvSource::Impl {
     ++totals.round_trips;
     wire::RetrieveLayerReply r;
     KVM_RETURN_IF_ERROR(wire::ParseProto(*f, &r));
+    const bool on_data_plane = r.data_plane_parts() > 0;
+    if (on_data_plane) {  // the blocks came (or are coming) as active messages into the slots
+      transport::Transport* dp = client->data_plane();
+      if (!dp) return Status::Internal("blocks on a data plane this session does not have");
+      const uint64_t id = f->header.request_id;
+      const uint32_t parts = r.data_plane_parts();
+      const auto tw = std::chrono::steady_clock::now();
+      Status w = dp->WaitFor(
+          [&] {
+            std::lock_guard<std::mutex> lk(data_mu);
+            return arrived[id] >= parts || !data_error.ok();
+          },
+          int(client->options().deadline_ms));
+      totals.retrieve_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count();
+      std::lock_guard<std::mutex> lk(data_mu);
+      arrived.erase(id);
+      if (!data_error.ok()) return std::exchange(data_error, Status::Ok());
+      KVM_RETURN_IF_ERROR(
+          w.WithContext("waiting for the blocks of retrieval " + std::to_string(id)));
+    }
     if (r.heads_size() != int(hs.size()))
       return Status::Internal("retrieve: " + std::to_string(r.heads_size()) + " heads for " +
                               std::to_string(hs.size()));
@@ -196,6 +228,12 @@ struct ServiceKvSource::Impl {
         totals.local_fill_bytes += 2 * bb;
       }
       for (int i = 0; i < sel.block_indices_size(); ++i) {
+        if (on_data_plane) {
+          KVM_RETURN_IF_ERROR(
+              Place(hd, l, h, sel.slots(i), sel.block_indices(i), nullptr, nullptr));
+          totals.streamed_bytes += 2 * bb;
+          continue;
+        }
         if (at + 2 * bb > payload.size())
           return Status::Internal("retrieve: the reply's payload is short");
         KVM_RETURN_IF_ERROR(
@@ -248,6 +286,30 @@ struct ServiceKvSource::Impl {
   }
 };
 
+// Data plane: an active message's header (u64 request id, u32 layer, u32 n, n x (u32 kv_head,
+// u32 slot)) → the hot-set slots its n blocks (K then V each, adjacent in a slot) land in.
+Result<std::vector<transport::Segment>> PlaceBlocks(ServiceKvSource::Impl& m,
+                                                    std::span<const uint8_t> h, size_t len) {
+  if (h.size() < 16) return Status::InvalidArgument("data plane: short header");
+  uint32_t layer, n;
+  std::memcpy(&layer, h.data() + 8, 4);
+  std::memcpy(&n, h.data() + 12, 4);
+  if (layer >= m.L || h.size() != 16 + 8ull * n || len != 2ull * n * m.bb)
+    return Status::InvalidArgument("data plane: header and data disagree (header " +
+                                   std::to_string(h.size()) + " bytes, layer " +
+                                   std::to_string(layer) + ", " + std::to_string(n) + " blocks, " +
+                                   std::to_string(len) + " data bytes)");
+  std::vector<transport::Segment> segs;
+  for (uint32_t i = 0; i < n; ++i) {
+    uint32_t kvh, slot;
+    std::memcpy(&kvh, h.data() + 16 + 8 * i, 4);
+    std::memcpy(&slot, h.data() + 20 + 8 * i, 4);
+    if (kvh >= m.Hkv || slot >= m.slots) return Status::OutOfRange("data plane: slot out of range");
+    segs.push_back({m.slot_ptr(layer, kvh, slot), 2 * m.bb});
+  }
+  return segs;
+}
+
 Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
                                                                const ModelShape& shape,
                                                                const ServiceSourceOptions& o) {
@@ -273,6 +335,18 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
   }
   impl->hot.resize(impl->heads.size() * impl->slots * 2 * impl->bb);
   impl->zero.assign(impl->bb, 0);
+  if (transport::Transport* dp = client->data_plane()) {
+    KVM_RETURN_IF_ERROR(dp->Register(impl->hot.data(), impl->hot.size()));
+    Impl* m = impl.get();
+    dp->SetReceiver([m](std::span<const uint8_t> h, size_t len) { return PlaceBlocks(*m, h, len); },
+                    [m](std::span<const uint8_t> h, const Status& st) {
+                      uint64_t id = 0;
+                      if (h.size() >= 8) std::memcpy(&id, h.data(), 8);
+                      std::lock_guard<std::mutex> l(m->data_mu);
+                      if (!st.ok() && m->data_error.ok()) m->data_error = st;
+                      ++m->arrived[id];
+                    });
+  }
   KVM_RETURN_IF_ERROR(impl->Create());
   return std::unique_ptr<ServiceKvSource>(new ServiceKvSource(std::move(impl)));
 }

@@ -1,6 +1,7 @@
 #include "kvmanager/handler.h"
 
 #include <chrono>
+#include <cstring>
 
 #include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
@@ -31,8 +32,44 @@ RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
     : store_(store), opt_(std::move(opt)) {
   RetrievalOptions ro;
   ro.max_reply_bytes = opt_.limits.max_frame_bytes / 2;  // room for the header of a big reply
-  ro.transport = opt_.transport;
   engine_ = std::make_unique<RetrievalEngine>(store_, ro, opt_.metrics);
+}
+
+void RequestHandler::Close(SessionState& s) {
+  if (s.data_peer && opt_.data_plane) opt_.data_plane->Disconnect(s.data_peer);
+  s.data_peer = 0;
+}
+
+Result<uint32_t> RequestHandler::SendBlocks(const SessionState& s, uint64_t request_id,
+                                            const wire::RetrieveLayerReply& r,
+                                            std::vector<uint8_t> blocks) {
+  // (kv_head, slot) of every sent block, in payload order.
+  std::vector<std::pair<uint32_t, uint32_t>> where;
+  for (const auto& h : r.heads())
+    for (int i = 0; i < h.slots_size(); ++i) where.emplace_back(h.kv_head(), h.slots(i));
+  if (where.empty()) return 0u;
+  const size_t per_block = blocks.size() / where.size();
+  const size_t fixed = 16, max_h = opt_.data_plane->max_header_bytes();
+  if (max_h < fixed + 8) return Status::Internal("data plane header limit too small");
+  const size_t per_part = (max_h - fixed) / 8;
+  auto data = std::make_shared<std::vector<uint8_t>>(std::move(blocks));  // alive until sent
+  uint32_t parts = 0;
+  for (size_t first = 0; first < where.size(); first += per_part, ++parts) {
+    const size_t n = std::min(per_part, where.size() - first);
+    std::vector<uint8_t> h(fixed + 8 * n);
+    const uint32_t layer = r.layer(), count = static_cast<uint32_t>(n);
+    std::memcpy(h.data(), &request_id, 8);
+    std::memcpy(h.data() + 8, &layer, 4);
+    std::memcpy(h.data() + 12, &count, 4);
+    for (size_t i = 0; i < n; ++i) {
+      std::memcpy(h.data() + fixed + 8 * i, &where[first + i].first, 4);
+      std::memcpy(h.data() + fixed + 8 * i + 4, &where[first + i].second, 4);
+    }
+    KVM_RETURN_IF_ERROR(opt_.data_plane->Send(
+        s.data_peer, h, {data->data() + first * per_block, n * per_block},
+        [data](const Status&) {}));  // a failed send shows as a missing part at the worker
+  }
+  return parts;
 }
 
 std::vector<uint8_t> RequestHandler::Handle(SessionState& s, const wire::Frame& f) {
@@ -79,6 +116,17 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       r.set_max_frame_bytes(opt_.limits.max_frame_bytes);
       r.set_session_id(s.session_id);
       r.set_heartbeat_interval_ms(opt_.heartbeat_interval_ms);
+      Close(s);  // a second Hello replaces the session's data-plane endpoint
+      if (opt_.data_plane && !h.ucx_worker_address().empty()) {
+        const std::string& a = h.ucx_worker_address();
+        auto peer =
+            opt_.data_plane->Connect({reinterpret_cast<const uint8_t*>(a.data()), a.size()});
+        if (peer.ok()) {  // otherwise the blocks travel in reply frames (TCP)
+          s.data_peer = *peer;
+          const auto mine = opt_.data_plane->address();
+          r.set_ucx_worker_address(std::string(mine.begin(), mine.end()));
+        }
+      }
       return send(r);
     }
     return Status::Unauthenticated("wrong tenant or token");
@@ -186,7 +234,10 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
                  ", \"host_slots\": " + std::to_string(st.host_slots) + ", \"spills\": " +
                  std::to_string(st.spills) + ", \"promotions\": " + std::to_string(st.promotions) +
                  ", \"shared_blocks\": " + std::to_string(st.shared_blocks) + ", \"gpu_tier\": \"" +
-                 st.gpu_tier + "\"}");
+                 st.gpu_tier + "\", \"data_plane\": \"" +
+                 (s.data_peer ? std::string(opt_.data_plane->name()) : "tcp") +
+                 "\", \"data_plane_lanes\": \"" +
+                 (s.data_peer ? opt_.data_plane->Describe(s.data_peer) : "") + "\"}");
       return send(r);
     }
     case MessageType::kHeartbeat: {
@@ -200,6 +251,15 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       wire::RetrieveLayerReply r;
       std::vector<uint8_t> blocks;
       KVM_RETURN_IF_ERROR(engine_->Retrieve(ref(m.sequence_id()), m, f.payload, &r, &blocks));
+      const double streamed = double(blocks.size());
+      if (s.data_peer) {  // blocks as active messages, sent before this reply
+        KVM_ASSIGN_OR_RETURN(uint32_t parts, SendBlocks(s, id, r, std::move(blocks)));
+        r.set_data_plane_parts(parts);
+        blocks.clear();
+      }
+      if (opt_.metrics)
+        opt_.metrics->AddStreamBytes("out", s.data_peer ? opt_.data_plane->name() : "tcp",
+                                     streamed);
       return send(r, blocks);
     }
     case MessageType::kSetLayerMap: {

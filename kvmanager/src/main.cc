@@ -13,6 +13,7 @@
 #include "kvmanager/block_store.h"
 #include "kvmanager/metrics.h"
 #include "kvmanager/server.h"
+#include "transport/transport.h"
 
 namespace po = boost::program_options;
 using namespace kvm;
@@ -22,6 +23,7 @@ struct Config {
   server::ServerOptions server;
   store::StoreOptions store;
   std::string admin = "127.0.0.1:7421";
+  std::string data_plane = "ucx";
 };
 
 [[noreturn]] void Usage(const std::string& msg) {
@@ -56,6 +58,7 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "max_in_flight",
                                  "max_frame_bytes",
                                  "session_timeout_ms",
+                                 "data_plane",
                                  "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
@@ -73,6 +76,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("max_in_flight", &c->server.max_in_flight);
   get("max_frame_bytes", &c->server.handler.limits.max_frame_bytes);
   get("session_timeout_ms", &c->server.session_timeout_ms);
+  get("data_plane", &c->data_plane);
   if (y["tenants"]) {
     if (!y["tenants"].IsSequence()) Usage("config " + path + ": field 'tenants' must be a list");
     c->server.handler.tenants.clear();
@@ -116,7 +120,10 @@ int main(int argc, char** argv) {
       "max-frame-bytes", po::value<uint64_t>(),
       "largest accepted frame. Default: 268435456 (256 MiB)")(
       "session-timeout-ms", po::value<uint32_t>(),
-      "close a session silent (no request, no heartbeat) this long; 0 = never. Default: 10000");
+      "close a session silent (no request, no heartbeat) this long; 0 = never. Default: 10000")(
+      "data-plane", po::value<std::string>(),
+      "ucx: retrieval blocks as UCX active messages to workers that offer a UCX address; none: "
+      "in reply frames over TCP only. Default: ucx");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -143,6 +150,9 @@ int main(int argc, char** argv) {
   if (vm.count("io-threads")) c.server.io_threads = vm["io-threads"].as<uint32_t>();
   if (vm.count("worker-threads")) c.server.worker_threads = vm["worker-threads"].as<uint32_t>();
   if (vm.count("max-in-flight")) c.server.max_in_flight = vm["max-in-flight"].as<uint32_t>();
+  if (vm.count("data-plane")) c.data_plane = vm["data-plane"].as<std::string>();
+  if (c.data_plane != "ucx" && c.data_plane != "none")
+    Usage("--data-plane: '" + c.data_plane + "' is not ucx or none");
   if (vm.count("session-timeout-ms"))
     c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))
@@ -163,6 +173,17 @@ int main(int argc, char** argv) {
     return std::fprintf(stderr, "kvmanager: %s\n", store.status().ToString().c_str()), 1;
   server::Metrics metrics;
   c.server.handler.metrics = &metrics;
+  std::unique_ptr<transport::Transport> data_plane;
+  if (c.data_plane == "ucx") {
+    auto t = transport::MakeUcx({.progress_thread = true});
+    if (t.ok()) {
+      data_plane = std::move(*t);
+      c.server.handler.data_plane = data_plane.get();
+    } else {
+      std::fprintf(stderr, "kvmanager: UCX unavailable (%s): blocks go over TCP\n",
+                   t.status().ToString().c_str());
+    }
+  }
   auto srv = server::Server::Start(c.server, store->get());
   if (!srv.ok()) return std::fprintf(stderr, "kvmanager: %s\n", srv.status().ToString().c_str()), 1;
   store::StoreStats last;  // counters are exported as the increase since the last scrape
@@ -193,6 +214,8 @@ int main(int argc, char** argv) {
               c.store.dir.c_str());
   std::printf("kvmanager admin on 127.0.0.1:%u (/metrics /healthz /readyz /status)\n",
               unsigned((*admin)->port()));
+  std::printf("kvmanager data plane: %s\n",
+              data_plane ? "ucx (active messages, event-driven progress)" : "none (TCP only)");
   std::fflush(stdout);
   int sig = 0;
   sigwait(&sigs, &sig);
@@ -201,7 +224,8 @@ int main(int argc, char** argv) {
   (*admin)->Stop();
   admin->reset();
   srv->reset();
-  store->reset();  // closes RocksDB (WAL already durable for acknowledged appends)
+  data_plane.reset();  // after the server: no session uses it any more
+  store->reset();      // closes RocksDB (WAL already durable for acknowledged appends)
   std::fprintf(stderr, "kvmanager: stopped\n");
   return 0;
 }

@@ -279,10 +279,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_anchor(sel.anchor);
     hs->set_retrieved_heads(sel.retrieved_heads);
   }
-  if (metrics_) {
-    metrics_->AddRetrievals(retrievals);
-    metrics_->AddStreamBytes("out", opt_.transport, double(blocks->size()));
-  }
+  if (metrics_) metrics_->AddRetrievals(retrievals);
   return Status::Ok();
 }
 

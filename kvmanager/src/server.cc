@@ -148,6 +148,7 @@ struct Server::Impl {
             self->srv_->handler->Handle(self->state_, *frame));
         asio::post(self->strand_, [self, reply] {
           self->busy_ = false;
+          if (self->finished_) self->srv_->handler->Close(self->state_);
           self->Send(std::move(*reply), false);
           if (self->srv_->in_flight.fetch_sub(1) == 1) self->srv_->idle.notify_all();
           self->Pump();
@@ -172,6 +173,11 @@ struct Server::Impl {
                         }));
     }
     void Finish() {
+      if (!finished_) {
+        finished_ = true;
+        // The data-plane endpoint goes with the session (after a request in flight, which uses it).
+        if (!busy_) srv_->handler->Close(state_);
+      }
       std::lock_guard<std::mutex> l(srv_->sessions_mu);
       srv_->sessions.erase(shared_from_this());
     }
@@ -182,6 +188,7 @@ struct Server::Impl {
     asio::steady_timer timer_;
     std::chrono::steady_clock::time_point last_heard_ = std::chrono::steady_clock::now();
     bool closed_ = false;
+    bool finished_ = false;
     wire::FrameDecoder decoder_;
     SessionState state_;
     std::array<uint8_t, 64 * 1024> buf_;

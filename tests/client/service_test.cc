@@ -4,6 +4,7 @@
 // reaching the service.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -24,13 +25,26 @@ uint32_t Argmax(const std::vector<float>& v) {
 
 struct Case {
   std::string name, selector;
-  uint64_t budget;  // tokens
-  double target;    // δ*; cap = 1/2 of the context
+  uint64_t budget;        // tokens
+  double target;          // δ*; cap = 1/2 of the context
+  std::string transport;  // tcp (blocks in reply frames), inproc, ucx
 };
+
+std::unique_ptr<transport::Transport> MakeTransport(const std::string& kind, bool service) {
+  if (kind == "inproc") return transport::MakeInProcess();
+  if (kind != "ucx") return nullptr;
+  setenv("UCX_TLS", "sm,tcp", 1);  // shared memory on this host; tcp only for wireup
+  setenv("UCX_NET_DEVICES", "lo", 1);
+  auto t = transport::MakeUcx({.progress_thread = service});
+  EXPECT_TRUE(t.ok()) << t.status().ToString();
+  return t.ok() ? std::move(*t) : nullptr;
+}
 
 class ServiceSourceTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
+    service_dp_ = MakeTransport(GetParam().transport, true);
+    worker_dp_ = MakeTransport(GetParam().transport, false);
     char tmpl[] = "/tmp/kvm_service_src_XXXXXX";
     dir_ = mkdtemp(tmpl);
     store::StoreOptions so;
@@ -40,6 +54,7 @@ class ServiceSourceTest : public ::testing::TestWithParam<Case> {
     server::ServerOptions o;
     o.listen = "127.0.0.1:0";
     o.handler.tenants = {{"dev", "dev", true}};
+    o.handler.data_plane = service_dp_.get();
     server_ = std::move(server::Server::Start(o, store_.get())).value();
   }
   void TearDown() override {
@@ -47,6 +62,7 @@ class ServiceSourceTest : public ::testing::TestWithParam<Case> {
     store_.reset();
     std::filesystem::remove_all(dir_);
   }
+  std::unique_ptr<transport::Transport> service_dp_, worker_dp_;
   std::string dir_;
   std::unique_ptr<store::BlockStore> store_;
   std::unique_ptr<server::Server> server_;
@@ -71,8 +87,9 @@ TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
   auto local = SelectorKvSource::Make(shape, 16, std::move(*sel), o, context, "geometry",
                                       (*model)->config().seq_len);
   ASSERT_TRUE(local.ok()) << local.status().ToString();
-  auto conn = Client::Connect({.address = server_->address()});
+  auto conn = Client::Connect({.address = server_->address(), .data_plane = worker_dp_.get()});
   ASSERT_TRUE(conn.ok()) << conn.status().ToString();
+  EXPECT_EQ((*conn)->data_plane() != nullptr, c.transport != "tcp");
   ServiceSourceOptions so;
   so.sequence_id = 42;
   so.selector = c.selector;
@@ -124,9 +141,12 @@ TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Selectors, ServiceSourceTest,
-                         ::testing::Values(Case{"prhs_budget", "prhs", 64, 0},
-                                           Case{"prhs_target", "prhs", 0, 0.1},
-                                           Case{"oracle_budget", "oracle", 64, 0}),
+                         ::testing::Values(Case{"prhs_budget_tcp", "prhs", 64, 0, "tcp"},
+                                           Case{"prhs_target_tcp", "prhs", 0, 0.1, "tcp"},
+                                           Case{"oracle_budget_tcp", "oracle", 64, 0, "tcp"},
+                                           Case{"prhs_budget_inproc", "prhs", 64, 0, "inproc"},
+                                           Case{"prhs_budget_ucx", "prhs", 64, 0, "ucx"},
+                                           Case{"oracle_budget_ucx", "oracle", 64, 0, "ucx"}),
                          [](const auto& info) { return info.param.name; });
 
 }  // namespace

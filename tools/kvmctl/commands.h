@@ -91,6 +91,7 @@ inline constexpr const char* kDemoUsage =
     "N] [--json]\n"
     "       [--context N] [--offset N] [--audit-frac F] [--kv-dtype fp16|bf16|fp32] [--kvmanager "
     "PATH]\n"
+    "       [--transport ucx|tcp]\n"
     "      The reference model decodes a prompt of the committed held-out text through the "
     "service: the\n"
     "      PrHS gate on the worker, retrievals on the service, only the selected blocks streamed. "
@@ -101,8 +102,10 @@ inline constexpr const char* kDemoUsage =
     "budget\n"
     "      = --budget-frac), 640 prompt tokens, 256 new. Without --server it starts and stops its "
     "own\n"
-    "      kvmanager on free loopback ports. --json: one object on stdout (progress goes to "
-    "stderr).";
+    "      kvmanager on free loopback ports. Blocks travel as UCX active messages straight into "
+    "the\n"
+    "      worker's hot set (--transport tcp: in the reply frames). --json: one object on stdout\n"
+    "      (progress goes to stderr).";
 int RunDemo(const std::vector<std::string>& args);
 // JSON string escaping (quotes, backslashes, control characters).
 std::string JsonEscape(const std::string& s);

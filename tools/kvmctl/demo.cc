@@ -21,6 +21,7 @@
 #include "client/tokenizer.h"
 #include "commands.h"
 #include "flags.h"
+#include "proto/kvm.pb.h"
 
 namespace kvm::tools {
 namespace {
@@ -149,11 +150,11 @@ std::string Num(double x) {
 }  // namespace
 
 int RunDemo(const std::vector<std::string>& args) {
-  const Flags f(
-      args,
-      {"server", "selector", "budget-frac", "target-delta", "max-new", "context", "offset", "model",
-       "tokenizer", "tokens", "kvmanager", "audit-frac", "tenant", "token", "kv-dtype"},
-      {"json"});
+  const Flags f(args,
+                {"server", "selector", "budget-frac", "target-delta", "max-new", "context",
+                 "offset", "model", "tokenizer", "tokens", "kvmanager", "audit-frac", "tenant",
+                 "token", "kv-dtype", "transport"},
+                {"json"});
   const bool json = f.Bool("json");
   const std::string name = f.Str("selector", "prhs");
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
@@ -211,8 +212,21 @@ int RunDemo(const std::vector<std::string>& args) {
     std::fprintf(stderr, "[demo] started kvmanager on %s\n", local.address().c_str());
     address = local.address();
   }
+  const std::string want_transport = f.Str("transport", "ucx");
+  std::unique_ptr<transport::Transport> data_plane;
+  if (want_transport == "ucx") {
+    auto t = transport::MakeUcx();
+    if (!t.ok())
+      return std::fprintf(stderr, "kvmctl demo: %s (use --transport tcp)\n",
+                          t.status().ToString().c_str()),
+             1;
+    data_plane = std::move(*t);
+  } else if (want_transport != "tcp") {
+    throw UsageError("--transport: ucx or tcp");
+  }
   client::ConnectOptions co;
   co.address = address;
+  co.data_plane = data_plane.get();
   co.tenant = f.Str("tenant", "dev");
   co.token = f.Str("token", "dev");
   co.client_name = "kvmctl-demo";
@@ -289,6 +303,19 @@ int RunDemo(const std::vector<std::string>& args) {
   const double overhead =
       steps > 0 ? double(t.retrievals) / (steps * cfg.n_layers * cfg.n_heads) : 0;
   const double tps = decode_s > 0 ? double(t.steps) / decode_s : 0;
+  // Which data plane carried the blocks, and (UCX) the lanes the service's endpoint uses.
+  const std::string transport_used = (*conn)->data_plane() ? (*conn)->data_plane()->name() : "tcp";
+  std::string lanes;
+  if (auto st = (*conn)->Call(wire::MessageType::kStats, wire::Stats()); st.ok()) {
+    wire::StatsReply r;
+    if (wire::ParseProto(*st, &r).ok()) {
+      const std::string key = "\"data_plane_lanes\": \"";
+      const size_t a = r.json().find(key);
+      if (a != std::string::npos)
+        lanes =
+            r.json().substr(a + key.size(), r.json().find('"', a + key.size()) - a - key.size());
+    }
+  }
   (void)(*src)->Delete();  // the sequence is the demo's own
   local.Stop();
   const char* kinds = "exact at anchors, bound on reuse steps, audit on sampled reuse steps";
@@ -306,22 +333,24 @@ int RunDemo(const std::vector<std::string>& args) {
         "\"within_target_fraction\": %s, \"retrieval_overhead\": %s, \"round_trips\": %llu, "
         "\"gate_reuses\": %llu, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
         "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
-        "\"prefill_seconds\": %s, \"transport\": \"tcp\", \"text\": \"%s\"}\n",
+        "\"prefill_seconds\": %s, \"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
+        "\"text\": \"%s\"}\n",
         out.size(), (unsigned long long)context, name.c_str(), Num(o.target_delta).c_str(),
         Num(all.mean).c_str(), Num(all.p99).c_str(), kinds, byk.c_str(), Num(within_frac).c_str(),
         Num(overhead).c_str(), (unsigned long long)t.round_trips, (unsigned long long)t.reuses,
         (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
         (unsigned long long)t.topk_refetch,
         Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
-        Num(tps).c_str(), Num(prefill_s).c_str(), JsonEscape((*tok)->Decode(out)).c_str());
+        Num(tps).c_str(), Num(prefill_s).c_str(), transport_used.c_str(), JsonEscape(lanes).c_str(),
+        JsonEscape((*tok)->Decode(out)).c_str());
     return 0;
   }
   std::vector<uint32_t> tail(ids->begin() + offset + context - std::min<uint64_t>(context, 48),
                              ids->begin() + offset + context);
   std::printf("...%s", (*tok)->Decode(tail).c_str());
   std::printf(" >>> %s\n\n", (*tok)->Decode(out).c_str());
-  std::printf("summary (%s through the service at %s, transport tcp)\n", name.c_str(),
-              address.c_str());
+  std::printf("summary (%s through the service at %s, blocks over %s%s%s)\n", name.c_str(),
+              address.c_str(), transport_used.c_str(), lanes.empty() ? "" : ": ", lanes.c_str());
   std::printf("  tokens generated        %zu (prompt %llu), %.1f tokens/s decode, prefill %.2f s\n",
               out.size(), (unsigned long long)context, tps, prefill_s);
   std::printf("  dropped mass delta      mean %s, p99 %s over %zu (step, layer, head) claims",

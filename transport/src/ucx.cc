@@ -57,6 +57,7 @@ struct RecvOp {
 
 struct SendOp {
   SendDone done;
+  std::vector<uint8_t> header;  // UCX reads the header until the send completes
 };
 
 class Ucx : public Transport {
@@ -112,9 +113,8 @@ class Ucx : public Transport {
     KVM_RETURN_IF_ERROR(FromUcs(ucp_worker_query(worker_, &wa), "ucp_worker_query"));
     max_header_ = wa.max_am_header;
     ucp_am_handler_param_t hp{};
-    hp.field_mask =
-        UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG |
-        UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                    UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
     hp.id = kAmId;
     hp.flags = UCP_AM_FLAG_WHOLE_MSG;
     hp.cb = &Ucx::OnAm;
@@ -181,10 +181,11 @@ class Ucx : public Transport {
     {
       std::lock_guard<std::mutex> l(mu_);
       auto it = eps_.find(peer);
-      if (it == eps_.end()) return Status::Unavailable("UCX peer " + std::to_string(peer) + " gone");
+      if (it == eps_.end())
+        return Status::Unavailable("UCX peer " + std::to_string(peer) + " gone");
       ep = it->second;
     }
-    auto* op = new SendOp{std::move(done)};
+    auto* op = new SendOp{std::move(done), {header.begin(), header.end()}};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     rp.cb.send = [](void* req, ucs_status_t s, void* user) {
@@ -194,8 +195,8 @@ class Ucx : public Transport {
       ucp_request_free(req);
     };
     rp.user_data = op;
-    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kAmId, header.data(), header.size(), data.data(),
-                                         data.size(), &rp);
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kAmId, op->header.data(), op->header.size(),
+                                         data.data(), data.size(), &rp);
     if (r == nullptr) {  // completed in place
       op->done(Status::Ok());
       delete op;
@@ -222,9 +223,28 @@ class Ucx : public Transport {
     if (!f) return "";
     ucp_ep_print_info(ep, f);
     std::fclose(f);
-    std::string s(buf, len);
+    std::string info(buf, len);
     std::free(buf);
-    return s;
+    // "lane[0]:  3:sysv/memory.0 md[2] -> md[2]/sysv/sysdev[255] am am_bw#0" → "sysv/memory.0
+    // (am am_bw#0)", lanes joined by "; ".
+    std::string out;
+    size_t pos = 0;
+    while ((pos = info.find("lane[", pos)) != std::string::npos) {
+      const size_t eol = info.find('\n', pos);
+      const std::string line = info.substr(pos, eol == std::string::npos ? eol : eol - pos);
+      pos = eol == std::string::npos ? info.size() : eol;
+      const size_t colon = line.find(':', line.find(']'));
+      size_t t0 = line.find_first_not_of(' ', colon + 1);
+      if (colon == std::string::npos || t0 == std::string::npos) continue;
+      const size_t t1 = line.find(' ', t0);
+      std::string tl = line.substr(t0, t1 - t0);
+      if (const size_t c = tl.find(':'); c != std::string::npos) tl = tl.substr(c + 1);
+      const size_t dev = line.find("sysdev[");
+      const size_t roles = dev == std::string::npos ? std::string::npos : line.find(' ', dev);
+      out += (out.empty() ? "" : "; ") + tl +
+             (roles == std::string::npos ? "" : " (" + line.substr(roles + 1) + ")");
+    }
+    return out.empty() ? info : out;
   }
 
   void SetReceiver(Placement place, Delivered delivered) override {
@@ -326,8 +346,8 @@ class Ucx : public Transport {
     }
   }
 
-  static ucs_status_t OnAm(void* arg, const void* header, size_t header_len, void* data,
-                           size_t len, const ucp_am_recv_param_t* param) {
+  static ucs_status_t OnAm(void* arg, const void* header, size_t header_len, void* data, size_t len,
+                           const ucp_am_recv_param_t* param) {
     auto* t = static_cast<Ucx*>(arg);
     const std::span<const uint8_t> h(static_cast<const uint8_t*>(header), header_len);
     Placement place;
@@ -336,11 +356,13 @@ class Ucx : public Transport {
       place = t->place_;
     }
     Result<std::vector<Segment>> segs =
-        place ? place(h, len) : Result<std::vector<Segment>>(Status::FailedPrecondition("no receiver"));
+        place ? place(h, len)
+              : Result<std::vector<Segment>>(Status::FailedPrecondition("no receiver"));
     size_t total = 0;
     if (segs.ok())
       for (const Segment& s : *segs) total += s.len;
-    if (segs.ok() && total != len) segs = Status::InvalidArgument("placement does not match the data");
+    if (segs.ok() && total != len)
+      segs = Status::InvalidArgument("placement does not match the data");
     const bool rndv = param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV;
     if (!segs.ok()) {
       t->Finish(h, segs.status());

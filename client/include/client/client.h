@@ -23,6 +23,7 @@
 
 #include "proto/status.h"
 #include "proto/wire/frame.h"
+#include "transport/transport.h"
 
 namespace kvm::client {
 
@@ -33,6 +34,9 @@ struct ConnectOptions {
   std::string client_name = "kvm-client";
   uint32_t deadline_ms = 30000;  // per request
   bool heartbeats = true;        // background heartbeats at the server's interval
+  // The worker's data plane (UCX or in-process; must outlive the Client): its address goes in
+  // Hello, and when the service answers with its own, retrieval blocks arrive on it. Null: TCP.
+  transport::Transport* data_plane = nullptr;
 };
 
 class Client {
@@ -56,6 +60,8 @@ class Client {
   Status Reconnect();
 
   uint64_t session_id() const;
+  // The data plane when the service accepted it for this session, else null (blocks over TCP).
+  transport::Transport* data_plane() const;
   uint32_t heartbeat_interval_ms() const;
   uint64_t max_frame_bytes() const;
   const ConnectOptions& options() const;

@@ -19,8 +19,9 @@
 //      δ (kind audit) when the reply arrives.
 // Selectors other than PrHS have no gate: they retrieve every step.
 //
-// The data path here is the control channel (TCP: the reply frame's payload holds the blocks).
-// Not thread-safe: one worker drives one source.
+// Blocks arrive on the client's data plane (UCX or in-process active messages, straight into the
+// registered hot-set slots) when the session has one, else in the reply frame (TCP). One source
+// per data plane (it installs the receiver). Not thread-safe: one worker drives one source.
 #pragma once
 
 #include <cstdint>
@@ -89,8 +90,9 @@ class ServiceKvSource : public KvSource {
   uint32_t hot_set_slots() const;
   uint64_t hot_set_generation() const;
 
- private:
   struct Impl;
+
+ private:
   explicit ServiceKvSource(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

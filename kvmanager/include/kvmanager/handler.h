@@ -21,6 +21,7 @@
 #include "kvmanager/block_store.h"
 #include "kvmanager/retrieval.h"
 #include "proto/wire/frame.h"
+#include "transport/transport.h"
 
 namespace kvm::server {
 
@@ -37,8 +38,10 @@ struct HandlerOptions {
   wire::FrameLimits limits;
   std::string server_id = "kvmanager";
   uint32_t heartbeat_interval_ms = 1000;
-  Metrics* metrics = nullptr;     // request durations and error codes, when set
-  std::string transport = "tcp";  // how retrieval replies carry their blocks (metrics label)
+  Metrics* metrics = nullptr;  // request durations and error codes, when set
+  // The data plane for retrieval blocks (UCX): a session whose Hello carries a worker address
+  // gets its blocks as active messages; others get them in the reply frame (TCP).
+  transport::Transport* data_plane = nullptr;
 };
 
 struct SessionState {
@@ -46,6 +49,7 @@ struct SessionState {
   std::string tenant;
   bool loopback = false;  // the peer's address is a loopback address
   uint64_t session_id = 0;
+  uint64_t data_peer = 0;  // the worker's data-plane endpoint (0: none, blocks go over TCP)
 };
 
 class RequestHandler {
@@ -53,9 +57,15 @@ class RequestHandler {
   RequestHandler(store::BlockStore* store, HandlerOptions opt);
   // The reply frame to `f` (an Error frame for any failure), fully encoded.
   std::vector<uint8_t> Handle(SessionState& s, const wire::Frame& f);
+  // The session ended: releases its data-plane endpoint.
+  void Close(SessionState& s);
 
  private:
   Status Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply);
+  // Sends a retrieval's blocks to the session's data-plane peer as active messages (split so each
+  // header fits); returns how many.
+  Result<uint32_t> SendBlocks(const SessionState& s, uint64_t request_id,
+                              const wire::RetrieveLayerReply& r, std::vector<uint8_t> blocks);
   store::BlockStore* store_;
   HandlerOptions opt_;
   std::unique_ptr<RetrievalEngine> engine_;

@@ -43,7 +43,6 @@ class Metrics;
 struct RetrievalOptions {
   uint64_t max_reply_bytes = 64ull << 20;  // payload of one reply (the frame limit)
   uint32_t max_pending_tokens = 4096;      // K rows a query may carry (not appended yet)
-  std::string transport = "tcp";           // kvm_stream_bytes_total's label for sent blocks
 };
 
 class RetrievalEngine {

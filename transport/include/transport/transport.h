@@ -30,8 +30,8 @@ struct Segment {
 
 // Receiver: header + data length → where the data goes (lengths summing to the data length), or
 // an error (the message is dropped and reported to Done).
-using Placement = std::function<Result<std::vector<Segment>>(std::span<const uint8_t> header,
-                                                             size_t data_len)>;
+using Placement =
+    std::function<Result<std::vector<Segment>>(std::span<const uint8_t> header, size_t data_len)>;
 // Receiver: a message's data has landed (or failed); `header` as sent.
 using Delivered = std::function<void(std::span<const uint8_t> header, const Status& status)>;
 // Sender: the send finished (the data buffer may be released).
@@ -53,9 +53,10 @@ class Transport {
   virtual Result<uint64_t> Connect(std::span<const uint8_t> address) = 0;
   // Forgets a peer (its pending sends fail or are dropped).
   virtual void Disconnect(uint64_t peer) = 0;
-  // Sends header + data to `peer`. `data` must stay valid until `done` runs (on any thread).
-  virtual Status Send(uint64_t peer, std::span<const uint8_t> header,
-                      std::span<const uint8_t> data, SendDone done) = 0;
+  // Sends header + data to `peer`. The header is copied; `data` must stay valid until `done` runs
+  // (on any thread).
+  virtual Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
+                      SendDone done) = 0;
   // Which lanes the connection to `peer` uses (UCX: ucp_ep_print_info), for reports.
   virtual std::string Describe(uint64_t peer) const = 0;
 
