@@ -254,6 +254,11 @@ std::string Server::address() const {
          ":" + std::to_string(ep.port());
 }
 
+size_t Server::sessions() const {
+  std::lock_guard<std::mutex> l(impl_->sessions_mu);
+  return impl_->sessions.size();
+}
+
 void Server::Stop(int drain_ms) {
   if (impl_->stopping.exchange(true)) return;
   asio::post(impl_->io, [this] {

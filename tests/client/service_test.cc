@@ -2,7 +2,10 @@
 // loopback) against the same worker with the in-process selector (SelectorKvSource): the same
 // selector, budget and KV dtype give bit-identical logits and tokens, with PrHS's reuse steps never
 // reaching the service.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -148,6 +151,102 @@ INSTANTIATE_TEST_SUITE_P(Selectors, ServiceSourceTest,
                                            Case{"prhs_budget_ucx", "prhs", 64, 0, "ucx"},
                                            Case{"oracle_budget_ucx", "oracle", 64, 0, "ucx"}),
                          [](const auto& info) { return info.param.name; });
+
+}  // namespace
+}  // namespace kvm::client
+
+namespace kvm::client {
+namespace {
+
+// A worker killed -9 in the middle of its retrievals (UCX data plane): the service closes its
+// session (its endpoint goes with it) and keeps serving another worker, whose tokens still match
+// the in-process run.
+TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
+  char tmpl[] = "/tmp/kvm_service_kill_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  store::StoreOptions so;
+  so.dir = dir;
+  so.host_capacity_bytes = 64 << 20;
+  auto store = std::move(store::BlockStore::Open(so)).value();
+  auto sdp = MakeTransport("ucx", true);
+  ASSERT_TRUE(sdp);
+  server::ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.handler.tenants = {{"dev", "dev", true}};
+  o.handler.data_plane = sdp.get();
+  o.session_timeout_ms = 500;
+  auto server = std::move(server::Server::Start(o, store.get())).value();
+  auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
+  auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
+  const ModelShape shape = model->Shape(DType::kF16);
+  sel::SelectorOptions opt;
+  opt.geometry = {16, 4, 16};
+  opt.budget_tokens = 64;
+  // Decodes `steps` greedy tokens after a 256-token prompt through the service; the tokens.
+  auto decode = [&](uint64_t seq, uint64_t steps, std::vector<uint32_t>* out) -> Status {
+    auto dp = MakeTransport("ucx", false);
+    KVM_ASSIGN_OR_RETURN(auto conn,
+                         Client::Connect({.address = server->address(), .data_plane = dp.get()}));
+    if (!conn->data_plane()) return Status::Internal("no data plane");
+    ServiceSourceOptions sso;
+    sso.sequence_id = seq;
+    sso.options = opt;
+    sso.prefill = 256;
+    KVM_ASSIGN_OR_RETURN(auto src, ServiceKvSource::Make(conn.get(), shape, sso));
+    ReferenceWorker w(*model, src.get());
+    std::vector<float> logits(model->config().vocab_size);
+    for (uint64_t p = 0; p < 256; ++p)
+      KVM_RETURN_IF_ERROR(w.Forward(ids[p], p, p == 255 ? logits.data() : nullptr));
+    for (uint64_t i = 0; i < steps; ++i) {
+      out->push_back(Argmax(logits));
+      KVM_RETURN_IF_ERROR(w.Forward(out->back(), 256 + i, logits.data()));
+    }
+    return src->Flush();
+  };
+  // The doomed worker: another process (kvmctl demo) decoding through this service over UCX.
+  const std::string addr = server->address();
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const int null = open("/dev/null", O_WRONLY);
+    dup2(null, STDOUT_FILENO);
+    dup2(null, STDERR_FILENO);
+    execl(KVMCTL, KVMCTL, "demo", "--server", addr.c_str(), "--context", "256", "--max-new", "760",
+          "--target-delta", "0", "--budget-frac", "0.25", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  for (int i = 0; i < 100 && server->sessions() == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  ASSERT_EQ(server->sessions(), 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // prefill done, decoding
+  ASSERT_EQ(waitpid(child, nullptr, WNOHANG), 0) << "the worker finished before it was killed";
+  ASSERT_EQ(kill(child, SIGKILL), 0);
+  int status = 0;
+  waitpid(child, &status, 0);
+  // Another worker is served normally, and its tokens match the in-process selector's.
+  std::vector<uint32_t> got;
+  Status s = decode(8, 24, &got);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  auto sel = std::move(sel::MakeSelector("prhs", opt, shape, 1024)).value();
+  auto local =
+      std::move(SelectorKvSource::Make(shape, 16, std::move(sel), opt, 256, "geometry", 1024))
+          .value();
+  ReferenceWorker w(*model, local.get());
+  std::vector<float> logits(model->config().vocab_size);
+  for (uint64_t p = 0; p < 256; ++p)
+    ASSERT_TRUE(w.Forward(ids[p], p, p == 255 ? logits.data() : nullptr).ok());
+  for (uint64_t i = 0; i < 24; ++i) {
+    ASSERT_EQ(got[i], Argmax(logits)) << "token " << i;
+    ASSERT_TRUE(w.Forward(got[i], 256 + i, logits.data()).ok());
+  }
+  // The dead worker's session is gone (its UCX endpoint with it).
+  for (int i = 0; i < 50 && server->sessions() > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(server->sessions(), 0u);
+  server.reset();
+  store.reset();
+  std::filesystem::remove_all(dir);
+}
 
 }  // namespace
 }  // namespace kvm::client

@@ -213,9 +213,9 @@ int RunBenchAttention(const std::vector<std::string>& args) {
 
 namespace kvm::tools {
 int RunBench(const std::vector<std::string>& args) {
-  if (args.empty()) throw UsageError("bench needs a target: attention");
+  if (args.empty()) throw UsageError("bench needs a target: attention or transport");
   if (args[0] == "attention") return RunBenchAttention({args.begin() + 1, args.end()});
-  throw UsageError("unknown bench target '" + args[0] +
-                   "' (attention; transport is not built yet)");
+  if (args[0] == "transport") return RunBenchTransport({args.begin() + 1, args.end()});
+  throw UsageError("unknown bench target '" + args[0] + "' (attention, transport)");
 }
 }  // namespace kvm::tools

@@ -84,6 +84,17 @@ inline constexpr const char* kBenchAttentionUsage =
     "(up to about\n"
     "      a minute) for an idle machine and says in `idle` whether it got one.";
 int RunBenchAttention(const std::vector<std::string>& args);
+inline constexpr const char* kBenchTransportUsage =
+    "  bench transport [--tls tcp|sm|inproc] [--blocks N] [--block-bytes N] [--messages N] "
+    "[--json]\n"
+    "      One retrieval reply per message (N blocks of K+V, contiguous at the sender, scattered "
+    "into\n"
+    "      the receiver's registered hot-set slots) over the data plane, against ucx_perftest run "
+    "here\n"
+    "      with the same test (ucp_am_bw), datatypes (-D contig,iov), segment sizes and error "
+    "mode;\n"
+    "      in-process against memcpy of the same scatter. Defaults: sm, 256 blocks of 8192 bytes.";
+int RunBenchTransport(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);
 
 inline constexpr const char* kDemoUsage =

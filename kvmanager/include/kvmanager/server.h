@@ -39,6 +39,7 @@ class Server {
   ~Server();
   uint16_t port() const;
   std::string address() const;  // "host:port" actually bound
+  size_t sessions() const;      // open control connections
   // Stops accepting, waits (up to drain_ms) for the requests in flight, closes every session.
   void Stop(int drain_ms = 5000);
 
