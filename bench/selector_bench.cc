@@ -4,6 +4,7 @@
 //   kvm_selector_bench [--max-tokens N] [--json]
 // Waits for an idle machine (≥ 90% idle over 1 s, up to ~60 s) before measuring and says whether it
 // got one.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -51,18 +52,99 @@ struct SyntheticHead {
                         kD,        DType::kF16};
   }
 };
+// --step-bytes: bytes per decode step at T = 32K (synthetic keys, slowly drifting synthetic
+// queries): PrHS with the hot-set diff (what the service streams; reuse steps send nothing) vs a
+// dense offload vs a per-step top-k refetch, and the latency of one layer's selection + plan per
+// step (8 KV heads), for budgets of 1/16 and 1/8 of the context.
+int StepBytes(sel::SelectorOptions o, const ModelShape& shape, const std::vector<float>& dir,
+              std::vector<float> q, bool idle, bool json) {
+  const uint64_t T0 = 32768, steps = 512;
+  std::vector<SyntheticHead> heads(kHkv);
+  for (uint32_t h = 0; h < kHkv; ++h) heads[h].Make(T0 + steps, dir.data(), h + 1);
+  std::mt19937 rng(9);
+  std::normal_distribution<float> n(0.f, 1.f);
+  o.tau_cos = 0.9;
+  o.max_cluster_steps = 32;
+  std::string rows;
+  for (uint64_t budget : {T0 / 16, T0 / 8}) {
+    o.budget_tokens = budget;
+    auto prhs = sel::PrhsSelector::Make(o, shape, T0 + steps);
+    if (!prhs.ok()) return std::fprintf(stderr, "%s\n", prhs.status().ToString().c_str()), 1;
+    std::vector<sel::HotSetMirror> mirrors(
+        kHkv, sel::HotSetMirror(static_cast<uint32_t>((*prhs)->HotSetSlots())));
+    sel::PlanBytes bytes;
+    std::vector<double> lat;
+    uint64_t retrieved = 0;
+    std::vector<float> qt = q;
+    for (uint64_t t = T0; t < T0 + steps; ++t) {
+      for (auto& x : qt) x += 0.05f * n(rng);  // slow drift (synthetic)
+      const auto a = Clock::now();
+      for (uint32_t h = 0; h < kHkv; ++h) {
+        const attn::HeadKV kv = heads[h].View(t + 1);
+        sel::StepInput in{t, 0, h, &qt[size_t{h} * kG * kD], &kv, &heads[h].sum};
+        sel::Selection out;
+        sel::PlanStep ps;
+        if (!(*prhs)->Select(in, &out).ok() ||
+            !mirrors[h]
+                 .Plan(out.blocks, t + 1, o.geometry, o.geometry.WindowFirstBlock(t), kB * kD * 2,
+                       kD * 2, &ps, &bytes)
+                 .ok())
+          std::abort();
+        retrieved += out.retrieved_heads;
+      }
+      if (t > T0)
+        lat.push_back(std::chrono::duration<double, std::micro>(Clock::now() - a).count());
+    }
+    std::sort(lat.begin(), lat.end());
+    const double p50 = lat[lat.size() / 2], p99 = lat[size_t(0.99 * double(lat.size()))];
+    const double dense = double(bytes.dense_equivalent), refetch = double(bytes.topk_refetch);
+    char row[512];
+    std::snprintf(
+        row, sizeof(row),
+        "{\"budget_tokens\": %llu, \"streamed_per_step_kb\": %.1f, \"dense_per_step_kb\": "
+        "%.1f, \"refetch_per_step_kb\": %.1f, \"streamed_over_dense\": %.4f, "
+        "\"streamed_over_refetch\": %.4f, \"retrieval_overhead\": %.3f, \"step_p50_us\": "
+        "%.1f, \"step_p99_us\": %.1f}",
+        (unsigned long long)budget, bytes.streamed / 1024.0 / steps, dense / 1024.0 / steps,
+        refetch / 1024.0 / steps, dense > 0 ? bytes.streamed / dense : 0,
+        refetch > 0 ? bytes.streamed / refetch : 0, double(retrieved) / double(steps * kHq), p50,
+        p99);
+    rows += (rows.empty() ? "" : ", ") + std::string(row);
+    if (!json)
+      std::printf(
+          "budget %llu: streamed %.1f KB/step, dense %.1f KB/step (%.4f), top-k refetch %.1f "
+          "KB/step (%.4f), retrieval overhead %.3f, selection+plan p50 %.1f us p99 %.1f us\n",
+          (unsigned long long)budget, bytes.streamed / 1024.0 / steps, dense / 1024.0 / steps,
+          dense > 0 ? bytes.streamed / dense : 0, refetch / 1024.0 / steps,
+          refetch > 0 ? bytes.streamed / refetch : 0, double(retrieved) / double(steps * kHq), p50,
+          p99);
+  }
+  if (json)
+    std::printf(
+        "{\"synthetic\": true, \"tokens\": %llu, \"steps\": %llu, \"idle\": %s, "
+        "\"rows\": [%s]}\n",
+        (unsigned long long)T0, (unsigned long long)steps, idle ? "true" : "false", rows.c_str());
+  else
+    std::printf(
+        "(one layer, Hq %u Hkv %u D %u fp16, B %u, T %llu + %llu steps, synthetic keys and "
+        "drifting synthetic queries; idle machine: %s)\n",
+        kHq, kHkv, kD, kB, (unsigned long long)T0, (unsigned long long)steps, idle ? "yes" : "no");
+  return 0;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   uint64_t max_tokens = 1ull << 20;
-  bool json = false;
+  bool json = false, step_bytes = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--json"))
       json = true;
     else if (!std::strcmp(argv[i], "--max-tokens") && i + 1 < argc)
       max_tokens = std::strtoull(argv[++i], nullptr, 10);
+    else if (!std::strcmp(argv[i], "--step-bytes"))
+      step_bytes = true;
     else {
-      std::fprintf(stderr, "usage: kvm_selector_bench [--max-tokens N] [--json]\n");
+      std::fprintf(stderr, "usage: kvm_selector_bench [--max-tokens N] [--step-bytes] [--json]\n");
       return 2;
     }
   }
@@ -80,6 +162,7 @@ int main(int argc, char** argv) {
   std::vector<float> q(size_t{kHq} * kD);
   for (size_t i = 0; i < q.size(); ++i) q[i] = dir[i % kD] * 8.0f + 0.3f * n(rng);
 
+  if (step_bytes) return StepBytes(o, shape, dir, q, idle, json);
   o.hshare_channels.assign(kHq, {});
   for (auto& ch : o.hshare_channels)
     for (uint32_t c = 0; c < kD / 8; ++c) ch.push_back(c);
