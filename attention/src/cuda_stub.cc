@@ -15,6 +15,8 @@ Status Free(void*) { return CudaAvailable(); }
 Status CopyToDevice(void*, const void*, size_t) { return CudaAvailable(); }
 Status CopyToHost(void*, const void*, size_t) { return CudaAvailable(); }
 Status Synchronize() { return CudaAvailable(); }
+Status HostRegister(void*, size_t) { return CudaAvailable(); }
+Status HostUnregister(void*) { return CudaAvailable(); }
 uint32_t DecodeSplits(uint32_t, uint32_t) { return 1; }
 size_t DecodeWorkspaceBytes(uint32_t kv_heads, uint32_t group, uint32_t head_dim, uint32_t splits) {
   return size_t(kv_heads) * splits * group * (head_dim + 2) * sizeof(float);

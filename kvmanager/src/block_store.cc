@@ -925,7 +925,9 @@ StoreStats BlockStore::Stats() const {
     st.host_slots_used += a->used();
     st.host_bytes += uint64_t{a->used()} * bytes;
     st.host_capacity_bytes += a->bytes();
+    if (st.host_pinning.empty() || !a->pinned()) st.host_pinning = a->pinning();
   }
+  if (st.host_pinning.empty()) st.host_pinning = "no arena yet (made at the first append)";
   st.sequences = impl_->seqs.size();
   for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
   st.gpu_tier = "absent: the GPU tier is not built yet";

@@ -5,6 +5,8 @@
 #include <fstream>
 #include <string>
 
+#include "attention/cuda.h"
+
 namespace kvm::store {
 
 size_t DefaultHostCapacity(double fraction, size_t cap) {
@@ -35,8 +37,14 @@ Result<std::unique_ptr<HostArena>> HostArena::Make(size_t capacity_bytes, size_t
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED)
     return Status::NoSpace("host arena: cannot map " + std::to_string(bytes) + " bytes");
-  return std::unique_ptr<HostArena>(
+  auto arena = std::unique_ptr<HostArena>(
       new HostArena(static_cast<uint8_t*>(p), bytes, slot_bytes, static_cast<uint32_t>(n)));
+  // Page-locked when a CUDA device exists (fast asynchronous copies to the GPU); otherwise the
+  // arena stays pageable and says why.
+  const Status pin = attn::cuda::HostRegister(p, bytes);
+  arena->pinned_ = pin.ok();
+  arena->pinning_ = pin.ok() ? "pinned (cudaHostRegister)" : "not pinned: " + pin.message();
+  return arena;
 }
 
 HostArena::HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t capacity)
@@ -45,7 +53,10 @@ HostArena::HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t ca
   for (uint32_t s = capacity; s > 0; --s) free_.push_back(s - 1);  // lowest slots first
 }
 
-HostArena::~HostArena() { munmap(base_, bytes_); }
+HostArena::~HostArena() {
+  if (pinned_) (void)attn::cuda::HostUnregister(base_);
+  munmap(base_, bytes_);
+}
 
 Result<uint32_t> HostArena::Allocate() {
   std::lock_guard<std::mutex> l(mu_);

@@ -205,7 +205,8 @@ int main(int argc, char** argv) {
            ", \"host_bytes\": " + std::to_string(st.host_bytes) +
            ", \"host_capacity_bytes\": " + std::to_string(st.host_capacity_bytes) +
            ", \"disk_bytes_written\": " + std::to_string(st.disk_bytes_written) +
-           ", \"gpu_tier\": \"" + st.gpu_tier + "\", \"control\": \"" + (*srv)->address() + "\"}";
+           ", \"gpu_tier\": \"" + st.gpu_tier + "\", \"host_pinning\": \"" + st.host_pinning +
+           "\", \"control\": \"" + (*srv)->address() + "\"}";
   };
   auto admin = server::AdminServer::Start(ao, &metrics);
   if (!admin.ok())

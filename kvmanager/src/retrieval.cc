@@ -18,19 +18,6 @@ constexpr uint64_t kNoContact = UINT64_MAX;
 
 std::string Key(const store::SeqRef& s) { return s.tenant + '\0' + std::to_string(s.id); }
 
-const char* KindName(DeltaKind k) {
-  switch (k) {
-    case DeltaKind::kExact:
-      return "exact";
-    case DeltaKind::kBound:
-      return "bound";
-    case DeltaKind::kAudit:
-      return "audit";
-    default:
-      return "unknown";
-  }
-}
-
 }  // namespace
 
 struct RetrievalEngine::Seq {
@@ -92,16 +79,24 @@ Status LoadKeys(store::BlockStore* store, const store::SeqRef& s, const ModelSha
   return Status::Ok();
 }
 
-// Parsed queries and pending rows of a RetrieveLayer / Audit payload.
+// Parsed KV heads, queries and pending rows of a RetrieveLayer / Audit.
 struct Queries {
+  std::vector<uint32_t> heads;
   std::vector<float> q;  // [heads][group][D]
   const uint8_t* pending = nullptr;
   size_t pending_stride = 0;  // bytes per head
 };
 
-Status ParseQueries(const ModelShape& shape, uint32_t layer, std::span<const uint32_t> heads,
-                    uint64_t step, uint32_t pending, uint64_t length, uint32_t max_pending,
-                    std::span<const uint8_t> payload, Queries* out) {
+// Validates a RetrieveLayer / Audit (m) of sequence s against its shape and stored length.
+template <typename Msg>
+Status ParseQueries(store::BlockStore* store, const store::SeqRef& s, const ModelShape& shape,
+                    const Msg& m, uint32_t max_pending, std::span<const uint8_t> payload,
+                    Queries* out) {
+  out->heads.assign(m.kv_heads().begin(), m.kv_heads().end());
+  const std::vector<uint32_t>& heads = out->heads;
+  const uint32_t layer = m.layer(), pending = m.pending_tokens();
+  const uint64_t step = m.step();
+  KVM_ASSIGN_OR_RETURN(const uint64_t length, store->Length(s));
   KVM_RETURN_IF_ERROR(wire::ValidateQueries(layer, heads, shape, pending, payload.size()));
   const uint64_t T = step + 1;
   if (pending > max_pending)
@@ -193,11 +188,9 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   KVM_ASSIGN_OR_RETURN(auto q, Find(s));
   std::lock_guard<std::mutex> l(q->mu);
   const ModelShape& shape = q->shape;
-  const std::vector<uint32_t> heads(m.kv_heads().begin(), m.kv_heads().end());
-  KVM_ASSIGN_OR_RETURN(uint64_t length, store_->Length(s));
   Queries in;
-  KVM_RETURN_IF_ERROR(ParseQueries(shape, m.layer(), heads, m.step(), m.pending_tokens(), length,
-                                   opt_.max_pending_tokens, payload, &in));
+  KVM_RETURN_IF_ERROR(ParseQueries(store_, s, shape, m, opt_.max_pending_tokens, payload, &in));
+  const std::vector<uint32_t>& heads = in.heads;
   if (m.hot_set_generation() < q->generation)
     return Status::FailedPrecondition("hot-set generation " +
                                       std::to_string(m.hot_set_generation()) + " is older than " +
@@ -271,7 +264,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
       hs->add_log_delta(prhs && sel.anchor ? prhs->gate(m.layer(), h * g + j).log_delta_a
                                            : std::log(d));
       if (metrics_ && !std::isnan(d))
-        metrics_->ObserveDelta(q->sel.name, KindName(sel.kind), d, q->sel.options.target_delta);
+        metrics_->ObserveDelta(q->sel.name, DeltaKindName(sel.kind), d,
+                               q->sel.options.target_delta);
     }
     hs->set_delta_kind(static_cast<wire::DeltaKind>(sel.kind));
     hs->set_k_max(sel.k_max);
@@ -288,11 +282,9 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
   KVM_ASSIGN_OR_RETURN(auto q, Find(s));
   std::lock_guard<std::mutex> l(q->mu);
   const ModelShape& shape = q->shape;
-  const std::vector<uint32_t> heads(m.kv_heads().begin(), m.kv_heads().end());
-  KVM_ASSIGN_OR_RETURN(uint64_t length, store_->Length(s));
   Queries in;
-  KVM_RETURN_IF_ERROR(ParseQueries(shape, m.layer(), heads, m.step(), m.pending_tokens(), length,
-                                   opt_.max_pending_tokens, payload, &in));
+  KVM_RETURN_IF_ERROR(ParseQueries(store_, s, shape, m, opt_.max_pending_tokens, payload, &in));
+  const std::vector<uint32_t>& heads = in.heads;
   const sel::Geometry& geo = q->sel.options.geometry;
   const uint64_t T = m.step() + 1, nb = geo.Blocks(T);
   const uint32_t g = shape.group_size(), D = shape.head_dim;

@@ -15,6 +15,7 @@
 #include <random>
 #include <thread>
 
+#include "attention/reference.h"
 #include "kvmanager/host_arena.h"
 
 namespace kvm::store {
@@ -83,6 +84,10 @@ TEST(HostArenaTest, SlabAllocatesUntilFullThenNoSpace) {
   EXPECT_EQ((*a)->used(), 10u);
   EXPECT_TRUE(HostArena::Make(100, 1024).status().IsInvalidArgument());
   EXPECT_GT(DefaultHostCapacity(), 0u);
+  // Page-locked exactly when a CUDA device exists; otherwise it says why not.
+  const bool device = attn::CudaAvailable().ok();
+  EXPECT_EQ((*a)->pinned(), device);
+  EXPECT_EQ((*a)->pinning().rfind(device ? "pinned" : "not pinned: ", 0), 0u) << (*a)->pinning();
 }
 
 TEST(BlockStoreTest, AppendReadRetryGapAndBadPayload) {

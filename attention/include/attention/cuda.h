@@ -58,5 +58,9 @@ Status Free(void* p);
 Status CopyToDevice(void* dst, const void* src, size_t bytes);
 Status CopyToHost(void* dst, const void* src, size_t bytes);
 Status Synchronize();
+// Page-locks existing host memory for fast, asynchronous copies (cudaHostRegister); the host tier's
+// arena when a device exists. Unregister before unmapping.
+Status HostRegister(void* p, size_t bytes);
+Status HostUnregister(void* p);
 
 }  // namespace kvm::attn::cuda

@@ -117,6 +117,11 @@ Result<void*> Malloc(size_t bytes) {
   return p;
 }
 Status Free(void* p) { return FromCuda(cudaFree(p), "cudaFree"); }
+Status HostRegister(void* p, size_t bytes) {
+  KVM_RETURN_IF_ERROR(CudaAvailable());
+  return FromCuda(cudaHostRegister(p, bytes, cudaHostRegisterDefault), "cudaHostRegister");
+}
+Status HostUnregister(void* p) { return FromCuda(cudaHostUnregister(p), "cudaHostUnregister"); }
 Status CopyToDevice(void* dst, const void* src, size_t n) {
   return FromCuda(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
 }

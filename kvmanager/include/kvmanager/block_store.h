@@ -65,6 +65,7 @@ struct StoreStats {
   uint64_t disk_bytes_written = 0;
   uint64_t shared_blocks = 0;  // durable block records referenced by more than one sequence
   std::string gpu_tier;        // "absent: ..." (why) — the GPU tier is not built yet
+  std::string host_pinning;    // "pinned (cudaHostRegister)" or "not pinned: <why>"
 };
 
 class BlockStore {

@@ -1,11 +1,13 @@
 // HostArena: the host tier's memory — one large anonymous mapping, carved into fixed-size block
-// slots by a slab allocator, so that UCX can register it once (and CUDA pin it) later. Thread-safe.
+// slots by a slab allocator, so that UCX can register it once; page-locked with cudaHostRegister
+// when a CUDA device exists. Thread-safe.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "proto/status.h"
@@ -33,12 +35,17 @@ class HostArena {
   size_t slot_bytes() const { return slot_bytes_; }
   uint32_t capacity() const { return capacity_; }
   uint32_t used() const;
+  // Whether the arena is page-locked for CUDA, and in words why (not).
+  bool pinned() const { return pinned_; }
+  const std::string& pinning() const { return pinning_; }
 
  private:
   HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t capacity);
   uint8_t* base_;
   size_t bytes_, slot_bytes_;
   uint32_t capacity_;
+  bool pinned_ = false;
+  std::string pinning_;
   mutable std::mutex mu_;
   std::vector<uint32_t> free_;  // guarded by mu_
 };
