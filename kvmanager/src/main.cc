@@ -58,6 +58,7 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "max_in_flight",
                                  "max_frame_bytes",
                                  "session_timeout_ms",
+                                 "request_deadline_ms",
                                  "data_plane",
                                  "tenants"};
   for (const auto& kv : y) {
@@ -76,6 +77,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("max_in_flight", &c->server.max_in_flight);
   get("max_frame_bytes", &c->server.handler.limits.max_frame_bytes);
   get("session_timeout_ms", &c->server.session_timeout_ms);
+  get("request_deadline_ms", &c->server.request_deadline_ms);
   get("data_plane", &c->data_plane);
   if (y["tenants"]) {
     if (!y["tenants"].IsSequence()) Usage("config " + path + ": field 'tenants' must be a list");
@@ -121,6 +123,8 @@ int main(int argc, char** argv) {
       "largest accepted frame. Default: 268435456 (256 MiB)")(
       "session-timeout-ms", po::value<uint32_t>(),
       "close a session silent (no request, no heartbeat) this long; 0 = never. Default: 10000")(
+      "request-deadline-ms", po::value<uint32_t>(),
+      "answer TimedOut, without running it, a request queued this long; 0 = none. Default: 30000")(
       "data-plane", po::value<std::string>(),
       "ucx: retrieval blocks as UCX active messages to workers that offer a UCX address; none: "
       "in reply frames over TCP only. Default: ucx");
@@ -153,6 +157,8 @@ int main(int argc, char** argv) {
   if (vm.count("data-plane")) c.data_plane = vm["data-plane"].as<std::string>();
   if (c.data_plane != "ucx" && c.data_plane != "none")
     Usage("--data-plane: '" + c.data_plane + "' is not ucx or none");
+  if (vm.count("request-deadline-ms"))
+    c.server.request_deadline_ms = vm["request-deadline-ms"].as<uint32_t>();
   if (vm.count("session-timeout-ms"))
     c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))

@@ -89,7 +89,8 @@ struct Server::Impl {
             self->last_heard_ = std::chrono::steady_clock::now();
             Status st = self->decoder_.Feed({self->buf_.data(), n});
             wire::Frame f;
-            while (self->decoder_.Next(&f)) self->pending_.push_back(std::move(f));
+            while (self->decoder_.Next(&f))
+              self->pending_.emplace_back(std::move(f), std::chrono::steady_clock::now());
             self->Pump();
             if (!st.ok()) {  // a protocol error: answer it, then close this connection only
               wire::Error e;
@@ -129,7 +130,8 @@ struct Server::Impl {
     // once the server is stopping no new request starts.
     void Pump() {
       if (busy_ || pending_.empty() || srv_->stopping) return;
-      wire::Frame f = std::move(pending_.front());
+      wire::Frame f = std::move(pending_.front().first);
+      const auto arrived = pending_.front().second;
       pending_.pop_front();
       if (srv_->in_flight.fetch_add(1) >= srv_->opt.max_in_flight) {
         srv_->in_flight.fetch_sub(1);
@@ -143,9 +145,25 @@ struct Server::Impl {
       }
       busy_ = true;
       auto frame = std::make_shared<wire::Frame>(std::move(f));
-      asio::post(*srv_->workers, [self = shared_from_this(), frame] {
-        auto reply = std::make_shared<std::vector<uint8_t>>(
-            self->srv_->handler->Handle(self->state_, *frame));
+      asio::post(*srv_->workers, [self = shared_from_this(), frame, arrived] {
+        // A request that waited (behind this session's earlier ones, or for a worker thread)
+        // past the deadline is answered TimedOut without running: its client gave up on it.
+        const uint32_t deadline = self->srv_->opt.request_deadline_ms;
+        const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+            std::chrono::steady_clock::now() - arrived);
+        std::shared_ptr<std::vector<uint8_t>> reply;
+        if (deadline && waited.count() > deadline) {
+          wire::Error e;
+          e.set_code(wire::ERR_TIMED_OUT);
+          e.set_message("request waited " + std::to_string(waited.count()) +
+                        " ms in the queue, past the deadline of " + std::to_string(deadline) +
+                        " ms");
+          reply = std::make_shared<std::vector<uint8_t>>(wire::EncodeFrame(
+              static_cast<uint16_t>(wire::MessageType::kError), frame->header.request_id, e));
+        } else {
+          reply = std::make_shared<std::vector<uint8_t>>(
+              self->srv_->handler->Handle(self->state_, *frame));
+        }
         asio::post(self->strand_, [self, reply] {
           self->busy_ = false;
           if (self->finished_) self->srv_->handler->Close(self->state_);
@@ -192,7 +210,7 @@ struct Server::Impl {
     wire::FrameDecoder decoder_;
     SessionState state_;
     std::array<uint8_t, 64 * 1024> buf_;
-    std::deque<wire::Frame> pending_;
+    std::deque<std::pair<wire::Frame, std::chrono::steady_clock::time_point>> pending_;
     bool busy_ = false;
     bool closing_ = false;
     std::deque<std::pair<std::vector<uint8_t>, bool>> out_;

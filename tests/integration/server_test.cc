@@ -252,19 +252,63 @@ TEST_F(ServerTest, SilentSessionsAreClosedHeartbeatsKeepThemAlive) {
   ServerOptions o;
   o.listen = "127.0.0.1:0";
   o.handler.tenants = {{"a", "tokA", false}};
-  o.session_timeout_ms = 300;
+  o.session_timeout_ms = 1000;
   auto s = Server::Start(o, store_.get());
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   Client silent((*s)->port()), beating((*s)->port());
   ASSERT_TRUE(silent.Hello("a", "tokA").ok());
   ASSERT_TRUE(beating.Hello("a", "tokA").ok());
-  for (int i = 0; i < 12; ++i) {  // 1.2 s: four timeouts' worth
+  for (int i = 0; i < 30; ++i) {  // 3 s: three timeouts' worth, a beat every 0.1 s
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     ASSERT_TRUE(beating.Call(MessageType::kHeartbeat, wire::Heartbeat()).ok()) << "beat " << i;
   }
   wire::Frame f;
   EXPECT_FALSE(silent.Recv(&f));  // the server closed it
   EXPECT_TRUE(beating.Call(MessageType::kStats, wire::Stats()).ok());
+}
+
+}  // namespace
+}  // namespace kvm::server
+
+namespace kvm::server {
+namespace {
+
+TEST_F(ServerTest, RequestsQueuedPastTheDeadlineAreTimedOutInOrder) {
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.handler.tenants = {{"a", "tokA", false}};
+  o.request_deadline_ms = 1;
+  o.worker_threads = 1;
+  auto s = Server::Start(o, store_.get());
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Client c((*s)->port());
+  ASSERT_TRUE(c.Hello("a", "tokA").ok());
+  // 3000 pipelined requests: the later ones wait in the queue for longer than 1 ms.
+  std::vector<uint8_t> all;
+  for (uint64_t id = 100; id < 3100; ++id) {
+    const auto f =
+        wire::EncodeFrame(static_cast<uint16_t>(MessageType::kHeartbeat), id, wire::Heartbeat());
+    all.insert(all.end(), f.begin(), f.end());
+  }
+  c.SendRaw(all);
+  int ok = 0, timed_out = 0;
+  for (uint64_t id = 100; id < 3100; ++id) {
+    wire::Frame f;
+    ASSERT_TRUE(c.Recv(&f));
+    ASSERT_EQ(f.header.request_id, id);  // in order, every one answered
+    if (f.header.type == static_cast<uint16_t>(MessageType::kError)) {
+      wire::Error e;
+      ASSERT_TRUE(wire::ParseProto(f, &e).ok());
+      ASSERT_EQ(e.code(), wire::ERR_TIMED_OUT) << e.message();
+      ++timed_out;
+    } else {
+      ++ok;
+    }
+  }
+  EXPECT_GT(timed_out, 0);
+  EXPECT_EQ(ok + timed_out, 3000);
+  const Status after = c.Call(MessageType::kStats, wire::Stats());  // the session goes on
+  EXPECT_TRUE(after.ok() || after.IsTimedOut()) << after.ToString();
 }
 
 }  // namespace

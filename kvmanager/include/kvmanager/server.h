@@ -4,8 +4,9 @@
 // worker pool; replies are written in request order. A protocol error (bad magic, oversized length,
 // ...) gets an Error frame and closes that connection only. A full pool answers Busy. Stop() stops
 // accepting, drains the requests in flight and joins the threads. A session silent for longer than
-// session_timeout_ms (heartbeats keep it alive) is closed. Deadlines are the client's: it stops
-// waiting and reports TimedOut (client/); a late reply to a request it gave up on is discarded.
+// session_timeout_ms (heartbeats keep it alive) is closed. Deadlines: the client stops waiting and
+// reports TimedOut (client/); a request that waited past request_deadline_ms before it could start
+// is answered TimedOut here without running.
 //
 // Thread-safe: Start/Stop/port from any thread.
 #pragma once
@@ -28,6 +29,9 @@ struct ServerOptions {
   // its requests is in flight is closed and its state reclaimed. 0 = never. Default: 10 heartbeat
   // intervals of the default 1 s.
   uint32_t session_timeout_ms = 10000;
+  // A request still queued this long after it arrived is answered TimedOut without running (the
+  // client's deadline has passed). 0 = none. Default: 30000 (the client library's deadline).
+  uint32_t request_deadline_ms = 30000;
   HandlerOptions handler;
 };
 
