@@ -47,5 +47,26 @@ assert 0 < d["streamed_bytes"] < d["dense_offload_bytes"], d
 assert 0 <= d["delta_mean"] <= 1 and 0 <= d["within_target_fraction"] <= 1 and d["retrieval_overhead"] > 0, d
 PY
 then echo "ok: demo --json is one object with every documented key"; else echo "FAIL: demo --json: $out"; fail=1; fi
+# eval --generate through the service (a kvmanager started here, UCX and TCP data paths) and
+# in-process: the same selector and budget generate identical tokens.
+KVMANAGER=$(dirname "$K")/../../kvmanager/kvmanager
+data=$(mktemp -d); log=$data/log
+"$KVMANAGER" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir "$data/db" >"$log" 2>&1 &
+kpid=$!
+for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
+addr=$(grep -o "listening on [^ ]*" "$log" | cut -d' ' -f3)
+ev=(eval "${common[@]}" --context 512 --steps 32 --selector prhs --budget-frac 0.125 --generate --json)
+a=$("$K" "${ev[@]}" 2>/dev/null); b=$("$K" "${ev[@]}" --server "$addr" 2>/dev/null)
+c=$("$K" "${ev[@]}" --server "$addr" --transport tcp 2>/dev/null)
+kill -TERM $kpid; wait $kpid; rm -rf "$data"
+if /usr/bin/python3 - "$a" "$b" "$c" <<'PY'
+import json, sys
+a, b, c = (json.loads(x) for x in sys.argv[1:4])
+assert len(a["generated"]) == 32 and a["transport"] == "inproc", a
+assert b["transport"] == "ucx" and c["transport"] == "tcp", (b["transport"], c["transport"])
+assert a["generated"] == b["generated"] == c["generated"], (a["generated"], b["generated"], c["generated"])
+assert a["retrieval_overhead"] == b["retrieval_overhead"] == c["retrieval_overhead"]
+PY
+then echo "ok: eval --generate through the service (ucx, tcp) = in-process, token for token"; else echo "FAIL: eval through the service: $a / $b / $c"; fail=1; fi
 [ $fail -eq 0 ] && echo "kvmctl cli: all contract checks passed"
 exit $fail

@@ -47,7 +47,7 @@ inline constexpr const char* kEvalUsage =
     "[--margin M]\n"
     "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--kv-dtype "
     "fp16|bf16|fp32]\n"
-    "       [--hshare-channels FILE]\n"
+    "       [--hshare-channels FILE] [--server HOST:PORT [--transport ucx|tcp]]\n"
     "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the "
     "true next\n"
     "      tokens; --generate: greedy on its own tokens) with the selector, beside a dense run on "
@@ -58,7 +58,9 @@ inline constexpr const char* kEvalUsage =
     "one object\n"
     "      on stdout. Defaults: the committed model and held-out tokens, B 16, 4 sink tokens, a "
     "window of B\n"
-    "      tokens, KV fp16, target mode cap 1/4 of the context.";
+    "      tokens, KV fp16, target mode cap 1/4 of the context. --server: the sparse run decodes\n"
+    "      through that kvmanager (ServiceKvSource); delta is then the worker's claims (exact at\n"
+    "      anchors, bound on reuse), `generated` lists the --generate tokens either way.";
 int RunEval(const std::vector<std::string>& args);
 
 inline constexpr const char* kNeedleUsage =

@@ -10,13 +10,16 @@
 #include <set>
 #include <sstream>
 
+#include "client/client.h"
 #include "client/llama.h"
 #include "client/selector_source.h"
+#include "client/service_source.h"
 #include "client/tokenizer.h"
 #include "commands.h"
 #include "flags.h"
 #include "selector/baselines.h"
 #include "selector/layer_map.h"
+#include "transport/transport.h"
 
 namespace kvm::tools {
 namespace {
@@ -53,7 +56,7 @@ uint32_t Argmax(const std::vector<float>& v) {
 Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
                             const std::string& name, const sel::SelectorOptions& o,
                             const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
-                            bool generate, bool progress) {
+                            bool generate, bool progress, client::KvSource* external) {
   const uint32_t B = o.geometry.block_size;
   const auto& cfg = model.config();
   if (ids.size() < context + steps + 1)
@@ -65,7 +68,11 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
   if (!dense_kv.ok()) return dense_kv.status();
   std::unique_ptr<client::DenseKvSource> dense_as_sparse;
   client::KvSource* sparse_kv = nullptr;
-  if (name == "dense") {
+  if (external) {
+    if (o.layer_sharing || name == "hshare")
+      return Status::InvalidArgument("layer sharing and hshare are not served through the service");
+    sparse_kv = external;
+  } else if (name == "dense") {
     dense_as_sparse = std::move(client::DenseKvSource::Make(shape, B)).value();
     sparse_kv = dense_as_sparse.get();
   } else {
@@ -209,7 +216,8 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
 int RunEval(const std::vector<std::string>& args) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
-  vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype"});
+  vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype", "server",
+             "transport"});
   bf.insert({"generate", "json"});
   Flags f(args, vf, bf);
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
@@ -247,8 +255,47 @@ int RunEval(const std::vector<std::string>& args) {
   const uint32_t B = o.geometry.block_size;
   std::vector<uint32_t> window(ids->begin() + static_cast<ptrdiff_t>(offset),
                                ids->begin() + static_cast<ptrdiff_t>(offset + context + steps + 1));
+  // --server: the sparse run decodes through the service (its KV source is ServiceKvSource).
+  std::unique_ptr<transport::Transport> data_plane;
+  std::unique_ptr<client::Client> conn;
+  std::unique_ptr<client::ServiceKvSource> service;
+  if (f.Has("server")) {
+    if (name == "dense") throw UsageError("--server: needs a selector other than dense");
+    const std::string tr = f.Str("transport", "ucx");
+    if (tr != "ucx" && tr != "tcp") throw UsageError("--transport: ucx or tcp");
+    if (tr == "ucx") {
+      auto t = transport::MakeUcx();
+      if (!t.ok())
+        return std::fprintf(stderr, "kvmctl eval: %s\n", t.status().ToString().c_str()), 1;
+      data_plane = std::move(*t);
+    }
+    client::ConnectOptions co;
+    co.address = *f.Str("server");
+    co.client_name = "kvmctl-eval";
+    co.data_plane = data_plane.get();
+    auto c = client::Client::Connect(co);
+    if (!c.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", c.status().ToString().c_str()), 1;
+    conn = std::move(*c);
+    client::ServiceSourceOptions so;
+    so.sequence_id = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+    so.selector = name;
+    so.options = o;
+    so.prefill = context;
+    auto src = client::ServiceKvSource::Make(conn.get(), shape, so);
+    if (!src.ok()) {
+      if (src.status().IsInvalidArgument()) throw UsageError(src.status().message());
+      return std::fprintf(stderr, "kvmctl eval: %s\n", src.status().ToString().c_str()), 1;
+    }
+    service = std::move(*src);
+  } else if (f.Has("transport")) {
+    throw UsageError("--transport: only with --server");
+  }
   auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"),
-                      !f.Bool("json"));
+                      !f.Bool("json"), service.get());
+  if (run.ok() && service) {
+    if (Status st = service->Flush(); !st.ok()) run = st;
+    (void)service->Delete();
+  }
   if (!run.ok()) {
     if (run.status().IsInvalidArgument()) throw UsageError(run.status().message());
     return std::fprintf(stderr, "kvmctl eval: %s\n", run.status().ToString().c_str()), 1;
@@ -264,7 +311,14 @@ int RunEval(const std::vector<std::string>& args) {
   uint64_t within = 0, violations = 0, claims = 0;
   std::map<std::string, uint64_t> kinds;
   const bool target = o.target_delta > 0;
-  if (sparse) {
+  if (service) {  // through the service: the worker's claims (exact anchors, bounds on reuse)
+    for (const auto& r : service->records()) {
+      kinds[DeltaKindName(r.kind)]++;
+      if (r.kind == DeltaKind::kAudit) continue;
+      dt.push_back(r.delta);
+      within += r.delta <= o.target_delta;
+    }
+  } else if (sparse) {
     for (const auto& r : sparse->records()) {
       dt.push_back(r.delta_true);
       dor.push_back(r.delta_oracle);
@@ -286,11 +340,19 @@ int RunEval(const std::vector<std::string>& args) {
   for (double x : dor) omean += x / dor.size();
   const auto* tot = sparse ? &sparse->totals() : nullptr;
   (void)r;
-  const double retrieval = tot ? double(tot->retrievals) / double(steps * L * Hq) : 0.0;
+  const auto* stot = service ? &service->totals() : nullptr;
+  const double retrieval = tot    ? double(tot->retrievals) / double(steps * L * Hq)
+                           : stot ? double(stot->retrievals) / double(steps * L * Hq)
+                                  : 0.0;
   const double attended = tot ? double(tot->attended_tokens) / double(tot->context_tokens) : 1.0;
   const double streamed = tot && tot->bytes.dense_equivalent
                               ? double(tot->bytes.streamed) / tot->bytes.dense_equivalent
+                          : stot && stot->dense_equivalent
+                              ? double(stot->streamed_bytes) / double(stot->dense_equivalent)
                               : 1.0;
+  std::string generated;  // the sparse run's greedy tokens (--generate)
+  for (uint32_t t : r.sparse_argmax)
+    generated += (generated.empty() ? "" : ", ") + std::to_string(t);
   const bool gen = f.Bool("generate");
   if (f.Bool("json")) {
     std::printf(
@@ -305,7 +367,8 @@ int RunEval(const std::vector<std::string>& args) {
         "\"nll_sparse\": %s, "
         "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": "
         "\"%s\", "
-        "\"seconds\": %.2f}\n",
+        "\"seconds\": %.2f, \"delta_source\": \"%s\", \"transport\": \"%s\", \"generated\": "
+        "[%s]}\n",
         name.c_str(), (unsigned long long)context, (unsigned long long)steps,
         (unsigned long long)o.budget_tokens, B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(),
         Num(Percentile(dt, 0.99)).c_str(),
@@ -320,7 +383,13 @@ int RunEval(const std::vector<std::string>& args) {
             .c_str(),
         Num(double(agree) / steps).c_str(), gen ? "null" : Num(nll_d).c_str(),
         gen ? "null" : Num(nll_s).c_str(), gen ? "null" : Num(std::exp(nll_s - nll_d)).c_str(),
-        (unsigned long long)o.max_resident_tokens, gen ? "true" : "false", DTypeName(*dtype), secs);
+        (unsigned long long)o.max_resident_tokens, gen ? "true" : "false", DTypeName(*dtype), secs,
+        service ? "service claims: exact at anchors, bound on reuse steps"
+                : "measured on the sparse run's own q and K",
+        !service             ? "inproc"
+        : conn->data_plane() ? conn->data_plane()->name()
+                             : "tcp",
+        gen ? generated.c_str() : "");
   } else {
     std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n",
                 name.c_str(), (unsigned long long)context, (unsigned long long)steps,

@@ -22,11 +22,12 @@ struct EvalOutput {
 
 // ids: at least context + steps + 1 tokens; positions [0, context) are the prefill. Steps feed
 // ids[p] (or, with generate, the sparse run's greedy token). InvalidArgument for bad selector
-// options.
+// options. `external`: the sparse run's KV source when given (the service: ServiceKvSource), else
+// an in-process SelectorKvSource (EvalOutput::sparse).
 Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
                             const std::string& name, const sel::SelectorOptions& o,
                             const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
-                            bool generate, bool progress);
+                            bool generate, bool progress, client::KvSource* external = nullptr);
 
 class Flags;
 // The selector options of eval-like commands from their flags (--budget, --budget-frac,
