@@ -57,7 +57,8 @@ struct RecvOp {
 
 struct SendOp {
   SendDone done;
-  std::vector<uint8_t> header;  // UCX reads the header until the send completes
+  std::vector<uint8_t> header;    // UCX reads the header until the send completes
+  std::vector<ucp_dt_iov_t> iov;  // ... and the iov list of a gathered send
 };
 
 class Ucx : public Transport {
@@ -172,6 +173,16 @@ class Ucx : public Transport {
 
   Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
               SendDone done) override {
+    return Post(peer, header, nullptr, {const_cast<uint8_t*>(data.data()), data.size()},
+                std::move(done));
+  }
+  Status SendGather(uint64_t peer, std::span<const uint8_t> header,
+                    std::span<const Segment> segments, SendDone done) override {
+    return Post(peer, header, &segments, {}, std::move(done));
+  }
+  // One active message: contiguous `data`, or gathered from `segments` when given.
+  Status Post(uint64_t peer, std::span<const uint8_t> header, std::span<const Segment>* segments,
+              Segment data, SendDone done) {
     if (header.size() > max_header_) {
       return Status::InvalidArgument("active-message header of " + std::to_string(header.size()) +
                                      " bytes > ucp_am_max_header_size " +
@@ -185,9 +196,18 @@ class Ucx : public Transport {
         return Status::Unavailable("UCX peer " + std::to_string(peer) + " gone");
       ep = it->second;
     }
-    auto* op = new SendOp{std::move(done), {header.begin(), header.end()}};
+    auto* op = new SendOp{std::move(done), {header.begin(), header.end()}, {}};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    const void* buffer = data.ptr;
+    size_t count = data.len;
+    if (segments) {
+      for (const Segment& s : *segments) op->iov.push_back({s.ptr, s.len});
+      rp.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+      rp.datatype = ucp_dt_make_iov();
+      buffer = op->iov.data();
+      count = op->iov.size();
+    }
     rp.cb.send = [](void* req, ucs_status_t s, void* user) {
       auto* o = static_cast<SendOp*>(user);
       o->done(FromUcs(s, "UCX send"));
@@ -195,8 +215,8 @@ class Ucx : public Transport {
       ucp_request_free(req);
     };
     rp.user_data = op;
-    ucs_status_ptr_t r = ucp_am_send_nbx(ep, kAmId, op->header.data(), op->header.size(),
-                                         data.data(), data.size(), &rp);
+    ucs_status_ptr_t r =
+        ucp_am_send_nbx(ep, kAmId, op->header.data(), op->header.size(), buffer, count, &rp);
     if (r == nullptr) {  // completed in place
       op->done(Status::Ok());
       delete op;

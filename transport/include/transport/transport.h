@@ -57,6 +57,10 @@ class Transport {
   // (on any thread).
   virtual Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
                       SendDone done) = 0;
+  // The same with the data gathered from `segments` (UCX: an iov datatype, pipelined through UCX's
+  // bounce buffers in 1.13, not zero-copy). The segments (not the list) must stay valid until done.
+  virtual Status SendGather(uint64_t peer, std::span<const uint8_t> header,
+                            std::span<const Segment> segments, SendDone done) = 0;
   // Which lanes the connection to `peer` uses (UCX: ucp_ep_print_info), for reports.
   virtual std::string Describe(uint64_t peer) const = 0;
 
