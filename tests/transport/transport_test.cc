@@ -102,6 +102,24 @@ TEST_P(TransportTest, BlocksLandByteIdenticalInTheChosenSlots) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_EQ(sent, int(sizes.size()));
 
+  // A gathered send (blocks scattered at the sender, as in a tier) lands the same way.
+  {
+    std::vector<uint8_t> tier(8 * kSlot);
+    for (auto& b : tier) b = uint8_t(rng());
+    const uint32_t id = 50, n = 3, dst[3] = {5, 60, 7}, from[3] = {6, 1, 3};
+    std::vector<uint8_t> h(8 + 4 * n);
+    std::memcpy(h.data(), &id, 4);
+    std::memcpy(h.data() + 4, &n, 4);
+    std::memcpy(h.data() + 8, dst, 4 * n);
+    std::vector<Segment> segs;
+    for (uint32_t i = 0; i < n; ++i) segs.push_back({tier.data() + from[i] * kSlot, kSlot});
+    ASSERT_TRUE(service->SendGather(*peer, h, segs, [](const Status&) {}).ok());
+    ASSERT_TRUE(worker->WaitFor([&] { return delivered.count(id) > 0; }, 10000).ok());
+    ASSERT_TRUE(delivered[id].ok()) << delivered[id].ToString();
+    for (uint32_t i = 0; i < n; ++i)
+      ASSERT_EQ(std::memcmp(hot.data() + dst[i] * kSlot, tier.data() + from[i] * kSlot, kSlot), 0)
+          << "gathered block " << i;
+  }
   // A placement that refuses (a slot out of range) reports the error; nothing is written.
   std::vector<uint8_t> bad_h(12);
   const uint32_t one = 1, far = kSlots + 5, bad_id = 99;
