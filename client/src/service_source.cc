@@ -3,11 +3,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
 
 #include "proto/kvm.pb.h"
+#include "selector/layer_map.h"
 #include "selector/plan.h"
 #include "selector/wire_options.h"
 
@@ -46,6 +48,10 @@ struct ServiceKvSource::Impl {
     sel::AnchorRecord rec;
     std::vector<sel::HeadGate> gates;  // [group]
     bool contact = false;              // a retrieval happened since the last hot-set reset
+    std::vector<uint64_t> last;        // the selection attended at step last_step
+    uint64_t last_step = UINT64_MAX;
+    std::vector<uint64_t> shared;  // a sharing layer's selection, delivered in its source's batch
+    uint64_t shared_step = UINT64_MAX;
   };
   std::vector<Head> heads;   // [layer][kv_head]
   std::vector<uint8_t> hot;  // hot-set buffer: [layer][kv_head][slot][K,V][B][D]
@@ -60,6 +66,13 @@ struct ServiceKvSource::Impl {
 
   std::vector<ServiceRecord> records;
   ServiceTotals totals;
+
+  // Cross-layer sharing (PrHS, selectors.md §0.6): the last W prefill queries per layer, and the
+  // layer map built from them at the first decode step and sent to the service.
+  uint32_t W = 0;
+  std::vector<std::vector<float>> lastq;  // [layer][W][q_heads][D]
+  std::vector<uint32_t> layer_map;        // empty: no sharing
+  bool map_built = false;
 
   // Data plane: active messages per retrieval request id (parts arrived, first error). The
   // transport calls back on the thread in WaitFor; the lock keeps that obviously safe.
@@ -145,6 +158,37 @@ struct ServiceKvSource::Impl {
     return Status::Ok();
   }
 
+  // PrHS layer sharing: the map from the last W prefill queries over the prefill KV (still held
+  // here), built as the in-process eval builds it, and sent to the service (SetLayerMap).
+  Status BuildLayerMap() {
+    map_built = true;
+    const uint64_t context = opt.prefill;
+    const double frac =
+        opt.options.budget_tokens ? double(opt.options.budget_tokens) / double(context) : 0.125;
+    std::vector<std::vector<uint8_t>> keep;
+    for (uint32_t l = 0; l < L; ++l) {
+      std::vector<std::vector<const void*>> kp(Hkv), vp(Hkv);
+      std::vector<attn::HeadKV> views;
+      for (uint32_t h = 0; h < Hkv; ++h) {
+        Head& hd = head(l, h);
+        const uint64_t nb = layout.BlocksFor(context);
+        if (hd.local_first > 0 || hd.lk.size() < nb)
+          return Status::FailedPrecondition("layer map: the prefill KV is no longer held");
+        for (uint64_t b = 0; b < nb; ++b) {
+          kp[h].push_back(hd.lk[b].data());
+          vp[h].push_back(hd.lv[b].data());
+        }
+        views.push_back({kp[h].data(), vp[h].data(), uint32_t(nb), context, B, D, shape.dtype});
+      }
+      keep.push_back(sel::KeepMask(lastq[l].data(), W, shape.q_heads, views, frac));
+    }
+    KVM_ASSIGN_OR_RETURN(layer_map, sel::BuildLayerMap(keep, L / 2));
+    wire::SetLayerMap m;
+    m.set_sequence_id(opt.sequence_id);
+    for (uint32_t s : layer_map) m.add_source_layer(s);
+    return client->Call(wire::MessageType::kSetLayerMap, m).status();
+  }
+
   // Queries of the groups `hs` (fp32) + the K rows the service has not stored yet.
   std::vector<uint8_t> QueryPayload(uint32_t l, const std::vector<uint32_t>& hs, const float* q,
                                     uint64_t T, uint32_t pending) {
@@ -205,18 +249,21 @@ struct ServiceKvSource::Impl {
       KVM_RETURN_IF_ERROR(
           w.WithContext("waiting for the blocks of retrieval " + std::to_string(id)));
     }
-    if (r.heads_size() != int(hs.size()))
-      return Status::Internal("retrieve: " + std::to_string(r.heads_size()) + " heads for " +
+    int own = 0;
+    for (const auto& sel : r.heads()) own += sel.layer() == l;
+    if (own != int(hs.size()))
+      return Status::Internal("retrieve: " + std::to_string(own) + " heads for " +
                               std::to_string(hs.size()));
     size_t at = 0;
     const auto& payload = f->payload;
     for (const wire::HeadSelection& sel : r.heads()) {
       const uint32_t h = sel.kv_head();
-      if (h >= Hkv || sel.delta_size() != int(g) || sel.log_delta_size() != int(g) ||
+      const uint32_t sl = sel.layer();
+      if (sl >= L || h >= Hkv || sel.delta_size() != int(g) || sel.log_delta_size() != int(g) ||
           sel.slots_size() != sel.block_indices_size() ||
           sel.local_fill_slots_size() != sel.local_fill_blocks_size())
         return Status::Internal("retrieve: malformed head selection");
-      Head& hd = head(l, h);
+      Head& hd = head(sl, h);
       for (uint32_t e : sel.evicted_slots()) Evict(hd, e);
       for (int i = 0; i < sel.local_fill_blocks_size(); ++i) {
         const uint64_t b = sel.local_fill_blocks(i);
@@ -224,21 +271,29 @@ struct ServiceKvSource::Impl {
           return Status::Internal("local fill of block " + std::to_string(b) +
                                   " that the worker does not hold");
         KVM_RETURN_IF_ERROR(
-            Place(hd, l, h, sel.local_fill_slots(i), b, hd.lk[b].data(), hd.lv[b].data()));
+            Place(hd, sl, h, sel.local_fill_slots(i), b, hd.lk[b].data(), hd.lv[b].data()));
         totals.local_fill_bytes += 2 * bb;
       }
       for (int i = 0; i < sel.block_indices_size(); ++i) {
         if (on_data_plane) {
           KVM_RETURN_IF_ERROR(
-              Place(hd, l, h, sel.slots(i), sel.block_indices(i), nullptr, nullptr));
+              Place(hd, sl, h, sel.slots(i), sel.block_indices(i), nullptr, nullptr));
           totals.streamed_bytes += 2 * bb;
           continue;
         }
         if (at + 2 * bb > payload.size())
           return Status::Internal("retrieve: the reply's payload is short");
         KVM_RETURN_IF_ERROR(
-            Place(hd, l, h, sel.slots(i), sel.block_indices(i), &payload[at], &payload[at + bb]));
+            Place(hd, sl, h, sel.slots(i), sel.block_indices(i), &payload[at], &payload[at + bb]));
         at += 2 * bb;
+      }
+      if (sl != l) {  // a layer sharing this one's index set: its blocks came ahead of its query
+        hd.shared.assign(sel.resident_blocks().begin(), sel.resident_blocks().end());
+        hd.shared_step = pos;
+        hd.contact = true;
+        Trim(hd, opt.options.geometry.WindowFirstBlock(T));
+        ++totals.shared_prefetches;
+        continue;
       }
       hd.rec.valid = sel.anchor();
       hd.rec.step = pos;
@@ -335,6 +390,10 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
   }
   impl->hot.resize(impl->heads.size() * impl->slots * 2 * impl->bb);
   impl->zero.assign(impl->bb, 0);
+  if (o.selector == "prhs" && o.options.layer_sharing && o.prefill > 0) {
+    impl->W = static_cast<uint32_t>(std::min<uint64_t>(64, o.prefill));
+    impl->lastq.assign(impl->L, std::vector<float>(size_t{impl->W} * shape.q_heads * impl->D));
+  }
   if (transport::Transport* dp = client->data_plane()) {
     KVM_RETURN_IF_ERROR(dp->Register(impl->hot.data(), impl->hot.size()));
     Impl* m = impl.get();
@@ -409,6 +468,11 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
   const bool prhs = m.opt.selector == "prhs";
   std::vector<std::vector<uint64_t>> selection(m.Hkv);
   std::vector<uint32_t> need;
+  if (!decode && m.W && pos + m.W >= m.opt.prefill)  // the last W prefill queries (layer map)
+    std::copy(q, q + size_t{m.shape.q_heads} * m.D,
+              &m.lastq[layer][(pos + m.W - m.opt.prefill) * m.shape.q_heads * m.D]);
+  if (decode && m.W && !m.map_built) KVM_RETURN_IF_ERROR(m.BuildLayerMap());
+  const bool sharing = !m.layer_map.empty() && m.layer_map[layer] != layer;
   if (decode) {
     if (layer == 0) ++m.totals.steps;
     m.totals.dense_equivalent += T * 2 * m.row * m.Hkv;
@@ -418,7 +482,25 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
       const float* qg = q + size_t{h} * m.g * m.D;
       sel::Selection s;
       bool local = false;
-      if (prhs && hd.contact && nb <= m.opt.options.cap_blocks()) {  // short context
+      if (sharing && !(hd.contact && nb <= m.opt.options.cap_blocks())) {
+        // The source layer's set of this step + this layer's sinks and window; its blocks came
+        // in the source's batch (an anchor) or are already here (a reuse).
+        const Impl::Head& src = m.head(m.layer_map[layer], h);
+        if (src.last_step != pos)
+          return Status::FailedPrecondition("layer " + std::to_string(layer) + " shares layer " +
+                                            std::to_string(m.layer_map[layer]) +
+                                            ", which has not selected yet");
+        sel::AddRange(0, geo.SinkBlocks(T), &s.blocks);
+        sel::AddRange(geo.WindowFirstBlock(T), nb, &s.blocks);
+        s.blocks = sel::MergeBlocks(src.last, s.blocks);
+        if (hd.shared_step == pos && hd.shared != s.blocks)
+          return Status::Internal("layer " + std::to_string(layer) +
+                                  ": the prefetched selection differs from the source's");
+        local = true;
+        for (uint32_t j = 0; j < m.g; ++j)
+          m.records.push_back({pos, layer, h * m.g + j, std::numeric_limits<double>::quiet_NaN(),
+                               DeltaKind::kUnknown});
+      } else if (prhs && hd.contact && nb <= m.opt.options.cap_blocks()) {  // short context
         local = true;
         for (uint64_t b = 0; b < hd.local_first && local; ++b) local = hd.where.count(b) > 0;
         if (local) {
@@ -450,6 +532,10 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
         return Attend(layer, pos, q, out);
       }
       KVM_RETURN_IF_ERROR(st);
+    }
+    for (uint32_t h = 0; h < m.Hkv; ++h) {
+      m.head(layer, h).last = selection[h];
+      m.head(layer, h).last_step = pos;
     }
   }
   // Attention over the selection (decode) or everything (prefill), token order.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
@@ -212,17 +213,10 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   blocks->clear();
   sel::PlanBytes bytes;
   double retrievals = 0;
-  for (size_t i = 0; i < heads.size(); ++i) {
-    const uint32_t h = heads[i];
-    LayerKeys keys;
-    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
-                                 in.pending + i * in.pending_stride, &keys));
-    const float* qg = in.q.data() + i * g * D;
-    sel::StepInput step_in{m.step(), m.layer(), h, qg, &keys.kv, &keys.sums};
-    sel::Selection sel;
-    KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
-    retrievals += sel.retrieved_heads;
-    const size_t idx = q->index(m.layer(), h);
+  // Plans one (layer, KV head)'s selection against the mirror, reads the blocks to send into the
+  // payload and describes it in the reply.
+  auto emit = [&](uint32_t layer, uint32_t h, const sel::Selection& sel) -> Status {
+    const size_t idx = q->index(layer, h);
     const uint64_t prev_first =
         q->local_first[idx] == kNoContact ? geo.WindowFirstBlock(T) : q->local_first[idx];
     sel::PlanStep plan;
@@ -232,7 +226,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     // Blocks to send: in the host tier first, then read (K then V of each) into the payload.
     std::vector<uint64_t> sent;
     for (const auto& [b, slot] : plan.sends) sent.push_back(b);
-    KVM_RETURN_IF_ERROR(store_->Promote(s, m.layer(), h, sent));
+    KVM_RETURN_IF_ERROR(store_->Promote(s, layer, h, sent));
     if (blocks->size() + sent.size() * 2 * bb > opt_.max_reply_bytes)
       return Status::OutOfRange("retrieve: the reply's blocks exceed " +
                                 std::to_string(opt_.max_reply_bytes) + " bytes");
@@ -240,13 +234,13 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
       const size_t at = blocks->size();
       blocks->resize(at + 2 * bb);
       KVM_RETURN_IF_ERROR(
-          store_->ReadBlocks(s, m.layer(), h, false, {&b, 1}, {blocks->data() + at, bb}));
+          store_->ReadBlocks(s, layer, h, false, {&b, 1}, {blocks->data() + at, bb}));
       KVM_RETURN_IF_ERROR(
-          store_->ReadBlocks(s, m.layer(), h, true, {&b, 1}, {blocks->data() + at + bb, bb}));
+          store_->ReadBlocks(s, layer, h, true, {&b, 1}, {blocks->data() + at + bb, bb}));
     }
-    KVM_RETURN_IF_ERROR(store_->MarkSelected(s, m.layer(), h, sel.blocks));
-
+    KVM_RETURN_IF_ERROR(store_->MarkSelected(s, layer, h, sel.blocks));
     wire::HeadSelection* hs = reply->add_heads();
+    hs->set_layer(layer);
     hs->set_kv_head(h);
     for (const auto& [b, slot] : plan.sends) {
       hs->add_block_indices(b);
@@ -261,7 +255,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     for (uint32_t j = 0; j < g; ++j) {
       const double d = j < sel.delta.size() ? sel.delta[j] : NAN;
       hs->add_delta(static_cast<float>(d));
-      hs->add_log_delta(prhs && sel.anchor ? prhs->gate(m.layer(), h * g + j).log_delta_a
+      hs->add_log_delta(prhs && sel.anchor ? prhs->gate(layer, h * g + j).log_delta_a
                                            : std::log(d));
       if (metrics_ && !std::isnan(d))
         metrics_->ObserveDelta(q->sel.name, DeltaKindName(sel.kind), d,
@@ -272,7 +266,36 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_anchor_step(static_cast<uint32_t>(m.step()));
     hs->set_anchor(sel.anchor);
     hs->set_retrieved_heads(sel.retrieved_heads);
+    return Status::Ok();
+  };
+  // Layers that share this layer's index set (selectors.md §0.6) get their blocks in this batch,
+  // before their queries exist: their selection is this layer's plus their own sinks and window.
+  std::vector<uint32_t> sharing;
+  if (prhs && prhs->layer_sharing())
+    for (uint32_t l = m.layer() + 1; l < shape.layers; ++l)
+      if (prhs->layer_map()[l] == m.layer()) sharing.push_back(l);
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const uint32_t h = heads[i];
+    LayerKeys keys;
+    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
+                                 in.pending + i * in.pending_stride, &keys));
+    const float* qg = in.q.data() + i * g * D;
+    sel::StepInput step_in{m.step(), m.layer(), h, qg, &keys.kv, &keys.sums};
+    sel::Selection sel;
+    KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
+    retrievals += sel.retrieved_heads;
+    KVM_RETURN_IF_ERROR(emit(m.layer(), h, sel));
+    for (uint32_t l : sharing) {
+      sel::Selection shared;
+      sel::AddRange(0, geo.SinkBlocks(T), &shared.blocks);
+      sel::AddRange(geo.WindowFirstBlock(T), geo.Blocks(T), &shared.blocks);
+      shared.blocks = sel::MergeBlocks(sel.blocks, shared.blocks);
+      shared.delta.assign(g, std::numeric_limits<double>::quiet_NaN());
+      shared.kind = DeltaKind::kUnknown;
+      KVM_RETURN_IF_ERROR(emit(l, h, shared));
+    }
   }
+  for (uint32_t l : sharing) reply->add_shared_layers(l);
   if (metrics_) metrics_->AddRetrievals(retrievals);
   return Status::Ok();
 }

@@ -58,7 +58,18 @@ addr=$(grep -o "listening on [^ ]*" "$log" | cut -d' ' -f3)
 ev=(eval "${common[@]}" --context 512 --steps 32 --selector prhs --budget-frac 0.125 --generate --json)
 a=$("$K" "${ev[@]}" 2>/dev/null); b=$("$K" "${ev[@]}" --server "$addr" 2>/dev/null)
 c=$("$K" "${ev[@]}" --server "$addr" --transport tcp 2>/dev/null)
+# Cross-layer sharing: the sharing layers' blocks come in their source layer's batch, ahead of
+# their queries (no retrieval of their own), and the tokens still match the in-process run.
+d=$("$K" "${ev[@]}" --layer-sharing 2>/dev/null); e=$("$K" "${ev[@]}" --layer-sharing --server "$addr" 2>/dev/null)
 kill -TERM $kpid; wait $kpid; rm -rf "$data"
+if /usr/bin/python3 - "$d" "$e" <<'PY'
+import json, sys
+d, e = (json.loads(x) for x in sys.argv[1:3])
+assert d["generated"] == e["generated"], (d["generated"], e["generated"])
+assert e["shared_prefetches"] > 0, e
+assert e["service_round_trips"] < 32 * 6, e  # fewer than one per (step, layer)
+PY
+then echo "ok: layer sharing through the service: prefetched blocks, same tokens"; else echo "FAIL: layer sharing through the service: $d / $e"; fail=1; fi
 if /usr/bin/python3 - "$a" "$b" "$c" <<'PY'
 import json, sys
 a, b, c = (json.loads(x) for x in sys.argv[1:4])

@@ -69,8 +69,8 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
   std::unique_ptr<client::DenseKvSource> dense_as_sparse;
   client::KvSource* sparse_kv = nullptr;
   if (external) {
-    if (o.layer_sharing || name == "hshare")
-      return Status::InvalidArgument("layer sharing and hshare are not served through the service");
+    if (name == "hshare")
+      return Status::InvalidArgument("hshare is not served through the service");
     sparse_kv = external;
   } else if (name == "dense") {
     dense_as_sparse = std::move(client::DenseKvSource::Make(shape, B)).value();
@@ -368,7 +368,7 @@ int RunEval(const std::vector<std::string>& args) {
         "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": "
         "\"%s\", "
         "\"seconds\": %.2f, \"delta_source\": \"%s\", \"transport\": \"%s\", \"generated\": "
-        "[%s]}\n",
+        "[%s], \"service_round_trips\": %s, \"shared_prefetches\": %s}\n",
         name.c_str(), (unsigned long long)context, (unsigned long long)steps,
         (unsigned long long)o.budget_tokens, B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(),
         Num(Percentile(dt, 0.99)).c_str(),
@@ -389,7 +389,8 @@ int RunEval(const std::vector<std::string>& args) {
         !service             ? "inproc"
         : conn->data_plane() ? conn->data_plane()->name()
                              : "tcp",
-        gen ? generated.c_str() : "");
+        gen ? generated.c_str() : "", stot ? std::to_string(stot->round_trips).c_str() : "null",
+        stot ? std::to_string(stot->shared_prefetches).c_str() : "null");
   } else {
     std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n",
                 name.c_str(), (unsigned long long)context, (unsigned long long)steps,

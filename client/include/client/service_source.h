@@ -17,6 +17,9 @@
 //      arithmetic and order as SelectorKvSource: the same selections give bit-identical outputs);
 //   5. audits: a sampled fraction of reuse steps send their queries (Audit) and record the measured
 //      δ (kind audit) when the reply arrives.
+// PrHS with layer sharing (selectors.md §0.6): at the first decode step the worker builds the layer
+// map from its last 64 prefill queries (as the in-process eval does) and sends it (SetLayerMap); a
+// sharing layer never retrieves: its blocks come in its source layer's batch, ahead of its query.
 // Selectors other than PrHS have no gate: they retrieve every step.
 //
 // Blocks arrive on the client's data plane (UCX or in-process active messages, straight into the
@@ -62,9 +65,10 @@ struct ServiceTotals {
   uint64_t audits = 0;          // query heads audited
   uint64_t streamed_bytes = 0;  // block payload bytes received (K and V)
   uint64_t local_fill_bytes = 0;
-  uint64_t dense_equivalent = 0;  // DESIGN.md §8, over the decode steps
-  uint64_t topk_refetch = 0;      // re-sending every resident non-window block every step
-  double retrieve_seconds = 0;    // wall time waiting for retrieval replies
+  uint64_t dense_equivalent = 0;   // DESIGN.md §8, over the decode steps
+  uint64_t topk_refetch = 0;       // re-sending every resident non-window block every step
+  uint64_t shared_prefetches = 0;  // (layer, KV head) selections that came in a source's batch
+  double retrieve_seconds = 0;     // wall time waiting for retrieval replies
 };
 
 class ServiceKvSource : public KvSource {

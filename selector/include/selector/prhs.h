@@ -123,6 +123,9 @@ class PrhsSelector : public Selector {
   Status SetLayerMap(const std::vector<uint32_t>& source);
   // PSAW cut-off (tokens before it are not eligible, sinks excepted) for layer l at T tokens.
   uint64_t PsawCut(uint32_t layer, uint64_t T) const;
+  // The layer map in use (identity until SetLayerMap) and whether layer sharing is on.
+  const std::vector<uint32_t>& layer_map() const { return layer_map_; }
+  bool layer_sharing() const { return opt_.layer_sharing; }
   // The gate state of (layer, query head) after its last anchor (what a worker would hold).
   const HeadGate& gate(uint32_t layer, uint32_t q_head) const;
 
