@@ -79,5 +79,20 @@ assert a["generated"] == b["generated"] == c["generated"], (a["generated"], b["g
 assert a["retrieval_overhead"] == b["retrieval_overhead"] == c["retrieval_overhead"]
 PY
 then echo "ok: eval --generate through the service (ucx, tcp) = in-process, token for token"; else echo "FAIL: eval through the service: $a / $b / $c"; fail=1; fi
+# The service killed -9 in the middle of a decode: the worker fails with a clear error, promptly.
+data=$(mktemp -d); log=$data/log
+"$KVMANAGER" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir "$data/db" >"$log" 2>&1 &
+kpid=$!
+for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.1; done
+addr=$(grep -o "listening on [^ ]*" "$log" | cut -d' ' -f3)
+"$K" demo --server "$addr" --context 256 --max-new 760 --target-delta 0 --budget-frac 0.25 \
+  >/dev/null 2>"$data/demo.err" &
+dpid=$!
+sleep 1.5; kill -9 $kpid; wait $kpid 2>/dev/null
+t0=$(date +%s); wait $dpid; drc=$?; t1=$(date +%s)
+if [ $drc -ne 0 ] && [ $((t1 - t0)) -le 35 ] && grep -q "Unavailable\|TimedOut" "$data/demo.err"; then
+  echo "ok: service killed mid-decode -> worker error in $((t1 - t0)) s: $(grep -o 'Unavailable.*\|TimedOut.*' "$data/demo.err" | head -1)"
+else echo "FAIL: service killed mid-decode: rc $drc after $((t1 - t0)) s: $(cat "$data/demo.err" | tail -3)"; fail=1; fi
+rm -rf "$data"
 [ $fail -eq 0 ] && echo "kvmctl cli: all contract checks passed"
 exit $fail
