@@ -73,6 +73,7 @@ struct ServiceKvSource::Impl {
   std::vector<std::vector<float>> lastq;  // [layer][W][q_heads][D]
   std::vector<uint32_t> layer_map;        // empty: no sharing
   bool map_built = false;
+  bool needs_reset = false;  // a retrieval failed midway: reset the hot set before going on
 
   // Data plane: active messages per retrieval request id (parts arrived, first error). The
   // transport calls back on the thread in WaitFor; the lock keeps that obviously safe.
@@ -473,6 +474,7 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
               &m.lastq[layer][(pos + m.W - m.opt.prefill) * m.shape.q_heads * m.D]);
   if (decode && m.W && !m.map_built) KVM_RETURN_IF_ERROR(m.BuildLayerMap());
   const bool sharing = !m.layer_map.empty() && m.layer_map[layer] != layer;
+  if (decode && m.needs_reset) KVM_RETURN_IF_ERROR(ResetHotSet());
   if (decode) {
     if (layer == 0) ++m.totals.steps;
     m.totals.dense_equivalent += T * 2 * m.row * m.Hkv;
@@ -531,6 +533,9 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
         KVM_RETURN_IF_ERROR(ResetHotSet());
         return Attend(layer, pos, q, out);
       }
+      // Any other failure may leave the service's mirror ahead of this hot set (a reply only partly
+      // applied): the next call starts from a fresh hot set (a new generation).
+      if (!st.ok()) m.needs_reset = true;
       KVM_RETURN_IF_ERROR(st);
     }
     for (uint32_t h = 0; h < m.Hkv; ++h) {
@@ -603,7 +608,14 @@ Status ServiceKvSource::ResetHotSet() {
                                " tokens of sequence " + std::to_string(m.opt.sequence_id) +
                                ", the worker had sent " + std::to_string(had) +
                                " (cache-mode data lost with the service)");
+  if (!m.layer_map.empty()) {  // the re-attached selector starts without the map
+    wire::SetLayerMap lm;
+    lm.set_sequence_id(m.opt.sequence_id);
+    for (uint32_t s : m.layer_map) lm.add_source_layer(s);
+    KVM_RETURN_IF_ERROR(m.client->Call(wire::MessageType::kSetLayerMap, lm).status());
+  }
   ++m.generation;
+  m.needs_reset = false;
   for (auto& hd : m.heads) {
     hd.slot_block.assign(m.slots, sel::kEmptySlot);
     hd.where.clear();
