@@ -250,3 +250,50 @@ TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
 
 }  // namespace
 }  // namespace kvm::client
+
+namespace kvm::client {
+namespace {
+
+// A worker that lost its hot set (or its connection) resets: a new generation, the service forgets
+// its mirror and re-sends what the next selections need; decoding goes on.
+TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
+  char tmpl[] = "/tmp/kvm_service_reset_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  store::StoreOptions so;
+  so.dir = dir;
+  so.host_capacity_bytes = 64 << 20;
+  auto store = std::move(store::BlockStore::Open(so)).value();
+  server::ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.handler.tenants = {{"dev", "dev", true}};
+  auto server = std::move(server::Server::Start(o, store.get())).value();
+  auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
+  auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
+  auto conn = std::move(Client::Connect({.address = server->address()})).value();
+  ServiceSourceOptions sso;
+  sso.options.geometry = {16, 4, 16};
+  sso.options.budget_tokens = 64;
+  sso.prefill = 256;
+  auto src = std::move(ServiceKvSource::Make(conn.get(), model->Shape(DType::kF16), sso)).value();
+  ReferenceWorker w(*model, src.get());
+  std::vector<float> logits(model->config().vocab_size);
+  for (uint64_t p = 0; p < 256 + 32; ++p) {
+    if (p == 256 + 16) {
+      const uint64_t before = src->totals().streamed_bytes;
+      ASSERT_TRUE(src->ResetHotSet().ok());
+      EXPECT_EQ(src->hot_set_generation(), 1u);
+      ASSERT_TRUE(w.Forward(ids[p], p, logits.data()).ok());
+      EXPECT_GT(src->totals().streamed_bytes, before);  // the hot set was filled again
+      continue;
+    }
+    Status s = w.Forward(ids[p], p, logits.data());
+    ASSERT_TRUE(s.ok()) << p << ": " << s.ToString();
+  }
+  EXPECT_TRUE(src->Flush().ok());
+  server.reset();
+  store.reset();
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace kvm::client
