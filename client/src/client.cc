@@ -290,6 +290,31 @@ Status Client::Reconnect() {
   return impl_->Open();
 }
 
+Result<uint64_t> Client::PrefixLookup(const ModelShape& shape, uint32_t block_size,
+                                      std::span<const uint32_t> tokens) {
+  wire::PrefixLookup m;
+  wire::ToWire(shape, m.mutable_shape());
+  m.set_block_size(block_size);
+  for (uint32_t t : tokens) m.add_token_ids(t);
+  KVM_ASSIGN_OR_RETURN(wire::Frame f, Call(wire::MessageType::kPrefixLookup, m));
+  wire::PrefixLookupReply r;
+  KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
+  return r.matched_tokens();
+}
+
+Status Client::Truncate(uint64_t sequence_id, uint64_t length) {
+  wire::Truncate m;
+  m.set_sequence_id(sequence_id);
+  m.set_length(length);
+  return Call(wire::MessageType::kTruncate, m).status();
+}
+
+Status Client::DeleteSequence(uint64_t sequence_id) {
+  wire::DeleteSequence m;
+  m.set_sequence_id(sequence_id);
+  return Call(wire::MessageType::kDeleteSequence, m).status();
+}
+
 uint64_t Client::session_id() const { return impl_->session_id; }
 transport::Transport* Client::data_plane() const {
   return impl_->data_plane_active ? impl_->opt.data_plane : nullptr;

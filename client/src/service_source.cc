@@ -589,9 +589,7 @@ Status ServiceKvSource::Flush() {
 
 Status ServiceKvSource::Delete() {
   KVM_RETURN_IF_ERROR(Flush());
-  wire::DeleteSequence d;
-  d.set_sequence_id(impl_->opt.sequence_id);
-  return impl_->client->Call(wire::MessageType::kDeleteSequence, d).status();
+  return impl_->client->DeleteSequence(impl_->opt.sequence_id);
 }
 
 Status ServiceKvSource::ResetHotSet() {

@@ -24,6 +24,7 @@ struct Config {
   store::StoreOptions store;
   std::string admin = "127.0.0.1:7421";
   std::string data_plane = "ucx";
+  std::string ucx_error_mode = "none";
 };
 
 [[noreturn]] void Usage(const std::string& msg) {
@@ -60,6 +61,7 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "session_timeout_ms",
                                  "request_deadline_ms",
                                  "data_plane",
+                                 "ucx_error_mode",
                                  "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
@@ -79,6 +81,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("session_timeout_ms", &c->server.session_timeout_ms);
   get("request_deadline_ms", &c->server.request_deadline_ms);
   get("data_plane", &c->data_plane);
+  get("ucx_error_mode", &c->ucx_error_mode);
   if (y["tenants"]) {
     if (!y["tenants"].IsSequence()) Usage("config " + path + ": field 'tenants' must be a list");
     c->server.handler.tenants.clear();
@@ -127,7 +130,10 @@ int main(int argc, char** argv) {
       "answer TimedOut, without running it, a request queued this long; 0 = none. Default: 30000")(
       "data-plane", po::value<std::string>(),
       "ucx: retrieval blocks as UCX active messages to workers that offer a UCX address; none: "
-      "in reply frames over TCP only. Default: ucx");
+      "in reply frames over TCP only. Default: ucx")(
+      "ucx-error-mode", po::value<std::string>(),
+      "none: keeps shared memory, liveness from heartbeats; peer: UCP_ERR_HANDLING_MODE_PEER (UCX "
+      "1.13 then uses TCP only). Default: none");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -157,6 +163,9 @@ int main(int argc, char** argv) {
   if (vm.count("data-plane")) c.data_plane = vm["data-plane"].as<std::string>();
   if (c.data_plane != "ucx" && c.data_plane != "none")
     Usage("--data-plane: '" + c.data_plane + "' is not ucx or none");
+  if (vm.count("ucx-error-mode")) c.ucx_error_mode = vm["ucx-error-mode"].as<std::string>();
+  if (c.ucx_error_mode != "none" && c.ucx_error_mode != "peer")
+    Usage("--ucx-error-mode: '" + c.ucx_error_mode + "' is not none or peer");
   if (vm.count("request-deadline-ms"))
     c.server.request_deadline_ms = vm["request-deadline-ms"].as<uint32_t>();
   if (vm.count("session-timeout-ms"))
@@ -181,7 +190,8 @@ int main(int argc, char** argv) {
   c.server.handler.metrics = &metrics;
   std::unique_ptr<transport::Transport> data_plane;
   if (c.data_plane == "ucx") {
-    auto t = transport::MakeUcx({.progress_thread = true});
+    auto t = transport::MakeUcx(
+        {.progress_thread = true, .peer_error_mode = c.ucx_error_mode == "peer"});
     if (t.ok()) {
       data_plane = std::move(*t);
       c.server.handler.data_plane = data_plane.get();

@@ -274,6 +274,7 @@ TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
   sso.options.geometry = {16, 4, 16};
   sso.options.budget_tokens = 64;
   sso.prefill = 256;
+  sso.durable = true;  // content-addressed blocks: PrefixLookup finds them
   auto src = std::move(ServiceKvSource::Make(conn.get(), model->Shape(DType::kF16), sso)).value();
   ReferenceWorker w(*model, src.get());
   std::vector<float> logits(model->config().vocab_size);
@@ -281,6 +282,10 @@ TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
     if (p == 256 + 16) {
       const uint64_t before = src->totals().streamed_bytes;
       ASSERT_TRUE(src->ResetHotSet().ok());
+      // The sequence API beside the source: the prompt's whole blocks are found by content.
+      auto found = conn->PrefixLookup(model->Shape(DType::kF16), 16, {ids.data(), 256});
+      ASSERT_TRUE(found.ok()) << found.status().ToString();
+      EXPECT_EQ(*found, 256u);
       EXPECT_EQ(src->hot_set_generation(), 1u);
       ASSERT_TRUE(w.Forward(ids[p], p, logits.data()).ok());
       EXPECT_GT(src->totals().streamed_bytes, before);  // the hot set was filled again
@@ -290,6 +295,9 @@ TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
     ASSERT_TRUE(s.ok()) << p << ": " << s.ToString();
   }
   EXPECT_TRUE(src->Flush().ok());
+  EXPECT_TRUE(conn->Truncate(sso.sequence_id, 100).ok());
+  EXPECT_TRUE(conn->DeleteSequence(sso.sequence_id).ok());
+  EXPECT_TRUE(conn->DeleteSequence(sso.sequence_id).IsNotFound());
   server.reset();
   store.reset();
   std::filesystem::remove_all(dir);

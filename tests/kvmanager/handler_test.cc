@@ -5,12 +5,14 @@
 
 #include <filesystem>
 
+#include "proto/half.h"
 #include "proto/kvm.pb.h"
 #include "selector/plan.h"
 #include "selector/prhs.h"
 #include "selector/scoring.h"
 #include "selector/wire_options.h"
 #include "testutil/kv.h"
+#include "transport/transport.h"
 
 namespace kvm::server {
 namespace {
@@ -428,6 +430,139 @@ TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
   EXPECT_EQ(crep.length(), 50u);
   at.mutable_shape()->set_head_dim(64);
   EXPECT_TRUE(Call(s_, MessageType::kCreateSequence, at).error.IsFailedPrecondition());
+}
+
+}  // namespace
+}  // namespace kvm::server
+
+namespace kvm::server {
+namespace {
+
+// On a data plane the blocks of a big reply (Hq 32, Hkv 8, D 128: 2,048 blocks) travel as several
+// active messages, each header within the transport's limit, and land byte-identical in the
+// worker's slots; the reply frame carries no payload.
+TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
+  char tmpl[] = "/tmp/kvm_handler_dp_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  store::StoreOptions so;
+  so.dir = dir;
+  so.host_capacity_bytes = 96 << 20;
+  auto store = std::move(store::BlockStore::Open(so)).value();
+  auto service_dp = transport::MakeInProcess();
+  auto worker_dp = transport::MakeInProcess();
+  HandlerOptions ho;
+  ho.tenants = {{"a", "tokA", false}};
+  ho.data_plane = service_dp.get();
+  RequestHandler handler(store.get(), ho);
+  uint64_t rid = 0;
+  auto call = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
+                  std::span<const uint8_t> payload = {}) {
+    const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++rid, m, payload);
+    wire::FrameDecoder dec;
+    wire::Frame in, out;
+    EXPECT_TRUE(dec.Feed(bytes).ok());
+    EXPECT_TRUE(dec.Next(&in));
+    wire::FrameDecoder rd;
+    EXPECT_TRUE(rd.Feed(handler.Handle(s, in)).ok());
+    EXPECT_TRUE(rd.Next(&out));
+    return out;
+  };
+  SessionState s;
+  wire::Hello h;
+  h.set_protocol_version(1);
+  h.set_tenant("a");
+  h.set_auth_token("tokA");
+  const auto addr = worker_dp->address();
+  h.set_ucx_worker_address(std::string(addr.begin(), addr.end()));
+  wire::HelloReply hr;
+  ASSERT_TRUE(wire::ParseProto(call(s, MessageType::kHello, h), &hr).ok());
+  EXPECT_FALSE(hr.ucx_worker_address().empty());  // the service offers its data plane
+
+  const ModelShape shape{1, 32, 8, 128, DType::kF16, 5};
+  const uint32_t B = 16, T = 8192;
+  sel::SelectorOptions opt;
+  opt.geometry = {B, 16, 64};
+  opt.budget_tokens = T / 2;
+  const uint32_t slots =
+      uint32_t(std::move(sel::PrhsSelector::Make(opt, shape, T)).value()->HotSetSlots());
+  wire::CreateSequence c;
+  c.set_sequence_id(1);
+  wire::ToWire(shape, c.mutable_shape());
+  c.set_block_size(B);
+  c.set_durability(wire::CACHE);
+  sel::ToWire({"prhs", opt}, c.mutable_selector());
+  c.set_hot_set_slots(slots);
+  ASSERT_EQ(call(s, MessageType::kCreateSequence, c).header.type,
+            wire::ReplyType(MessageType::kCreateSequence));
+  std::mt19937 rng(4);
+  for (uint32_t t = 0; t < T; t += 256) {
+    wire::Append a;
+    a.set_sequence_id(1);
+    a.set_start_position(t);
+    for (uint32_t i = 0; i < 256; ++i) a.add_token_ids(t + i);
+    std::vector<uint8_t> p(wire::AppendPayloadBytes(shape, 256));
+    for (size_t i = 0; i < p.size(); i += 2) {  // finite fp16 values
+      const uint16_t v = FloatToHalf(float(int(rng() % 2001) - 1000) / 500.f);
+      std::memcpy(&p[i], &v, 2);
+    }
+    ASSERT_EQ(call(s, MessageType::kAppend, a, p).header.type,
+              wire::ReplyType(MessageType::kAppend));
+  }
+  // The worker's hot set (layer 0): [kv_head][slot][K, V].
+  const size_t bb = size_t{B} * 128 * 2;
+  std::vector<uint8_t> hot(size_t{8} * slots * 2 * bb);
+  size_t parts = 0, max_header = 0;
+  Status landed;
+  worker_dp->SetReceiver(
+      [&](std::span<const uint8_t> hd, size_t len) -> Result<std::vector<transport::Segment>> {
+        max_header = std::max(max_header, hd.size());
+        uint32_t n;
+        std::memcpy(&n, hd.data() + 12, 4);
+        if (hd.size() != 16 + 8ull * n || len != 2 * bb * n) return Status::InvalidArgument("bad");
+        std::vector<transport::Segment> segs;
+        for (uint32_t i = 0; i < n; ++i) {
+          uint32_t kvh, slot;
+          std::memcpy(&kvh, hd.data() + 16 + 8 * i, 4);
+          std::memcpy(&slot, hd.data() + 20 + 8 * i, 4);
+          segs.push_back({hot.data() + (size_t{kvh} * slots + slot) * 2 * bb, 2 * bb});
+        }
+        return segs;
+      },
+      [&](std::span<const uint8_t>, const Status& st) {
+        if (!st.ok()) landed = st;
+        ++parts;
+      });
+  wire::RetrieveLayer r;
+  r.set_sequence_id(1);
+  r.set_step(T - 1);
+  for (uint32_t kvh = 0; kvh < 8; ++kvh) r.add_kv_heads(kvh);
+  std::vector<float> q(size_t{32} * 128);
+  std::normal_distribution<float> n01(0.f, 1.f);
+  for (auto& x : q) x = 3.f * n01(rng);
+  const wire::Frame f = call(s, MessageType::kRetrieveLayer, r,
+                             {reinterpret_cast<const uint8_t*>(q.data()), q.size() * 4});
+  wire::RetrieveLayerReply rep;
+  ASSERT_TRUE(wire::ParseProto(f, &rep).ok());
+  EXPECT_TRUE(f.payload.empty());
+  EXPECT_GT(rep.data_plane_parts(), 1u);  // split: 2,048 blocks do not fit one header
+  ASSERT_TRUE(worker_dp->WaitFor([&] { return parts >= rep.data_plane_parts(); }, 10000).ok());
+  ASSERT_TRUE(landed.ok()) << landed.ToString();
+  EXPECT_LE(max_header, service_dp->max_header_bytes());
+  size_t sent = 0;
+  std::vector<uint8_t> want(bb);
+  for (const auto& hs : rep.heads())
+    for (int i = 0; i < hs.block_indices_size(); ++i, ++sent) {
+      const uint8_t* slot = hot.data() + (size_t{hs.kv_head()} * slots + hs.slots(i)) * 2 * bb;
+      for (int v = 0; v < 2; ++v) {
+        ASSERT_TRUE(
+            store->ReadBlock({"a", 1}, {0, hs.kv_head(), hs.block_indices(i)}, v, want).ok());
+        ASSERT_EQ(std::memcmp(slot + v * bb, want.data(), bb), 0)
+            << "block " << hs.block_indices(i);
+      }
+    }
+  EXPECT_GT(sent, 2000u);
+  handler.Close(s);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

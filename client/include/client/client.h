@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "proto/model_shape.h"
 #include "proto/status.h"
 #include "proto/wire/frame.h"
 #include "transport/transport.h"
@@ -58,6 +59,15 @@ class Client {
   Status Flush();
   // Closes the channel and opens a new session with the same options.
   Status Reconnect();
+
+  // ---- the sequence API (ServiceKvSource creates, appends and retrieves) ----
+  // How many leading tokens of `tokens` the service stores for this model and layout (whole blocks
+  // of durable sequences, by content address).
+  Result<uint64_t> PrefixLookup(const ModelShape& shape, uint32_t block_size,
+                                std::span<const uint32_t> tokens);
+  // Rolls a sequence back to `length` tokens (its worker resets its hot set afterwards).
+  Status Truncate(uint64_t sequence_id, uint64_t length);
+  Status DeleteSequence(uint64_t sequence_id);
 
   uint64_t session_id() const;
   // The data plane when the service accepted it for this session, else null (blocks over TCP).
