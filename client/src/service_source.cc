@@ -412,7 +412,10 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
 }
 
 ServiceKvSource::ServiceKvSource(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-ServiceKvSource::~ServiceKvSource() = default;
+ServiceKvSource::~ServiceKvSource() {
+  // Late active messages must not reach this source's hot set once it is gone.
+  if (transport::Transport* dp = impl_->client->data_plane()) dp->SetReceiver({}, {});
+}
 
 void ServiceKvSource::BeginToken(uint32_t token, uint64_t pos) {
   (void)pos;

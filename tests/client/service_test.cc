@@ -43,32 +43,44 @@ std::unique_ptr<transport::Transport> MakeTransport(const std::string& kind, boo
   return t.ok() ? std::move(*t) : nullptr;
 }
 
+// A kvmanager in this process: a store in a temporary directory and a server on a free loopback
+// port, with an optional data plane.
+struct TestService {
+  explicit TestService(transport::Transport* data_plane = nullptr,
+                       uint32_t session_timeout_ms = 10000) {
+    char tmpl[] = "/tmp/kvm_service_test_XXXXXX";
+    dir = mkdtemp(tmpl);
+    store::StoreOptions so;
+    so.dir = dir;
+    so.host_capacity_bytes = 64 << 20;
+    store = std::move(store::BlockStore::Open(so)).value();
+    server::ServerOptions o;
+    o.listen = "127.0.0.1:0";
+    o.handler.tenants = {{"dev", "dev", true}};
+    o.handler.data_plane = data_plane;
+    o.session_timeout_ms = session_timeout_ms;
+    server = std::move(server::Server::Start(o, store.get())).value();
+  }
+  ~TestService() {
+    server.reset();
+    store.reset();
+    std::filesystem::remove_all(dir);
+  }
+  std::string dir;
+  std::unique_ptr<store::BlockStore> store;
+  std::unique_ptr<server::Server> server;
+};
+
 class ServiceSourceTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
     service_dp_ = MakeTransport(GetParam().transport, true);
     worker_dp_ = MakeTransport(GetParam().transport, false);
-    char tmpl[] = "/tmp/kvm_service_src_XXXXXX";
-    dir_ = mkdtemp(tmpl);
-    store::StoreOptions so;
-    so.dir = dir_;
-    so.host_capacity_bytes = 64 << 20;
-    store_ = std::move(store::BlockStore::Open(so)).value();
-    server::ServerOptions o;
-    o.listen = "127.0.0.1:0";
-    o.handler.tenants = {{"dev", "dev", true}};
-    o.handler.data_plane = service_dp_.get();
-    server_ = std::move(server::Server::Start(o, store_.get())).value();
+    service_ = std::make_unique<TestService>(service_dp_.get());
   }
-  void TearDown() override {
-    server_.reset();
-    store_.reset();
-    std::filesystem::remove_all(dir_);
-  }
+  void TearDown() override { service_.reset(); }
   std::unique_ptr<transport::Transport> service_dp_, worker_dp_;
-  std::string dir_;
-  std::unique_ptr<store::BlockStore> store_;
-  std::unique_ptr<server::Server> server_;
+  std::unique_ptr<TestService> service_;
 };
 
 TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
@@ -90,7 +102,8 @@ TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
   auto local = SelectorKvSource::Make(shape, 16, std::move(*sel), o, context, "geometry",
                                       (*model)->config().seq_len);
   ASSERT_TRUE(local.ok()) << local.status().ToString();
-  auto conn = Client::Connect({.address = server_->address(), .data_plane = worker_dp_.get()});
+  auto conn =
+      Client::Connect({.address = service_->server->address(), .data_plane = worker_dp_.get()});
   ASSERT_TRUE(conn.ok()) << conn.status().ToString();
   EXPECT_EQ((*conn)->data_plane() != nullptr, c.transport != "tcp");
   ServiceSourceOptions so;
@@ -162,20 +175,10 @@ namespace {
 // session (its endpoint goes with it) and keeps serving another worker, whose tokens still match
 // the in-process run.
 TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
-  char tmpl[] = "/tmp/kvm_service_kill_XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  store::StoreOptions so;
-  so.dir = dir;
-  so.host_capacity_bytes = 64 << 20;
-  auto store = std::move(store::BlockStore::Open(so)).value();
   auto sdp = MakeTransport("ucx", true);
   ASSERT_TRUE(sdp);
-  server::ServerOptions o;
-  o.listen = "127.0.0.1:0";
-  o.handler.tenants = {{"dev", "dev", true}};
-  o.handler.data_plane = sdp.get();
-  o.session_timeout_ms = 500;
-  auto server = std::move(server::Server::Start(o, store.get())).value();
+  TestService svc(sdp.get(), /*session_timeout_ms=*/500);
+  auto& server = svc.server;
   auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
   auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
   const ModelShape shape = model->Shape(DType::kF16);
@@ -243,9 +246,6 @@ TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
   for (int i = 0; i < 50 && server->sessions() > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_EQ(server->sessions(), 0u);
-  server.reset();
-  store.reset();
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
@@ -257,16 +257,8 @@ namespace {
 // A worker that lost its hot set (or its connection) resets: a new generation, the service forgets
 // its mirror and re-sends what the next selections need; decoding goes on.
 TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
-  char tmpl[] = "/tmp/kvm_service_reset_XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  store::StoreOptions so;
-  so.dir = dir;
-  so.host_capacity_bytes = 64 << 20;
-  auto store = std::move(store::BlockStore::Open(so)).value();
-  server::ServerOptions o;
-  o.listen = "127.0.0.1:0";
-  o.handler.tenants = {{"dev", "dev", true}};
-  auto server = std::move(server::Server::Start(o, store.get())).value();
+  TestService svc;
+  auto& server = svc.server;
   auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
   auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
   auto conn = std::move(Client::Connect({.address = server->address()})).value();
@@ -298,9 +290,6 @@ TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
   EXPECT_TRUE(conn->Truncate(sso.sequence_id, 100).ok());
   EXPECT_TRUE(conn->DeleteSequence(sso.sequence_id).ok());
   EXPECT_TRUE(conn->DeleteSequence(sso.sequence_id).IsNotFound());
-  server.reset();
-  store.reset();
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
