@@ -223,8 +223,8 @@ class RetrieveTest : public HandlerTest {
   }
   const uint8_t* Row(uint32_t i, uint64_t t, int values) {
     const attn::HeadKV kv = kv_[i].view();
-    const void* blk = (values ? kv.v_blocks : kv.k_blocks)[t / B];
-    return static_cast<const uint8_t*>(blk) + (t % B) * D * 2;
+    const void* const* blocks = values ? kv.v_blocks : kv.k_blocks;
+    return static_cast<const uint8_t*>(blocks[t / B]) + (t % B) * D * 2;
   }
   // Queries of one group (random, seeded by step/layer/head) and the payload with pending rows.
   std::vector<float> Queries(uint64_t step, uint32_t layer, uint32_t h) {
@@ -332,7 +332,9 @@ TEST_F(RetrieveTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBy
           const uint64_t b = hs.block_indices(j);
           for (int v = 0; v < 2; ++v, at += B * D * 2) {
             ASSERT_LE(at + B * D * 2, r.frame.payload.size());
-            const void* blk = (v ? kv_[i].view().v_blocks : kv_[i].view().k_blocks)[b];
+            const attn::HeadKV ref = kv_[i].view();
+            const void* const* ref_blocks = v ? ref.v_blocks : ref.k_blocks;
+            const void* blk = ref_blocks[b];
             EXPECT_EQ(std::memcmp(r.frame.payload.data() + at, blk, B * D * 2), 0)
                 << "block " << b << (v ? " V" : " K");
           }
