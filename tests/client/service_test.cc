@@ -177,7 +177,7 @@ namespace {
 TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
   auto sdp = MakeTransport("ucx", true);
   ASSERT_TRUE(sdp);
-  TestService svc(sdp.get(), /*session_timeout_ms=*/500);
+  TestService svc(sdp.get(), /*session_timeout_ms=*/3000);  // 3 heartbeat intervals
   auto& server = svc.server;
   auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
   auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
