@@ -39,26 +39,11 @@ float LoadElem(const void* base, size_t i, DType dtype) {
   return std::numeric_limits<float>::quiet_NaN();
 }
 
-// n elements of dtype at base (element offset `first`) to fp32.
-void LoadElems(const void* base, size_t first, size_t n, DType dtype, float* out) {
-  switch (dtype) {
-    case DType::kF16:
-      HalfToFloatN(static_cast<const uint16_t*>(base) + first, out, n);
-      return;
-    case DType::kBF16:
-      Bf16ToFloatN(static_cast<const uint16_t*>(base) + first, out, n);
-      return;
-    case DType::kF32:
-      std::memcpy(out, static_cast<const float*>(base) + first, n * sizeof(float));
-      return;
-  }
-  for (size_t i = 0; i < n; ++i) out[i] = LoadElem(base, first + i, dtype);
-}
-
 void LoadRow(const HeadKV& kv, uint64_t token, bool values, float* out) {
   const uint64_t b = token / kv.block_size;
   const size_t row = static_cast<size_t>(token % kv.block_size) * kv.head_dim;
-  LoadElems(values ? kv.v_blocks[b] : kv.k_blocks[b], row, kv.head_dim, kv.dtype, out);
+  const auto* base = static_cast<const uint8_t*>(values ? kv.v_blocks[b] : kv.k_blocks[b]);
+  DecodeRow(base + row * DTypeSize(kv.dtype), kv.head_dim, kv.dtype, out);
 }
 
 void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
@@ -70,7 +55,7 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
   std::vector<float> k(size_t{B} * D);  // one block at a time, converted once for the group
   for (uint64_t first = 0; first < kv.tokens; first += B) {
     const uint64_t n = std::min<uint64_t>(B, kv.tokens - first);
-    LoadElems(kv.k_blocks[first / B], 0, n * D, kv.dtype, k.data());
+    DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(n * D), kv.dtype, k.data());
     for (uint32_t h = 0; h < group; ++h) {
       const float* qh = q + size_t{h} * D;
       for (uint64_t r = 0; r < n; ++r) {

@@ -23,26 +23,14 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-Result<std::pair<std::string, std::string>> SplitHostPort(const std::string& s) {
-  if (!s.empty() && s[0] == '[') {
-    const size_t close = s.find(']');
-    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':')
-      return Status::InvalidArgument("address '" + s + "' is not [IPv6]:PORT");
-    return std::make_pair(s.substr(1, close - 1), s.substr(close + 2));
-  }
-  const size_t colon = s.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == s.size())
-    return Status::InvalidArgument("address '" + s + "' is not HOST:PORT");
-  return std::make_pair(s.substr(0, colon), s.substr(colon + 1));
-}
-
 Result<int> Dial(const std::string& address) {
-  KVM_ASSIGN_OR_RETURN(auto hp, SplitHostPort(address));
+  KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(address));
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* res = nullptr;
-  if (int rc = getaddrinfo(hp.first.c_str(), hp.second.c_str(), &hints, &res); rc != 0)
+  if (int rc = getaddrinfo(hp.first.c_str(), std::to_string(hp.second).c_str(), &hints, &res);
+      rc != 0)
     return Status::InvalidArgument("address '" + address + "': " + gai_strerror(rc));
   std::string err = "no address";
   int fd = -1;

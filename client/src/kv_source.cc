@@ -7,20 +7,6 @@
 
 namespace kvm::client {
 
-void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst) {
-  switch (dtype) {
-    case DType::kF32:
-      std::memcpy(dst, src, size_t{n} * 4);
-      break;
-    case DType::kF16:
-      FloatToHalfN(src, static_cast<uint16_t*>(dst), n);
-      break;
-    case DType::kBF16:
-      FloatToBf16N(src, static_cast<uint16_t*>(dst), n);
-      break;
-  }
-}
-
 Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& shape,
                                                            uint32_t block_size) {
   KVM_ASSIGN_OR_RETURN(auto layout, BlockLayout::Make(shape, block_size));

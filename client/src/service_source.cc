@@ -8,6 +8,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "proto/half.h"
 #include "proto/kvm.pb.h"
 #include "selector/layer_map.h"
 #include "selector/plan.h"
@@ -210,19 +211,29 @@ struct ServiceKvSource::Impl {
     return out;
   }
 
+  // Fills the fields RetrieveLayer and Audit share and returns their payload: the groups' queries,
+  // then the K rows of the tokens the service has not stored yet.
+  template <typename Msg>
+  std::vector<uint8_t> Query(Msg* m, uint32_t l, uint64_t pos, const std::vector<uint32_t>& hs,
+                             const float* q) {
+    const uint64_t T = pos + 1;
+    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
+    m->set_sequence_id(opt.sequence_id);
+    m->set_step(pos);
+    m->set_layer(l);
+    for (uint32_t h : hs) m->add_kv_heads(h);
+    m->set_pending_tokens(pending);
+    return QueryPayload(l, hs, q, T, pending);
+  }
+
   Status Retrieve(uint32_t l, uint64_t pos, const std::vector<uint32_t>& hs, const float* q,
                   std::vector<std::vector<uint64_t>>* selection) {
     const uint64_t T = pos + 1;
-    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
     wire::RetrieveLayer m;
-    m.set_sequence_id(opt.sequence_id);
-    m.set_step(pos);
-    m.set_layer(l);
-    for (uint32_t h : hs) m.add_kv_heads(h);
     m.set_hot_set_generation(generation);
-    m.set_pending_tokens(pending);
+    const std::vector<uint8_t> payload_out = Query(&m, l, pos, hs, q);
     const auto t0 = std::chrono::steady_clock::now();
-    auto f = client->Call(wire::MessageType::kRetrieveLayer, m, QueryPayload(l, hs, q, T, pending));
+    auto f = client->Call(wire::MessageType::kRetrieveLayer, m, payload_out);
     totals.retrieve_seconds +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!f.ok()) return f.status().WithContext("retrieve layer " + std::to_string(l));
@@ -320,17 +331,11 @@ struct ServiceKvSource::Impl {
   }
 
   void Audit(uint32_t l, uint64_t pos, uint32_t h, const float* q) {
-    const uint64_t T = pos + 1;
-    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
     wire::Audit m;
-    m.set_sequence_id(opt.sequence_id);
-    m.set_step(pos);
-    m.set_layer(l);
-    m.add_kv_heads(h);
-    m.set_pending_tokens(pending);
+    const std::vector<uint8_t> payload = Query(&m, l, pos, {h}, q);
     const uint32_t group = g;
     Status s = client->CallAsync(
-        wire::MessageType::kAudit, m, QueryPayload(l, {h}, q, T, pending),
+        wire::MessageType::kAudit, m, payload,
         [this, pos, l, h, group](const Result<wire::Frame>& f) {
           wire::AuditReply r;
           if (!f.ok() || !wire::ParseProto(*f, &r).ok() || r.delta_size() != int(group)) return;
@@ -342,26 +347,20 @@ struct ServiceKvSource::Impl {
   }
 };
 
-// Data plane: an active message's header (u64 request id, u32 layer, u32 n, n x (u32 kv_head,
-// u32 slot)) → the hot-set slots its n blocks (K then V each, adjacent in a slot) land in.
+// Data plane: an active message's blocks header → the hot-set slots its blocks (K then V each,
+// adjacent in a slot) land in.
 Result<std::vector<transport::Segment>> PlaceBlocks(ServiceKvSource::Impl& m,
-                                                    std::span<const uint8_t> h, size_t len) {
-  if (h.size() < 16) return Status::InvalidArgument("data plane: short header");
-  uint32_t layer, n;
-  std::memcpy(&layer, h.data() + 8, 4);
-  std::memcpy(&n, h.data() + 12, 4);
-  if (layer >= m.L || h.size() != 16 + 8ull * n || len != 2ull * n * m.bb)
-    return Status::InvalidArgument("data plane: header and data disagree (header " +
-                                   std::to_string(h.size()) + " bytes, layer " +
-                                   std::to_string(layer) + ", " + std::to_string(n) + " blocks, " +
-                                   std::to_string(len) + " data bytes)");
+                                                    std::span<const uint8_t> bytes, size_t len) {
+  KVM_ASSIGN_OR_RETURN(wire::BlocksHeader h, wire::DecodeBlocksHeader(bytes));
+  if (h.layer >= m.L || len != 2 * m.bb * h.blocks.size())
+    return Status::InvalidArgument("data plane: layer " + std::to_string(h.layer) + ", " +
+                                   std::to_string(h.blocks.size()) + " blocks, " +
+                                   std::to_string(len) + " data bytes do not fit this hot set");
   std::vector<transport::Segment> segs;
-  for (uint32_t i = 0; i < n; ++i) {
-    uint32_t kvh, slot;
-    std::memcpy(&kvh, h.data() + 16 + 8 * i, 4);
-    std::memcpy(&slot, h.data() + 20 + 8 * i, 4);
-    if (kvh >= m.Hkv || slot >= m.slots) return Status::OutOfRange("data plane: slot out of range");
-    segs.push_back({m.slot_ptr(layer, kvh, slot), 2 * m.bb});
+  for (const wire::BlockPlacement& p : h.blocks) {
+    if (p.kv_head >= m.Hkv || p.slot >= m.slots)
+      return Status::OutOfRange("data plane: slot out of range");
+    segs.push_back({m.slot_ptr(h.layer, p.kv_head, p.slot), 2 * m.bb});
   }
   return segs;
 }
@@ -400,8 +399,8 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
     Impl* m = impl.get();
     dp->SetReceiver([m](std::span<const uint8_t> h, size_t len) { return PlaceBlocks(*m, h, len); },
                     [m](std::span<const uint8_t> h, const Status& st) {
-                      uint64_t id = 0;
-                      if (h.size() >= 8) std::memcpy(&id, h.data(), 8);
+                      auto header = wire::DecodeBlocksHeader(h);
+                      const uint64_t id = header.ok() ? header->request_id : 0;
                       std::lock_guard<std::mutex> l(m->data_mu);
                       if (!st.ok() && m->data_error.ok()) m->data_error = st;
                       ++m->arrived[id];

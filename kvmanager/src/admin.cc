@@ -60,7 +60,7 @@ struct AdminServer::Impl {
 };
 
 Result<std::unique_ptr<AdminServer>> AdminServer::Start(const AdminOptions& o, Metrics* metrics) {
-  KVM_ASSIGN_OR_RETURN(auto hp, ParseHostPort(o.listen));
+  KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(o.listen));
   auto impl = std::make_unique<Impl>();
   impl->opt = o;
   impl->metrics = metrics;

@@ -144,19 +144,8 @@ struct Seq {
   // Adds the K row of token `pos` for (l, h) to the summaries.
   void Summarize(uint32_t l, uint32_t h, uint64_t pos, const uint8_t* k_row) {
     std::vector<float> f(shape.head_dim);
-    for (uint32_t i = 0; i < shape.head_dim; ++i) f[i] = attn_elem(k_row, i);
+    DecodeRow(k_row, shape.head_dim, shape.dtype, f.data());
     sums[size_t{l} * shape.kv_heads + h].Append(pos, f.data());
-  }
-  float attn_elem(const uint8_t* row, uint32_t i) const {
-    switch (shape.dtype) {
-      case DType::kF16:
-        return HalfToFloat(reinterpret_cast<const uint16_t*>(row)[i]);
-      case DType::kBF16:
-        return Bf16ToFloat(reinterpret_cast<const uint16_t*>(row)[i]);
-      case DType::kF32:
-        return reinterpret_cast<const float*>(row)[i];
-    }
-    return 0.f;
   }
   Addr addr(uint32_t l, uint32_t h, uint64_t idx) const {
     return BlockAddr(seed, chain[idx], l, h);

@@ -43,36 +43,28 @@ void RequestHandler::Close(SessionState& s) {
 Result<uint32_t> RequestHandler::SendBlocks(const SessionState& s, uint64_t request_id,
                                             const wire::RetrieveLayerReply& r,
                                             std::vector<uint8_t> blocks) {
-  // (layer, kv_head, slot) of every sent block, in payload order.
-  struct Where {
-    uint32_t layer, kv_head, slot;
-  };
-  std::vector<Where> where;
+  // (layer, placement) of every sent block, in payload order.
+  std::vector<std::pair<uint32_t, wire::BlockPlacement>> where;
   for (const auto& h : r.heads())
-    for (int i = 0; i < h.slots_size(); ++i) where.push_back({h.layer(), h.kv_head(), h.slots(i)});
+    for (int i = 0; i < h.slots_size(); ++i)
+      where.push_back({h.layer(), {h.kv_head(), h.slots(i)}});
   if (where.empty()) return 0u;
   const size_t per_block = blocks.size() / where.size();
-  const size_t fixed = 16, max_h = opt_.data_plane->max_header_bytes();
-  if (max_h < fixed + 8) return Status::Internal("data plane header limit too small");
-  const size_t per_part = (max_h - fixed) / 8;
+  const size_t max_h = opt_.data_plane->max_header_bytes();
+  if (max_h < wire::kBlocksHeaderFixedBytes + wire::kBlocksHeaderBytesPerBlock)
+    return Status::Internal("data plane header limit too small");
+  const size_t per_part =
+      (max_h - wire::kBlocksHeaderFixedBytes) / wire::kBlocksHeaderBytesPerBlock;
   auto data = std::make_shared<std::vector<uint8_t>>(std::move(blocks));  // alive until sent
   uint32_t parts = 0;
   for (size_t first = 0; first < where.size(); ++parts) {
-    // One message per layer, each small enough for the header limit.
-    size_t n = 1;
-    while (first + n < where.size() && n < per_part && where[first + n].layer == where[first].layer)
-      ++n;
-    std::vector<uint8_t> h(fixed + 8 * n);
-    const uint32_t layer = where[first].layer, count = static_cast<uint32_t>(n);
-    std::memcpy(h.data(), &request_id, 8);
-    std::memcpy(h.data() + 8, &layer, 4);
-    std::memcpy(h.data() + 12, &count, 4);
-    for (size_t i = 0; i < n; ++i) {
-      std::memcpy(h.data() + fixed + 8 * i, &where[first + i].kv_head, 4);
-      std::memcpy(h.data() + fixed + 8 * i + 4, &where[first + i].slot, 4);
-    }
+    // One message per layer, each header within the limit.
+    wire::BlocksHeader h{request_id, where[first].first, {}};
+    size_t n = 0;
+    while (first + n < where.size() && n < per_part && where[first + n].first == h.layer)
+      h.blocks.push_back(where[first + n++].second);
     KVM_RETURN_IF_ERROR(opt_.data_plane->Send(
-        s.data_peer, h, {data->data() + first * per_block, n * per_block},
+        s.data_peer, wire::EncodeBlocksHeader(h), {data->data() + first * per_block, n * per_block},
         [data](const Status&) {}));  // a failed send shows as a missing part at the worker
     first += n;
   }

@@ -172,9 +172,9 @@ int main(int argc, char** argv) {
     c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))
     c.server.handler.limits.max_frame_bytes = vm["max-frame-bytes"].as<uint64_t>();
-  if (!server::ParseHostPort(c.server.listen).ok())
+  if (!wire::ParseHostPort(c.server.listen).ok())
     Usage("--listen: '" + c.server.listen + "' is not HOST:PORT");
-  if (!server::ParseHostPort(c.admin).ok()) Usage("--admin: '" + c.admin + "' is not HOST:PORT");
+  if (!wire::ParseHostPort(c.admin).ok()) Usage("--admin: '" + c.admin + "' is not HOST:PORT");
 
   // Block the stop signals before any thread starts; the main thread waits for them.
   sigset_t sigs;

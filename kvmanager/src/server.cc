@@ -15,29 +15,6 @@ namespace kvm::server {
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
-Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s) {
-  std::string host;
-  std::string port;
-  if (!s.empty() && s[0] == '[') {
-    const size_t close = s.find(']');
-    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':')
-      return Status::InvalidArgument("address '" + s + "' is not [IPv6]:PORT");
-    host = s.substr(1, close - 1);
-    port = s.substr(close + 2);
-  } else {
-    const size_t colon = s.rfind(':');
-    if (colon == std::string::npos)
-      return Status::InvalidArgument("address '" + s + "' is not HOST:PORT");
-    host = s.substr(0, colon);
-    port = s.substr(colon + 1);
-  }
-  char* end = nullptr;
-  const long p = std::strtol(port.c_str(), &end, 10);
-  if (host.empty() || port.empty() || *end || p < 0 || p > 65535)
-    return Status::InvalidArgument("address '" + s + "': bad host or port");
-  return std::make_pair(host, static_cast<uint16_t>(p));
-}
-
 struct Server::Impl {
   ServerOptions opt;
   store::BlockStore* store = nullptr;
@@ -232,7 +209,7 @@ struct Server::Impl {
 };
 
 Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& o, store::BlockStore* store) {
-  KVM_ASSIGN_OR_RETURN(auto hp, ParseHostPort(o.listen));
+  KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(o.listen));
   auto impl = std::make_unique<Impl>();
   impl->opt = o;
   impl->store = store;

@@ -1,5 +1,6 @@
 #include "proto/wire/frame.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <unordered_set>
 
@@ -225,6 +226,61 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
         std::to_string(want) + " (fp32 [heads][group][head_dim], then " +
         std::to_string(pending_tokens) + " pending K rows [heads][tokens][head_dim])");
   return Status::Ok();
+}
+
+std::vector<uint8_t> EncodeBlocksHeader(const BlocksHeader& h) {
+  std::vector<uint8_t> out(kBlocksHeaderFixedBytes + kBlocksHeaderBytesPerBlock * h.blocks.size());
+  const uint32_t n = static_cast<uint32_t>(h.blocks.size());
+  std::memcpy(out.data(), &h.request_id, 8);
+  std::memcpy(out.data() + 8, &h.layer, 4);
+  std::memcpy(out.data() + 12, &n, 4);
+  for (uint32_t i = 0; i < n; ++i) {
+    std::memcpy(out.data() + 16 + 8 * i, &h.blocks[i].kv_head, 4);
+    std::memcpy(out.data() + 20 + 8 * i, &h.blocks[i].slot, 4);
+  }
+  return out;
+}
+
+Result<BlocksHeader> DecodeBlocksHeader(std::span<const uint8_t> bytes) {
+  if (bytes.size() < kBlocksHeaderFixedBytes)
+    return Status::InvalidArgument("blocks header of " + std::to_string(bytes.size()) + " bytes");
+  BlocksHeader h;
+  uint32_t n;
+  std::memcpy(&h.request_id, bytes.data(), 8);
+  std::memcpy(&h.layer, bytes.data() + 8, 4);
+  std::memcpy(&n, bytes.data() + 12, 4);
+  if (bytes.size() != kBlocksHeaderFixedBytes + kBlocksHeaderBytesPerBlock * uint64_t{n})
+    return Status::InvalidArgument("blocks header: " + std::to_string(n) + " blocks in " +
+                                   std::to_string(bytes.size()) + " bytes");
+  h.blocks.resize(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    std::memcpy(&h.blocks[i].kv_head, bytes.data() + 16 + 8 * i, 4);
+    std::memcpy(&h.blocks[i].slot, bytes.data() + 20 + 8 * i, 4);
+  }
+  return h;
+}
+
+Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s) {
+  std::string host;
+  std::string port;
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find(']');
+    if (close == std::string::npos || close + 1 >= s.size() || s[close + 1] != ':')
+      return Status::InvalidArgument("address '" + s + "' is not [IPv6]:PORT");
+    host = s.substr(1, close - 1);
+    port = s.substr(close + 2);
+  } else {
+    const size_t colon = s.rfind(':');
+    if (colon == std::string::npos)
+      return Status::InvalidArgument("address '" + s + "' is not HOST:PORT");
+    host = s.substr(0, colon);
+    port = s.substr(colon + 1);
+  }
+  char* end = nullptr;
+  const long p = std::strtol(port.c_str(), &end, 10);
+  if (host.empty() || port.empty() || *end || p < 0 || p > 65535)
+    return Status::InvalidArgument("address '" + s + "': bad host or port");
+  return std::make_pair(host, static_cast<uint16_t>(p));
 }
 
 Status CheckHello(const Hello& hello) {

@@ -1,5 +1,7 @@
 #include "proto/half.h"
 
+#include <cstring>
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -46,6 +48,30 @@ void Bf16ToFloatN(const uint16_t* src, float* dst, size_t n) {
 }
 void FloatToBf16N(const float* src, uint16_t* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+void DecodeRow(const void* src, uint32_t n, DType dtype, float* out) {
+  switch (dtype) {
+    case DType::kF16:
+      return HalfToFloatN(static_cast<const uint16_t*>(src), out, n);
+    case DType::kBF16:
+      return Bf16ToFloatN(static_cast<const uint16_t*>(src), out, n);
+    case DType::kF32:
+      std::memcpy(out, src, size_t{n} * sizeof(float));
+      return;
+  }
+}
+
+void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst) {
+  switch (dtype) {
+    case DType::kF16:
+      return FloatToHalfN(src, static_cast<uint16_t*>(dst), n);
+    case DType::kBF16:
+      return FloatToBf16N(src, static_cast<uint16_t*>(dst), n);
+    case DType::kF32:
+      std::memcpy(dst, src, size_t{n} * sizeof(float));
+      return;
+  }
 }
 
 }  // namespace kvm

@@ -2,6 +2,8 @@
 // loopback) against the same worker with the in-process selector (SelectorKvSource): the same
 // selector, budget and KV dtype give bit-identical logits and tokens, with PrHS's reuse steps never
 // reaching the service.
+#include "testutil/service.h"
+
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -43,44 +45,25 @@ std::unique_ptr<transport::Transport> MakeTransport(const std::string& kind, boo
   return t.ok() ? std::move(*t) : nullptr;
 }
 
-// A kvmanager in this process: a store in a temporary directory and a server on a free loopback
-// port, with an optional data plane.
-struct TestService {
-  explicit TestService(transport::Transport* data_plane = nullptr,
-                       uint32_t session_timeout_ms = 10000) {
-    char tmpl[] = "/tmp/kvm_service_test_XXXXXX";
-    dir = mkdtemp(tmpl);
-    store::StoreOptions so;
-    so.dir = dir;
-    so.host_capacity_bytes = 64 << 20;
-    store = std::move(store::BlockStore::Open(so)).value();
-    server::ServerOptions o;
-    o.listen = "127.0.0.1:0";
-    o.handler.tenants = {{"dev", "dev", true}};
-    o.handler.data_plane = data_plane;
-    o.session_timeout_ms = session_timeout_ms;
-    server = std::move(server::Server::Start(o, store.get())).value();
-  }
-  ~TestService() {
-    server.reset();
-    store.reset();
-    std::filesystem::remove_all(dir);
-  }
-  std::string dir;
-  std::unique_ptr<store::BlockStore> store;
-  std::unique_ptr<server::Server> server;
-};
+// A kvmanager in this process with an optional data plane.
+std::unique_ptr<testutil::TestService> StartService(transport::Transport* data_plane = nullptr,
+                                                    uint32_t session_timeout_ms = 10000) {
+  server::ServerOptions o;
+  o.handler.data_plane = data_plane;
+  o.session_timeout_ms = session_timeout_ms;
+  return std::make_unique<testutil::TestService>(o);
+}
 
 class ServiceSourceTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
     service_dp_ = MakeTransport(GetParam().transport, true);
     worker_dp_ = MakeTransport(GetParam().transport, false);
-    service_ = std::make_unique<TestService>(service_dp_.get());
+    service_ = StartService(service_dp_.get());
   }
   void TearDown() override { service_.reset(); }
   std::unique_ptr<transport::Transport> service_dp_, worker_dp_;
-  std::unique_ptr<TestService> service_;
+  std::unique_ptr<testutil::TestService> service_;
 };
 
 TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
@@ -177,8 +160,8 @@ namespace {
 TEST(ServiceFailureTest, AWorkerKilledMidStreamLeavesTheServiceServingOthers) {
   auto sdp = MakeTransport("ucx", true);
   ASSERT_TRUE(sdp);
-  TestService svc(sdp.get(), /*session_timeout_ms=*/3000);  // 3 heartbeat intervals
-  auto& server = svc.server;
+  auto svc = StartService(sdp.get(), /*session_timeout_ms=*/3000);  // 3 heartbeat intervals
+  auto& server = svc->server;
   auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
   auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
   const ModelShape shape = model->Shape(DType::kF16);
@@ -257,8 +240,8 @@ namespace {
 // A worker that lost its hot set (or its connection) resets: a new generation, the service forgets
 // its mirror and re-sends what the next selections need; decoding goes on.
 TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
-  TestService svc;
-  auto& server = svc.server;
+  auto svc = StartService();
+  auto& server = svc->server;
   auto model = std::move(LlamaModel::Load(ModelDir() + "/model.bin")).value();
   auto ids = std::move(ReadTokenFile(ModelDir() + "/heldout.u16")).value();
   auto conn = std::move(Client::Connect({.address = server->address()})).value();

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "proto/kvm.pb.h"
+#include "testutil/service.h"
 
 namespace kvm::server {
 namespace {
@@ -74,25 +75,14 @@ class Client {
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvm_server_XXXXXX";
-    dir_ = mkdtemp(tmpl);
-    store::StoreOptions so;
-    so.dir = dir_;
-    so.host_capacity_bytes = 8 << 20;
-    store_ = std::move(store::BlockStore::Open(so)).value();
     ServerOptions o;
-    o.listen = "127.0.0.1:0";
     o.handler.tenants = {{"dev", "dev", true}, {"a", "tokA", false}};
     o.handler.limits.max_frame_bytes = 1 << 20;
-    auto s = Server::Start(o, store_.get());
-    ASSERT_TRUE(s.ok()) << s.status().ToString();
-    server_ = std::move(*s);
+    service_ = std::make_unique<testutil::TestService>(o, 8 << 20);
+    store_ = service_->store.get();
+    server_ = service_->server.get();
   }
-  void TearDown() override {
-    server_.reset();
-    store_.reset();
-    std::filesystem::remove_all(dir_);
-  }
+  void TearDown() override { service_.reset(); }
   static wire::CreateSequence Create(uint64_t id) {
     wire::CreateSequence c;
     c.set_sequence_id(id);
@@ -106,9 +96,9 @@ class ServerTest : public ::testing::Test {
     for (size_t i = 0; i < p.size(); ++i) p[i] = static_cast<uint8_t>(seed * 31 + i * 7);
     return p;
   }
-  std::string dir_;
-  std::unique_ptr<store::BlockStore> store_;
-  std::unique_ptr<Server> server_;
+  std::unique_ptr<testutil::TestService> service_;
+  store::BlockStore* store_ = nullptr;
+  Server* server_ = nullptr;
 };
 
 TEST_F(ServerTest, LifecycleOverTcpWithPipelining) {
@@ -253,7 +243,7 @@ TEST_F(ServerTest, SilentSessionsAreClosedHeartbeatsKeepThemAlive) {
   o.listen = "127.0.0.1:0";
   o.handler.tenants = {{"a", "tokA", false}};
   o.session_timeout_ms = 1000;
-  auto s = Server::Start(o, store_.get());
+  auto s = Server::Start(o, store_);
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   Client silent((*s)->port()), beating((*s)->port());
   ASSERT_TRUE(silent.Hello("a", "tokA").ok());
@@ -279,7 +269,7 @@ TEST_F(ServerTest, RequestsQueuedPastTheDeadlineAreTimedOutInOrder) {
   o.handler.tenants = {{"a", "tokA", false}};
   o.request_deadline_ms = 1;
   o.worker_threads = 1;
-  auto s = Server::Start(o, store_.get());
+  auto s = Server::Start(o, store_);
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   Client c((*s)->port());
   ASSERT_TRUE(c.Hello("a", "tokA").ok());

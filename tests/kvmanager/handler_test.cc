@@ -12,6 +12,7 @@
 #include "selector/scoring.h"
 #include "selector/wire_options.h"
 #include "testutil/kv.h"
+#include "testutil/service.h"
 #include "transport/transport.h"
 
 namespace kvm::server {
@@ -28,20 +29,15 @@ struct Reply {
 class HandlerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/kvm_handler_XXXXXX";
-    dir_ = mkdtemp(tmpl);
-    store::StoreOptions o;
-    o.dir = dir_;
-    o.host_capacity_bytes = 1 << 20;
-    store_ = std::move(store::BlockStore::Open(o)).value();
+    tmp_ = std::make_unique<testutil::TempStore>(1 << 20);
+    store_ = tmp_->store.get();
     HandlerOptions h;
     h.tenants = {{"dev", "devtok", true}, {"a", "tokA", false}, {"b", "tokB", false}};
-    handler_ = std::make_unique<RequestHandler>(store_.get(), h);
+    handler_ = std::make_unique<RequestHandler>(store_, h);
   }
   void TearDown() override {
     handler_.reset();
-    store_.reset();
-    std::filesystem::remove_all(dir_);
+    tmp_.reset();
   }
   Reply Call(SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
              std::span<const uint8_t> payload = {}) {
@@ -82,8 +78,8 @@ class HandlerTest : public ::testing::Test {
     c.set_durability(wire::DURABLE);
     return c;
   }
-  std::string dir_;
-  std::unique_ptr<store::BlockStore> store_;
+  std::unique_ptr<testutil::TempStore> tmp_;
+  store::BlockStore* store_ = nullptr;
   std::unique_ptr<RequestHandler> handler_;
   uint64_t id_ = 0;
 };
@@ -307,7 +303,9 @@ TEST_F(RetrieveTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBy
         ASSERT_EQ(hs.delta_size(), 2);
         for (int j = 0; j < 2; ++j) {
           EXPECT_EQ(hs.delta(j), float(want.delta[j]));
-          if (want.anchor) EXPECT_EQ(hs.log_delta(j), ref->gate(l, h * 2 + j).log_delta_a);
+          if (want.anchor) {
+            EXPECT_EQ(hs.log_delta(j), ref->gate(l, h * 2 + j).log_delta_a);
+          }
         }
         EXPECT_EQ(hs.delta_kind(), static_cast<wire::DeltaKind>(want.kind));
         EXPECT_EQ(hs.anchor(), want.anchor);
@@ -444,12 +442,8 @@ namespace {
 // active messages, each header within the transport's limit, and land byte-identical in the
 // worker's slots; the reply frame carries no payload.
 TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
-  char tmpl[] = "/tmp/kvm_handler_dp_XXXXXX";
-  const std::string dir = mkdtemp(tmpl);
-  store::StoreOptions so;
-  so.dir = dir;
-  so.host_capacity_bytes = 96 << 20;
-  auto store = std::move(store::BlockStore::Open(so)).value();
+  testutil::TempStore tmp(96 << 20);
+  auto& store = tmp.store;
   auto service_dp = transport::MakeInProcess();
   auto worker_dp = transport::MakeInProcess();
   HandlerOptions ho;
@@ -518,16 +512,12 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   worker_dp->SetReceiver(
       [&](std::span<const uint8_t> hd, size_t len) -> Result<std::vector<transport::Segment>> {
         max_header = std::max(max_header, hd.size());
-        uint32_t n;
-        std::memcpy(&n, hd.data() + 12, 4);
-        if (hd.size() != 16 + 8ull * n || len != 2 * bb * n) return Status::InvalidArgument("bad");
+        KVM_ASSIGN_OR_RETURN(wire::BlocksHeader bh, wire::DecodeBlocksHeader(hd));
+        if (bh.layer != 0 || len != 2 * bb * bh.blocks.size())
+          return Status::InvalidArgument("bad");
         std::vector<transport::Segment> segs;
-        for (uint32_t i = 0; i < n; ++i) {
-          uint32_t kvh, slot;
-          std::memcpy(&kvh, hd.data() + 16 + 8 * i, 4);
-          std::memcpy(&slot, hd.data() + 20 + 8 * i, 4);
-          segs.push_back({hot.data() + (size_t{kvh} * slots + slot) * 2 * bb, 2 * bb});
-        }
+        for (const wire::BlockPlacement& b : bh.blocks)
+          segs.push_back({hot.data() + (size_t{b.kv_head} * slots + b.slot) * 2 * bb, 2 * bb});
         return segs;
       },
       [&](std::span<const uint8_t>, const Status& st) {
@@ -564,7 +554,6 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
     }
   EXPECT_GT(sent, 2000u);
   handler.Close(s);
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

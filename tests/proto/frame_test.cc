@@ -179,5 +179,36 @@ TEST(FrameTest, ErrorCodesComeBackAsStatus) {
   EXPECT_TRUE(StatusFromWire(77, "?").IsInternal());
 }
 
+TEST(FrameTest, BlocksHeaderRoundTripsAndRefusesMalformedBytes) {
+  BlocksHeader h{0x1122334455667788ull, 3, {{0, 5}, {7, 1}, {2, 900}}};
+  const auto bytes = EncodeBlocksHeader(h);
+  EXPECT_EQ(bytes.size(), kBlocksHeaderFixedBytes + 3 * kBlocksHeaderBytesPerBlock);
+  auto back = DecodeBlocksHeader(bytes);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->request_id, h.request_id);
+  EXPECT_EQ(back->layer, 3u);
+  ASSERT_EQ(back->blocks.size(), 3u);
+  EXPECT_EQ(back->blocks[2].kv_head, 2u);
+  EXPECT_EQ(back->blocks[2].slot, 900u);
+  EXPECT_TRUE(DecodeBlocksHeader({bytes.data(), bytes.size() - 1}).status().IsInvalidArgument());
+  EXPECT_TRUE(DecodeBlocksHeader({bytes.data(), 10}).status().IsInvalidArgument());
+  auto big = bytes;
+  big[12] = 0xff;  // claims 255 blocks
+  EXPECT_TRUE(DecodeBlocksHeader(big).status().IsInvalidArgument());
+}
+
+TEST(FrameTest, HostPortParsing) {
+  auto a = ParseHostPort("127.0.0.1:7420");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->first, "127.0.0.1");
+  EXPECT_EQ(a->second, 7420);
+  auto b = ParseHostPort("[::1]:0");
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(b->first, "::1");
+  EXPECT_EQ(b->second, 0);
+  for (const char* bad : {"nohost", ":80", "h:", "h:99999", "h:12x", "[::1]80", "[::1"})
+    EXPECT_TRUE(ParseHostPort(bad).status().IsInvalidArgument()) << bad;
+}
+
 }  // namespace
 }  // namespace kvm::wire

@@ -181,6 +181,19 @@ TEST(HalfTest, BulkConversionsMatchScalar) {
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint16_t>(i * 40503u);
   std::vector<float> f(all.size());
   HalfToFloatN(all.data(), f.data(), all.size());
+  // The dtype-generic row conversions are these, per dtype.
+  for (DType dt : {DType::kF16, DType::kBF16, DType::kF32}) {
+    std::vector<uint8_t> enc(7 * DTypeSize(dt));
+    EncodeRow(src, 7, dt, enc.data());
+    float dec[7];
+    DecodeRow(enc.data(), 7, dt, dec);
+    for (int i = 0; i < 7; ++i) {
+      const float want = dt == DType::kF16    ? HalfToFloat(FloatToHalf(src[i]))
+                         : dt == DType::kBF16 ? Bf16ToFloat(FloatToBf16(src[i]))
+                                              : src[i];
+      EXPECT_EQ(std::bit_cast<uint32_t>(dec[i]), std::bit_cast<uint32_t>(want)) << i;
+    }
+  }
   for (size_t i = 0; i < all.size(); ++i)
     ASSERT_EQ(std::bit_cast<uint32_t>(f[i]), std::bit_cast<uint32_t>(HalfToFloat(all[i])))
         << std::hex << all[i];

@@ -27,6 +27,7 @@
 #include "bench_util.h"
 #include "commands.h"
 #include "flags.h"
+#include "proto/wire/frame.h"
 #include "transport/transport.h"
 
 namespace kvm::tools {
@@ -64,16 +65,11 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   Status rx_error;
   rx->SetReceiver(
       [&](std::span<const uint8_t> h, size_t len) -> Result<std::vector<transport::Segment>> {
-        uint32_t n;
-        std::memcpy(&n, h.data() + 12, 4);
-        if (h.size() != 16 + 8ull * n || len != n * slot_bytes)
-          return Status::InvalidArgument("bad message");
-        std::vector<transport::Segment> segs(n);
-        for (uint32_t i = 0; i < n; ++i) {
-          uint32_t slot;
-          std::memcpy(&slot, h.data() + 20 + 8 * i, 4);
-          segs[i] = {hot.data() + size_t(slot) * slot_bytes, slot_bytes};
-        }
+        KVM_ASSIGN_OR_RETURN(wire::BlocksHeader hd, wire::DecodeBlocksHeader(h));
+        if (len != hd.blocks.size() * slot_bytes) return Status::InvalidArgument("bad message");
+        std::vector<transport::Segment> segs;
+        for (const wire::BlockPlacement& b : hd.blocks)
+          segs.push_back({hot.data() + size_t(b.slot) * slot_bytes, slot_bytes});
         return segs;
       },
       [&](std::span<const uint8_t>, const Status& s) {
@@ -103,10 +99,9 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   }
   std::vector<std::vector<uint8_t>> headers;  // per message, in the retrieval-reply layout
   for (const Msg& g : msgs) {
-    std::vector<uint8_t> h(16 + 8ull * g.n);
-    std::memcpy(h.data() + 12, &g.n, 4);
-    for (uint32_t i = 0; i < g.n; ++i) std::memcpy(h.data() + 20 + 8 * i, &order[g.first + i], 4);
-    headers.push_back(std::move(h));
+    wire::BlocksHeader h;
+    for (uint32_t i = 0; i < g.n; ++i) h.blocks.push_back({0, order[g.first + i]});
+    headers.push_back(wire::EncodeBlocksHeader(h));
   }
   std::vector<transport::Segment> segs;
   for (uint32_t i = 0; i < blocks; ++i)

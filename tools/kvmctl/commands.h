@@ -120,7 +120,12 @@ inline constexpr const char* kDemoUsage =
     "      worker's hot set (--transport tcp: in the reply frames). --json: one object on stdout\n"
     "      (progress goes to stderr).";
 int RunDemo(const std::vector<std::string>& args);
+// ---- Report helpers shared by the commands (report.cc) ----
 // JSON string escaping (quotes, backslashes, control characters).
 std::string JsonEscape(const std::string& s);
+// A number for JSON output: %.6g, or null when it is not finite.
+std::string Num(double x);
+// The p-quantile (0..1) of v, interpolated between ranks; NaN for an empty v.
+double Percentile(std::vector<double> v, double p);
 
 }  // namespace kvm::tools

@@ -122,33 +122,6 @@ Stat Summarize(std::vector<double> v) {
 }
 }  // namespace
 
-std::string JsonEscape(const std::string& s) {
-  std::string o;
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      o += '\\';
-      o += char(c);
-    } else if (c < 0x20) {
-      char b[8];
-      std::snprintf(b, sizeof(b), "\\u%04x", c);
-      o += b;
-    } else {
-      o += char(c);
-    }
-  }
-  return o;
-}
-
-namespace {
-std::string Num(double x) {
-  if (!std::isfinite(x)) return "null";
-  char b[64];
-  std::snprintf(b, sizeof(b), "%.6g", x);
-  return b;
-}
-
-}  // namespace
-
 int RunDemo(const std::vector<std::string>& args) {
   const Flags f(args,
                 {"server", "selector", "budget-frac", "target-delta", "max-new", "context",

@@ -24,21 +24,6 @@
 namespace kvm::tools {
 namespace {
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return NAN;
-  std::sort(v.begin(), v.end());
-  const double idx = p * (v.size() - 1);
-  const size_t lo = static_cast<size_t>(std::floor(idx)), hi = static_cast<size_t>(std::ceil(idx));
-  return v[lo] + (v[hi] - v[lo]) * (idx - lo);
-}
-
-std::string Num(double x) {
-  if (std::isnan(x)) return "null";
-  char b[64];
-  std::snprintf(b, sizeof b, "%.6g", x);
-  return b;
-}
-
 double LogSoftmaxAt(const std::vector<float>& logits, uint32_t t) {
   double m = -INFINITY;
   for (float l : logits) m = std::max(m, double(l));

@@ -69,7 +69,4 @@ class DenseKvSource : public KvSource {
   std::vector<uint64_t> len_;
 };
 
-// Encodes n fp32 values into dst as dtype (round to nearest even).
-void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst);
-
 }  // namespace kvm::client

@@ -53,7 +53,4 @@ class Server {
   std::unique_ptr<Impl> impl_;
 };
 
-// Splits "host:port" (IPv6 as "[::1]:port"); InvalidArgument naming the text otherwise.
-Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s);
-
 }  // namespace kvm::server

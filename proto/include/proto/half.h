@@ -12,6 +12,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "proto/model_shape.h"
+
 namespace kvm {
 
 inline uint16_t FloatToHalf(float f) {
@@ -59,6 +61,9 @@ inline float Bf16ToFloat(uint16_t b) {
 }
 
 // Bulk conversions (n elements; src and dst must not overlap).
+// n elements of any KV dtype: to fp32 (exact) and from fp32 (round to nearest even).
+void DecodeRow(const void* src, uint32_t n, DType dtype, float* out);
+void EncodeRow(const float* src, uint32_t n, DType dtype, void* dst);
 void HalfToFloatN(const uint16_t* src, float* dst, size_t n);
 void FloatToHalfN(const float* src, uint16_t* dst, size_t n);
 void Bf16ToFloatN(const uint16_t* src, float* dst, size_t n);

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "proto/model_shape.h"
@@ -134,6 +135,28 @@ Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t 
 // of fp32 queries + heads * pending_tokens * D pending K rows of the shape's dtype.
 Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
                        const kvm::ModelShape& shape, uint32_t pending_tokens, uint64_t payload_len);
+
+// ---- Data plane: the header of an active message carrying a retrieval's blocks ----
+// Little-endian: u64 request id, u32 layer, u32 n, then n × (u32 kv_head, u32 slot); the message's
+// data is the n blocks' K and V, slot by slot (proto/README.md).
+struct BlockPlacement {
+  uint32_t kv_head = 0;
+  uint32_t slot = 0;
+};
+struct BlocksHeader {
+  uint64_t request_id = 0;
+  uint32_t layer = 0;
+  std::vector<BlockPlacement> blocks;
+};
+inline constexpr size_t kBlocksHeaderFixedBytes = 16;
+inline constexpr size_t kBlocksHeaderBytesPerBlock = 8;
+std::vector<uint8_t> EncodeBlocksHeader(const BlocksHeader& h);
+// InvalidArgument when the bytes are not exactly one header.
+Result<BlocksHeader> DecodeBlocksHeader(std::span<const uint8_t> bytes);
+
+// Splits "host:port" (IPv6 as "[::1]:port") of a control-plane address; InvalidArgument naming the
+// text otherwise.
+Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s);
 
 class Hello;
 // FailedPrecondition when the client speaks another protocol version.
