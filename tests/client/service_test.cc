@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <tuple>
 
 #include "client/llama.h"
 #include "client/selector_source.h"
@@ -133,10 +135,31 @@ TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
   } else {
     EXPECT_EQ(t.round_trips, steps * L);  // no gate: every layer-step retrieves
   }
-  // The service's δ at anchors equals the in-process selector's claims.
-  size_t exact = 0;
-  for (const auto& r : (*remote)->records()) exact += r.kind == DeltaKind::kExact;
+  // Every δ the worker records through the service equals the in-process selector's claim for the
+  // same (step, layer, query head), with the same kind: exact at anchors (sent as float), the bound
+  // on reuse steps (computed by the worker itself, bit for bit). Audits are the service's own.
+  std::map<std::tuple<uint64_t, uint32_t, uint32_t>, const HeadRecord*> claims;
+  for (const auto& r : (*local)->records()) claims[{r.step, r.layer, r.q_head}] = &r;
+  size_t exact = 0, bound = 0;
+  for (const auto& r : (*remote)->records()) {
+    if (r.kind == DeltaKind::kAudit) continue;
+    auto it = claims.find({r.step, r.layer, r.q_head});
+    ASSERT_NE(it, claims.end()) << "step " << r.step << " layer " << r.layer;
+    ASSERT_EQ(r.kind, it->second->kind) << "step " << r.step << " layer " << r.layer;
+    if (r.kind == DeltaKind::kExact) {
+      EXPECT_EQ(float(r.delta), float(it->second->delta_claim)) << "step " << r.step;
+      ++exact;
+    } else if (r.kind == DeltaKind::kBound) {
+      EXPECT_EQ(r.delta, it->second->delta_claim) << "step " << r.step;
+      ++bound;
+    }
+  }
   EXPECT_GT(exact, 0u);
+  if (c.selector == "prhs" && c.target == 0) EXPECT_GT(bound, 0u);
+  // Every (step, layer, query head) of the decode has its claim (none lost or doubled).
+  size_t claims_remote = 0;
+  for (const auto& r : (*remote)->records()) claims_remote += r.kind != DeltaKind::kAudit;
+  EXPECT_EQ(claims_remote, steps * L * shape.q_heads);
 }
 
 INSTANTIATE_TEST_SUITE_P(Selectors, ServiceSourceTest,

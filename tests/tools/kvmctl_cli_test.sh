@@ -68,6 +68,7 @@ d, e = (json.loads(x) for x in sys.argv[1:3])
 assert d["generated"] == e["generated"], (d["generated"], e["generated"])
 assert e["shared_prefetches"] > 0, e
 assert e["service_round_trips"] < 32 * 6, e  # fewer than one per (step, layer)
+assert e["delta_mean"] is not None and 0 <= e["delta_mean"] <= 1, e  # sharing layers' unknowns left out
 PY
 then echo "ok: layer sharing through the service: prefetched blocks, same tokens"; else echo "FAIL: layer sharing through the service: $d / $e"; fail=1; fi
 if /usr/bin/python3 - "$a" "$b" "$c" <<'PY'

@@ -108,16 +108,15 @@ struct Stat {
   size_t n = 0;
   double mean = 0, p99 = 0, max = 0;
 };
-Stat Summarize(std::vector<double> v) {
+Stat Summarize(const std::vector<double>& v) {
   Stat s;
   s.n = v.size();
   if (v.empty()) return s;
-  std::sort(v.begin(), v.end());
   double sum = 0;
   for (double x : v) sum += x;
   s.mean = sum / double(v.size());
-  s.p99 = v[std::min(v.size() - 1, size_t(std::ceil(0.99 * double(v.size()))) - 1)];
-  s.max = v.back();
+  s.p99 = Percentile(v, 0.99);
+  s.max = *std::max_element(v.begin(), v.end());
   return s;
 }
 }  // namespace
@@ -263,7 +262,8 @@ int RunDemo(const std::vector<std::string>& args) {
   std::vector<double> claims;
   for (const auto& r : (*src)->records()) {
     by_kind[r.kind].push_back(r.delta);
-    if (r.kind != DeltaKind::kAudit) claims.push_back(r.delta);
+    // Claims: exact and bound (a sharing layer's selection has no δ of its own: kind unknown).
+    if (r.kind == DeltaKind::kExact || r.kind == DeltaKind::kBound) claims.push_back(r.delta);
   }
   const Stat all = Summarize(claims);
   size_t within = 0;

@@ -299,7 +299,7 @@ int RunEval(const std::vector<std::string>& args) {
   if (service) {  // through the service: the worker's claims (exact anchors, bounds on reuse)
     for (const auto& r : service->records()) {
       kinds[DeltaKindName(r.kind)]++;
-      if (r.kind == DeltaKind::kAudit) continue;
+      if (r.kind != DeltaKind::kExact && r.kind != DeltaKind::kBound) continue;  // audit, unknown
       dt.push_back(r.delta);
       within += r.delta <= o.target_delta;
     }
