@@ -61,7 +61,6 @@ struct Client::Impl {
   uint32_t heartbeat_ms = 1000;
   uint64_t max_frame = 0;
   bool data_plane_active = false;
-  uint64_t bytes_in = 0, bytes_out = 0;
   std::atomic<int64_t> last_write_ns{0};
   // Requests whose replies have not been read yet, in send order (replies come in order).
   struct Pending {
@@ -122,7 +121,6 @@ struct Client::Impl {
     }
     Status st = WriteAll(wire::EncodeFrame(static_cast<uint16_t>(type), id, m, payload));
     if (!st.ok()) return st;
-    bytes_out += payload.size();
     return id;
   }
 
@@ -181,7 +179,6 @@ struct Client::Impl {
         std::lock_guard<std::mutex> l(pending_mu);
         pending.pop_front();
       }
-      bytes_in += f->payload.size();
       Result<wire::Frame> r = AsResult(std::move(*f));
       if (head.id == id) return r;
       if (head.on_reply) {
@@ -310,7 +307,5 @@ transport::Transport* Client::data_plane() const {
 uint32_t Client::heartbeat_interval_ms() const { return impl_->heartbeat_ms; }
 uint64_t Client::max_frame_bytes() const { return impl_->max_frame; }
 const ConnectOptions& Client::options() const { return impl_->opt; }
-uint64_t Client::payload_bytes_in() const { return impl_->bytes_in; }
-uint64_t Client::payload_bytes_out() const { return impl_->bytes_out; }
 
 }  // namespace kvm::client

@@ -56,7 +56,10 @@ attn::HeadKV DenseKvSource::View(uint32_t layer, uint32_t kvh, uint64_t tokens) 
 
 void DenseKvSource::Row(uint32_t layer, uint32_t kvh, uint64_t token, bool values,
                         float* out) const {
-  attn::LoadRow(View(layer, kvh, token + 1), token, values, out);
+  // Blocks are contiguous, so the row is at token * row bytes (no block view to build).
+  const Head& hd = head(layer, kvh);
+  DecodeRow((values ? hd.v : hd.k).data() + token * layout_.row_bytes(), layout_.shape().head_dim,
+            layout_.shape().dtype, out);
 }
 
 Status DenseKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, float* out) {

@@ -306,7 +306,8 @@ int RunDemo(const std::vector<std::string>& args) {
         "\"within_target_fraction\": %s, \"retrieval_overhead\": %s, \"round_trips\": %llu, "
         "\"gate_reuses\": %llu, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
         "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
-        "\"prefill_seconds\": %s, \"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
+        "\"prefill_seconds\": %s, \"retrieve_wait_seconds\": %s, \"local_fill_bytes\": %llu, "
+        "\"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
         "\"text\": \"%s\"}\n",
         out.size(), (unsigned long long)context, name.c_str(), Num(o.target_delta).c_str(),
         Num(all.mean).c_str(), Num(all.p99).c_str(), kinds, byk.c_str(), Num(within_frac).c_str(),
@@ -314,7 +315,8 @@ int RunDemo(const std::vector<std::string>& args) {
         (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
         (unsigned long long)t.topk_refetch,
         Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
-        Num(tps).c_str(), Num(prefill_s).c_str(), transport_used.c_str(), JsonEscape(lanes).c_str(),
+        Num(tps).c_str(), Num(prefill_s).c_str(), Num(t.retrieve_seconds).c_str(),
+        (unsigned long long)t.local_fill_bytes, transport_used.c_str(), JsonEscape(lanes).c_str(),
         JsonEscape((*tok)->Decode(out)).c_str());
     return 0;
   }
@@ -346,6 +348,10 @@ int RunDemo(const std::vector<std::string>& args) {
       (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
       Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
       (unsigned long long)t.topk_refetch);
+  std::printf(
+      "  waiting for retrievals  %.2f s of %.2f s decode; %llu bytes filled from the worker's "
+      "own window copy\n",
+      t.retrieve_seconds, decode_s, (unsigned long long)t.local_fill_bytes);
   return 0;
 }
 

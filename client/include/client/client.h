@@ -75,9 +75,6 @@ class Client {
   uint32_t heartbeat_interval_ms() const;
   uint64_t max_frame_bytes() const;
   const ConnectOptions& options() const;
-  // Bytes of frame payloads received (the blocks of the TCP data path) and sent.
-  uint64_t payload_bytes_in() const;
-  uint64_t payload_bytes_out() const;
 
  private:
   struct Impl;
