@@ -6,6 +6,7 @@
 // that changed) for `--seconds`. Prints requests/s, p50/p99 latency, the blocks streamed, and the
 // time of a memcpy of the same K bytes (what a retrieval must at least read) measured in the run.
 //   kvm_retrieve_bench [--sequences 64] [--tokens 32768] [--clients 4] [--seconds 20] [--json]
+//                      [--no-gpu]   (score on the CPU even when the store has a GPU tier)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -44,12 +45,14 @@ int main(int argc, char** argv) {
   uint64_t sequences = 64, tokens = 32768;
   uint32_t clients = 4;
   double seconds = 20;
-  bool json = false;
+  bool json = false, gpu = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return i + 1 < argc ? std::strtod(argv[++i], nullptr) : -1.0; };
     if (a == "--json")
       json = true;
+    else if (a == "--no-gpu")
+      gpu = false;
     else if (a == "--sequences")
       sequences = uint64_t(next());
     else if (a == "--tokens")
@@ -61,7 +64,7 @@ int main(int argc, char** argv) {
     else
       return std::fprintf(stderr,
                           "usage: kvm_retrieve_bench [--sequences N] [--tokens T] [--clients C] "
-                          "[--seconds S] [--json]\n"),
+                          "[--seconds S] [--json] [--no-gpu]\n"),
              2;
   }
   const ModelShape shape{2, 32, 8, 128, DType::kF16, 9};
@@ -86,6 +89,7 @@ int main(int argc, char** argv) {
   store::StoreOptions so;
   so.dir = dir;
   so.host_capacity_bytes = total + total / 8 + (64 << 20);
+  so.gpu = gpu;
   auto st = store::BlockStore::Open(so);
   if (!st.ok()) return std::fprintf(stderr, "%s\n", st.status().ToString().c_str()), 1;
   server::ServerOptions o;
@@ -198,6 +202,7 @@ int main(int argc, char** argv) {
     return all.empty() ? 0.0 : all[std::min(all.size() - 1, size_t(p * double(all.size())))];
   };
   const double rps = double(all.size()) / wall;
+  const store::StoreStats tier = (*st)->Stats();
   (*srv)->Stop();
   srv->reset();
   st->reset();
@@ -209,11 +214,13 @@ int main(int argc, char** argv) {
         "\"head_dim\": %u, \"synthetic\": true, \"clients\": %u, \"requests\": %zu, \"errors\": "
         "%llu, "
         "\"requests_per_second\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, "
-        "\"streamed_mb_per_request\": %.3f, \"memcpy_layer_k_ms\": %.3f, \"idle\": %s}\n",
+        "\"streamed_mb_per_request\": %.3f, \"memcpy_layer_k_ms\": %.3f, \"idle\": %s, "
+        "\"gpu_tier\": \"%s\", \"gpu_scored\": %llu, \"gpu_refused\": %llu}\n",
         (unsigned long long)sequences, (unsigned long long)tokens, L, shape.q_heads, Hkv, D,
         clients, all.size(), (unsigned long long)errs, rps, pct(0.5) * 1e3, pct(0.99) * 1e3,
         all.empty() ? 0.0 : double(sent) / double(all.size()) / 1e6, memcpy_s * 1e3,
-        idle ? "true" : "false");
+        idle ? "true" : "false", tier.gpu_tier.c_str(), (unsigned long long)tier.gpu.scored,
+        (unsigned long long)tier.gpu.refused);
   } else {
     std::printf(
         "retrieve layer, %llu sequences x %llu tokens (synthetic), L %u Hq %u Hkv %u D %u, "
@@ -227,6 +234,8 @@ int main(int argc, char** argv) {
         all.empty() ? 0.0 : double(sent) / double(all.size()) / 1e6, (unsigned long long)errs);
     std::printf("  reference: memcpy of one layer's K of one sequence (%.1f MB) %.2f ms; idle %s\n",
                 double(kbytes) / 1e6, memcpy_s * 1e3, idle ? "yes" : "no");
+    std::printf("  GPU tier: %s (%llu scoring passes there, %llu refused)\n", tier.gpu_tier.c_str(),
+                (unsigned long long)tier.gpu.scored, (unsigned long long)tier.gpu.refused);
   }
   return errs ? 1 : 0;
 }

@@ -14,7 +14,9 @@ Result<void*> Malloc(size_t) { return CudaAvailable(); }
 Status Free(void*) { return CudaAvailable(); }
 Status CopyToDevice(void*, const void*, size_t) { return CudaAvailable(); }
 Status CopyToHost(void*, const void*, size_t) { return CudaAvailable(); }
+Status CopyOnDevice(void*, const void*, size_t) { return CudaAvailable(); }
 Status Synchronize() { return CudaAvailable(); }
+Result<DeviceInfo> GetDeviceInfo() { return CudaAvailable(); }
 Status HostRegister(void*, size_t) { return CudaAvailable(); }
 Status HostUnregister(void*) { return CudaAvailable(); }
 uint32_t DecodeSplits(uint32_t, uint32_t) { return 1; }

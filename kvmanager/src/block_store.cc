@@ -124,6 +124,7 @@ using LocKey = std::tuple<uint32_t, uint32_t, uint64_t, bool>;  // layer, kv hea
 
 struct Seq {
   SeqRef ref;
+  uint64_t uid = 0;  // unique in this process (ids are reused after a delete): the GPU tier's key
   ModelShape shape;
   uint32_t B = 16;
   Durability dur = Durability::kDurable;
@@ -186,6 +187,9 @@ struct BlockStore::Impl {
   std::map<std::pair<std::string, uint64_t>, Seq> seqs;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
   uint64_t tick = 0;                                    // orders selections and host-tier entries
+  uint64_t next_uid = 1;
+  std::unique_ptr<GpuTier> gpu;
+  std::string gpu_absent;  // why there is no GPU tier
   StoreStats stats;
   std::map<Addr, uint32_t>
       refs;  // content address → sequences referencing it (durable full blocks)
@@ -228,6 +232,8 @@ struct BlockStore::Impl {
         }
   }
   Status DeleteLocked(const SeqRef& s);
+  Status ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bool values,
+                    std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // Records a selection of these blocks of (layer, kv_head) (the partial tail block is always in
   // memory).
   void Mark(Seq& q, uint32_t layer, uint32_t kv_head, std::span<const uint64_t> blocks) {
@@ -465,6 +471,7 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
             src += rb;
           }
     }
+    q.uid = impl->next_uid++;
     Seq& placed = impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
     placed.InitSums();  // summaries rebuilt from K (full blocks from disk, then the tail)
     std::vector<uint8_t> blk(placed.block_bytes());
@@ -488,6 +495,25 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
     orphans.Delete(impl->blocks(), bi->key());
   if (orphans.Count())
     KVM_RETURN_IF_ERROR(FromRocks(db->Write(rocksdb::WriteOptions(), &orphans), "cleanup"));
+  if (!o.gpu) {
+    impl->gpu_absent = "turned off (gpu: false)";
+  } else {
+    std::unique_ptr<Device> dev;
+    if (o.gpu_device) {
+      auto d = o.gpu_device();
+      if (d.ok())
+        dev = std::move(*d);
+      else
+        impl->gpu_absent = d.status().message();
+    }
+    if (impl->gpu_absent.empty()) {
+      auto t = GpuTier::Open(GpuTierOptions{o.gpu_capacity_bytes}, std::move(dev));
+      if (t.ok())
+        impl->gpu = std::move(*t);
+      else
+        impl->gpu_absent = t.status().message();
+    }
+  }
   return std::unique_ptr<BlockStore>(new BlockStore(std::move(impl)));
 }
 
@@ -510,6 +536,7 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
   q.seed = LayoutSeed(s.tenant, shape, block_size);
   q.tail.assign(size_t{shape.layers} * shape.kv_heads * 2 * q.block_bytes(), 0);
   q.InitSums();
+  q.uid = impl_->next_uid++;
   impl_->layouts[s.tenant].insert(Impl::Layout(shape, block_size));
   if (d == Durability::kDurable) {
     rocksdb::WriteBatch b;
@@ -687,24 +714,29 @@ Status BlockStore::ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head,
   if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
     return Status::InvalidArgument("layer/kv_head out of range");
   q->last_access = impl_->Now();
-  const size_t bb = q->block_bytes();
+  return impl_->ReadLocked(*q, layer, kv_head, values, blocks, out);
+}
+
+Status BlockStore::Impl::ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bool values,
+                                    std::span<const uint64_t> blocks, std::span<uint8_t> out) {
+  const size_t bb = q.block_bytes();
   if (out.size() != blocks.size() * bb)
     return Status::InvalidArgument("read blocks: buffer of " + std::to_string(out.size()) +
                                    " bytes for " + std::to_string(blocks.size()) + " blocks of " +
                                    std::to_string(bb));
-  const uint64_t full = q->length / q->B;
+  const uint64_t full = q.length / q.B;
   for (size_t i = 0; i < blocks.size(); ++i) {
     const uint64_t b = blocks[i];
     uint8_t* dst = out.data() + i * bb;
     if (b < full) {
-      KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, {layer, kv_head, b, values}, dst));
-    } else if (b == full && q->length % q->B) {
-      const size_t valid = (q->length % q->B) * q->row_bytes();
-      std::memcpy(dst, q->tail_row(layer, kv_head, values, 0), valid);
+      KVM_RETURN_IF_ERROR(LoadBlock(q, {layer, kv_head, b, values}, dst));
+    } else if (b == full && q.length % q.B) {
+      const size_t valid = (q.length % q.B) * q.row_bytes();
+      std::memcpy(dst, q.tail_row(layer, kv_head, values, 0), valid);
       std::memset(dst + valid, 0, bb - valid);
     } else {
       return Status::OutOfRange("block " + std::to_string(b) + " is past the end (length " +
-                                std::to_string(q->length) + ")");
+                                std::to_string(q.length) + ")");
     }
   }
   return Status::Ok();
@@ -750,6 +782,28 @@ Status BlockStore::WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_he
     return Status::InvalidArgument("layer/kv_head out of range");
   fn(q->sums[size_t{layer} * q->shape.kv_heads + kv_head]);
   return Status::Ok();
+}
+
+Status BlockStore::ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head, uint64_t stored,
+                              std::span<const uint8_t> pending, const float* q, float* logits) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  if (!impl_->gpu) return Status::Unavailable("no GPU tier: " + impl_->gpu_absent);
+  Seq* sq = impl_->Find(s);
+  if (!sq) return Status::NotFound("sequence " + std::to_string(s.id));
+  if (layer >= sq->shape.layers || kv_head >= sq->shape.kv_heads)
+    return Status::InvalidArgument("layer/kv_head out of range");
+  if (stored > sq->length)
+    return Status::OutOfRange("score: " + std::to_string(stored) + " stored tokens asked, " +
+                              std::to_string(sq->length) + " stored");
+  sq->last_access = impl_->Now();
+  const KeyLayout layout{sq->B, sq->shape.head_dim, sq->shape.dtype};
+  auto fetch = [&](uint64_t first, uint64_t n, std::span<uint8_t> out) {
+    std::vector<uint64_t> ids(n);
+    for (uint64_t i = 0; i < n; ++i) ids[i] = first + i;
+    return impl_->ReadLocked(*sq, layer, kv_head, /*values=*/false, ids, out);
+  };
+  return impl_->gpu->Score(sq->uid, layer, kv_head, layout, stored, pending, q,
+                           sq->shape.group_size(), logits, fetch);
 }
 
 Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool values) const {
@@ -820,6 +874,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
       impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
     q->blocks.erase(it);
   }
+  if (impl_->gpu) impl_->gpu->Truncate(q->uid, length);
   q->chain.resize(std::min<size_t>(q->chain.size(), keep_full));
   q->tail = std::move(tail);
   q->length = length;
@@ -855,6 +910,7 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   KVM_RETURN_IF_ERROR(
       FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
   Release(released);
+  if (gpu) gpu->Drop(q->uid);
   impl_->seqs.erase({s.tenant, s.id});
   return Status::Ok();
 }
@@ -919,7 +975,13 @@ StoreStats BlockStore::Stats() const {
   if (st.host_pinning.empty()) st.host_pinning = "no arena yet (made at the first append)";
   st.sequences = impl_->seqs.size();
   for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
-  st.gpu_tier = "absent: the GPU tier is not built yet";
+  if (impl_->gpu) {
+    st.gpu = impl_->gpu->Stats();
+    st.gpu_tier = st.gpu.device + ": " + std::to_string(st.gpu.used_bytes >> 20) + " of " +
+                  std::to_string(st.gpu.capacity_bytes >> 20) + " MiB used";
+  } else {
+    st.gpu_tier = "absent: " + impl_->gpu_absent;
+  }
   return st;
 }
 

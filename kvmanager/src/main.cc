@@ -54,6 +54,8 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "host_capacity_bytes",
                                  "disk_capacity_bytes",
                                  "sync",
+                                 "gpu",
+                                 "gpu_capacity_bytes",
                                  "io_threads",
                                  "worker_threads",
                                  "max_in_flight",
@@ -74,6 +76,8 @@ void LoadConfig(const std::string& path, Config* c) {
   get("host_capacity_bytes", &c->store.host_capacity_bytes);
   get("disk_capacity_bytes", &c->store.disk_capacity_bytes);
   get("sync", &c->store.sync);
+  get("gpu", &c->store.gpu);
+  get("gpu_capacity_bytes", &c->store.gpu_capacity_bytes);
   get("io_threads", &c->server.io_threads);
   get("worker_threads", &c->server.worker_threads);
   get("max_in_flight", &c->server.max_in_flight);
@@ -118,6 +122,10 @@ int main(int argc, char** argv) {
       "disk tier cap; past it appends answer NoSpace. Default: 0 = none")(
       "sync", po::bool_switch(),
       "fsync the WAL on every durable append (power loss). Default: off (survives kill -9)")(
+      "no-gpu", po::bool_switch(),
+      "no GPU tier even when built with CUDA and a device exists (retrieval scoring on the CPU)")(
+      "gpu-capacity-bytes", po::value<uint64_t>(),
+      "GPU tier size (keys on the device for scoring). Default: 40% of the device's free memory")(
       "io-threads", po::value<uint32_t>(), "threads that decode and encode frames. Default: 1")(
       "worker-threads", po::value<uint32_t>(), "threads that handle requests. Default: 2")(
       "max-in-flight", po::value<uint32_t>(),
@@ -157,6 +165,9 @@ int main(int argc, char** argv) {
   if (vm.count("disk-capacity-bytes"))
     c.store.disk_capacity_bytes = vm["disk-capacity-bytes"].as<uint64_t>();
   if (vm["sync"].as<bool>()) c.store.sync = true;
+  if (vm["no-gpu"].as<bool>()) c.store.gpu = false;
+  if (vm.count("gpu-capacity-bytes"))
+    c.store.gpu_capacity_bytes = vm["gpu-capacity-bytes"].as<uint64_t>();
   if (vm.count("io-threads")) c.server.io_threads = vm["io-threads"].as<uint32_t>();
   if (vm.count("worker-threads")) c.server.worker_threads = vm["worker-threads"].as<uint32_t>();
   if (vm.count("max-in-flight")) c.server.max_in_flight = vm["max-in-flight"].as<uint32_t>();
@@ -210,6 +221,7 @@ int main(int argc, char** argv) {
     const store::StoreStats st = (*store)->Stats();
     metrics.SetSequences(double(st.sequences));
     metrics.SetTier("host", double(st.host_bytes), double(st.host_capacity_bytes));
+    metrics.SetTier("gpu", double(st.gpu.used_bytes), double(st.gpu.capacity_bytes));
     metrics.SetTier("disk", double(st.disk_bytes_written), double(c.store.disk_capacity_bytes));
     metrics.AddEvictions("host", "disk", double(st.spills - last.spills));
     metrics.AddPromotions("disk", "host", double(st.promotions - last.promotions));
@@ -221,8 +233,11 @@ int main(int argc, char** argv) {
            ", \"host_bytes\": " + std::to_string(st.host_bytes) +
            ", \"host_capacity_bytes\": " + std::to_string(st.host_capacity_bytes) +
            ", \"disk_bytes_written\": " + std::to_string(st.disk_bytes_written) +
-           ", \"gpu_tier\": \"" + st.gpu_tier + "\", \"host_pinning\": \"" + st.host_pinning +
-           "\", \"control\": \"" + (*srv)->address() + "\"}";
+           ", \"gpu_tier\": \"" + st.gpu_tier +
+           "\", \"gpu_used_bytes\": " + std::to_string(st.gpu.used_bytes) +
+           ", \"gpu_scored\": " + std::to_string(st.gpu.scored) +
+           ", \"gpu_refused\": " + std::to_string(st.gpu.refused) + ", \"host_pinning\": \"" +
+           st.host_pinning + "\", \"control\": \"" + (*srv)->address() + "\"}";
   };
   auto admin = server::AdminServer::Start(ao, &metrics);
   if (!admin.ok())
@@ -233,6 +248,7 @@ int main(int argc, char** argv) {
               unsigned((*admin)->port()));
   std::printf("kvmanager data plane: %s\n",
               data_plane ? "ucx (active messages, event-driven progress)" : "none (TCP only)");
+  std::printf("kvmanager GPU tier: %s\n", (*store)->Stats().gpu_tier.c_str());
   std::fflush(stdout);
   int sig = 0;
   sigwait(&sigs, &sig);

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "kvmanager/metrics.h"
+#include "proto/half.h"
 #include "proto/kvm.pb.h"
 #include "proto/wire/frame.h"
 #include "selector/plan.h"
@@ -39,23 +40,51 @@ struct RetrievalEngine::Seq {
   }
 };
 
-// The keys of one (layer, KV head) over T tokens: stored blocks + the pending rows of the query.
-struct LayerKeys {
+namespace {
+
+// What one (layer, KV head) of a retrieval or audit needs: the key summaries over T tokens and
+// the exact scores of the group's queries, or (for a selector that reads the keys itself) the keys.
+struct HeadInput {
+  sel::HeadSummaries sums{1, 1};
+  bool has_keys = false, has_scores = false;
   std::vector<uint8_t> k;  // [blocks][B][D] of dtype
   std::vector<const void*> ptr;
   attn::HeadKV kv;
-  sel::HeadSummaries sums{1, 1};
+  sel::GroupScores scores;
 };
 
-namespace {
-
-// Reads the keys of (layer, h) for T tokens: [0, T - pending) from the store, the rest from
-// `pending` ([pending][D] rows of dtype). The summaries are the store's plus the pending rows.
-Status LoadKeys(store::BlockStore* store, const store::SeqRef& s, const ModelShape& shape,
-                uint32_t B, uint32_t layer, uint32_t h, uint64_t T, uint32_t pending,
-                const uint8_t* pending_rows, LayerKeys* out) {
+// Fills `out` for (layer, h) at T tokens: [0, T - pending) stored, the rest `pending_rows`
+// ([pending][D] of dtype). want_scores: score the group's queries q — on the GPU tier when the
+// store has one (the keys stay there), else on the CPU from the keys read out of the store.
+// Otherwise the keys are read.
+Status PrepareHead(store::BlockStore* store, const store::SeqRef& s, const ModelShape& shape,
+                   uint32_t B, uint32_t layer, uint32_t h, uint64_t T, uint32_t pending,
+                   const uint8_t* pending_rows, const float* q, bool want_scores, HeadInput* out) {
   const size_t row = size_t{shape.head_dim} * DTypeSize(shape.dtype), bb = row * B;
   const uint64_t nb = (T + B - 1) / B, stored = T - pending;
+  KVM_RETURN_IF_ERROR(
+      store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { out->sums = hs; }));
+  out->sums.Truncate(std::min(out->sums.tokens(), stored));
+  std::vector<float> f(shape.head_dim);
+  for (uint64_t t = stored; t < T; ++t) {
+    DecodeRow(pending_rows + (t - stored) * row, shape.head_dim, shape.dtype, f.data());
+    out->sums.Append(t, f.data());
+  }
+  if (want_scores) {
+    sel::GroupScores& gs = out->scores;
+    gs.group = shape.group_size();
+    gs.tokens = T;
+    gs.block_size = B;
+    gs.logits.resize(size_t{gs.group} * T);
+    if (store
+            ->ScoreOnGpu(s, layer, h, stored, {pending_rows, size_t{pending} * row}, q,
+                         gs.logits.data())
+            .ok()) {
+      sel::CompleteScores(&gs);
+      out->has_scores = true;
+      return Status::Ok();
+    }
+  }
   const uint64_t stored_blocks = (stored + B - 1) / B;
   out->k.assign(nb * bb, 0);
   std::vector<uint64_t> ids(stored_blocks);
@@ -69,13 +98,10 @@ Status LoadKeys(store::BlockStore* store, const store::SeqRef& s, const ModelSha
   for (uint64_t b = 0; b < nb; ++b) out->ptr[b] = out->k.data() + b * bb;
   out->kv = attn::HeadKV{out->ptr.data(), out->ptr.data(), static_cast<uint32_t>(nb), T, B,
                          shape.head_dim,  shape.dtype};
-  KVM_RETURN_IF_ERROR(
-      store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { out->sums = hs; }));
-  out->sums.Truncate(std::min(out->sums.tokens(), stored));
-  std::vector<float> f(shape.head_dim);
-  for (uint64_t t = out->sums.tokens(); t < T; ++t) {
-    attn::LoadRow(out->kv, t, false, f.data());
-    out->sums.Append(t, f.data());
+  out->has_keys = true;
+  if (want_scores) {
+    out->scores = sel::ScoreGroup(q, shape.group_size(), out->kv);
+    out->has_scores = true;
   }
   return Status::Ok();
 }
@@ -276,11 +302,13 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
       if (prhs->layer_map()[l] == m.layer()) sharing.push_back(l);
   for (size_t i = 0; i < heads.size(); ++i) {
     const uint32_t h = heads[i];
-    LayerKeys keys;
-    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
-                                 in.pending + i * in.pending_stride, &keys));
     const float* qg = in.q.data() + i * g * D;
-    sel::StepInput step_in{m.step(), m.layer(), h, qg, &keys.kv, &keys.sums};
+    HeadInput hi;
+    KVM_RETURN_IF_ERROR(PrepareHead(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
+                                    in.pending + i * in.pending_stride, qg,
+                                    q->selector->TakesScores(), &hi));
+    sel::StepInput step_in{m.step(), m.layer(), h, qg, hi.has_keys ? &hi.kv : nullptr, &hi.sums};
+    step_in.scores = hi.has_scores ? &hi.scores : nullptr;
     sel::Selection sel;
     KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
     retrievals += sel.retrieved_heads;
@@ -324,11 +352,11 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
     std::sort(resident.begin(), resident.end());
     sel::AddRange(0, geo.SinkBlocks(T), &resident);
     sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
-    LayerKeys keys;
-    KVM_RETURN_IF_ERROR(LoadKeys(store_, s, shape, q->B, m.layer(), heads[i], T, m.pending_tokens(),
-                                 in.pending + i * in.pending_stride, &keys));
-    const sel::GroupScores gs = sel::ScoreGroup(in.q.data() + i * g * D, g, keys.kv);
-    for (double d : sel::DeltaOf(gs, resident)) {
+    HeadInput hi;
+    KVM_RETURN_IF_ERROR(PrepareHead(store_, s, shape, q->B, m.layer(), heads[i], T,
+                                    m.pending_tokens(), in.pending + i * in.pending_stride,
+                                    in.q.data() + i * g * D, /*want_scores=*/true, &hi));
+    for (double d : sel::DeltaOf(hi.scores, resident)) {
       reply->add_delta(static_cast<float>(d));
       if (metrics_) metrics_->ObserveDelta(q->sel.name, "audit", d, q->sel.options.target_delta);
     }

@@ -53,10 +53,24 @@ inline float MaxKeyNorm(const StepInput& in) {
   return static_cast<float>(std::sqrt(mx));
 }
 
-inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometry& g) {
-  if (!in.q || !in.kv) return Status::InvalidArgument("select: missing queries or keys");
+// Checks one step's input. `takes_scores`: the selector accepts StepInput::scores instead of kv.
+inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometry& g,
+                         bool takes_scores = false) {
+  const bool scored = takes_scores && in.scores;
+  if (!in.q || (!in.kv && !scored))
+    return Status::InvalidArgument("select: missing queries or keys");
   if (in.layer >= s.layers || in.kv_head >= s.kv_heads)
     return Status::InvalidArgument("select: layer/kv_head out of range");
+  if (scored) {
+    if (in.scores->tokens != in.tokens() || in.scores->group != s.group_size() ||
+        in.scores->block_size != g.block_size)
+      return Status::InvalidArgument(
+          "select: the precomputed scores do not match the step (tokens, group or block size)");
+    if (!in.kv && (!in.summaries || in.summaries->tokens() < in.tokens()))
+      return Status::InvalidArgument("select: precomputed scores without keys need summaries of " +
+                                     std::to_string(in.tokens()) + " tokens");
+  }
+  if (!in.kv) return Status::Ok();
   if (in.kv->tokens != in.tokens())
     return Status::InvalidArgument("select: keys hold " + std::to_string(in.kv->tokens) +
                                    " tokens, step " + std::to_string(in.step) + " needs " +
@@ -64,6 +78,13 @@ inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometr
   if (in.kv->block_size != g.block_size || in.kv->head_dim != s.head_dim)
     return Status::InvalidArgument("select: keys' block size/head dim do not match the options");
   return Status::Ok();
+}
+
+// The exact scores of the step's group: the precomputed ones, or scored here into *own.
+inline const GroupScores& ScoresOf(const StepInput& in, uint32_t group, GroupScores* own) {
+  if (in.scores) return *in.scores;
+  *own = ScoreGroup(in.q, group, *in.kv);
+  return *own;
 }
 
 }  // namespace kvm::sel

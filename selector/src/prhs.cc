@@ -68,7 +68,7 @@ Result<std::unique_ptr<OracleSelector>> OracleSelector::Make(const SelectorOptio
 }
 
 Status OracleSelector::Select(const StepInput& in, Selection* out) {
-  KVM_RETURN_IF_ERROR(CheckInput(in, shape_, opt_.geometry));
+  KVM_RETURN_IF_ERROR(CheckInput(in, shape_, opt_.geometry, /*takes_scores=*/true));
   const uint64_t T = in.tokens(), nb = opt_.geometry.Blocks(T);
   const uint32_t g = shape_.group_size();
   *out = Selection{};
@@ -76,7 +76,8 @@ Status OracleSelector::Select(const StepInput& in, Selection* out) {
     ShortContext(nb, g, out);
     return Status::Ok();
   }
-  const GroupScores s = ScoreGroup(in.q, g, *in.kv);
+  GroupScores own;
+  const GroupScores& s = ScoresOf(in, g, &own);
   const auto forced = ForcedBlocks(opt_.geometry, T);
   if (opt_.target_delta > 0) {
     out->blocks = FillToTarget(
@@ -182,7 +183,7 @@ Status PrhsSelector::Anchor(const StepInput& in, Selection* out) {
 }
 
 Status PrhsSelector::SelectImpl(const StepInput& in, bool allow_reuse, Selection* out) {
-  KVM_RETURN_IF_ERROR(CheckInput(in, shape_, opt_.geometry));
+  KVM_RETURN_IF_ERROR(CheckInput(in, shape_, opt_.geometry, /*takes_scores=*/true));
   const Geometry& geo = opt_.geometry;
   const uint64_t T = in.tokens(), nb = geo.Blocks(T);
   const uint32_t g = shape_.group_size();
@@ -221,7 +222,8 @@ Status PrhsSelector::AnchorStep(const StepInput& in, HeadState& a, Selection* ou
   const Geometry& geo = opt_.geometry;
   const uint64_t T = in.tokens(), nb = geo.Blocks(T), B = geo.block_size;
   const uint32_t g = shape_.group_size();
-  const GroupScores s = ScoreGroup(in.q, g, *in.kv);
+  GroupScores own;
+  const GroupScores& s = ScoresOf(in, g, &own);
   const auto forced = ForcedBlocks(geo, T);
   const uint64_t sink_blocks = geo.SinkBlocks(T), win_first = geo.WindowFirstBlock(T);
 

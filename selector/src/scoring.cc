@@ -24,24 +24,29 @@ GroupScores ScoreGroup(const float* q, uint32_t group, const attn::HeadKV& kv) {
   s.group = group;
   s.tokens = kv.tokens;
   s.block_size = kv.block_size;
-  s.probs.resize(size_t{group} * kv.tokens);
   s.logits.resize(size_t{group} * kv.tokens);
-  s.lse.assign(group, 0.0);
-  const uint64_t nb = s.blocks();
-  s.block_mass.assign(size_t{group} * nb, 0.0);
-  s.agg.assign(nb, 0.0);
   const float scale = 1.0f / std::sqrt(static_cast<float>(kv.head_dim));
   attn::ScoreKeysGroup(q, group, kv, scale, s.logits.data());
+  CompleteScores(&s);
+  return s;
+}
+
+void CompleteScores(GroupScores* s) {
+  const uint32_t group = s->group;
+  const uint64_t T = s->tokens, nb = s->blocks();
+  s->probs.resize(size_t{group} * T);
+  s->lse.assign(group, 0.0);
+  s->block_mass.assign(size_t{group} * nb, 0.0);
+  s->agg.assign(nb, 0.0);
   for (uint32_t h = 0; h < group; ++h) {
-    float* lg = &s.logits[size_t{h} * kv.tokens];
-    float* p = &s.probs[size_t{h} * kv.tokens];
-    attn::Softmax(lg, kv.tokens, p);
-    s.lse[h] = LogSumExp(lg, kv.tokens, nullptr, 0);
-    for (uint64_t t = 0; t < kv.tokens; ++t) s.block_mass[h * nb + t / kv.block_size] += p[t];
+    const float* lg = &s->logits[size_t{h} * T];
+    float* p = &s->probs[size_t{h} * T];
+    attn::Softmax(lg, T, p);
+    s->lse[h] = LogSumExp(lg, T, nullptr, 0);
+    for (uint64_t t = 0; t < T; ++t) s->block_mass[h * nb + t / s->block_size] += p[t];
   }
   for (uint64_t b = 0; b < nb; ++b)
-    for (uint32_t h = 0; h < group; ++h) s.agg[b] += s.block_mass[h * nb + b];
-  return s;
+    for (uint32_t h = 0; h < group; ++h) s->agg[b] += s->block_mass[h * nb + b];
 }
 
 std::vector<double> LogDeltaOf(const GroupScores& s, const std::vector<uint64_t>& blocks) {

@@ -155,7 +155,9 @@ TEST_P(ServiceSourceTest, GenerateThroughTheServiceIsIdenticalToInProcess) {
     }
   }
   EXPECT_GT(exact, 0u);
-  if (c.selector == "prhs" && c.target == 0) EXPECT_GT(bound, 0u);
+  if (c.selector == "prhs" && c.target == 0) {
+    EXPECT_GT(bound, 0u);
+  }
   // Every (step, layer, query head) of the decode has its claim (none lost or doubled).
   size_t claims_remote = 0;
   for (const auto& r : (*remote)->records()) claims_remote += r.kind != DeltaKind::kAudit;

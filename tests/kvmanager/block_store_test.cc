@@ -17,6 +17,8 @@
 
 #include "attention/reference.h"
 #include "kvmanager/host_arena.h"
+#include "proto/half.h"
+#include "testutil/host_device.h"
 
 namespace kvm::store {
 namespace {
@@ -340,7 +342,6 @@ TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
   EXPECT_TRUE((*s)->Length(leased).status().IsNotFound());
   EXPECT_TRUE((*s)->Length(forever).ok());
-  EXPECT_EQ((*s)->Stats().gpu_tier.rfind("absent", 0), 0u);  // reported as absent, with the reason
   std::filesystem::remove_all(dir);
 }
 
@@ -434,5 +435,114 @@ TEST(BlockStoreTest, BlockSummariesFollowAppendTruncateAndReopen) {
   EXPECT_TRUE((*s)->WithSummaries(r, 1, 0, [](const sel::HeadSummaries&) {}).IsInvalidArgument());
   std::filesystem::remove_all(dir);
 }
+
+// ---- The GPU tier (on the host-memory device double; the CUDA device in gpu_tier_test) ----
+
+// Appends n tokens of random fp16 K/V (valid numbers, unlike Payload's bytes) from `seed`.
+Result<uint64_t> AppendHalfs(BlockStore& s, const SeqRef& r, uint64_t start, uint64_t n,
+                             uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> d(0.f, 1.f);
+  std::vector<uint8_t> p(size_t{kShape.layers} * kShape.kv_heads * 2 * n * kRow);
+  for (size_t i = 0; i < p.size(); i += 2) {
+    const uint16_t h = FloatToHalf(d(rng));
+    std::memcpy(&p[i], &h, 2);
+  }
+  return s.Append(r, start, Tokens(start, n), p);
+}
+
+// logits[group][T] of q over the stored keys [0, T) of (l, h), on the CPU from ReadBlocks.
+std::vector<float> CpuLogits(BlockStore& s, const SeqRef& r, uint32_t l, uint32_t h, uint64_t T,
+                             const std::vector<float>& q) {
+  const uint64_t nb = (T + kB - 1) / kB;
+  std::vector<uint64_t> ids(nb);
+  for (uint64_t b = 0; b < nb; ++b) ids[b] = b;
+  std::vector<uint8_t> k(nb * kBlock);
+  EXPECT_TRUE(s.ReadBlocks(r, l, h, false, ids, k).ok());
+  std::vector<const void*> ptr(nb);
+  for (uint64_t b = 0; b < nb; ++b) ptr[b] = &k[b * kBlock];
+  const attn::HeadKV kv{ptr.data(), ptr.data(), uint32_t(nb), T, kB, 32, DType::kF16};
+  std::vector<float> out(kShape.group_size() * T);
+  attn::ScoreKeysGroup(q.data(), kShape.group_size(), kv, 1.0f / std::sqrt(32.f), out.data());
+  return out;
+}
+
+TEST(BlockStoreGpuTierTest, ScoresTheStoredKeysThroughSpillTruncateAndDelete) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 8 * kBlock};  // a tiny host tier: most keys come up from disk
+  o.pinned_sink_tokens = 0;
+  o.pinned_window_tokens = 0;
+  o.gpu_device = []() -> Result<std::unique_ptr<Device>> {
+    return std::unique_ptr<Device>(new testutil::HostDevice());
+  };
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ((*s)->Stats().gpu_tier.rfind("host double", 0), 0u) << (*s)->Stats().gpu_tier;
+  const SeqRef r{"t", 1};
+  std::vector<float> q(kShape.group_size() * 32);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (float& x : q) x = nd(rng);
+  auto score = [&](uint64_t stored, std::vector<float>* out) {
+    out->assign(kShape.group_size() * stored, 0.f);
+    return (*s)->ScoreOnGpu(r, 1, 1, stored, {}, q.data(), out->data());
+  };
+  auto expect_cpu = [&](uint64_t T) {
+    std::vector<float> got;
+    const Status st = score(T, &got);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    const std::vector<float> want = CpuLogits(**s, r, 1, 1, T, q);
+    ASSERT_EQ(got, want) << "T " << T;
+  };
+  ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kDurable).ok());
+  ASSERT_TRUE(AppendHalfs(**s, r, 0, 300, 1).ok());
+  EXPECT_GT((*s)->Stats().spills, 0u);
+  expect_cpu(300);
+  expect_cpu(170);  // fewer stored tokens than the device holds
+  // Truncate, then other keys at the same positions: the device must not keep the old ones.
+  ASSERT_TRUE((*s)->Truncate(r, 100).ok());
+  ASSERT_TRUE(AppendHalfs(**s, r, 100, 150, 2).ok());
+  expect_cpu(250);
+  // Delete and re-create the same id with other keys: nothing stale.
+  ASSERT_TRUE((*s)->Delete(r).ok());
+  ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendHalfs(**s, r, 0, 200, 3).ok());
+  expect_cpu(200);
+  std::vector<float> out;
+  EXPECT_TRUE(score(201, &out).IsOutOfRange());
+  EXPECT_TRUE((*s)->ScoreOnGpu(r, 2, 0, 10, {}, q.data(), out.data()).IsInvalidArgument());
+  EXPECT_TRUE((*s)->ScoreOnGpu({"t", 9}, 0, 0, 10, {}, q.data(), out.data()).IsNotFound());
+  const StoreStats st = (*s)->Stats();
+  EXPECT_EQ(st.gpu.scored, 4u);   // the refused calls never reached the tier
+  EXPECT_EQ(st.gpu.buffers, 1u);  // the deleted sequence's buffer was freed
+  s->reset();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(BlockStoreGpuTierTest, AbsentTierIsReportedWithTheReasonAndScoringSaysUnavailable) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 64 * kBlock};
+  o.gpu = false;
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ((*s)->Stats().gpu_tier, "absent: turned off (gpu: false)");
+  const SeqRef r{"t", 1};
+  ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendHalfs(**s, r, 0, 40, 1).ok());
+  std::vector<float> q(kShape.group_size() * 32, 1.f), out(kShape.group_size() * 40);
+  EXPECT_TRUE((*s)->ScoreOnGpu(r, 0, 0, 40, {}, q.data(), out.data()).IsUnavailable());
+  s->reset();
+  // The default (the CUDA device): without one, the reason names CUDA.
+  StoreOptions d{dir, 64 * kBlock};
+  auto def = BlockStore::Open(d);
+  ASSERT_TRUE(def.ok());
+  const std::string tier = (*def)->Stats().gpu_tier;
+  if (tier.rfind("absent", 0) == 0) {
+    EXPECT_NE(tier.find("CUDA"), std::string::npos) << tier;
+  }
+  def->reset();
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace kvm::store

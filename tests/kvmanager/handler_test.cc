@@ -11,6 +11,7 @@
 #include "selector/prhs.h"
 #include "selector/scoring.h"
 #include "selector/wire_options.h"
+#include "testutil/host_device.h"
 #include "testutil/kv.h"
 #include "testutil/service.h"
 #include "transport/transport.h"
@@ -29,7 +30,12 @@ struct Reply {
 class HandlerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    tmp_ = std::make_unique<testutil::TempStore>(1 << 20);
+    std::function<Result<std::unique_ptr<store::Device>>()> gpu;
+    if (gpu_double_)
+      gpu = []() -> Result<std::unique_ptr<store::Device>> {
+        return std::unique_ptr<store::Device>(new testutil::HostDevice());
+      };
+    tmp_ = std::make_unique<testutil::TempStore>(1 << 20, gpu);
     store_ = tmp_->store.get();
     HandlerOptions h;
     h.tenants = {{"dev", "devtok", true}, {"a", "tokA", false}, {"b", "tokB", false}};
@@ -78,6 +84,7 @@ class HandlerTest : public ::testing::Test {
     c.set_durability(wire::DURABLE);
     return c;
   }
+  bool gpu_double_ = false;  // a GPU tier on the host-memory device double
   std::unique_ptr<testutil::TempStore> tmp_;
   store::BlockStore* store_ = nullptr;
   std::unique_ptr<RequestHandler> handler_;
@@ -256,12 +263,41 @@ class RetrieveTest : public HandlerTest {
     m.set_hot_set_generation(generation);
     return Call(s_, MessageType::kRetrieveLayer, m, QueryPayload(step, layer, heads, pending));
   }
+  // Six decode steps' retrievals, repeats, a new generation and an audit, each checked against
+  // the in-process selector, mirror and exact δ on the same keys.
+  void CheckRetrievalsMatchTheInProcessSelector();
   std::vector<testutil::RandomKv> kv_;  // [layer][kv_head]
   sel::SelectorOptions opt_;
   SessionState s_;
 };
 
 TEST_F(RetrieveTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBytes) {
+  CheckRetrievalsMatchTheInProcessSelector();
+  EXPECT_EQ(store_->Stats().gpu_tier.rfind("absent", 0), 0u) << store_->Stats().gpu_tier;
+}
+
+// The same with the scoring on the store's GPU tier (keys uploaded once as they are appended,
+// pending rows scored after them): on the device double, whose logits are the CPU's, everything
+// must be identical — and every scoring pass ran there.
+class RetrieveOnGpuTierTest : public RetrieveTest {
+ protected:
+  RetrieveOnGpuTierTest() { gpu_double_ = true; }
+};
+
+TEST_F(RetrieveOnGpuTierTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTheStoredBytes) {
+  CheckRetrievalsMatchTheInProcessSelector();
+  const store::StoreStats st = store_->Stats();
+  EXPECT_EQ(st.gpu_tier.rfind("host double", 0), 0u) << st.gpu_tier;
+  // 6 steps × 2 layers × 2 heads, 2 more retrievals (the stale one is refused first), one audit.
+  EXPECT_EQ(st.gpu.scored, 6u * 2 * 2 + 2 + 1);
+  EXPECT_EQ(st.gpu.refused, 0u);
+  EXPECT_EQ(st.gpu.buffers, 4u);  // one per (layer, KV head)
+  // Each stored key block went up once, plus the re-sent partial blocks as appends filled them.
+  EXPECT_GE(st.gpu.uploaded_bytes, uint64_t{L} * Hkv * (239 / B) * B * D * 2);
+  EXPECT_LE(st.gpu.uploaded_bytes, uint64_t{L} * Hkv * (239 / B + 6) * B * D * 2);
+}
+
+void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
   auto ref = std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value();
   const uint32_t slots = uint32_t(ref->HotSetSlots());
   ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(1, slots)).error.ok());

@@ -354,6 +354,54 @@ TEST(OracleTest, BudgetAndTargetModes) {
   });
 }
 
+// The service's GPU tier scores where the keys live and hands the scores in (StepInput::scores):
+// a selector that takes them decides exactly as when it scores the keys itself, without reading
+// them; one that needs the keys refuses a step without them.
+TEST(ScoresInputTest, PrecomputedScoresGiveTheSameSelectionWithoutTheKeys) {
+  for (const char* name : {"prhs", "oracle"}) {
+    auto a = MakeSelector(name, Budget(16, 384), Shape(), 4096);
+    auto b = MakeSelector(name, Budget(16, 384), Shape(), 4096);
+    ASSERT_TRUE(a.ok() && b.ok());
+    ASSERT_TRUE((*b)->TakesScores()) << name;
+    testutil::SyntheticGroup seq(kG, kD, 16, 11);
+    seq.Append(1500);
+    for (int i = 0; i < 12; ++i) {
+      seq.Append(1);
+      const float* q = seq.NextQueries();
+      const attn::HeadKV kv = seq.view();
+      StepInput with_keys{seq.tokens() - 1, 0, 0, q, &kv, &seq.summaries()};
+      const GroupScores gs = ScoreGroup(q, kG, kv);
+      StepInput with_scores{seq.tokens() - 1, 0, 0, q, nullptr, &seq.summaries()};
+      with_scores.scores = &gs;
+      Selection x, y;
+      ASSERT_TRUE((*a)->Anchor(with_keys, &x).ok());
+      ASSERT_TRUE((*b)->Anchor(with_scores, &y).ok()) << name;
+      EXPECT_EQ(x.blocks, y.blocks) << name << " step " << i;
+      EXPECT_EQ(x.delta, y.delta);
+      EXPECT_EQ(x.k_max, y.k_max);
+      EXPECT_EQ(x.kind, y.kind);
+    }
+    // Scores of another length are refused, naming the mismatch.
+    const attn::HeadKV kv = seq.view();
+    GroupScores short_scores = ScoreGroup(seq.NextQueries(), kG, kv);
+    short_scores.tokens -= 1;
+    StepInput bad{seq.tokens() - 1, 0, 0, seq.NextQueries(), nullptr, &seq.summaries()};
+    bad.scores = &short_scores;
+    Selection z;
+    EXPECT_TRUE((*b)->Anchor(bad, &z).IsInvalidArgument()) << name;
+  }
+  auto quest = MakeSelector("quest", Budget(16, 384), Shape(), 4096);
+  ASSERT_TRUE(quest.ok());
+  EXPECT_FALSE((*quest)->TakesScores());
+  testutil::SyntheticGroup seq(kG, kD, 16, 12);
+  seq.Append(1500);
+  const GroupScores gs = ScoreGroup(seq.NextQueries(), kG, seq.view());
+  StepInput no_keys{seq.tokens() - 1, 0, 0, seq.NextQueries(), nullptr, &seq.summaries()};
+  no_keys.scores = &gs;
+  Selection z;
+  EXPECT_TRUE((*quest)->Select(no_keys, &z).IsInvalidArgument());
+}
+
 TEST(SelectorOptionsTest, BadParametersNameTheField) {
   auto expect_field = [](const SelectorOptions& o, const char* field, ModelShape shape = Shape()) {
     auto s = PrhsSelector::Make(o, shape, 4096);

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -12,13 +13,17 @@
 
 namespace kvm::testutil {
 
+// No GPU tier unless `gpu_device` gives one (tests compare with the CPU's exact results).
 struct TempStore {
-  explicit TempStore(uint64_t host_capacity_bytes = 64 << 20) {
+  explicit TempStore(uint64_t host_capacity_bytes = 64 << 20,
+                     std::function<Result<std::unique_ptr<store::Device>>()> gpu_device = nullptr) {
     char tmpl[] = "/tmp/kvm_test_store_XXXXXX";
     dir = mkdtemp(tmpl);
     store::StoreOptions so;
     so.dir = dir;
     so.host_capacity_bytes = host_capacity_bytes;
+    so.gpu = gpu_device != nullptr;
+    so.gpu_device = std::move(gpu_device);
     store = std::move(store::BlockStore::Open(so)).value();
   }
   ~TempStore() {

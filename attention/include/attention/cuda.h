@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "attention/decode.h"
@@ -57,7 +58,14 @@ Result<void*> Malloc(size_t bytes);
 Status Free(void* p);
 Status CopyToDevice(void* dst, const void* src, size_t bytes);
 Status CopyToHost(void* dst, const void* src, size_t bytes);
+Status CopyOnDevice(void* dst, const void* src, size_t bytes);
 Status Synchronize();
+// The current device: its name and memory (what the GPU tier sizes itself by).
+struct DeviceInfo {
+  std::string name;
+  uint64_t free_bytes = 0, total_bytes = 0;
+};
+Result<DeviceInfo> GetDeviceInfo();
 // Page-locks existing host memory for fast, asynchronous copies (cudaHostRegister); the host tier's
 // arena when a device exists. Unregister before unmapping.
 Status HostRegister(void* p, size_t bytes);

@@ -128,7 +128,20 @@ Status CopyToDevice(void* dst, const void* src, size_t n) {
 Status CopyToHost(void* dst, const void* src, size_t n) {
   return FromCuda(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
 }
+Status CopyOnDevice(void* dst, const void* src, size_t n) {
+  return FromCuda(cudaMemcpy(dst, src, n, cudaMemcpyDeviceToDevice), "cudaMemcpy D2D");
+}
 Status Synchronize() { return FromCuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+Result<DeviceInfo> GetDeviceInfo() {
+  KVM_RETURN_IF_ERROR(CudaAvailable());
+  int dev = 0;
+  KVM_RETURN_IF_ERROR(FromCuda(cudaGetDevice(&dev), "cudaGetDevice"));
+  cudaDeviceProp prop{};
+  KVM_RETURN_IF_ERROR(FromCuda(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties"));
+  size_t free_b = 0, total_b = 0;
+  KVM_RETURN_IF_ERROR(FromCuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo"));
+  return DeviceInfo{prop.name, free_b, total_b};
+}
 
 }  // namespace kvm::attn::cuda
 

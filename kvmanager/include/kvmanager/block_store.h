@@ -1,5 +1,7 @@
-// BlockStore: the service's storage of KV blocks (DESIGN.md §2, §5) over two tiers: the host arena
-// (HostArena) and RocksDB on local disk. The GPU tier is absent in this build (Stats says so).
+// BlockStore: the service's storage of KV blocks (DESIGN.md §2, §5) over three tiers: the GPU tier
+// (GpuTier: the keys on the device, where the retrieval's scoring runs; present when built with
+// CUDA and a device exists, Stats says why not otherwise), the host arena (HostArena) and RocksDB
+// on local disk.
 //
 // A block is one layer and one KV head: K and V each [block_size][head_dim] of the sequence's
 // dtype, keyed by (tenant, sequence, layer, kv_head, block index, K|V). Appends are idempotent by
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "kvmanager/gpu_tier.h"
 #include "proto/model_shape.h"
 #include "proto/status.h"
 #include "selector/selection.h"
@@ -41,6 +44,11 @@ struct StoreOptions {
   double low_watermark = 0.85;
   uint32_t pinned_sink_tokens = 16;    // first tokens of each sequence kept in the host tier
   uint32_t pinned_window_tokens = 64;  // last tokens of each sequence kept in the host tier
+  // GPU tier: used when built with CUDA and a device exists (gpu = false turns it off).
+  bool gpu = true;
+  uint64_t gpu_capacity_bytes = 0;  // 0 = 40% of the device's free memory at open
+  // The device of the GPU tier; default: the CUDA device. Tests pass a host-memory double.
+  std::function<Result<std::unique_ptr<Device>>()> gpu_device;
 };
 
 struct SeqRef {
@@ -64,7 +72,8 @@ struct StoreStats {
   uint64_t promotions = 0;  // disk → host
   uint64_t disk_bytes_written = 0;
   uint64_t shared_blocks = 0;  // durable block records referenced by more than one sequence
-  std::string gpu_tier;        // "absent: ..." (why) — the GPU tier is not built yet
+  std::string gpu_tier;        // "<device>: used/capacity" or "absent: <why>"
+  GpuTierStats gpu;            // zero when absent
   std::string host_pinning;    // "pinned (cudaHostRegister)" or "not pinned: <why>"
 };
 
@@ -112,6 +121,13 @@ class BlockStore {
   // min/max), maintained on append and truncate, rebuilt from K at open; under the store's lock.
   Status WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                        const std::function<void(const sel::HeadSummaries&)>& fn) const;
+  // The exact scoring pass of a retrieval on the GPU tier: logits[group][T] (q·k / sqrt(head_dim))
+  // of the group's queries q[group][head_dim] over the stored keys [0, stored) of (layer, kv_head),
+  // then the `pending` rows ([n][head_dim] of dtype, not appended yet), T = stored + n. The keys
+  // stay on the device between calls (each is uploaded once). Unavailable when the GPU tier is
+  // absent, full or failing: the caller scores on the CPU.
+  Status ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head, uint64_t stored,
+                    std::span<const uint8_t> pending, const float* q, float* logits);
   // Whether a block's K (or V) is in the host tier now.
   Result<bool> InHostTier(const SeqRef& s, const BlockId& b, bool values) const;
   // Rolls back to `length` (≤ the current length).

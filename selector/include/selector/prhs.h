@@ -85,6 +85,7 @@ class OracleSelector : public Selector {
   const char* name() const override { return "oracle"; }
   Status Select(const StepInput& in, Selection* out) override;
   uint64_t HotSetSlots() const override { return opt_.cap_blocks(); }
+  bool TakesScores() const override { return true; }
 
  private:
   OracleSelector(const SelectorOptions& o, const ModelShape& s) : opt_(o), shape_(s) {}
@@ -118,6 +119,7 @@ class PrhsSelector : public Selector {
   Status Select(const StepInput& in, Selection* out) override;
   Status Anchor(const StepInput& in, Selection* out) override;
   uint64_t HotSetSlots() const override;
+  bool TakesScores() const override { return true; }
   // The cross-layer sharing map: source[l] = l (no sharing) or a shallower layer. InvalidArgument
   // when a layer points to itself-or-deeper other than l, or the size is wrong.
   Status SetLayerMap(const std::vector<uint32_t>& source);

@@ -25,8 +25,12 @@ struct GroupScores {
   double mass(uint32_t head, uint64_t block) const { return block_mass[head * blocks() + block]; }
 };
 
-// Scores q[group][head_dim] against every key of kv (scale 1/sqrt(head_dim)).
+// Scores q[group][head_dim] against every key of kv (scale 1/sqrt(head_dim)): the logits, then
+// CompleteScores.
 GroupScores ScoreGroup(const float* q, uint32_t group, const attn::HeadKV& kv);
+// Everything else from the logits (group, tokens, block_size and logits set; e.g. computed on a
+// GPU): the softmax, lse, per-head block mass and aggregated mass.
+void CompleteScores(GroupScores* s);
 
 // log δ per query head of a resident block set: log Σ_{dropped} exp(logit) − log Σ_all exp(logit),
 // in double from the logits, so a tiny δ is never rounded to 0 (−inf only when nothing is dropped).

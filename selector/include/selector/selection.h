@@ -18,6 +18,8 @@
 
 namespace kvm::sel {
 
+struct GroupScores;  // selector/scoring.h
+
 // Sinks and recent window, in tokens, mapped to blocks.
 struct Geometry {
   uint32_t block_size = 16;     // B
@@ -81,6 +83,10 @@ struct StepInput {
   const float* q = nullptr;          // [group][head_dim] fp32 post-RoPE queries of the group
   const attn::HeadKV* kv = nullptr;  // keys/values of this (layer, KV head), T tokens
   const HeadSummaries* summaries = nullptr;
+  // Optional: the exact scores of q against every key of this (layer, KV head), computed where the
+  // keys live (the service's GPU tier). A selector whose TakesScores() is true then uses them and
+  // does not read kv (which may be null; summaries must then cover every token).
+  const GroupScores* scores = nullptr;
   uint64_t tokens() const { return step + 1; }
 };
 
@@ -109,6 +115,9 @@ class Selector {
   virtual Status Anchor(const StepInput& in, Selection* out) { return Select(in, out); }
   // Hot-set slots per (layer, KV head) this selector may need: budget/B + documented extras.
   virtual uint64_t HotSetSlots() const = 0;
+  // Whether StepInput::scores may replace kv (selectors whose only use of the keys is the exact
+  // scoring pass and the summaries: PrHS and the oracle).
+  virtual bool TakesScores() const { return false; }
 };
 
 // ---- Shared helpers ----
