@@ -168,8 +168,8 @@ Status GpuTier::ScoreLocked(const Key& key, const KeyLayout& layout, uint64_t st
     stats_.uploaded_bytes += host.size();
   }
   if (!pending.empty()) {  // overwrites rows past `stored`: they are re-uploaded next time
-    KVM_RETURN_IF_ERROR(dev_->ToDevice(dk + stored * rb, pending.data(), pending.size()));
     buf.synced = std::min(buf.synced, stored);
+    KVM_RETURN_IF_ERROR(dev_->ToDevice(dk + stored * rb, pending.data(), pending.size()));
   }
   float* dq = static_cast<float*>(scratch_);
   float* dscores = dq + size_t{group} * layout.head_dim;
