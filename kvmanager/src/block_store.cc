@@ -266,6 +266,18 @@ struct BlockStore::Impl {
     auto it = seqs.find({s.tenant, s.id});
     return it == seqs.end() ? nullptr : &it->second;
   }
+  // The sequence or NotFound; with (layer, kv_head): InvalidArgument when they are out of range.
+  Result<Seq*> Get(const SeqRef& s) {
+    Seq* q = Find(s);
+    if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+    return q;
+  }
+  Result<Seq*> Get(const SeqRef& s, uint32_t layer, uint32_t kv_head) {
+    KVM_ASSIGN_OR_RETURN(Seq * q, Get(s));
+    if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
+      return Status::InvalidArgument("layer/kv_head out of range");
+    return q;
+  }
   rocksdb::WriteOptions Wopt(const Seq& q) const {
     rocksdb::WriteOptions w;
     w.sync = opt.sync && q.dur == Durability::kDurable;
@@ -551,8 +563,7 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
                                     std::span<const uint32_t> tokens,
                                     std::span<const uint8_t> payload) {
   std::lock_guard<std::mutex> lk(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   const uint64_t n = tokens.size();
   const size_t rb = q->row_bytes();
   const uint32_t L = q->shape.layers, H = q->shape.kv_heads, B = q->B;
@@ -678,15 +689,13 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
 
 Result<uint64_t> BlockStore::Length(const SeqRef& s) const {
   std::lock_guard<std::mutex> l(impl_->mu);
-  const Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(const Seq* q, impl_->Get(s));
   return q->length;
 }
 
 Result<SeqInfo> BlockStore::Info(const SeqRef& s) const {
   std::lock_guard<std::mutex> l(impl_->mu);
-  const Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(const Seq* q, impl_->Get(s));
   return SeqInfo{s.id, q->shape, q->B, q->length, q->dur};
 }
 
@@ -709,10 +718,7 @@ Status BlockStore::ReadBlock(const SeqRef& s, const BlockId& b, bool values,
 Status BlockStore::ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
                               std::span<const uint64_t> blocks, std::span<uint8_t> out) {
   std::lock_guard<std::mutex> l(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
-  if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
-    return Status::InvalidArgument("layer/kv_head out of range");
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
   q->last_access = impl_->Now();
   return impl_->ReadLocked(*q, layer, kv_head, values, blocks, out);
 }
@@ -745,8 +751,7 @@ Status BlockStore::Impl::ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bo
 Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                                 std::span<const uint64_t> blocks) {
   std::lock_guard<std::mutex> l(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   impl_->Mark(*q, layer, kv_head, blocks);
   q->last_access = impl_->Now();
   return Status::Ok();
@@ -755,8 +760,7 @@ Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_hea
 Status BlockStore::Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                            std::span<const uint64_t> blocks) {
   std::lock_guard<std::mutex> l(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   // A plan's blocks were just selected: mark them first, so promoting one never evicts another.
   impl_->Mark(*q, layer, kv_head, blocks);
   std::vector<uint8_t> buf(q->block_bytes());
@@ -776,10 +780,7 @@ Status BlockStore::Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
 Status BlockStore::WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                                  const std::function<void(const sel::HeadSummaries&)>& fn) const {
   std::lock_guard<std::mutex> l(impl_->mu);
-  const Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
-  if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
-    return Status::InvalidArgument("layer/kv_head out of range");
+  KVM_ASSIGN_OR_RETURN(const Seq* q, impl_->Get(s, layer, kv_head));
   fn(q->sums[size_t{layer} * q->shape.kv_heads + kv_head]);
   return Status::Ok();
 }
@@ -788,10 +789,7 @@ Status BlockStore::ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                               std::span<const uint8_t> pending, const float* q, float* logits) {
   std::lock_guard<std::mutex> l(impl_->mu);
   if (!impl_->gpu) return Status::Unavailable("no GPU tier: " + impl_->gpu_absent);
-  Seq* sq = impl_->Find(s);
-  if (!sq) return Status::NotFound("sequence " + std::to_string(s.id));
-  if (layer >= sq->shape.layers || kv_head >= sq->shape.kv_heads)
-    return Status::InvalidArgument("layer/kv_head out of range");
+  KVM_ASSIGN_OR_RETURN(Seq * sq, impl_->Get(s, layer, kv_head));
   if (stored > sq->length)
     return Status::OutOfRange("score: " + std::to_string(stored) + " stored tokens asked, " +
                               std::to_string(sq->length) + " stored");
@@ -808,8 +806,7 @@ Status BlockStore::ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head,
 
 Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool values) const {
   std::lock_guard<std::mutex> l(impl_->mu);
-  const Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(const Seq* q, impl_->Get(s));
   auto it = q->blocks.find({b.layer, b.kv_head, b.index, values});
   if (it == q->blocks.end())
     return b.index * q->B < q->length;  // the partial block lives in memory
@@ -818,8 +815,7 @@ Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool valu
 
 Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   std::lock_guard<std::mutex> lk(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   if (length > q->length) return Status::OutOfRange("truncate past the end");
   if (length == q->length) return Status::Ok();
   const uint32_t B = q->B, L = q->shape.layers, H = q->shape.kv_heads;
@@ -895,8 +891,7 @@ Status BlockStore::Delete(const SeqRef& s) {
 
 Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   Impl* impl_ = this;
-  Seq* q = Find(s);
-  if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
+  KVM_ASSIGN_OR_RETURN(Seq * q, Get(s));
   rocksdb::WriteBatch batch;
   std::vector<Addr> released;
   Unref(*q, 0, q->length / q->B, &batch, &released);
@@ -988,8 +983,7 @@ StoreStats BlockStore::Stats() const {
 Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, bool values,
                                           const std::string& value) {
   std::lock_guard<std::mutex> l(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence");
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   auto it = q->blocks.find({b.layer, b.kv_head, b.index, values});
   if (it == q->blocks.end()) return Status::NotFound("block");
   if (it->second.slot >= 0) {  // drop the host copy so the read goes to disk
@@ -1002,8 +996,7 @@ Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, boo
 
 Result<std::string> BlockStore::RawBlockForTest(const SeqRef& s, const BlockId& b, bool values) {
   std::lock_guard<std::mutex> l(impl_->mu);
-  Seq* q = impl_->Find(s);
-  if (!q) return Status::NotFound("sequence");
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   std::string v;
   const std::string key = impl_->DiskKey(*q, {b.layer, b.kv_head, b.index, values});
   KVM_RETURN_IF_ERROR(
