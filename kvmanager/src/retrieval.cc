@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "kvmanager/metrics.h"
@@ -42,69 +43,79 @@ struct RetrievalEngine::Seq {
 
 namespace {
 
-// What one (layer, KV head) of a retrieval or audit needs: the key summaries over T tokens and
-// the exact scores of the group's queries, or (for a selector that reads the keys itself) the keys.
-struct HeadInput {
-  sel::HeadSummaries sums{1, 1};
-  bool has_keys = false, has_scores = false;
-  std::vector<uint8_t> k;  // [blocks][B][D] of dtype
+// One (layer, KV head) of a retrieval or audit at T tokens: [0, T - pending) stored, the rest the
+// query's pending rows ([pending][D] of dtype).
+struct Head {
+  store::BlockStore* store;
+  const store::SeqRef& s;
+  const ModelShape& shape;
+  uint32_t B, layer, h;
+  uint64_t T;
+  uint32_t pending;
+  const uint8_t* pending_rows;
+
+  sel::HeadSummaries sums{1, 1};  // LoadSummaries
+  bool has_keys = false;          // LoadKeys: kv over k
+  std::vector<uint8_t> k;         // [blocks][B][D] of dtype
   std::vector<const void*> ptr;
   attn::HeadKV kv;
-  sel::GroupScores scores;
-};
 
-// Fills `out` for (layer, h) at T tokens: [0, T - pending) stored, the rest `pending_rows`
-// ([pending][D] of dtype). want_scores: score the group's queries q — on the GPU tier when the
-// store has one (the keys stay there), else on the CPU from the keys read out of the store.
-// Otherwise the keys are read.
-Status PrepareHead(store::BlockStore* store, const store::SeqRef& s, const ModelShape& shape,
-                   uint32_t B, uint32_t layer, uint32_t h, uint64_t T, uint32_t pending,
-                   const uint8_t* pending_rows, const float* q, bool want_scores, HeadInput* out) {
-  const size_t row = size_t{shape.head_dim} * DTypeSize(shape.dtype), bb = row * B;
-  const uint64_t nb = (T + B - 1) / B, stored = T - pending;
-  KVM_RETURN_IF_ERROR(
-      store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { out->sums = hs; }));
-  out->sums.Truncate(std::min(out->sums.tokens(), stored));
-  std::vector<float> f(shape.head_dim);
-  for (uint64_t t = stored; t < T; ++t) {
-    DecodeRow(pending_rows + (t - stored) * row, shape.head_dim, shape.dtype, f.data());
-    out->sums.Append(t, f.data());
+  size_t row() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
+  uint64_t stored() const { return T - pending; }
+
+  // The store's key summaries plus the pending rows.
+  Status LoadSummaries() {
+    KVM_RETURN_IF_ERROR(
+        store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { sums = hs; }));
+    sums.Truncate(std::min(sums.tokens(), stored()));
+    std::vector<float> f(shape.head_dim);
+    for (uint64_t t = stored(); t < T; ++t) {
+      DecodeRow(pending_rows + (t - stored()) * row(), shape.head_dim, shape.dtype, f.data());
+      sums.Append(t, f.data());
+    }
+    return Status::Ok();
   }
-  if (want_scores) {
-    sel::GroupScores& gs = out->scores;
-    gs.group = shape.group_size();
-    gs.tokens = T;
-    gs.block_size = B;
-    gs.logits.resize(size_t{gs.group} * T);
+
+  // The keys, read out of the store.
+  Status LoadKeys() {
+    const size_t bb = row() * B;
+    const uint64_t nb = (T + B - 1) / B, stored_blocks = (stored() + B - 1) / B;
+    k.assign(nb * bb, 0);
+    std::vector<uint64_t> ids(stored_blocks);
+    for (uint64_t b = 0; b < stored_blocks; ++b) ids[b] = b;
+    KVM_RETURN_IF_ERROR(
+        store->ReadBlocks(s, layer, h, /*values=*/false, ids, {k.data(), stored_blocks * bb}));
+    // Rows at or past `stored` come from the query (the store may hold more rows in that block).
+    if (stored() % B)
+      std::memset(k.data() + stored() * row(), 0, (stored_blocks * B - stored()) * row());
+    if (pending) std::memcpy(k.data() + stored() * row(), pending_rows, size_t{pending} * row());
+    ptr.resize(nb);
+    for (uint64_t b = 0; b < nb; ++b) ptr[b] = k.data() + b * bb;
+    kv = attn::HeadKV{ptr.data(),     ptr.data(), static_cast<uint32_t>(nb), T, B,
+                      shape.head_dim, shape.dtype};
+    has_keys = true;
+    return Status::Ok();
+  }
+
+  // The exact scores of the group's queries q: on the store's GPU tier when it has one (the keys
+  // stay there), else on the CPU from the keys.
+  Status Score(const float* q, sel::GroupScores* out) {
+    out->group = shape.group_size();
+    out->tokens = T;
+    out->block_size = B;
+    out->logits.resize(size_t{out->group} * T);
     if (store
-            ->ScoreOnGpu(s, layer, h, stored, {pending_rows, size_t{pending} * row}, q,
-                         gs.logits.data())
+            ->ScoreOnGpu(s, layer, h, stored(), {pending_rows, size_t{pending} * row()}, q,
+                         out->logits.data())
             .ok()) {
-      sel::CompleteScores(&gs);
-      out->has_scores = true;
+      sel::CompleteScores(out);
       return Status::Ok();
     }
+    if (!has_keys) KVM_RETURN_IF_ERROR(LoadKeys());
+    *out = sel::ScoreGroup(q, shape.group_size(), kv);
+    return Status::Ok();
   }
-  const uint64_t stored_blocks = (stored + B - 1) / B;
-  out->k.assign(nb * bb, 0);
-  std::vector<uint64_t> ids(stored_blocks);
-  for (uint64_t b = 0; b < stored_blocks; ++b) ids[b] = b;
-  KVM_RETURN_IF_ERROR(
-      store->ReadBlocks(s, layer, h, /*values=*/false, ids, {out->k.data(), stored_blocks * bb}));
-  // Rows at or past `stored` come from the query (the store may hold more rows in that block).
-  if (stored % B) std::memset(out->k.data() + stored * row, 0, (stored_blocks * B - stored) * row);
-  if (pending) std::memcpy(out->k.data() + stored * row, pending_rows, size_t{pending} * row);
-  out->ptr.resize(nb);
-  for (uint64_t b = 0; b < nb; ++b) out->ptr[b] = out->k.data() + b * bb;
-  out->kv = attn::HeadKV{out->ptr.data(), out->ptr.data(), static_cast<uint32_t>(nb), T, B,
-                         shape.head_dim,  shape.dtype};
-  out->has_keys = true;
-  if (want_scores) {
-    out->scores = sel::ScoreGroup(q, shape.group_size(), out->kv);
-    out->has_scores = true;
-  }
-  return Status::Ok();
-}
+};
 
 // Parsed KV heads, queries and pending rows of a RetrieveLayer / Audit.
 struct Queries {
@@ -303,12 +314,25 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   for (size_t i = 0; i < heads.size(); ++i) {
     const uint32_t h = heads[i];
     const float* qg = in.q.data() + i * g * D;
-    HeadInput hi;
-    KVM_RETURN_IF_ERROR(PrepareHead(store_, s, shape, q->B, m.layer(), h, T, m.pending_tokens(),
-                                    in.pending + i * in.pending_stride, qg,
-                                    q->selector->TakesScores(), &hi));
-    sel::StepInput step_in{m.step(), m.layer(), h, qg, hi.has_keys ? &hi.kv : nullptr, &hi.sums};
-    step_in.scores = hi.has_scores ? &hi.scores : nullptr;
+    Head hd{store_,
+            s,
+            shape,
+            q->B,
+            m.layer(),
+            h,
+            T,
+            m.pending_tokens(),
+            in.pending + i * in.pending_stride};
+    KVM_RETURN_IF_ERROR(hd.LoadSummaries());
+    // A selector that takes scores asks for them only when it needs them (not for a short
+    // context); the others read the keys.
+    const bool takes_scores = q->selector->TakesScores();
+    if (!takes_scores) KVM_RETURN_IF_ERROR(hd.LoadKeys());
+    const std::function<Status(sel::GroupScores*)> score = [&](sel::GroupScores* out) {
+      return hd.Score(qg, out);
+    };
+    sel::StepInput step_in{m.step(), m.layer(), h, qg, hd.has_keys ? &hd.kv : nullptr, &hd.sums};
+    if (takes_scores) step_in.score = &score;
     sel::Selection sel;
     KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
     retrievals += sel.retrieved_heads;
@@ -352,11 +376,18 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
     std::sort(resident.begin(), resident.end());
     sel::AddRange(0, geo.SinkBlocks(T), &resident);
     sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
-    HeadInput hi;
-    KVM_RETURN_IF_ERROR(PrepareHead(store_, s, shape, q->B, m.layer(), heads[i], T,
-                                    m.pending_tokens(), in.pending + i * in.pending_stride,
-                                    in.q.data() + i * g * D, /*want_scores=*/true, &hi));
-    for (double d : sel::DeltaOf(hi.scores, resident)) {
+    Head hd{store_,
+            s,
+            shape,
+            q->B,
+            m.layer(),
+            heads[i],
+            T,
+            m.pending_tokens(),
+            in.pending + i * in.pending_stride};
+    sel::GroupScores gs;
+    KVM_RETURN_IF_ERROR(hd.Score(in.q.data() + i * g * D, &gs));
+    for (double d : sel::DeltaOf(gs, resident)) {
       reply->add_delta(static_cast<float>(d));
       if (metrics_) metrics_->ObserveDelta(q->sel.name, "audit", d, q->sel.options.target_delta);
     }

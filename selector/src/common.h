@@ -53,23 +53,17 @@ inline float MaxKeyNorm(const StepInput& in) {
   return static_cast<float>(std::sqrt(mx));
 }
 
-// Checks one step's input. `takes_scores`: the selector accepts StepInput::scores instead of kv.
+// Checks one step's input. `takes_scores`: the selector accepts StepInput::score instead of kv.
 inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometry& g,
                          bool takes_scores = false) {
-  const bool scored = takes_scores && in.scores;
+  const bool scored = takes_scores && in.score;
   if (!in.q || (!in.kv && !scored))
     return Status::InvalidArgument("select: missing queries or keys");
   if (in.layer >= s.layers || in.kv_head >= s.kv_heads)
     return Status::InvalidArgument("select: layer/kv_head out of range");
-  if (scored) {
-    if (in.scores->tokens != in.tokens() || in.scores->group != s.group_size() ||
-        in.scores->block_size != g.block_size)
-      return Status::InvalidArgument(
-          "select: the precomputed scores do not match the step (tokens, group or block size)");
-    if (!in.kv && (!in.summaries || in.summaries->tokens() < in.tokens()))
-      return Status::InvalidArgument("select: precomputed scores without keys need summaries of " +
-                                     std::to_string(in.tokens()) + " tokens");
-  }
+  if (scored && !in.kv && (!in.summaries || in.summaries->tokens() < in.tokens()))
+    return Status::InvalidArgument("select: scores without keys need summaries of " +
+                                   std::to_string(in.tokens()) + " tokens");
   if (!in.kv) return Status::Ok();
   if (in.kv->tokens != in.tokens())
     return Status::InvalidArgument("select: keys hold " + std::to_string(in.kv->tokens) +
@@ -80,11 +74,19 @@ inline Status CheckInput(const StepInput& in, const ModelShape& s, const Geometr
   return Status::Ok();
 }
 
-// The exact scores of the step's group: the precomputed ones, or scored here into *own.
-inline const GroupScores& ScoresOf(const StepInput& in, uint32_t group, GroupScores* own) {
-  if (in.scores) return *in.scores;
-  *own = ScoreGroup(in.q, group, *in.kv);
-  return *own;
+// The exact scores of the step's group into *out: from StepInput::score when given (checked
+// against the step), else scored here from the keys.
+inline Status ScoresOf(const StepInput& in, uint32_t group, uint32_t block_size, GroupScores* out) {
+  if (!in.score) {
+    *out = ScoreGroup(in.q, group, *in.kv);
+    return Status::Ok();
+  }
+  KVM_RETURN_IF_ERROR((*in.score)(out));
+  if (out->tokens != in.tokens() || out->group != group || out->block_size != block_size ||
+      out->logits.size() != size_t{group} * out->tokens || out->agg.size() != out->blocks())
+    return Status::InvalidArgument(
+        "select: the given scores do not match the step (tokens, group or block size)");
+  return Status::Ok();
 }
 
 }  // namespace kvm::sel

@@ -76,8 +76,8 @@ Status OracleSelector::Select(const StepInput& in, Selection* out) {
     ShortContext(nb, g, out);
     return Status::Ok();
   }
-  GroupScores own;
-  const GroupScores& s = ScoresOf(in, g, &own);
+  GroupScores s;
+  KVM_RETURN_IF_ERROR(ScoresOf(in, g, opt_.geometry.block_size, &s));
   const auto forced = ForcedBlocks(opt_.geometry, T);
   if (opt_.target_delta > 0) {
     out->blocks = FillToTarget(
@@ -222,8 +222,8 @@ Status PrhsSelector::AnchorStep(const StepInput& in, HeadState& a, Selection* ou
   const Geometry& geo = opt_.geometry;
   const uint64_t T = in.tokens(), nb = geo.Blocks(T), B = geo.block_size;
   const uint32_t g = shape_.group_size();
-  GroupScores own;
-  const GroupScores& s = ScoresOf(in, g, &own);
+  GroupScores s;
+  KVM_RETURN_IF_ERROR(ScoresOf(in, g, opt_.geometry.block_size, &s));
   const auto forced = ForcedBlocks(geo, T);
   const uint64_t sink_blocks = geo.SinkBlocks(T), win_first = geo.WindowFirstBlock(T);
 

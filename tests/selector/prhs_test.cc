@@ -354,50 +354,81 @@ TEST(OracleTest, BudgetAndTargetModes) {
   });
 }
 
-// The service's GPU tier scores where the keys live and hands the scores in (StepInput::scores):
-// a selector that takes them decides exactly as when it scores the keys itself, without reading
-// them; one that needs the keys refuses a step without them.
-TEST(ScoresInputTest, PrecomputedScoresGiveTheSameSelectionWithoutTheKeys) {
+// The service's GPU tier scores where the keys live and hands the scores in on request
+// (StepInput::score): a selector that takes them decides exactly as when it scores the keys itself,
+// without reading them, and asks only when it needs them; a wrong or failing score is an error; a
+// selector that needs the keys refuses a step without them.
+TEST(ScoresInputTest, GivenScoresGiveTheSameSelectionWithoutTheKeysOnlyWhenNeeded) {
   for (const char* name : {"prhs", "oracle"}) {
     auto a = MakeSelector(name, Budget(16, 384), Shape(), 4096);
     auto b = MakeSelector(name, Budget(16, 384), Shape(), 4096);
     ASSERT_TRUE(a.ok() && b.ok());
     ASSERT_TRUE((*b)->TakesScores()) << name;
     testutil::SyntheticGroup seq(kG, kD, 16, 11);
-    seq.Append(1500);
-    for (int i = 0; i < 12; ++i) {
+    seq.Append(200);  // 13 blocks: a short context (the budget holds 24)
+    int calls = 0;
+    const float* q = nullptr;
+    attn::HeadKV kv;
+    const std::function<Status(GroupScores*)> score = [&](GroupScores* out) {
+      ++calls;
+      *out = ScoreGroup(q, kG, kv);
+      return Status::Ok();
+    };
+    auto step = [&](Selection* x, Selection* y) {
       seq.Append(1);
-      const float* q = seq.NextQueries();
-      const attn::HeadKV kv = seq.view();
+      q = seq.NextQueries();
+      kv = seq.view();
       StepInput with_keys{seq.tokens() - 1, 0, 0, q, &kv, &seq.summaries()};
-      const GroupScores gs = ScoreGroup(q, kG, kv);
-      StepInput with_scores{seq.tokens() - 1, 0, 0, q, nullptr, &seq.summaries()};
-      with_scores.scores = &gs;
-      Selection x, y;
-      ASSERT_TRUE((*a)->Anchor(with_keys, &x).ok());
-      ASSERT_TRUE((*b)->Anchor(with_scores, &y).ok()) << name;
+      StepInput with_score{seq.tokens() - 1, 0, 0, q, nullptr, &seq.summaries()};
+      with_score.score = &score;
+      ASSERT_TRUE((*a)->Anchor(with_keys, x).ok());
+      ASSERT_TRUE((*b)->Anchor(with_score, y).ok()) << name;
+    };
+    Selection x, y;
+    step(&x, &y);
+    EXPECT_EQ(calls, 0) << name << ": a short context needs no scores";
+    EXPECT_EQ(x.blocks, y.blocks);
+    seq.Append(1300);
+    for (int i = 0; i < 12; ++i) {
+      step(&x, &y);
       EXPECT_EQ(x.blocks, y.blocks) << name << " step " << i;
       EXPECT_EQ(x.delta, y.delta);
       EXPECT_EQ(x.k_max, y.k_max);
       EXPECT_EQ(x.kind, y.kind);
     }
-    // Scores of another length are refused, naming the mismatch.
-    const attn::HeadKV kv = seq.view();
-    GroupScores short_scores = ScoreGroup(seq.NextQueries(), kG, kv);
-    short_scores.tokens -= 1;
-    StepInput bad{seq.tokens() - 1, 0, 0, seq.NextQueries(), nullptr, &seq.summaries()};
-    bad.scores = &short_scores;
+    EXPECT_EQ(calls, 12) << name;
+    // Scores of another length are refused, naming the mismatch; a failing score is the error.
+    seq.Append(1);
+    q = seq.NextQueries();
+    kv = seq.view();
+    const std::function<Status(GroupScores*)> short_scores = [&](GroupScores* out) {
+      *out = ScoreGroup(q, kG, kv);
+      out->tokens -= 1;
+      return Status::Ok();
+    };
+    const std::function<Status(GroupScores*)> failing = [](GroupScores*) {
+      return Status::Corruption("checksum");
+    };
+    StepInput bad{seq.tokens() - 1, 0, 0, q, nullptr, &seq.summaries()};
     Selection z;
+    bad.score = &short_scores;
     EXPECT_TRUE((*b)->Anchor(bad, &z).IsInvalidArgument()) << name;
+    bad.score = &failing;
+    EXPECT_TRUE((*b)->Anchor(bad, &z).IsCorruption()) << name;
   }
   auto quest = MakeSelector("quest", Budget(16, 384), Shape(), 4096);
   ASSERT_TRUE(quest.ok());
   EXPECT_FALSE((*quest)->TakesScores());
   testutil::SyntheticGroup seq(kG, kD, 16, 12);
   seq.Append(1500);
-  const GroupScores gs = ScoreGroup(seq.NextQueries(), kG, seq.view());
-  StepInput no_keys{seq.tokens() - 1, 0, 0, seq.NextQueries(), nullptr, &seq.summaries()};
-  no_keys.scores = &gs;
+  const attn::HeadKV kv = seq.view();
+  const float* q = seq.NextQueries();
+  const std::function<Status(GroupScores*)> score = [&](GroupScores* out) {
+    *out = ScoreGroup(q, kG, kv);
+    return Status::Ok();
+  };
+  StepInput no_keys{seq.tokens() - 1, 0, 0, q, nullptr, &seq.summaries()};
+  no_keys.score = &score;
   Selection z;
   EXPECT_TRUE((*quest)->Select(no_keys, &z).IsInvalidArgument());
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -83,10 +84,11 @@ struct StepInput {
   const float* q = nullptr;          // [group][head_dim] fp32 post-RoPE queries of the group
   const attn::HeadKV* kv = nullptr;  // keys/values of this (layer, KV head), T tokens
   const HeadSummaries* summaries = nullptr;
-  // Optional: the exact scores of q against every key of this (layer, KV head), computed where the
-  // keys live (the service's GPU tier). A selector whose TakesScores() is true then uses them and
-  // does not read kv (which may be null; summaries must then cover every token).
-  const GroupScores* scores = nullptr;
+  // Optional: computes the exact scores of q against every key of this (layer, KV head) where the
+  // keys live (the service's GPU tier), called only when the selector needs them (never for a
+  // short context). A selector whose TakesScores() is true then does not read kv (which may be
+  // null; summaries must then cover every token).
+  const std::function<Status(GroupScores*)>* score = nullptr;
   uint64_t tokens() const { return step + 1; }
 };
 
@@ -115,7 +117,7 @@ class Selector {
   virtual Status Anchor(const StepInput& in, Selection* out) { return Select(in, out); }
   // Hot-set slots per (layer, KV head) this selector may need: budget/B + documented extras.
   virtual uint64_t HotSetSlots() const = 0;
-  // Whether StepInput::scores may replace kv (selectors whose only use of the keys is the exact
+  // Whether StepInput::score may replace kv (selectors whose only use of the keys is the exact
   // scoring pass and the summaries: PrHS and the oracle).
   virtual bool TakesScores() const { return false; }
 };
