@@ -2,14 +2,15 @@
 // failed. Per sequence it holds the selector the worker asked for at create (selector/), one
 // hot-set mirror per (layer, KV head) (selector/plan.h), and the worker's hot-set generation.
 //
-// RetrieveLayer: the group's queries are scored against every key of (layer, KV head) — on the
-// store's GPU tier when it has one (the keys stay on the device), else on the CPU from the keys
-// read out of the store; the K rows the worker has not appended yet travel with the query — and
-// the selector re-anchors on those scores (Selector::Anchor: exact q·K of every query head of the
-// group, δ exact; a selector that reads the keys itself gets the keys), the selection is marked in
-// the store (eviction order), the plan diffs it against the mirror, the blocks to send are promoted
-// and read; the reply carries per KV head the slot table changes (sends, local fills, evictions),
-// the resident set, δ, log δ, kind and K_max, and the sent blocks' K and V as payload.
+// RetrieveLayer: the selector re-anchors (Selector::Anchor: exact q·K of every query head of the
+// group over every key of (layer, KV head), δ exact). It asks for the scores when it needs them
+// (not for a short context): they are computed on the store's GPU tier when it has one (the keys
+// stay on the device), else on the CPU from the keys read out of the store; the K rows the worker
+// has not appended yet travel with the query; a selector that reads the keys itself gets the
+// keys. The selection is marked in the store (eviction order), the plan diffs it against the
+// mirror, the blocks to send are promoted and read; the reply carries per KV head the slot table
+// changes (sends, local fills, evictions), the resident set, δ, log δ, kind and K_max, and the sent
+// blocks' K and V as payload.
 //
 // The worker keeps every block from the window start of its last retrieval on locally, so the
 // mirror's "previous window" is the window at the last retrieval of that (layer, KV head), not the
