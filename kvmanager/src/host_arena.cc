@@ -6,23 +6,14 @@
 #include <string>
 
 #include "attention/cuda.h"
+#include "kvmanager/memory_limits.h"
 
 namespace kvm::store {
 
 size_t DefaultHostCapacity(double fraction, size_t cap) {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  size_t kb = 0;
-  while (f >> key) {
-    if (key == "MemAvailable:") {
-      f >> kb;
-      break;
-    }
-    f.ignore(256, '\n');
-  }
-  const size_t avail = kb * 1024;
-  const size_t want = static_cast<size_t>(static_cast<double>(avail) * fraction);
-  return avail ? std::min(want, cap) : (size_t{1} << 30);
+  // The node's MemAvailable, or the container's cgroup v2 memory.max when that is lower.
+  const MemoryLimits m = ReadMemoryLimits();
+  return static_cast<size_t>(DefaultHostCapacity(m.mem_available, m.cgroup_max, fraction, cap));
 }
 
 Result<std::unique_ptr<HostArena>> HostArena::Make(size_t capacity_bytes, size_t slot_bytes) {
