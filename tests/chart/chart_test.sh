@@ -46,7 +46,7 @@ run_case() {
   check "[$name] helm template renders" '[ $rc -eq 0 ]' || { cat "$out/err"; return; }
   cat > "$out/expect.json" <<JSON
 {"release": "rel", "namespace": "kvm", "shards": $shards, "pvcSize": "$pvc", "existingSecret": "$secret",
- "monitoring": $mon, "tls": $tls, "rulesFile": "$chart/rules/kvmanager.rules.yaml",
+ "monitoring": $mon, "tls": $tls, "workerPortRange": ${WORKER_RANGE:-[47000, 47099]}, "rulesFile": "$chart/rules/kvmanager.rules.yaml",
  "dashboardFile": "$chart/dashboards/kvmanager.json"}
 JSON
   (cd "$dir/js" && node validate.mjs "$out/rendered.yaml" "$out/expect.json" "$out") > "$out/validate" 2>&1; rc=$?
@@ -65,7 +65,7 @@ JSON
     '[ $rc -eq 0 ] && grep -qx "config ok" "$out/check"'
 }
 run_case default 1 20Gi "" false false yes
-run_case cluster 3 50Gi "" true false yes -f "$here/values-cluster.yaml"
+WORKER_RANGE="[48000, 48255]" run_case cluster 3 50Gi "" true false yes -f "$here/values-cluster.yaml"
 check "[cluster] the host tier set in values reaches the binary as an integer" \
   'grep -q "host tier 17179869184 bytes" "$dir/cluster/check"'
 check "[cluster] both tenants reach the binary" 'grep -q "^tenants: team-a (token of 41 bytes), team-b (token of 32 bytes)" "$dir/cluster/check"'

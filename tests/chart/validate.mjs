@@ -6,7 +6,8 @@
 //
 // EXPECT: {"release", "namespace", "shards", "pvcSize", "existingSecret" (name or ""),
 //          "monitoring" (ServiceMonitor, PrometheusRule, NetworkPolicy, PDB, dashboard expected),
-//          "tls" (TLS flags expected), "rulesFile", "dashboardFile"}
+//          "tls" (TLS flags expected), "workerPortRange" ([min, max] of the egress rule),
+//          "rulesFile", "dashboardFile"}
 // Every object is checked twice against the Kubernetes (kubernetes-models@5.1.0) and
 // prometheus-operator (@kubernetes-models/prometheus-operator@6.0.0) schemas: the packages'
 // validate() (types, enums, required fields) and a walk over their type declarations that rejects
@@ -316,13 +317,15 @@ if (want.monitoring) {
     check("only labelled client pods reach the control port",
           control && control.from.length === 1 && from && Object.keys(from).length > 0);
     check("the helm test pod carries the client labels", test && matches(from, test.metadata.labels));
-    const ucxIn = control?.ports.find((p) => p.endPort);
-    check("clients reach the service's UCX port range", ucxIn && ucxIn.port < ucxIn.endPort);
+    check("ingress opens only the control and admin ports (nothing connects in to UCX)",
+          np.spec.ingress.every((r) => r.ports.every((p) => (p.port === 7420 || p.port === 7421) && !p.endPort)));
     const range = c.env.find((e) => e.name === "UCX_TCP_PORT_RANGE")?.value;
-    check("UCX_TCP_PORT_RANGE pins the same range", range === `${ucxIn?.port}-${ucxIn?.endPort}`, range);
+    check("UCX_TCP_PORT_RANGE of the service is pinned", /^[0-9]+-[0-9]+$/.test(range || ""), range);
     const out = np.spec.egress.find((r) => r.ports.some((p) => p.endPort));
-    check("egress to the client pods' UCX port range",
-          out && matches(out.to[0].podSelector.matchLabels, test?.metadata.labels) && out.ports[0].protocol === "TCP");
+    check("egress to the client pods' UCX port range (the workers' UCX_TCP_PORT_RANGE)",
+          out && matches(out.to[0].podSelector.matchLabels, test?.metadata.labels) && out.ports[0].protocol === "TCP" &&
+          out.ports[0].port === want.workerPortRange?.[0] && out.ports[0].endPort === want.workerPortRange?.[1],
+          JSON.stringify(out?.ports));
     check("egress allows nothing else but DNS",
           np.spec.egress.every((r) => r === out || r.ports.every((p) => p.port === 53)));
   }
