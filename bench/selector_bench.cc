@@ -18,6 +18,7 @@
 #include "selector/baselines.h"
 #include "selector/plan.h"
 #include "selector/prhs.h"
+#include "selector/registry.h"
 
 using namespace kvm;
 using Clock = std::chrono::steady_clock;
@@ -63,8 +64,8 @@ int StepBytes(sel::SelectorOptions o, const ModelShape& shape, const std::vector
   for (uint32_t h = 0; h < kHkv; ++h) heads[h].Make(T0 + steps, dir.data(), h + 1);
   std::mt19937 rng(9);
   std::normal_distribution<float> n(0.f, 1.f);
-  o.tau_cos = 0.9;
-  o.max_cluster_steps = 32;
+  o.prhs.tau_cos = 0.9;
+  o.prhs.max_cluster_steps = 32;
   std::string rows;
   for (uint64_t budget : {T0 / 16, T0 / 8}) {
     o.budget_tokens = budget;
@@ -153,8 +154,8 @@ int main(int argc, char** argv) {
   sel::SelectorOptions o;
   o.geometry = sel::Geometry{kB, 16, 64};
   o.budget_tokens = 2048;
-  o.tau_cos = 0.0;  // make the reuse row a reuse step
-  o.max_cluster_steps = 0;
+  o.prhs.tau_cos = 0.0;  // make the reuse row a reuse step
+  o.prhs.max_cluster_steps = 0;
   std::mt19937 rng(1);
   std::normal_distribution<float> n(0.f, 1.f);
   std::vector<float> dir(kD);
@@ -163,10 +164,10 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < q.size(); ++i) q[i] = dir[i % kD] * 8.0f + 0.3f * n(rng);
 
   if (step_bytes) return StepBytes(o, shape, dir, q, idle, json);
-  o.hshare_channels.assign(kHq, {});
-  for (auto& ch : o.hshare_channels)
+  o.hshare.channels.assign(kHq, {});
+  for (auto& ch : o.hshare.channels)
     for (uint32_t c = 0; c < kD / 8; ++c) ch.push_back(c);
-  o.quest_dense_layers = 0;  // the one benchmarked layer is a sparse one
+  o.dense_layers = 0;  // the one benchmarked layer is a sparse one
   const char* kBaselines[] = {"quest", "hshare", "streaming", "h2o"};
   struct Row {
     uint64_t T;

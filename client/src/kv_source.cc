@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string>
 
+#include "layer_attention.h"
 #include "proto/half.h"
 
 namespace kvm::client {
@@ -16,7 +17,10 @@ Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& sha
 DenseKvSource::DenseKvSource(const BlockLayout& l)
     : layout_(l),
       heads_(size_t{l.shape().layers} * l.shape().kv_heads),
-      len_(l.shape().layers, 0) {}
+      len_(l.shape().layers, 0),
+      att_(std::make_unique<LayerAttention>()) {}
+
+DenseKvSource::~DenseKvSource() = default;
 
 Status DenseKvSource::Append(uint32_t layer, uint64_t pos, const float* k, const float* v) {
   const auto& s = layout_.shape();
@@ -67,12 +71,19 @@ Status DenseKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, float
   if (layer >= s.layers || pos >= len_[layer])
     return Status::OutOfRange("attend at layer " + std::to_string(layer) + " position " +
                               std::to_string(pos) + " before its keys were appended");
-  const uint32_t g = s.group_size();
+  const uint32_t B = layout_.block_size();
+  const uint64_t T = pos + 1, nb = layout_.BlocksFor(T);
+  att_->Prepare(s, B, nb);
   for (uint32_t h = 0; h < s.kv_heads; ++h) {
-    const size_t off = size_t{h} * g * s.head_dim;
-    KVM_RETURN_IF_ERROR(attn::Attend(q + off, g, View(layer, h, pos + 1), {}, out + off));
+    const Head& hd = head(layer, h);
+    for (uint64_t b = 0; b < nb; ++b) {
+      att_->k(h)[b] = hd.k.data() + b * layout_.kv_block_bytes();
+      att_->v(h)[b] = hd.v.data() + b * layout_.kv_block_bytes();
+      att_->rows(h)[b] = static_cast<uint16_t>(b + 1 == nb && T % B ? T % B : B);
+    }
+    att_->set_count(h, static_cast<uint32_t>(nb));
   }
-  return Status::Ok();
+  return att_->Run(q, out);
 }
 
 }  // namespace kvm::client

@@ -13,6 +13,7 @@
 
 #include "kvmanager/host_arena.h"
 #include "proto/half.h"
+#include "rocks_status.h"
 
 namespace kvm::store {
 namespace {
@@ -103,14 +104,6 @@ std::string PosKey(const SeqRef& s, uint64_t pos) {
   std::string k = SeqPrefix(s);
   PutBe(&k, pos, 8);
   return k;
-}
-
-Status FromRocks(const rocksdb::Status& s, const std::string& what) {
-  if (s.ok()) return Status::Ok();
-  if (s.IsNoSpace() || s.ToString().find("No space") != std::string::npos)
-    return Status::NoSpace(what + ": " + s.ToString());
-  if (s.IsCorruption()) return Status::Corruption(what + ": " + s.ToString());
-  return Status::Unavailable(what + ": " + s.ToString());
 }
 
 struct BlockLoc {

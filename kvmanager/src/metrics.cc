@@ -12,11 +12,10 @@
 #include <vector>
 
 #include "proto/wire/frame.h"
+#include "selector/registry.h"
 
 namespace kvm::server {
 namespace {
-const std::vector<std::string> kSelectors = {"prhs",   "oracle",    "quest",
-                                             "hshare", "streaming", "h2o"};
 const std::vector<std::string> kKinds = {"exact", "bound", "audit"};
 const std::vector<std::string> kDirections = {"to_worker", "from_worker"};
 const std::vector<std::string> kTransports = {"ucx", "inproc", "tcp"};
@@ -55,9 +54,10 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
                  .Name("kvm_dropped_mass")
                  .Help("Dropped attention mass per (step, layer, query head), by selector and kind")
                  .Register(r);
-  for (const auto& s : kSelectors)
+  for (const sel::SelectorEntry& e : sel::Selectors())  // every selector of the registry
     for (const auto& k : kKinds)
-      impl_->delta[{s, k}] = &dm.Add({{"selector", s}, {"kind", k}}, LogBuckets(1e-4, 1, 3));
+      impl_->delta[{e.name, k}] =
+          &dm.Add({{"selector", e.name}, {"kind", k}}, LogBuckets(1e-4, 1, 3));
   auto& ot = prometheus::BuildCounter()
                  .Name("kvm_dropped_mass_over_target_total")
                  .Help("Dropped-mass values above the sequence's target, by kind")

@@ -11,8 +11,10 @@
 #include "proto/kvm.pb.h"
 #include "proto/wire/frame.h"
 #include "selector/plan.h"
+#include "selector/registry.h"
 #include "selector/scoring.h"
 #include "selector/wire_options.h"
+#include "selector/worker_gate.h"
 
 namespace kvm::server {
 namespace {
@@ -213,11 +215,11 @@ void RetrievalEngine::Reset(const store::SeqRef& s) {
 Status RetrievalEngine::SetLayerMap(const store::SeqRef& s, const std::vector<uint32_t>& source) {
   KVM_ASSIGN_OR_RETURN(auto q, Find(s));
   std::lock_guard<std::mutex> l(q->mu);
-  auto* prhs = dynamic_cast<sel::PrhsSelector*>(q->selector.get());
-  if (!prhs)
+  sel::WorkerGate* gate = q->selector->gate();
+  if (!gate)  // the map is kept (validated) by any selector with a gate, used with layer_sharing
     return Status::FailedPrecondition("set layer map: selector " + q->sel.name +
-                                      " has no cross-layer sharing (prhs only)");
-  return prhs->SetLayerMap(source);
+                                      " has no cross-layer sharing");
+  return gate->SetLayerMap(source);
 }
 
 Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLayer& m,
@@ -242,7 +244,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   const size_t bb = layout.kv_block_bytes();
   const uint64_t T = m.step() + 1;
   const uint32_t g = shape.group_size(), D = shape.head_dim;
-  auto* prhs = dynamic_cast<sel::PrhsSelector*>(q->selector.get());
+  sel::WorkerGate* gate = q->selector->gate();
   reply->set_layer(m.layer());
   reply->set_hot_set_generation(q->generation);
   reply->set_part(0);
@@ -292,8 +294,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     for (uint32_t j = 0; j < g; ++j) {
       const double d = j < sel.delta.size() ? sel.delta[j] : NAN;
       hs->add_delta(static_cast<float>(d));
-      hs->add_log_delta(prhs && sel.anchor ? prhs->gate(layer, h * g + j).log_delta_a
-                                           : std::log(d));
+      hs->add_log_delta(sel.LogDelta(j));
       if (metrics_ && !std::isnan(d))
         metrics_->ObserveDelta(q->sel.name, DeltaKindName(sel.kind), d,
                                q->sel.options.target_delta);
@@ -303,14 +304,13 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_anchor_step(static_cast<uint32_t>(m.step()));
     hs->set_anchor(sel.anchor);
     hs->set_retrieved_heads(sel.retrieved_heads);
+    hs->set_slot_digest(q->mirrors[idx].Digest());
     return Status::Ok();
   };
   // Layers that share this layer's index set (selectors.md §0.6) get their blocks in this batch,
   // before their queries exist: their selection is this layer's plus their own sinks and window.
-  std::vector<uint32_t> sharing;
-  if (prhs && prhs->layer_sharing())
-    for (uint32_t l = m.layer() + 1; l < shape.layers; ++l)
-      if (prhs->layer_map()[l] == m.layer()) sharing.push_back(l);
+  const std::vector<uint32_t> sharing =
+      gate ? gate->SharingLayers(m.layer()) : std::vector<uint32_t>{};
   for (size_t i = 0; i < heads.size(); ++i) {
     const uint32_t h = heads[i];
     const float* qg = in.q.data() + i * g * D;
@@ -337,15 +337,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
     retrievals += sel.retrieved_heads;
     KVM_RETURN_IF_ERROR(emit(m.layer(), h, sel));
-    for (uint32_t l : sharing) {
-      sel::Selection shared;
-      sel::AddRange(0, geo.SinkBlocks(T), &shared.blocks);
-      sel::AddRange(geo.WindowFirstBlock(T), geo.Blocks(T), &shared.blocks);
-      shared.blocks = sel::MergeBlocks(sel.blocks, shared.blocks);
-      shared.delta.assign(g, std::numeric_limits<double>::quiet_NaN());
-      shared.kind = DeltaKind::kUnknown;
-      KVM_RETURN_IF_ERROR(emit(l, h, shared));
-    }
+    for (uint32_t l : sharing)
+      KVM_RETURN_IF_ERROR(emit(l, h, gate->SharedSelection(sel.blocks, T)));
   }
   for (uint32_t l : sharing) reply->add_shared_layers(l);
   if (metrics_) metrics_->AddRetrievals(retrievals);

@@ -30,6 +30,7 @@ struct Server::Impl {
 
   class Session;
   std::mutex sessions_mu;
+  std::condition_variable sessions_gone;
   std::set<std::shared_ptr<Session>> sessions;
 
   class Session : public std::enable_shared_from_this<Session> {
@@ -52,7 +53,8 @@ struct Server::Impl {
     void Close() {
       asio::post(strand_, [self = shared_from_this()] {
         self->closing_ = true;
-        if (self->out_.empty()) self->Shutdown();
+        self->AnswerDraining();
+        if (self->out_.empty() && !self->busy_) self->Shutdown();
       });
     }
 
@@ -103,10 +105,23 @@ struct Server::Impl {
       sock_.shutdown(tcp::socket::shutdown_both, ec);
       sock_.close(ec);
     }
-    // Hands the next request (one at a time per session: replies stay in order) to the worker pool;
-    // once the server is stopping no new request starts.
+    // Once the server is stopping no new request starts: every queued one is answered Unavailable
+    // (draining), so no request goes unanswered.
+    void AnswerDraining() {
+      while (!busy_ && !pending_.empty()) {
+        wire::Error e;
+        e.set_code(wire::ERR_UNAVAILABLE);
+        e.set_message("draining: the server is shutting down");
+        Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
+                               pending_.front().first.header.request_id, e),
+             false);
+        pending_.pop_front();
+      }
+    }
+    // Hands the next request (one at a time per session: replies stay in order) to the worker pool.
     void Pump() {
-      if (busy_ || pending_.empty() || srv_->stopping) return;
+      if (srv_->stopping) return AnswerDraining();
+      if (busy_ || pending_.empty()) return;
       wire::Frame f = std::move(pending_.front().first);
       const auto arrived = pending_.front().second;
       pending_.pop_front();
@@ -155,17 +170,18 @@ struct Server::Impl {
       if (out_.size() == 1) Write();
     }
     void Write() {
-      asio::async_write(sock_, asio::buffer(out_.front().first),
-                        asio::bind_executor(strand_, [self = shared_from_this()](
-                                                         boost::system::error_code ec, size_t) {
-                          const bool close = self->out_.front().second;
-                          self->out_.pop_front();
-                          if (ec || close || (self->closing_ && self->out_.empty())) {
-                            self->Shutdown();
-                            return self->Finish();
-                          }
-                          if (!self->out_.empty()) self->Write();
-                        }));
+      asio::async_write(
+          sock_, asio::buffer(out_.front().first),
+          asio::bind_executor(
+              strand_, [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                const bool close = self->out_.front().second;
+                self->out_.pop_front();
+                if (ec || close || (self->closing_ && self->out_.empty() && !self->busy_)) {
+                  self->Shutdown();
+                  return self->Finish();
+                }
+                if (!self->out_.empty()) self->Write();
+              }));
     }
     void Finish() {
       if (!finished_) {
@@ -175,6 +191,7 @@ struct Server::Impl {
       }
       std::lock_guard<std::mutex> l(srv_->sessions_mu);
       srv_->sessions.erase(shared_from_this());
+      if (srv_->sessions.empty()) srv_->sessions_gone.notify_all();
     }
 
     Impl* srv_;
@@ -272,6 +289,11 @@ void Server::Stop(int drain_ms) {
   }
   for (auto& s : all) s->Close();
   impl_->workers->join();
+  {  // every session writes what it still owes (replies, draining refusals), then closes
+    std::unique_lock<std::mutex> l(impl_->sessions_mu);
+    impl_->sessions_gone.wait_for(l, std::chrono::milliseconds(std::max(drain_ms, 100)),
+                                  [this] { return impl_->sessions.empty(); });
+  }
   impl_->io.stop();
   for (auto& t : impl_->io_threads) t.join();
 }

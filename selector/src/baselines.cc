@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "selector/layer_map.h"
+#include "selector/registry.h"
 
 namespace kvm::sel {
 namespace {
@@ -59,6 +60,9 @@ Result<std::unique_ptr<QuestSelector>> QuestSelector::Make(const SelectorOptions
   return std::unique_ptr<QuestSelector>(new QuestSelector(o, shape));
 }
 
+QuestSelector::QuestSelector(const SelectorOptions& o, const ModelShape& s)
+    : opt_(o), shape_(s), dense_layers_(DenseLayers(o, *FindSelector("quest").value())) {}
+
 float QuestSelector::PageBound(const float* q, const HeadSummaries& s, uint64_t b, uint32_t D,
                                float scale) {
   const float* mn = s.block_min(b);
@@ -73,7 +77,7 @@ Status QuestSelector::Select(const StepInput& in, Selection* out) {
   const uint64_t T = in.tokens(), nb = opt_.geometry.Blocks(T);
   const uint32_t g = shape_.group_size(), D = shape_.head_dim;
   *out = Selection{};
-  if (nb <= opt_.budget_blocks() || in.layer < opt_.quest_dense_layers) {
+  if (nb <= opt_.budget_blocks() || in.layer < dense_layers_) {
     ShortContext(nb, g, out);  // dense layers and short contexts: everything resident, δ = 0 exact
     return Status::Ok();
   }
@@ -124,7 +128,7 @@ Result<std::unique_ptr<H2oSelector>> H2oSelector::Make(const SelectorOptions& o,
                                                        const ModelShape& shape,
                                                        uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "h2o"));
-  if (!(o.h2o_recent_frac > 0 && o.h2o_recent_frac < 1))
+  if (!(o.h2o.recent_frac > 0 && o.h2o.recent_frac < 1))
     return Status::InvalidArgument("h2o_recent_frac: must be in (0, 1)");
   return std::unique_ptr<H2oSelector>(new H2oSelector(o, shape));
 }
@@ -147,7 +151,7 @@ Status H2oSelector::Select(const StepInput& in, Selection* out) {
     st.kept = cand;
   } else {
     const uint64_t recent =
-        std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(cap * opt_.h2o_recent_frac)));
+        std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(cap * opt_.h2o.recent_frac)));
     std::vector<uint64_t> keep, old;
     for (uint64_t b : cand) (b + recent >= nb ? keep : old).push_back(b);
     const uint64_t heavy = cap > keep.size() ? cap - keep.size() : 0;
@@ -204,13 +208,13 @@ Result<std::unique_ptr<HShareSelector>> HShareSelector::Make(const SelectorOptio
                                                              const ModelShape& shape,
                                                              uint64_t max_context) {
   KVM_RETURN_IF_ERROR(ValidateBaseline(o, shape, max_context, "hshare"));
-  if (o.hshare_query_share == 0) return Status::InvalidArgument("hshare_query_share: must be >= 1");
-  if (o.hshare_channels.size() != size_t{shape.layers} * shape.q_heads)
+  if (o.hshare.query_share == 0) return Status::InvalidArgument("hshare_query_share: must be >= 1");
+  if (o.hshare.channels.size() != size_t{shape.layers} * shape.q_heads)
     return Status::InvalidArgument(
         "hshare_channels: need " + std::to_string(shape.layers * shape.q_heads) +
-        " channel lists (layers x q_heads), got " + std::to_string(o.hshare_channels.size()) +
+        " channel lists (layers x q_heads), got " + std::to_string(o.hshare.channels.size()) +
         " (run `kvmctl hshare-calibrate`)");
-  for (const auto& ch : o.hshare_channels) {
+  for (const auto& ch : o.hshare.channels) {
     if (ch.empty()) return Status::InvalidArgument("hshare_channels: an empty channel list");
     for (uint32_t c : ch)
       if (c >= shape.head_dim)
@@ -281,7 +285,7 @@ Status HShareSelector::Select(const StepInput& in, Selection* out) {
     finish(s.heavy);
     return Status::Ok();
   }
-  if (c.step != UINT64_MAX && in.step % opt_.hshare_query_share != 0) {
+  if (c.step != UINT64_MAX && in.step % opt_.hshare.query_share != 0) {
     finish(c.heavy);  // query sharing: reuse the index set, the local window slides
     return Status::Ok();
   }
@@ -290,7 +294,7 @@ Status HShareSelector::Select(const StepInput& in, Selection* out) {
   const uint64_t t0 = sink * B, t1 = std::min<uint64_t>(T, local_first * B);
   std::vector<float> k(D), s(t1 > t0 ? t1 - t0 : 0);
   for (uint32_t h = 0; h < g && !s.empty(); ++h) {
-    const auto& ch = opt_.hshare_channels[size_t{in.layer} * shape_.q_heads + in.kv_head * g + h];
+    const auto& ch = opt_.hshare.channels[size_t{in.layer} * shape_.q_heads + in.kv_head * g + h];
     const float inv = 1.0f / std::sqrt(float(ch.size()));
     const float* q = in.q + size_t{h} * D;
     for (uint64_t t = t0; t < t1; ++t) {

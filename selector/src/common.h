@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "selector/prhs.h"
+#include "selector/options.h"
+#include "selector/scoring.h"
 
 namespace kvm::sel {
 

@@ -67,3 +67,33 @@ Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_
 }
 
 }  // namespace kvm::sel
+
+namespace kvm::sel {
+
+PrefillQueries::PrefillQueries(uint32_t layers, uint32_t q_heads, uint32_t head_dim,
+                               uint32_t window, uint64_t prefill)
+    : W_(static_cast<uint32_t>(std::min<uint64_t>(window, prefill))),
+      Hq_(q_heads),
+      D_(head_dim),
+      prefill_(prefill),
+      q_(layers, std::vector<float>(size_t{W_} * q_heads * head_dim)) {}
+
+void PrefillQueries::Observe(uint32_t layer, uint64_t pos, const float* q) {
+  if (layer >= q_.size() || pos >= prefill_ || pos + W_ < prefill_) return;
+  std::copy(q, q + size_t{Hq_} * D_, &q_[layer][(pos + W_ - prefill_) * Hq_ * D_]);
+}
+
+double KeepFraction(const SelectorOptions& o, uint64_t context) {
+  return o.budget_tokens ? double(o.budget_tokens) / double(context) : o.prhs.layer_map.keep_frac;
+}
+
+std::vector<std::vector<uint8_t>> PrefillKeepMasks(
+    const PrefillQueries& q, uint32_t layers, double frac,
+    const std::function<std::vector<attn::HeadKV>(uint32_t layer)>& views) {
+  std::vector<std::vector<uint8_t>> keep;
+  for (uint32_t l = 0; l < layers; ++l)
+    keep.push_back(KeepMask(q.layer(l), q.window(), q.q_heads(), views(l), frac));
+  return keep;
+}
+
+}  // namespace kvm::sel

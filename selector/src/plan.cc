@@ -48,4 +48,43 @@ Status HotSetMirror::Plan(const std::vector<uint64_t>& resident, uint64_t T, con
   return Status::Ok();
 }
 
+Status HotSetMirror::Apply(const PlanStep& step) {
+  std::vector<uint64_t> table = slot_block_;
+  for (uint32_t s : step.evicted_slots) {
+    if (s >= table.size() || table[s] == kEmptySlot)
+      return Status::Internal("hot set diverged: the step evicts slot " + std::to_string(s) +
+                              (s >= table.size() ? " of " + std::to_string(table.size())
+                                                 : std::string(", which is empty here")));
+    table[s] = kEmptySlot;
+  }
+  std::unordered_map<uint64_t, uint32_t> where;
+  for (uint32_t s = 0; s < table.size(); ++s)
+    if (table[s] != kEmptySlot) where[table[s]] = s;
+  for (const auto* list : {&step.sends, &step.local_fills})
+    for (const auto& [b, s] : *list) {
+      if (s >= table.size() || table[s] != kEmptySlot)
+        return Status::Internal(
+            "hot set diverged: block " + std::to_string(b) + " goes to slot " + std::to_string(s) +
+            (s >= table.size() ? " of " + std::to_string(table.size())
+                               : ", which holds block " + std::to_string(table[s]) + " here"));
+      if (!where.emplace(b, s).second)
+        return Status::Internal("hot set diverged: block " + std::to_string(b) +
+                                " is already in slot " + std::to_string(where[b]));
+      table[s] = b;
+    }
+  slot_block_ = std::move(table);
+  where_ = std::move(where);
+  return Status::Ok();
+}
+
+uint64_t HotSetMirror::Digest() const {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (uint64_t b : slot_block_)
+    for (int i = 0; i < 8; ++i) {
+      h ^= (b >> (8 * i)) & 0xff;
+      h *= 0x100000001b3ull;
+    }
+  return h;
+}
+
 }  // namespace kvm::sel

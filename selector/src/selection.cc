@@ -49,6 +49,11 @@ void HeadSummaries::Truncate(uint64_t length) {
   for (float m : max_norm_) running_max_ = std::max(running_max_, m);
 }
 
+double Selection::LogDelta(uint32_t head) const {
+  if (head < log_delta.size()) return log_delta[head];
+  return head < delta.size() ? std::log(delta[head]) : std::numeric_limits<double>::quiet_NaN();
+}
+
 std::vector<uint64_t> MergeBlocks(const std::vector<uint64_t>& a, const std::vector<uint64_t>& b) {
   std::vector<uint64_t> out;
   out.reserve(a.size() + b.size());

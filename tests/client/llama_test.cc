@@ -152,8 +152,9 @@ TEST(TokenFileTest, OddSizeIsRejected) {
 }  // namespace
 }  // namespace kvm::client
 
+#include "client/measure.h"
 #include "client/selector_source.h"
-#include "selector/prhs.h"
+#include "selector/registry.h"
 
 namespace kvm::client {
 namespace {
@@ -172,11 +173,13 @@ TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
     o.budget_tokens = budget;
     auto selr = sel::MakeSelector("prhs", o, shape, 1024);
     ASSERT_TRUE(selr.ok()) << selr.status().ToString();
-    auto src =
-        SelectorKvSource::Make(shape, 16, std::move(*selr), o, /*prefill=*/100, "geometry", 1024);
+    auto src = SelectorKvSource::Make(shape, 16, std::move(*selr), o, /*prefill=*/100, 1024);
     ASSERT_TRUE(src.ok());
+    auto measured =
+        MeasuredKvSource::Make(src->get(), shape, o, /*prefill=*/100, sel::ForcedPolicy::kGeometry);
+    ASSERT_TRUE(measured.ok());
     auto dense = DenseKvSource::Make(shape, 16);
-    ReferenceWorker ws(**model, src->get()), wd(**model, dense->get());
+    ReferenceWorker ws(**model, measured->get()), wd(**model, dense->get());
     std::vector<float> a(V), b(V);
     bool all_equal = true;
     for (uint64_t p = 0; p < 140; ++p) {
@@ -185,7 +188,7 @@ TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
       all_equal = all_equal && a == b;
     }
     EXPECT_EQ(all_equal, budget == 1024) << budget;
-    const auto& recs = (*src)->records();
+    const auto& recs = (*measured)->records();
     ASSERT_EQ(recs.size(), 40u * shape.layers * shape.q_heads);  // decode steps 100..139
     const uint32_t g = shape.group_size();
     for (size_t i = 0; i < recs.size(); i += g) {  // records come a GQA group at a time

@@ -224,12 +224,26 @@ TEST_F(ServerTest, StopDrainsRequestsInFlight) {
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(5));
   std::thread stopper([&] { server_->Stop(5000); });
-  uint64_t answered = 0;
+  // Every queued request gets a reply: executed (an AppendReply), or refused as draining. The
+  // executed ones come first, in order, and exactly they are stored.
+  uint64_t executed = 0, draining = 0;
   wire::Frame f;
-  while (answered < 50 && c.Recv(&f)) ++answered;
+  while (executed + draining < 50 && c.Recv(&f)) {
+    EXPECT_EQ(f.header.request_id, 1000 + executed + draining);
+    if (f.header.type == static_cast<uint16_t>(MessageType::kError)) {
+      wire::Error e;
+      ASSERT_TRUE(wire::ParseProto(f, &e).ok());
+      EXPECT_EQ(e.code(), wire::ERR_UNAVAILABLE) << e.message();
+      EXPECT_NE(e.message().find("draining"), std::string::npos) << e.message();
+      ++draining;
+    } else {
+      EXPECT_EQ(draining, 0u) << "an executed request after a refused one";
+      ++executed;
+    }
+  }
   stopper.join();
-  EXPECT_GT(answered, 0u);
-  EXPECT_EQ(*store_->Length({"a", 5}), answered);  // what was answered was stored, in order
+  EXPECT_EQ(executed + draining, 50u);
+  EXPECT_EQ(*store_->Length({"a", 5}), executed);
 }
 
 }  // namespace

@@ -546,3 +546,27 @@ TEST(BlockStoreGpuTierTest, AbsentTierIsReportedWithTheReasonAndScoringSaysUnava
 
 }  // namespace
 }  // namespace kvm::store
+
+#include "rocks_status.h"  // kvmanager/src (internal to the block store)
+
+namespace kvm::store {
+namespace {
+
+// A RocksDB failure keeps a code that says what it is: an I/O error is never Unavailable (which a
+// worker reads as "the connection was lost" and reconnects for).
+TEST(RocksStatusTest, StoreErrorsKeepTheirOwnCodes) {
+  EXPECT_TRUE(FromRocks(rocksdb::Status::OK(), "x").ok());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::IOError("disk"), "write").IsInternal());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::NoSpace("full"), "write").IsNoSpace());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::IOError("No space left on device"), "w").IsNoSpace());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::Corruption("bad block"), "get").IsCorruption());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::NotFound(), "get").IsNotFound());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::Busy(), "write").IsBusy());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::Aborted(), "write").IsInternal());
+  EXPECT_TRUE(FromRocks(rocksdb::Status::ShutdownInProgress(), "write").IsUnavailable());
+  const Status s = FromRocks(rocksdb::Status::IOError("disk"), "rocksdb write");
+  EXPECT_NE(s.message().find("rocksdb write"), std::string::npos) << s.ToString();
+}
+
+}  // namespace
+}  // namespace kvm::store

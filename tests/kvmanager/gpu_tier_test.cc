@@ -74,12 +74,18 @@ void ExpectNear(const std::vector<float>& got, const std::vector<float>& want) {
 
 class GpuTierTest : public ::testing::TestWithParam<bool> {  // true: CUDA
  protected:
-  std::unique_ptr<GpuTier> Open(uint64_t capacity) {
+  // The tier in *out. Only the CUDA case may be skipped (no device); the host double must open,
+  // or the test fails.
+  void Open(uint64_t capacity, std::unique_ptr<GpuTier>* out) {
     std::unique_ptr<Device> dev;
     if (!GetParam()) dev = std::make_unique<testutil::HostDevice>();
     auto t = GpuTier::Open(GpuTierOptions{capacity}, std::move(dev));
-    if (!t.ok()) return nullptr;
-    return std::move(*t);
+    if (t.ok()) {
+      *out = std::move(*t);
+      return;
+    }
+    if (GetParam() && !attn::CudaAvailable().ok()) GTEST_SKIP() << "no CUDA device";
+    FAIL() << "the GPU tier did not open: " << t.status().ToString();
   }
   // Scores and returns the logits (empty on error, *st set).
   std::vector<float> Score(GpuTier& t, uint64_t seq, Keys& k, uint64_t stored,
@@ -97,8 +103,9 @@ class GpuTierTest : public ::testing::TestWithParam<bool> {  // true: CUDA
 };
 
 TEST_P(GpuTierTest, UploadsOnlyWhatWasAppendedAndScoresLikeTheReference) {
-  auto tier = Open(64 << 20);
-  if (!tier) GTEST_SKIP() << "no CUDA device";
+  std::unique_ptr<GpuTier> tier;
+  Open(64 << 20, &tier);
+  if (!tier) return;  // skipped (CUDA without a device) or failed
   std::mt19937 rng(1);
   Keys k;
   k.Append(1000, rng);  // ragged last block
@@ -131,8 +138,9 @@ TEST_P(GpuTierTest, UploadsOnlyWhatWasAppendedAndScoresLikeTheReference) {
 }
 
 TEST_P(GpuTierTest, TruncateMakesTheRewrittenRowsComeBack) {
-  auto tier = Open(64 << 20);
-  if (!tier) GTEST_SKIP() << "no CUDA device";
+  std::unique_ptr<GpuTier> tier;
+  Open(64 << 20, &tier);
+  if (!tier) return;  // skipped (CUDA without a device) or failed
   std::mt19937 rng(2);
   Keys k;
   k.Append(500, rng);
@@ -147,8 +155,9 @@ TEST_P(GpuTierTest, TruncateMakesTheRewrittenRowsComeBack) {
 TEST_P(GpuTierTest, FullTierEvictsTheLeastRecentlyScoredAndRefusesWhatCannotFit) {
   const uint64_t per_seq = 64 * kLayout.block_bytes();  // 1024 tokens
   const uint64_t scratch = (kG * kD + kG * 1024) * sizeof(float);
-  auto tier = Open(per_seq + per_seq / 2 + scratch);
-  if (!tier) GTEST_SKIP() << "no CUDA device";
+  std::unique_ptr<GpuTier> tier;
+  Open(per_seq + per_seq / 2 + scratch, &tier);
+  if (!tier) return;  // skipped (CUDA without a device) or failed
   std::mt19937 rng(3);
   Keys a, b;
   a.Append(1024, rng);
@@ -178,8 +187,9 @@ TEST_P(GpuTierTest, FullTierEvictsTheLeastRecentlyScoredAndRefusesWhatCannotFit)
 }
 
 TEST_P(GpuTierTest, AFailingFetchIsReportedAndTheNextCallRecovers) {
-  auto tier = Open(64 << 20);
-  if (!tier) GTEST_SKIP() << "no CUDA device";
+  std::unique_ptr<GpuTier> tier;
+  Open(64 << 20, &tier);
+  if (!tier) return;  // skipped (CUDA without a device) or failed
   std::mt19937 rng(4);
   Keys k;
   k.Append(300, rng);

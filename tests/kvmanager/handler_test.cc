@@ -197,7 +197,7 @@ class RetrieveTest : public HandlerTest {
     for (uint32_t i = 0; i < L * Hkv; ++i) kv_.emplace_back(kT, D, B, DType::kF16, 100 + i);
     opt_.geometry = {B, 4, 8};
     opt_.budget_tokens = 48;
-    opt_.max_cluster_steps = 8;
+    opt_.prhs.max_cluster_steps = 8;
     ASSERT_TRUE(Hello(s_, "a", "tokA").ok());
   }
   wire::CreateSequence CreateWith(uint64_t id, uint32_t slots) {
@@ -341,7 +341,7 @@ void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
         for (int j = 0; j < 2; ++j) {
           EXPECT_EQ(hs.delta(j), float(want.delta[j]));
           if (want.anchor) {
-            EXPECT_EQ(hs.log_delta(j), ref->gate(l, h * 2 + j).log_delta_a);
+            EXPECT_EQ(hs.log_delta(j), ref->gate()->head_gate(l, h * 2 + j).log_delta_a);
           }
         }
         EXPECT_EQ(hs.delta_kind(), static_cast<wire::DeltaKind>(want.kind));

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "selector/layer_map.h"
+#include "selector/registry.h"
 #include "selector/scoring.h"
 #include "testutil/synthetic.h"
 
@@ -20,7 +21,7 @@ SelectorOptions Opts(uint32_t B = 16, uint64_t budget = 384, uint32_t layers = 4
   SelectorOptions o;
   o.geometry = Geometry{B, 16, 64};
   o.budget_tokens = budget;
-  o.hshare_channels.assign(size_t{layers} * kG * 2, {0, 1, 2, 3});
+  o.hshare.channels.assign(size_t{layers} * kG * 2, {0, 1, 2, 3});
   return o;
 }
 
@@ -233,15 +234,15 @@ TEST(BaselinesTest, BadParametersNameTheField) {
   ASSERT_FALSE(q.ok());
   EXPECT_NE(q.status().message().find("target_delta"), std::string::npos);
   o = Opts();
-  o.hshare_channels.clear();
+  o.hshare.channels.clear();
   auto h = HShareSelector::Make(o, Shape(), 4096);
   EXPECT_NE(h.status().message().find("hshare_channels"), std::string::npos);
   o = Opts();
-  o.h2o_recent_frac = 1.5;
+  o.h2o.recent_frac = 1.5;
   EXPECT_NE(H2oSelector::Make(o, Shape(), 4096).status().message().find("h2o_recent_frac"),
             std::string::npos);
   o = Opts();
-  o.hshare_query_share = 0;
+  o.hshare.query_share = 0;
   EXPECT_NE(HShareSelector::Make(o, Shape(), 4096).status().message().find("hshare_query_share"),
             std::string::npos);
   o = Opts();

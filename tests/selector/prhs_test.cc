@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "selector/registry.h"
 #include "selector/scoring.h"
 #include "testutil/synthetic.h"
 
@@ -96,8 +97,8 @@ TEST(PrhsTest, SinksAndWindowAlwaysResidentAndSizeWithinBudgetPlusExtras) {
 
 TEST(PrhsTest, NoReuseWhenCosineBelowThreshold) {
   auto o = Budget(16, 512);
-  o.tau_cos = 0.8;
-  o.max_cluster_steps = 0;
+  o.prhs.tau_cos = 0.8;
+  o.prhs.max_cluster_steps = 0;
   auto s = PrhsSelector::Make(o, Shape(), 4096);
   ASSERT_TRUE(s.ok());
   testutil::SyntheticGroup seq(kG, kD, 16, 2, /*drift=*/0.06);
@@ -139,8 +140,8 @@ TEST(PrhsTest, DeltaBoundNeverBelowTrueDeltaUnderAdversarialDrift) {
   uint64_t checked = 0, total_violations = 0;
   for (uint32_t seed = 1; seed <= 6; ++seed) {
     auto o = Budget(seed % 2 ? 16 : 4, 384);
-    o.tau_cos = -1.0;
-    o.max_cluster_steps = 0;
+    o.prhs.tau_cos = -1.0;
+    o.prhs.max_cluster_steps = 0;
     auto s = PrhsSelector::Make(o, Shape(), 8192);
     ASSERT_TRUE(s.ok());
     testutil::SyntheticGroup seq(kG, kD, o.geometry.block_size, seed, 0.02);
@@ -259,9 +260,9 @@ TEST(PrhsTest, BlockOracleOfSameSizeNeverWorseThanPrhs) {
 
 TEST(PrhsTest, PsawWindowsNeverGrowWithDepthAndCutIsFrozenAtTheAnchor) {
   auto o = Budget(16, 512);
-  o.psaw = true;
-  o.psaw_start_layer = 2;
-  o.psaw_phi = 0.3;
+  o.prhs.psaw = true;
+  o.prhs.psaw_start_layer = 2;
+  o.prhs.psaw_phi = 0.3;
   auto s = PrhsSelector::Make(o, Shape(8), 8192);
   ASSERT_TRUE(s.ok());
   for (uint64_t T : {100ull, 1000ull, 5000ull}) {
@@ -290,12 +291,12 @@ TEST(PrhsTest, PsawWindowsNeverGrowWithDepthAndCutIsFrozenAtTheAnchor) {
 
 TEST(PrhsTest, LayerSharingPointsOnlyToShallowerLayersAndCopiesTheSourceSet) {
   auto o = Budget(16, 512);
-  o.layer_sharing = true;
+  o.prhs.layer_sharing = true;
   auto s = PrhsSelector::Make(o, Shape(3), 4096);
   ASSERT_TRUE(s.ok());
-  EXPECT_TRUE((*s)->SetLayerMap({0, 2, 2}).IsInvalidArgument());
-  EXPECT_TRUE((*s)->SetLayerMap({0, 0}).IsInvalidArgument());
-  ASSERT_TRUE((*s)->SetLayerMap({0, 1, 0}).ok());
+  EXPECT_TRUE((*s)->gate()->SetLayerMap({0, 2, 2}).IsInvalidArgument());
+  EXPECT_TRUE((*s)->gate()->SetLayerMap({0, 0}).IsInvalidArgument());
+  ASSERT_TRUE((*s)->gate()->SetLayerMap({0, 1, 0}).ok());
   testutil::SyntheticGroup seq(kG, kD, 16, 6);
   seq.Append(2000);
   const attn::HeadKV kv = seq.view();
@@ -444,7 +445,7 @@ TEST(SelectorOptionsTest, BadParametersNameTheField) {
   o.budget_tokens = 0;
   expect_field(o, "budget_tokens");
   o = Budget(16, 512);
-  o.tau_cos = 1.5;
+  o.prhs.tau_cos = 1.5;
   expect_field(o, "tau_cos");
   o = Budget(16, 512);
   o.geometry.block_size = 0;

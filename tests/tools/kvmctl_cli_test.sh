@@ -90,7 +90,10 @@ addr=$(grep -o "listening on [^ ]*" "$log" | cut -d' ' -f3)
 "$K" demo --server "$addr" --context 256 --max-new 760 --target-delta 0 --budget-frac 0.25 \
   >/dev/null 2>"$data/demo.err" &
 dpid=$!
-sleep 1.5; kill -9 $kpid; wait $kpid 2>/dev/null
+# Kill it once the worker is decoding (its progress line says so), not after a guessed delay.
+for _ in $(seq 300); do grep -q "\] decode " "$data/demo.err" 2>/dev/null && break; sleep 0.1; done
+grep -q "\] decode " "$data/demo.err" || { echo "FAIL: the demo never started decoding"; fail=1; }
+kill -9 $kpid; wait $kpid 2>/dev/null
 t0=$(date +%s); wait $dpid; drc=$?; t1=$(date +%s)
 if [ $drc -ne 0 ] && [ $((t1 - t0)) -le 35 ] && grep -q "Unavailable\|TimedOut" "$data/demo.err"; then
   echo "ok: service killed mid-decode -> worker error in $((t1 - t0)) s: $(grep -o 'Unavailable.*\|TimedOut.*' "$data/demo.err" | head -1)"

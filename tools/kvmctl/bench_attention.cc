@@ -9,6 +9,7 @@
 #include <random>
 
 #include "attention/decode.h"
+#include "attention/reference.h"
 #include "bench_util.h"
 #include "commands.h"
 #include "flags.h"
@@ -114,10 +115,32 @@ int RunBenchAttention(const std::vector<std::string>& args) {
     t.bytes = 2ull * Hkv * T * D * 2;
     return t;
   };
+  // The worker's reference path before the fast one (attn::Attend per KV head over every block with
+  // a T-byte token mask): the same selection, timed for comparison (block granularity only).
+  std::vector<uint8_t> mask(T);
+  auto run_reference = [&](size_t c, const std::vector<std::vector<uint64_t>>& picks) {
+    std::vector<const void*> kp(nb), vp(nb);
+    const auto t0 = Clock::now();
+    for (uint32_t h = 0; h < Hkv; ++h) {
+      std::fill(mask.begin(), mask.end(), 0);
+      for (uint64_t b = 0; b < nb; ++b) {
+        kp[b] = kblock(c, h, b);
+        vp[b] = vblock(c, h, b);
+      }
+      for (uint64_t u : picks[h])
+        for (uint64_t t = u * B; t < std::min<uint64_t>(T, (u + 1) * B); ++t) mask[t] = 1;
+      const attn::HeadKV kvh{kp.data(), vp.data(), static_cast<uint32_t>(nb), T, B, D, DType::kF16};
+      if (!attn::Attend(q.data() + size_t{h} * g * D, g, kvh, mask, out.data() + size_t{h} * g * D)
+               .ok())
+        std::exit(1);
+    }
+    return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+  };
   // Sparse tables: a fresh random selection each time (blocks of B, or single tokens as 1-row
   // entries).
   const uint64_t sel_units =
       std::max<uint64_t>(1, static_cast<uint64_t>(std::ceil(frac * (gran == "block" ? nb : T))));
+  std::vector<std::vector<uint64_t>> last_picks(Hkv);
   auto sparse_table = [&](size_t c) {
     Table t;
     t.max = static_cast<uint32_t>(sel_units);
@@ -128,6 +151,7 @@ int RunBenchAttention(const std::vector<std::string>& args) {
         std::swap(pick[i], pick[i + rng() % (pick.size() - i)]);
       pick.resize(sel_units);
       std::sort(pick.begin(), pick.end());
+      last_picks[h] = pick;
       for (uint64_t u : pick) {
         if (gran == "block") {
           t.k.push_back(kblock(c, h, u));
@@ -174,17 +198,22 @@ int RunBenchAttention(const std::vector<std::string>& args) {
   const int iters = static_cast<int>(
       f.Int("iters", static_cast<int64_t>(std::max<size_t>(8, 2 * copies)), 1, 100000));
   const uint32_t sparse_bs = gran == "block" ? B : 1;
-  double dense_ms = 0, sparse_ms = 0;
+  double dense_ms = 0, sparse_ms = 0, reference_ms = 0;
   uint64_t sparse_bytes = 0;
   run(dense[0], B);  // warm up code paths
+  // The sparse pass reads a copy the dense pass did not just warm (half the working set away).
+  const size_t away = copies / 2;
+  const int ref_iters = gran == "block" ? std::max(1, iters / 4) : 0;  // the slow path: fewer
   for (int i = 0; i < iters; ++i) {
     dense_ms += run(dense[i % copies], B);
-    const Table st = sparse_table(i % copies);  // generated outside the timed region
+    const Table st = sparse_table((i + away) % copies);  // generated outside the timed region
     sparse_ms += run(st, sparse_bs);
     sparse_bytes += st.bytes;
+    if (i < ref_iters) reference_ms += run_reference((i + away + 1) % copies, last_picks);
   }
   dense_ms /= iters;
   sparse_ms /= iters;
+  const double ref_ms = ref_iters ? reference_ms / ref_iters : NAN;
   const double dense_gbps = dense[0].bytes / (dense_ms * 1e6);
   const double sparse_gbps = sparse_bytes / double(iters) / (sparse_ms * 1e6);
   const double memcpy_gbps = MemcpyGbps(std::max<size_t>(4 * llc, 64u << 20));
@@ -195,16 +224,18 @@ int RunBenchAttention(const std::vector<std::string>& args) {
         "\"block_size\": %u, \"granularity\": \"%s\", \"threads\": %u, \"cpu_path\": \"%s\", "
         "\"dense_ms\": %.4f, "
         "\"sparse_ms\": %.4f, \"speedup\": %.3f, \"dense_gbps\": %.3f, \"sparse_gbps\": %.3f, "
-        "\"memcpy_gbps\": %.3f, \"idle\": %s, \"working_set_mib\": %.1f}\n",
+        "\"memcpy_gbps\": %.3f, \"idle\": %s, \"working_set_mib\": %.1f, "
+        "\"reference_sparse_ms\": %s, \"fast_over_reference\": %s}\n",
         (unsigned long long)T, frac, D, Hq, Hkv, B, gran.c_str(), threads, attn::CpuDecodePath(),
         dense_ms, sparse_ms, dense_ms / sparse_ms, dense_gbps, sparse_gbps, memcpy_gbps,
-        idle ? "true" : "false", copies * layer_bytes / 1048576.0);
+        idle ? "true" : "false", copies * layer_bytes / 1048576.0, Num(ref_ms).c_str(),
+        Num(ref_ms / sparse_ms).c_str());
   } else {
     std::printf(
         "dense %.3f ms (%.2f GB/s), sparse %.3f ms (%.2f GB/s): speedup %.2fx; memcpy %.2f GB/s; "
-        "idle %s\n",
+        "the worker's former reference path on the same selection %s ms (fast %sx); idle %s\n",
         dense_ms, dense_gbps, sparse_ms, sparse_gbps, dense_ms / sparse_ms, memcpy_gbps,
-        idle ? "yes" : "no");
+        Num(ref_ms).c_str(), Num(ref_ms / sparse_ms).c_str(), idle ? "yes" : "no");
   }
   return 0;
 }

@@ -45,7 +45,8 @@ inline constexpr const char* kEvalUsage =
     "[--json]\n"
     "       [--max-resident N | --max-resident-frac F] [--sinks N] [--window N] [--tau T] "
     "[--margin M]\n"
-    "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--kv-dtype "
+    "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--dense-layers N] "
+    "[--kv-dtype "
     "fp16|bf16|fp32]\n"
     "       [--hshare-channels FILE] [--server HOST:PORT [--transport ucx|tcp]]\n"
     "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the "
@@ -82,7 +83,11 @@ inline constexpr const char* kBenchAttentionUsage =
     "Hkv 8, D 128,\n"
     "      T 32768, 1/8 by default), rotating over a working set >= 4x the last-level cache with a "
     "fresh\n"
-    "      random selection each iteration; memcpy bandwidth measured by the same binary. Waits "
+    "      random selection each iteration (read from a copy the dense pass did not just warm), "
+    "beside\n"
+    "      the reference path (attn::Attend with a token mask) on the same selection; memcpy "
+    "bandwidth\n"
+    "      measured by the same binary. Waits "
     "(up to about\n"
     "      a minute) for an idle machine and says in `idle` whether it got one.";
 int RunBenchAttention(const std::vector<std::string>& args);

@@ -260,7 +260,7 @@ int RunDemo(const std::vector<std::string>& args) {
   // short contexts, the bound on reuse — and the audits measured by the service on samples.
   std::map<DeltaKind, std::vector<double>> by_kind;
   std::vector<double> claims;
-  for (const auto& r : (*src)->records()) {
+  for (const auto& r : (*src)->claims()) {
     by_kind[r.kind].push_back(r.delta);
     // Claims: exact and bound (a sharing layer's selection has no δ of its own: kind unknown).
     if (r.kind == DeltaKind::kExact || r.kind == DeltaKind::kBound) claims.push_back(r.delta);
@@ -291,7 +291,16 @@ int RunDemo(const std::vector<std::string>& args) {
   }
   (void)(*src)->Delete();  // the sequence is the demo's own
   local.Stop();
-  const char* kinds = "exact at anchors, bound on reuse steps, audit on sampled reuse steps";
+  // The kinds of the claims delta_mean summarises, as this run produced them.
+  std::string kinds;
+  for (DeltaKind k : {DeltaKind::kExact, DeltaKind::kBound})
+    if (by_kind.count(k)) kinds += std::string(kinds.empty() ? "" : "+") + DeltaKindName(k);
+  std::string gate_json;
+  for (sel::GateOutcome go : sel::kGateOutcomes)
+    gate_json += std::string(gate_json.empty() ? "" : ", ") + "\"" + sel::GateOutcomeName(go) +
+                 "\": " + std::to_string(t.gate[go]);
+  const double attention_ms =
+      t.attention_layers ? 1e3 * t.attention_seconds / double(t.attention_layers) : NAN;
   if (json) {
     std::string byk;
     for (const auto& [k, v] : by_kind) {
@@ -304,14 +313,17 @@ int RunDemo(const std::vector<std::string>& args) {
         "{\"tokens\": %zu, \"prompt_tokens\": %llu, \"selector\": \"%s\", \"target_delta\": %s, "
         "\"delta_mean\": %s, \"delta_p99\": %s, \"delta_kind\": \"%s\", \"delta_by_kind\": {%s}, "
         "\"within_target_fraction\": %s, \"retrieval_overhead\": %s, \"round_trips\": %llu, "
-        "\"gate_reuses\": %llu, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
+        "\"gate_reuses\": %llu, \"gate_checks\": {%s}, \"retrievals\": %llu, "
+        "\"attention_ms_per_layer\": %s, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
         "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
         "\"prefill_seconds\": %s, \"retrieve_wait_seconds\": %s, \"local_fill_bytes\": %llu, "
         "\"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
         "\"text\": \"%s\"}\n",
         out.size(), (unsigned long long)context, name.c_str(), Num(o.target_delta).c_str(),
-        Num(all.mean).c_str(), Num(all.p99).c_str(), kinds, byk.c_str(), Num(within_frac).c_str(),
-        Num(overhead).c_str(), (unsigned long long)t.round_trips, (unsigned long long)t.reuses,
+        Num(all.mean).c_str(), Num(all.p99).c_str(), kinds.c_str(), byk.c_str(),
+        Num(within_frac).c_str(), Num(overhead).c_str(), (unsigned long long)t.round_trips,
+        (unsigned long long)t.gate[sel::GateOutcome::kReuse], gate_json.c_str(),
+        (unsigned long long)t.retrievals, Num(attention_ms).c_str(),
         (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
         (unsigned long long)t.topk_refetch,
         Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
@@ -341,7 +353,8 @@ int RunDemo(const std::vector<std::string>& args) {
   std::printf(
       "  retrieval overhead      %s (query heads scored / steps x layers x heads); %llu "
       "round trips, %llu gate reuses\n",
-      Num(overhead).c_str(), (unsigned long long)t.round_trips, (unsigned long long)t.reuses);
+      Num(overhead).c_str(), (unsigned long long)t.round_trips,
+      (unsigned long long)t.gate[sel::GateOutcome::kReuse]);
   std::printf(
       "  bytes streamed          %llu vs dense offload %llu (%s) vs per-step top-k "
       "refetch %llu\n",
@@ -352,6 +365,9 @@ int RunDemo(const std::vector<std::string>& args) {
       "  waiting for retrievals  %.2f s of %.2f s decode; %llu bytes filled from the worker's "
       "own window copy\n",
       t.retrieve_seconds, decode_s, (unsigned long long)t.local_fill_bytes);
+  std::printf(
+      "  worker attention        %s ms per layer (fast CPU kernel over the hot set + tail)\n",
+      Num(attention_ms).c_str());
   return 0;
 }
 

@@ -19,6 +19,8 @@
 #include "flags.h"
 #include "selector/baselines.h"
 #include "selector/layer_map.h"
+#include "selector/registry.h"
+#include "selector/worker_gate.h"
 #include "transport/transport.h"
 
 namespace kvm::tools {
@@ -41,47 +43,47 @@ uint32_t Argmax(const std::vector<float>& v) {
 Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
                             const std::string& name, const sel::SelectorOptions& o,
                             const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
-                            bool generate, bool progress, client::KvSource* external) {
+                            bool generate, bool progress, client::SparseKvSource* external) {
   const uint32_t B = o.geometry.block_size;
   const auto& cfg = model.config();
   if (ids.size() < context + steps + 1)
     return Status::InvalidArgument("eval: too few tokens for the window");
   EvalOutput out;
   // Two workers in lockstep on the same tokens: dense, and the selector's (prefill dense, decode
-  // sparse).
+  // sparse), measured against a shadow copy of its own KV.
   auto dense_kv = client::DenseKvSource::Make(shape, B);
   if (!dense_kv.ok()) return dense_kv.status();
   std::unique_ptr<client::DenseKvSource> dense_as_sparse;
   client::KvSource* sparse_kv = nullptr;
+  const sel::SelectorEntry* entry = nullptr;
+  if (name != "dense") {
+    auto e = sel::FindSelector(name);
+    if (!e.ok()) return e.status();
+    entry = *e;
+  }
   if (external) {
-    if (name == "hshare")
-      return Status::InvalidArgument("hshare is not served through the service");
-    sparse_kv = external;
-  } else if (name == "dense") {
+    if (!entry || !entry->caps.served)
+      return Status::InvalidArgument(name + " is not served through the service");
+    KVM_ASSIGN_OR_RETURN(
+        out.measured, client::MeasuredKvSource::Make(external, shape, o, context, entry->forced));
+    sparse_kv = out.measured.get();
+  } else if (!entry) {
     dense_as_sparse = std::move(client::DenseKvSource::Make(shape, B)).value();
     sparse_kv = dense_as_sparse.get();
   } else {
-    auto selr = sel::MakeSelector(name, o, shape, cfg.seq_len);
-    if (!selr.ok()) return selr.status();
-    const std::string forced = name == "quest" || name == "h2o" ? "none"
-                               : name == "streaming"            ? "all"
-                               : name == "hshare"               ? "hshare"
-                                                                : "geometry";
-    auto src =
-        client::SelectorKvSource::Make(shape, B, std::move(*selr), o, context, forced, cfg.seq_len);
-    if (!src.ok()) return src.status();
-    out.sparse = std::move(*src);
-    sparse_kv = out.sparse.get();
+    KVM_ASSIGN_OR_RETURN(auto selector, entry->make(o, shape, cfg.seq_len));
+    KVM_ASSIGN_OR_RETURN(out.sparse, client::SelectorKvSource::Make(shape, B, std::move(selector),
+                                                                    o, context, cfg.seq_len));
+    KVM_ASSIGN_OR_RETURN(out.measured, client::MeasuredKvSource::Make(out.sparse.get(), shape, o,
+                                                                      context, entry->forced));
+    sparse_kv = out.measured.get();
   }
   client::ReferenceWorker wd(model, dense_kv->get()), ws(model, sparse_kv);
-  // The last W prefill queries per layer, for the layer map (PrHS sharing) and HShare's maps.
-  const uint32_t W = static_cast<uint32_t>(std::min<uint64_t>(64, context));
-  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads, D = cfg.head_dim();
-  std::vector<std::vector<float>> lastq(L, std::vector<float>(size_t{W} * Hq * D));
-  ws.on_layer = [&](const client::LayerTrace& t) {
-    if (t.pos + W >= context && t.pos < context)
-      std::copy(t.q, t.q + size_t{Hq} * D, &lastq[t.layer][(t.pos + W - context) * Hq * D]);
-  };
+  // The last prefill queries per layer: PrHS's layer map (the gate builds it) and HShare's maps.
+  const uint32_t L = cfg.n_layers;
+  sel::PrefillQueries lastq(L, cfg.n_heads, cfg.head_dim(), o.prhs.layer_map.window_queries,
+                            context);
+  ws.on_layer = [&](const client::LayerTrace& t) { lastq.Observe(t.layer, t.pos, t.q); };
   std::vector<float> ld(cfg.vocab_size), ls(cfg.vocab_size);
   const auto t0 = std::chrono::steady_clock::now();
   for (uint64_t p = 0; p < context; ++p) {
@@ -94,30 +96,24 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
       std::fprintf(stderr, "\rprefill %llu/%llu", (unsigned long long)p,
                    (unsigned long long)context);
   }
-  if (out.sparse && (o.layer_sharing || name == "hshare")) {
-    const double frac = o.budget_tokens ? double(o.budget_tokens) / context : 0.125;
-    std::vector<std::vector<uint8_t>> keep;
-    for (uint32_t l = 0; l < L; ++l) {
-      std::vector<attn::HeadKV> views;
-      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h)
-        views.push_back(out.sparse->dense().View(l, h, context));
-      keep.push_back(sel::KeepMask(lastq[l].data(), W, Hq, views, frac));
-    }
-    if (name == "hshare") {
+  if (out.sparse) {
+    client::DenseKvSource& kv = out.sparse->dense();
+    auto views = [&](uint32_t l) {
+      std::vector<attn::HeadKV> v;
+      for (uint32_t h = 0; h < cfg.n_kv_heads; ++h) v.push_back(kv.View(l, h, context));
+      return v;
+    };
+    sel::WorkerGate* gate = out.sparse->selector().gate();
+    if (gate && gate->layer_sharing()) {
+      KVM_RETURN_IF_ERROR(gate->BuildLayerMap(lastq, context, views));
+    } else if (entry->caps.needs_calibration) {  // HShare: its head and layer maps
+      const auto keep = sel::PrefillKeepMasks(lastq, L, sel::KeepFraction(o, context), views);
       std::vector<std::vector<uint32_t>> head_map;
       std::vector<uint32_t> layer_map;
-      Status s = sel::BuildHShareMaps(keep, shape, o.hshare_shared_kv_heads, o.hshare_shared_layers,
-                                      &head_map, &layer_map);
-      if (s.ok())
-        s = static_cast<sel::HShareSelector&>(out.sparse->selector())
-                .SetShareMaps(head_map, layer_map);
-      if (!s.ok()) return s;
-    } else {
-      auto map = sel::BuildLayerMap(keep, L / 2);
-      Status s = map.ok()
-                     ? static_cast<sel::PrhsSelector&>(out.sparse->selector()).SetLayerMap(*map)
-                     : map.status();
-      if (!s.ok()) return s;
+      KVM_RETURN_IF_ERROR(sel::BuildHShareMaps(keep, shape, o.hshare.shared_kv_heads,
+                                               o.hshare.shared_layers, &head_map, &layer_map));
+      KVM_RETURN_IF_ERROR(static_cast<sel::HShareSelector&>(out.sparse->selector())
+                              .SetShareMaps(head_map, layer_map));
     }
   }
   // Decode steps: the input at position context + i is the true token (teacher forcing) or, with
@@ -147,8 +143,11 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
 }
 
 const std::vector<std::string> kSelectorValueFlags = {
-    "budget", "budget-frac", "target-delta", "block-size", "max-resident",    "max-resident-frac",
-    "sinks",  "window",      "tau",          "margin",     "hshare-channels", "max-cluster"};
+    "budget",      "budget-frac",     "target-delta",
+    "block-size",  "max-resident",    "max-resident-frac",
+    "sinks",       "window",          "tau",
+    "margin",      "hshare-channels", "max-cluster",
+    "dense-layers"};
 const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate"};
 
 sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,
@@ -164,9 +163,14 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
         static_cast<uint64_t>(std::llround(f.Double("budget-frac", 0, 1e-6, 1.0) * context / B)) *
         B;
   o.target_delta = f.Double("target-delta", 0.0, 0.0, 0.999);
+  const auto entry = sel::FindSelector(name);
   if (o.target_delta > 0) {
-    if (name != "prhs" && name != "oracle")
-      throw UsageError("--target-delta: only prhs and oracle have a target mode");
+    if (!entry.ok() || !(*entry)->caps.target_mode)
+      throw UsageError(
+          "--target-delta: only " +
+          sel::SelectorNames([](const sel::SelectorEntry& e) { return e.caps.target_mode; },
+                             " and ") +
+          " have a target mode");
     o.max_resident_tokens =
         f.Has("max-resident") ? static_cast<uint64_t>(f.Int("max-resident", 0, 1, 1 << 30))
                               : static_cast<uint64_t>(std::llround(
@@ -176,14 +180,15 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
     throw UsageError(
         "--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
   }
-  o.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
+  o.dense_layers = static_cast<int32_t>(f.Int("dense-layers", -1, -1, shape.layers));
+  o.prhs.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
   o.margin = f.Double("margin", o.margin, 0.0, 0.99);
-  o.psaw = f.Bool("psaw");
-  o.layer_sharing = f.Bool("layer-sharing");
-  o.use_bound_gate = !f.Bool("no-bound-gate");
-  o.max_cluster_steps =
-      static_cast<uint32_t>(f.Int("max-cluster", o.max_cluster_steps, 0, 1 << 20));
-  if (name == "hshare") {
+  o.prhs.psaw = f.Bool("psaw");
+  o.prhs.layer_sharing = f.Bool("layer-sharing");
+  o.prhs.use_bound_gate = !f.Bool("no-bound-gate");
+  o.prhs.max_cluster_steps =
+      static_cast<uint32_t>(f.Int("max-cluster", o.prhs.max_cluster_steps, 0, 1 << 20));
+  if (entry.ok() && (*entry)->caps.needs_calibration) {
     const std::string path =
         PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
     std::ifstream in(path);
@@ -192,7 +197,7 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
     ss << in.rdbuf();
     auto ch = sel::ParseHShareChannels(ss.str(), shape);
     if (!ch.ok()) throw UsageError("--hshare-channels: " + ch.status().message());
-    o.hshare_channels = *ch;
+    o.hshare.channels = *ch;
   }
 
   return o;
@@ -208,11 +213,8 @@ int RunEval(const std::vector<std::string>& args) {
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tokens_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
   const std::string name = f.Required("selector");
-  const std::vector<std::string> names = {"dense",     "oracle", "quest", "hshare",
-                                          "streaming", "h2o",    "prhs"};
-  if (std::find(names.begin(), names.end(), name) == names.end())
-    throw UsageError("--selector: '" + name +
-                     "' is not one of dense|oracle|quest|hshare|streaming|h2o|prhs");
+  if (name != "dense" && !sel::FindSelector(name).ok())
+    throw UsageError("--selector: '" + name + "' is not one of dense|" + sel::SelectorNames());
   auto model = client::LlamaModel::Load(model_path);
   if (!model.ok())
     return std::fprintf(stderr, "kvmctl eval: %s\n", model.status().ToString().c_str()), 1;
@@ -285,37 +287,37 @@ int RunEval(const std::vector<std::string>& args) {
     if (run.status().IsInvalidArgument()) throw UsageError(run.status().message());
     return std::fprintf(stderr, "kvmctl eval: %s\n", run.status().ToString().c_str()), 1;
   }
+  if (run->measured) run->measured->TakeLateClaims();  // audits answered at the final flush
   const EvalOutput& r = *run;
   const double secs = r.seconds;
   const uint64_t agree = r.agree;
   double nll_d = r.nll_dense, nll_s = r.nll_sparse;
   const uint32_t L = cfg.n_layers, Hq = cfg.n_heads;
-  const client::SelectorKvSource* sparse = r.sparse.get();
-  // Statistics over (step, layer, query head) (selectors.md §0.2).
+  // Statistics over (step, layer, query head) (selectors.md §0.2), measured on the sparse run's own
+  // q and K whether it ran in-process or through the service; sharing layers included.
   std::vector<double> dt, dor;
-  uint64_t within = 0, violations = 0, claims = 0;
+  uint64_t within = 0, violations = 0, claims = 0, audited = 0;
+  double audit_err = 0;
   std::map<std::string, uint64_t> kinds;
   const bool target = o.target_delta > 0;
-  if (service) {  // through the service: the worker's claims (exact anchors, bounds on reuse)
-    for (const auto& r : service->records()) {
-      kinds[DeltaKindName(r.kind)]++;
-      if (r.kind != DeltaKind::kExact && r.kind != DeltaKind::kBound) continue;  // audit, unknown
-      dt.push_back(r.delta);
-      within += r.delta <= o.target_delta;
-    }
-  } else if (sparse) {
-    for (const auto& r : sparse->records()) {
-      dt.push_back(r.delta_true);
-      dor.push_back(r.delta_oracle);
-      within += r.delta_true <= o.target_delta;
-      kinds[DeltaKindName(r.kind)]++;
-      if ((r.kind == DeltaKind::kExact || r.kind == DeltaKind::kBound) &&
-          !std::isnan(r.delta_claim)) {
-        ++claims;
-        violations += r.delta_true > r.delta_claim + 1e-6 + 1e-5 * r.delta_claim;
+  const client::MeasuredKvSource* measured = r.measured.get();
+  if (measured) {
+    for (const auto& h : measured->records()) {
+      dt.push_back(h.delta_true);
+      dor.push_back(h.delta_oracle);
+      within += h.delta_true <= o.target_delta;
+      kinds[DeltaKindName(h.kind)]++;
+      if ((h.kind == DeltaKind::kExact || h.kind == DeltaKind::kBound) &&
+          !std::isnan(h.delta_claim)) {
+        ++claims;  // (an exact claim through the service is a float: far inside the tolerance)
+        violations += h.delta_true > h.delta_claim + 1e-6 + 1e-5 * h.delta_claim;
+      }
+      if (!std::isnan(h.delta_audit)) {
+        ++audited;
+        audit_err = std::max(audit_err, std::fabs(h.delta_audit - h.delta_true));
       }
     }
-  } else {
+  } else {  // dense: nothing dropped
     dt.assign(steps * L * Hq, 0.0);
     dor = dt;
     within = dt.size();
@@ -323,18 +325,33 @@ int RunEval(const std::vector<std::string>& args) {
   double mean = 0, omean = 0;
   for (double x : dt) mean += x / dt.size();
   for (double x : dor) omean += x / dor.size();
-  const auto* tot = sparse ? &sparse->totals() : nullptr;
-  (void)r;
+  const auto* tot = r.sparse ? &r.sparse->totals() : nullptr;
   const auto* stot = service ? &service->totals() : nullptr;
-  const double retrieval = tot    ? double(tot->retrievals) / double(steps * L * Hq)
-                           : stot ? double(stot->retrievals) / double(steps * L * Hq)
+  const double layer_heads = double(steps * L * Hq);
+  const double retrieval = tot    ? double(tot->retrievals) / layer_heads
+                           : stot ? double(stot->retrievals) / layer_heads
                                   : 0.0;
-  const double attended = tot ? double(tot->attended_tokens) / double(tot->context_tokens) : 1.0;
-  const double streamed = tot && tot->bytes.dense_equivalent
-                              ? double(tot->bytes.streamed) / tot->bytes.dense_equivalent
-                          : stot && stot->dense_equivalent
-                              ? double(stot->streamed_bytes) / double(stot->dense_equivalent)
-                              : 1.0;
+  const double attended =
+      measured && measured->totals().context_tokens
+          ? double(measured->totals().attended_tokens) / double(measured->totals().context_tokens)
+          : 1.0;
+  const double dense_eq = tot    ? double(tot->bytes.dense_equivalent)
+                          : stot ? double(stot->dense_equivalent)
+                                 : 0.0;
+  const double streamed = tot    ? double(tot->bytes.streamed)
+                          : stot ? double(stot->streamed_bytes)
+                                 : 0;
+  const double refetch = tot    ? double(tot->bytes.topk_refetch)
+                         : stot ? double(stot->topk_refetch)
+                                : 0;
+  const std::string streamed_frac = dense_eq > 0 ? Num(streamed / dense_eq) : "null";
+  const std::string refetch_frac = dense_eq > 0 ? Num(refetch / dense_eq) : "null";
+  // Gate outcomes per (step, layer, KV head): the in-process selector's gate or the worker's.
+  const sel::GateCounts gc = tot ? r.sparse->gate_counts() : stot ? stot->gate : sel::GateCounts{};
+  std::string gate_json;
+  for (sel::GateOutcome go : sel::kGateOutcomes)
+    gate_json += std::string(gate_json.empty() ? "" : ", ") + "\"" + sel::GateOutcomeName(go) +
+                 "\": " + std::to_string(gc[go]);
   std::string generated;  // the sparse run's greedy tokens (--generate)
   for (uint32_t t : r.sparse_argmax)
     generated += (generated.empty() ? "" : ", ") + std::to_string(t);
@@ -345,37 +362,35 @@ int RunEval(const std::vector<std::string>& args) {
         "\"block_size\": %u, "
         "\"delta_mean\": %s, \"delta_p50\": %s, \"delta_p99\": %s, \"delta_max\": %s, "
         "\"oracle_delta_mean\": %s, "
-        "\"target_delta\": %s, \"within_target_fraction\": %s, \"bound_violations\": %llu, "
-        "\"bound_claims\": %llu, "
+        "\"target_delta\": %s, \"within_target_fraction\": %s, \"bound_violations\": %s, "
+        "\"bound_claims\": %s, "
         "\"retrieval_overhead\": %s, \"attended_fraction\": %s, \"streamed_bytes_fraction\": %s, "
         "\"topk_refetch_bytes_fraction\": %s, \"top1_agreement\": %s, \"nll_dense\": %s, "
         "\"nll_sparse\": %s, "
         "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": "
         "\"%s\", "
         "\"seconds\": %.2f, \"delta_source\": \"%s\", \"transport\": \"%s\", \"generated\": "
-        "[%s], \"service_round_trips\": %s, \"shared_prefetches\": %s}\n",
+        "[%s], \"service_round_trips\": %s, \"shared_prefetches\": %s, \"gate_checks\": {%s}, "
+        "\"audited\": %llu, \"audit_max_abs_error\": %s}\n",
         name.c_str(), (unsigned long long)context, (unsigned long long)steps,
         (unsigned long long)o.budget_tokens, B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(),
         Num(Percentile(dt, 0.99)).c_str(),
         Num(dt.empty() ? NAN : *std::max_element(dt.begin(), dt.end())).c_str(), Num(omean).c_str(),
         target ? Num(o.target_delta).c_str() : "null",
-        target ? Num(double(within) / dt.size()).c_str() : "null", (unsigned long long)violations,
-        (unsigned long long)claims, Num(retrieval).c_str(), Num(attended).c_str(),
-        Num(streamed).c_str(),
-        Num(tot && tot->bytes.dense_equivalent
-                ? double(tot->bytes.topk_refetch) / tot->bytes.dense_equivalent
-                : 1.0)
-            .c_str(),
+        target ? Num(double(within) / dt.size()).c_str() : "null",
+        measured ? std::to_string(violations).c_str() : "null",
+        measured ? std::to_string(claims).c_str() : "null", Num(retrieval).c_str(),
+        Num(attended).c_str(), streamed_frac.c_str(), refetch_frac.c_str(),
         Num(double(agree) / steps).c_str(), gen ? "null" : Num(nll_d).c_str(),
         gen ? "null" : Num(nll_s).c_str(), gen ? "null" : Num(std::exp(nll_s - nll_d)).c_str(),
         (unsigned long long)o.max_resident_tokens, gen ? "true" : "false", DTypeName(*dtype), secs,
-        service ? "service claims: exact at anchors, bound on reuse steps"
-                : "measured on the sparse run's own q and K",
+        measured ? "measured on the sparse run's own q and K" : "dense: nothing dropped",
         !service             ? "inproc"
         : conn->data_plane() ? conn->data_plane()->name()
                              : "tcp",
         gen ? generated.c_str() : "", stot ? std::to_string(stot->round_trips).c_str() : "null",
-        stot ? std::to_string(stot->shared_prefetches).c_str() : "null");
+        stot ? std::to_string(stot->shared_prefetches).c_str() : "null", gate_json.c_str(),
+        (unsigned long long)audited, audited ? Num(audit_err).c_str() : "null");
   } else {
     std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n",
                 name.c_str(), (unsigned long long)context, (unsigned long long)steps,
@@ -393,9 +408,8 @@ int RunEval(const std::vector<std::string>& args) {
     std::printf("  bound violations %llu of %llu claims; kinds:", (unsigned long long)violations,
                 (unsigned long long)claims);
     for (auto& [k, n] : kinds) std::printf(" %s %llu", k.c_str(), (unsigned long long)n);
-    std::printf(
-        "\n  retrieval overhead %.4f, attended fraction %.4f, streamed bytes / dense %.4f\n",
-        retrieval, attended, streamed);
+    std::printf("\n  retrieval overhead %.4f, attended fraction %.4f, streamed bytes / dense %s\n",
+                retrieval, attended, streamed_frac.c_str());
     std::printf("  top-1 agreement %.4f", double(agree) / steps);
     if (!gen)
       std::printf(", nll dense %.4f sparse %.4f, perplexity ratio %.4f", nll_d, nll_s,

@@ -3,9 +3,10 @@
 // The worker calls, for every layer of every token in order: Append(layer, pos, k, v) with the new
 // token's post-RoPE keys and values, then Attend(layer, pos, q, out) for the attention of that
 // token over positions [0, pos]. Implementations: the local dense cache (DenseKvSource, here), a
-// local selector (selector_source.h) and the service (service_source.h). All attend in increasing
-// token order with the attention/ reference arithmetic, so two sources that attend the same tokens
-// give bit-identical outputs.
+// local selector (selector_source.h) and the service (service_source.h). All attend through the
+// fast CPU kernel (attn::DecodeCpu) over their blocks in ascending block order, so two sources that
+// attend the same blocks give bit-identical outputs; the reference arithmetic (attn::Attend) is the
+// oracle the tests compare the kernel with.
 //
 // Not thread-safe: one worker drives one source.
 #pragma once
@@ -19,6 +20,8 @@
 #include "proto/status.h"
 
 namespace kvm::client {
+
+class LayerAttention;  // client/src/layer_attention.h
 
 class KvSource {
  public:
@@ -35,12 +38,33 @@ class KvSource {
   virtual Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) = 0;
 };
 
+// What a sparse source decided at one (step, layer, query head): the δ it claims for its selection
+// (exact at anchors and short contexts, a bound on reuse steps, measured by an audit, NaN when
+// unknown) and the claim's kind.
+struct ClaimRecord {
+  uint64_t step;
+  uint32_t layer, q_head;
+  double delta;
+  DeltaKind kind;
+};
+
+// A KV source that attends a selection at decode steps and says which: what MeasuredKvSource
+// (measure.h) measures the true δ of.
+class SparseKvSource : public KvSource {
+ public:
+  // The blocks (ascending) each KV head attended at the last decode Attend, [kv_heads].
+  virtual const std::vector<std::vector<uint64_t>>& attended() const = 0;
+  // Every claim so far, in order (audits arrive later than their step).
+  virtual const std::vector<ClaimRecord>& claims() const = 0;
+};
+
 // The local dense cache: K and V of every layer and KV head in the block layout, stored in `dtype`,
-// attended densely with attn::Attend.
+// attended densely (every block in order) with the fast kernel.
 class DenseKvSource : public KvSource {
  public:
   // InvalidArgument for a bad shape or block size.
   static Result<std::unique_ptr<DenseKvSource>> Make(const ModelShape& shape, uint32_t block_size);
+  ~DenseKvSource() override;
 
   Status Append(uint32_t layer, uint64_t pos, const float* k, const float* v) override;
   Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) override;
@@ -67,6 +91,7 @@ class DenseKvSource : public KvSource {
   BlockLayout layout_;
   std::vector<Head> heads_;
   std::vector<uint64_t> len_;
+  std::unique_ptr<LayerAttention> att_;
 };
 
 }  // namespace kvm::client

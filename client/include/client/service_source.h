@@ -2,25 +2,31 @@
 //
 // Prefill runs densely on the worker (it holds the prompt's KV while it computes it) and appends
 // every token to the service. From the first decode position on the worker keeps only a local tail
-// per (layer, KV head): every block from the window start of its last retrieval on. Per decode
-// step and layer:
+// per (layer, KV head) — every block from the window start of its last retrieval on — and the hot
+// set (hot_set.h). Per decode step and layer:
 //   1. append (batched: one Append per step, sent asynchronously after the step's last layer's K
 //      and V exist; acknowledgements are checked later);
-//   2. gate, per KV-head group: PrHS reuses its last anchor when the gate passes (the same rule as
-//      the in-process selector, sel::PrhsReuse), with no message at all; a short context (every
-//      block fits the budget) needs none either once the hot set holds it;
-//   3. otherwise one RetrieveLayer for the failing groups of the layer (the K rows the service has
-//      not stored yet travel with the queries); the reply's slot table changes are applied to the
-//      hot-set buffer: evictions, local fills from the tail, and the sent blocks;
-//   4. attention over the hot set + the tail (attn::Attend with the selection's token mask, the
-//   same
-//      arithmetic and order as SelectorKvSource: the same selections give bit-identical outputs);
+//   2. the worker gate (selector/worker_gate.h, the same rules as the in-process selector) decides
+//      per KV head: a short context the hot set already holds, a shared layer, or a reuse of the
+//      last anchor need no message at all;
+//   3. otherwise one RetrieveLayer for the KV heads that need it (the K rows the service has not
+//      stored yet travel with the queries); each selection in the reply is a plan step the hot set
+//      applies (evictions, local fills from the tail, sent blocks), checked against the digest of
+//      the service's mirror; the selections of layers that share this one's index set come in the
+//      same reply, ahead of their queries;
+//   4. attention over the hot set + the tail through the fast kernel (attn::DecodeCpu), blocks in
+//      ascending order — as SelectorKvSource does, so the same selections give bit-identical
+//      outputs;
 //   5. audits: a sampled fraction of reuse steps send their queries (Audit) and record the measured
 //      δ (kind audit) when the reply arrives.
-// PrHS with layer sharing (selectors.md §0.6): at the first decode step the worker builds the layer
-// map from its last 64 prefill queries (as the in-process eval does) and sends it (SetLayerMap); a
-// sharing layer never retrieves: its blocks come in its source layer's batch, ahead of its query.
-// Selectors other than PrHS have no gate: they retrieve every step.
+// With PrHS layer sharing the worker builds the layer map at the first decode step (the gate's
+// BuildLayerMap over its last prefill queries) and sends it (SetLayerMap).
+//
+// Errors: a call retries at most once — after the connection was lost (Unavailable: reconnect,
+// re-attach, new hot-set generation) or after the hot set diverged from the service's mirror (a
+// digest mismatch or a step that does not fit: new generation) — then the error reaches the caller.
+// Every retry, divergence and failed call is counted. Any other failure resets the hot set before
+// the next call (a reply may have been applied in part).
 //
 // Blocks arrive on the client's data plane (UCX or in-process active messages, straight into the
 // registered hot-set slots) when the session has one, else in the reply frame (TCP). One source
@@ -34,13 +40,16 @@
 
 #include "client/client.h"
 #include "client/kv_source.h"
-#include "selector/prhs.h"
+#include "selector/options.h"
+#include "selector/worker_gate.h"
 
 namespace kvm::client {
 
+class HotSet;  // hot_set.h
+
 struct ServiceSourceOptions {
   uint64_t sequence_id = 1;
-  std::string selector = "prhs";  // prhs, oracle, quest, streaming, h2o
+  std::string selector = "prhs";  // a selector the registry marks served
   sel::SelectorOptions options;
   uint64_t prefill = 0;         // positions below it attend densely on the worker
   double audit_fraction = 0.0;  // of reuse steps (per layer and group), sampled deterministically
@@ -48,39 +57,38 @@ struct ServiceSourceOptions {
   bool attach = false;          // attach to an existing sequence instead of creating it
 };
 
-// One (step, layer, query head) as the worker knows it.
-struct ServiceRecord {
-  uint64_t step;
-  uint32_t layer, q_head;
-  double delta;  // exact at anchors and short contexts, the bound on reuse, measured by audits
-  DeltaKind kind;
-};
-
 struct ServiceTotals {
   uint64_t steps = 0;           // decode steps (per layer 0)
   uint64_t retrievals = 0;      // query heads the service scored (selectors.md §0.3)
   uint64_t round_trips = 0;     // RetrieveLayer requests
-  uint64_t gate_checks = 0;     // (step, layer, group) decisions taken locally
-  uint64_t reuses = 0;          // ... of which reused the anchor (no message)
   uint64_t audits = 0;          // query heads audited
   uint64_t streamed_bytes = 0;  // block payload bytes received (K and V)
   uint64_t local_fill_bytes = 0;
   uint64_t dense_equivalent = 0;   // DESIGN.md §8, over the decode steps
   uint64_t topk_refetch = 0;       // re-sending every resident non-window block every step
   uint64_t shared_prefetches = 0;  // (layer, KV head) selections that came in a source's batch
+  sel::GateCounts gate;            // the worker gate's decisions, per (step, layer, KV head)
+  uint64_t reconnects = 0;         // retries after a lost connection (reconnect + reset)
+  uint64_t divergences = 0;        // hot-set divergences detected, each resolved by a reset
+  uint64_t failed_calls = 0;       // Attend calls that failed after the retry policy
   double retrieve_seconds = 0;     // wall time waiting for retrieval replies
+  double attention_seconds = 0;    // decode attention (the fast kernel), wall time
+  uint64_t attention_layers = 0;   // decode (step, layer) attentions timed
 };
 
-class ServiceKvSource : public KvSource {
+class ServiceKvSource : public SparseKvSource {
  public:
   // Creates (or attaches to) the sequence on the service with the selector params; the hot set
-  // is sized for the selector (InvalidArgument from the service when it is too small).
+  // is sized for the selector (InvalidArgument from the service when it is too small, or for a
+  // selector the registry keeps in-process).
   static Result<std::unique_ptr<ServiceKvSource>> Make(Client* client, const ModelShape& shape,
                                                        const ServiceSourceOptions& o);
   ~ServiceKvSource() override;
   void BeginToken(uint32_t token, uint64_t pos) override;
   Status Append(uint32_t layer, uint64_t pos, const float* k, const float* v) override;
   Status Attend(uint32_t layer, uint64_t pos, const float* q, float* out) override;
+  const std::vector<std::vector<uint64_t>>& attended() const override;
+  const std::vector<ClaimRecord>& claims() const override;
   // Waits for outstanding appends and audits.
   Status Flush();
   // Deletes the sequence on the service.
@@ -89,10 +97,13 @@ class ServiceKvSource : public KvSource {
   // and bump the hot-set generation so the service forgets its mirror.
   Status ResetHotSet();
 
-  const std::vector<ServiceRecord>& records() const;
   const ServiceTotals& totals() const;
   uint32_t hot_set_slots() const;
   uint64_t hot_set_generation() const;
+  // The last error a retry resolved or a failed call returned ("" when none).
+  const std::string& last_error() const;
+  // The hot set itself, for tests that make it diverge from the service's mirror.
+  HotSet& hot_set_for_testing();
 
   struct Impl;
 

@@ -4,8 +4,8 @@
 //  the
 //    page upper bound U = scale · Σ_c max(q_c M_c, q_c m_c) per query head; the group score of a
 //    page is the sum over the group of each head's softmax over pages of U (§0.8); the top pages
-//    fill the budget; layers below quest_dense_layers are dense. One retrieval per query head per
-//    (sparse) step. δ unknown.
+//    fill the budget; layers below dense_layers (by default Quest's 2) are dense. One retrieval per
+//    query head per (sparse) step. δ unknown.
 //  * hshare: label-channel scores q[ch]·k[ch]/sqrt(|ch|) (channels calibrated per model); the
 //  budget
 //    split sink : heavy : local = 8 : 88 : 32; a full retrieval every hshare_query_share steps;
@@ -22,7 +22,8 @@
 #include <string>
 #include <vector>
 
-#include "selector/prhs.h"
+#include "selector/options.h"
+#include "selector/selection.h"
 
 namespace kvm::sel {
 
@@ -38,9 +39,10 @@ class QuestSelector : public Selector {
                          float scale);
 
  private:
-  QuestSelector(const SelectorOptions& o, const ModelShape& s) : opt_(o), shape_(s) {}
+  QuestSelector(const SelectorOptions& o, const ModelShape& s);
   SelectorOptions opt_;
   ModelShape shape_;
+  uint32_t dense_layers_;  // registry.h DenseLayers: o.dense_layers, by default Quest's 2
 };
 
 class StreamingSelector : public Selector {
@@ -68,7 +70,7 @@ class H2oSelector : public Selector {
   // The attention of this step over the kept blocks: mass[i] = Σ over the group's query heads of
   // the attention that blocks[i] received (blocks = the last selection of (layer, kv_head)).
   Status Observe(uint32_t layer, uint32_t kv_head, const std::vector<uint64_t>& blocks,
-                 const std::vector<double>& mass);
+                 const std::vector<double>& mass) override;
   // True when block b of (layer, kv_head) was evicted (it will never be selected again).
   bool Evicted(uint32_t layer, uint32_t kv_head, uint64_t b) const;
 

@@ -5,10 +5,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "attention/reference.h"
 #include "proto/status.h"
+#include "selector/options.h"
 
 namespace kvm::sel {
 
@@ -27,5 +29,34 @@ std::vector<uint8_t> KeepMask(const float* q, uint32_t W, uint32_t q_heads,
 // InvalidArgument when the masks differ in size or are empty.
 Result<std::vector<uint32_t>> BuildLayerMap(const std::vector<std::vector<uint8_t>>& keep,
                                             uint32_t shared_layers);
+
+// The last W queries of every layer's prefill ([layer][W][q_heads][head_dim] fp32), collected as
+// the prefill runs: what the keep masks above are built from (PrHS's layer map, HShare's maps).
+class PrefillQueries {
+ public:
+  // W = min(window, prefill); prefill: the prompt length (positions [prefill − W, prefill) are
+  // kept).
+  PrefillQueries(uint32_t layers, uint32_t q_heads, uint32_t head_dim, uint32_t window,
+                 uint64_t prefill);
+  // q: [q_heads][head_dim] of the token at `pos` in `layer`; kept when pos is among the last W.
+  void Observe(uint32_t layer, uint64_t pos, const float* q);
+  uint32_t window() const { return W_; }
+  uint32_t q_heads() const { return Hq_; }
+  const float* layer(uint32_t l) const { return q_[l].data(); }  // [W][q_heads][head_dim]
+
+ private:
+  uint32_t W_, Hq_, D_;
+  uint64_t prefill_;
+  std::vector<std::vector<float>> q_;
+};
+
+// The top-k fraction of the keep masks: budget / context in budget mode, else
+// LayerMapOptions::keep_frac.
+double KeepFraction(const SelectorOptions& o, uint64_t context);
+// One keep mask per layer (KeepMask) from the collected queries over the prefill KV: views(layer)
+// gives one HeadKV per KV head holding the first `context` tokens.
+std::vector<std::vector<uint8_t>> PrefillKeepMasks(
+    const PrefillQueries& q, uint32_t layers, double frac,
+    const std::function<std::vector<attn::HeadKV>(uint32_t layer)>& views);
 
 }  // namespace kvm::sel

@@ -6,7 +6,9 @@
 // travel. A block that just left the window (it was in the previous step's window) is filled from
 // the worker's own copy ("local fill"), not sent. Everything else that enters the hot set is sent.
 //
-// HotSetMirror is the state of one (layer, KV head); not thread-safe.
+// HotSetMirror is the slot table of one (layer, KV head): the service plans against it (Plan) and
+// the worker's hot set applies the same steps to its own copy (Apply), so the two are one state
+// machine; Digest lets either side check that they agree. Not thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +52,13 @@ class HotSetMirror {
   // slot → block (kEmptySlot when free): the slot table.
   const std::vector<uint64_t>& slot_table() const { return slot_block_; }
   bool Contains(uint64_t block) const { return where_.count(block) > 0; }
+  // The slot holding `block`, or false.
+  bool Find(uint64_t block, uint32_t* slot) const {
+    auto it = where_.find(block);
+    if (it == where_.end()) return false;
+    *slot = it->second;
+    return true;
+  }
   // Forgets everything (the worker lost its buffer: a new hot-set generation).
   void Reset();
 
@@ -60,6 +69,14 @@ class HotSetMirror {
   Status Plan(const std::vector<uint64_t>& resident, uint64_t T, const Geometry& geo,
               uint64_t prev_window_first, size_t kv_block_bytes, size_t row_bytes, PlanStep* step,
               PlanBytes* bytes);
+  // Applies a step Plan produced on another copy of this table: frees the evicted slots, then puts
+  // every sent and locally filled block in its slot. Internal naming the slot and block when the
+  // step does not fit this table (an evicted slot already free, a target slot taken, a block held
+  // twice): the two copies diverged. On error the table is unchanged.
+  Status Apply(const PlanStep& step);
+  // A short digest of the slot table (FNV-1a 64 of every slot's block): equal tables, equal
+  // digests.
+  uint64_t Digest() const;
 
  private:
   std::vector<uint64_t> slot_block_;

@@ -20,6 +20,7 @@
 namespace kvm::sel {
 
 struct GroupScores;  // selector/scoring.h
+class WorkerGate;    // selector/worker_gate.h
 
 // Sinks and recent window, in tokens, mapped to blocks.
 struct Geometry {
@@ -97,6 +98,9 @@ struct Selection {
   std::vector<uint64_t> blocks;  // resident blocks, ascending (sinks and window included)
   uint32_t retrieved_heads = 0;  // query heads that got a full scoring pass this step (§0.3)
   std::vector<double> delta;     // per query head of the group
+  // log δ per query head where it is known more precisely than log(delta) (anchors: from the
+  // logits, so a tiny δ is never rounded to 0; the gate's bound needs it). Empty: log(delta).
+  std::vector<double> log_delta;
   DeltaKind kind = DeltaKind::kUnknown;
   bool target_met = true;     // target-δ mode: every head's δ ≤ δ* (false: the cap was hit)
   bool anchor = false;        // this step re-anchored
@@ -104,6 +108,7 @@ struct Selection {
   uint64_t extra_blocks = 0;  // blocks beyond the budget (dilation, blocks that left the window)
 
   uint64_t resident_tokens(uint32_t B) const { return blocks.size() * uint64_t{B}; }
+  double LogDelta(uint32_t head) const;  // log_delta[head] when given, else log(delta[head])
 };
 
 class Selector {
@@ -118,8 +123,18 @@ class Selector {
   // Hot-set slots per (layer, KV head) this selector may need: budget/B + documented extras.
   virtual uint64_t HotSetSlots() const = 0;
   // Whether StepInput::score may replace kv (selectors whose only use of the keys is the exact
-  // scoring pass and the summaries: PrHS and the oracle).
+  // scoring pass and the summaries: PrHS and the oracle). The registry states the same capability.
   virtual bool TakesScores() const { return false; }
+  // The pre-hoc gate this selector decides reuse with (worker_gate.h), or null when it has none.
+  virtual WorkerGate* gate() { return nullptr; }
+  // The attention this step's selection of (layer, KV head) received: mass[i] = Σ over the group's
+  // query heads of the attention of blocks[i]. Only selectors whose registry entry says
+  // observes_attention use it (H2O); the default ignores it.
+  virtual Status Observe(uint32_t layer, uint32_t kv_head, const std::vector<uint64_t>& blocks,
+                         const std::vector<double>& mass) {
+    (void)layer, (void)kv_head, (void)blocks, (void)mass;
+    return Status::Ok();
+  }
 };
 
 // ---- Shared helpers ----

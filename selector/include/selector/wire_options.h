@@ -6,7 +6,7 @@
 #include <string>
 
 #include "proto/status.h"
-#include "selector/prhs.h"
+#include "selector/options.h"
 
 namespace kvm::wire {
 class SelectorParams;
@@ -15,12 +15,12 @@ class SelectorParams;
 namespace kvm::sel {
 
 struct NamedOptions {
-  std::string name;  // prhs, oracle, quest, streaming, h2o
+  std::string name;  // a served selector of the registry (registry.h)
   SelectorOptions options;
 };
 
 void ToWire(const NamedOptions& o, wire::SelectorParams* out);
-// InvalidArgument for an unknown name or for hshare (its calibration file does not travel); the
+// InvalidArgument for an unknown name or one the registry keeps in-process (hshare, h2o); the
 // options are not validated here (the selector's Make does that, naming the field).
 Result<NamedOptions> FromWire(const wire::SelectorParams& p, uint32_t block_size);
 
