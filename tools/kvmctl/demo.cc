@@ -22,6 +22,7 @@
 #include "commands.h"
 #include "flags.h"
 #include "proto/kvm.pb.h"
+#include "selector/registry.h"
 
 namespace kvm::tools {
 namespace {
@@ -166,10 +167,17 @@ int RunDemo(const std::vector<std::string>& args) {
   const uint64_t min_tokens = (o.geometry.MaxSinkBlocks() + o.geometry.MaxWindowBlocks() + 1) * B;
   const uint64_t tokens_frac =
       std::max<uint64_t>(min_tokens, uint64_t(std::llround(frac * context / B)) * B);
-  const bool has_target = name == "prhs" || name == "oracle";
+  const auto entry = sel::FindSelector(name);
+  if (!entry.ok() || !(*entry)->caps.served)
+    throw UsageError("--selector: the service runs " +
+                     sel::SelectorNames([](const sel::SelectorEntry& e) { return e.caps.served; }));
+  const bool has_target = (*entry)->caps.target_mode;
   o.target_delta = has_target ? f.Double("target-delta", 0.1, 0.0, 0.999) : 0.0;
   if (!has_target && f.Has("target-delta"))
-    throw UsageError("--target-delta: only prhs and oracle have a target mode");
+    throw UsageError("--target-delta: only " +
+                     sel::SelectorNames(
+                         [](const sel::SelectorEntry& e) { return e.caps.target_mode; }, " and ") +
+                     " have a target mode");
   if (o.target_delta > 0)
     o.max_resident_tokens = tokens_frac;
   else
