@@ -4,13 +4,15 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <chrono>
 #include <thread>
 
-#include "kvmanager/server.h"
+#include "proto/wire/frame.h"
 
 namespace kvm::server {
 namespace asio = boost::asio;
-namespace http = boost::beast::http;
+namespace beast = boost::beast;
+namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 struct AdminServer::Impl {
@@ -18,44 +20,77 @@ struct AdminServer::Impl {
   Metrics* metrics = nullptr;
   asio::io_context io;
   std::unique_ptr<tcp::acceptor> acceptor;
+  std::unique_ptr<asio::steady_timer> retry;  // re-accepts after an accept error (EMFILE, ...)
+  uint16_t port = 0;
   std::thread thread;
-  std::atomic<bool> stopping{false};
+  std::atomic<bool> stopped{false};
 
-  void Serve(tcp::socket sock) {
-    boost::beast::flat_buffer buf;
-    http::request<http::string_body> req;
-    boost::system::error_code ec;
-    http::read(sock, buf, req, ec);
-    if (ec) return;
-    http::response<http::string_body> res;
-    res.version(req.version());
-    res.keep_alive(false);
-    const std::string target(req.target());
-    auto reply = [&](http::status st, const std::string& type, std::string body) {
-      res.result(st);
-      res.set(http::field::content_type, type);
-      res.body() = std::move(body);
-    };
-    if (req.method() != http::verb::get) {
-      reply(http::status::method_not_allowed, "text/plain", "GET only\n");
-    } else if (target == "/metrics") {
-      if (opt.refresh) opt.refresh();
-      reply(http::status::ok, "text/plain; version=0.0.4", metrics->Serialize());
-    } else if (target == "/healthz") {
-      reply(http::status::ok, "text/plain", "ok\n");
-    } else if (target == "/readyz") {
-      const bool ready = opt.ready ? opt.ready() : true;
-      reply(ready ? http::status::ok : http::status::service_unavailable, "text/plain",
-            ready ? "ready\n" : "not ready\n");
-    } else if (target == "/status") {
-      reply(http::status::ok, "application/json", opt.status ? opt.status() : "{}");
-    } else {
-      reply(http::status::not_found, "text/plain",
-            "not found: /metrics /healthz /readyz /status\n");
+  // One connection: read one request (within the timeout), answer it, close.
+  struct Conn : std::enable_shared_from_this<Conn> {
+    Conn(Impl* impl, tcp::socket sock) : impl(impl), stream(std::move(sock)) {}
+    void Start() {
+      stream.expires_after(std::chrono::milliseconds(impl->opt.request_timeout_ms));
+      http::async_read(stream, buf, req, [self = shared_from_this()](beast::error_code ec, size_t) {
+        if (ec) return;  // timed out, closed or malformed: drop it
+        self->Answer();
+        self->stream.expires_after(std::chrono::milliseconds(self->impl->opt.request_timeout_ms));
+        http::async_write(self->stream, self->res, [self](beast::error_code wec, size_t) {
+          self->stream.socket().shutdown(tcp::socket::shutdown_send, wec);
+        });
+      });
     }
-    res.prepare_payload();
-    http::write(sock, res, ec);
-    sock.shutdown(tcp::socket::shutdown_send, ec);
+    void Answer() {
+      res.version(req.version());
+      res.keep_alive(false);
+      std::string target(req.target());
+      if (const size_t q = target.find('?'); q != std::string::npos) target.resize(q);
+      const AdminOptions& o = impl->opt;
+      auto reply = [&](http::status st, const char* type, std::string body) {
+        res.result(st);
+        res.set(http::field::content_type, type);
+        res.body() = std::move(body);
+      };
+      if (req.method() != http::verb::get) {
+        reply(http::status::method_not_allowed, "text/plain", "GET only\n");
+      } else if (target == "/metrics") {
+        if (o.refresh) o.refresh();
+        reply(http::status::ok, "text/plain; version=0.0.4", impl->metrics->Serialize());
+      } else if (target == "/healthz") {
+        reply(http::status::ok, "text/plain", "ok\n");
+      } else if (target == "/readyz") {
+        const std::string why = o.readiness ? o.readiness() : std::string();
+        if (why.empty())
+          reply(http::status::ok, "text/plain", "ready\n");
+        else
+          reply(http::status::service_unavailable, "text/plain", "not ready: " + why + "\n");
+      } else if (target == "/status") {
+        reply(http::status::ok, "application/json", o.status ? o.status() : "{}");
+      } else {
+        reply(http::status::not_found, "text/plain",
+              "not found: /metrics /healthz /readyz /status\n");
+      }
+      res.prepare_payload();
+    }
+    Impl* impl;
+    beast::tcp_stream stream;
+    beast::flat_buffer buf;
+    http::request<http::string_body> req;
+    http::response<http::string_body> res;
+  };
+
+  void Accept() {
+    acceptor->async_accept([this](boost::system::error_code ec, tcp::socket sock) {
+      if (ec == asio::error::operation_aborted || !acceptor->is_open()) return;  // Stop
+      if (ec) {  // out of descriptors or similar: try again shortly instead of spinning
+        retry->expires_after(std::chrono::milliseconds(100));
+        retry->async_wait([this](boost::system::error_code tec) {
+          if (!tec) Accept();
+        });
+        return;
+      }
+      std::make_shared<Conn>(this, std::move(sock))->Start();
+      Accept();
+    });
   }
 };
 
@@ -68,48 +103,30 @@ Result<std::unique_ptr<AdminServer>> AdminServer::Start(const AdminOptions& o, M
   const auto addr = asio::ip::make_address(hp.first, ec);
   if (ec) return Status::InvalidArgument("admin address '" + hp.first + "': " + ec.message());
   impl->acceptor = std::make_unique<tcp::acceptor>(impl->io);
+  impl->retry = std::make_unique<asio::steady_timer>(impl->io);
   const tcp::endpoint ep(addr, hp.second);
   impl->acceptor->open(ep.protocol(), ec);
   if (!ec) impl->acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
   if (!ec) impl->acceptor->bind(ep, ec);
-  if (!ec) impl->acceptor->listen(16, ec);
+  if (!ec) impl->acceptor->listen(64, ec);
   if (ec) return Status::Unavailable("cannot listen on " + o.listen + ": " + ec.message());
-  impl->thread = std::thread([p = impl.get()] {
-    while (!p->stopping) {
-      boost::system::error_code aec;
-      tcp::socket sock(p->io);
-      p->acceptor->accept(sock, aec);
-      if (aec || p->stopping) break;  // closed, or the wake-up connection of Stop
-      p->Serve(std::move(sock));
-    }
-  });
+  impl->port = impl->acceptor->local_endpoint(ec).port();
+  impl->Accept();
+  impl->thread = std::thread([p = impl.get()] { p->io.run(); });
   return std::unique_ptr<AdminServer>(new AdminServer(std::move(impl)));
 }
 
 AdminServer::AdminServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 AdminServer::~AdminServer() { Stop(); }
 
-uint16_t AdminServer::port() const {
-  boost::system::error_code ec;
-  return impl_->acceptor->local_endpoint(ec).port();
-}
+uint16_t AdminServer::port() const { return impl_->port; }
 
 void AdminServer::Stop() {
-  if (impl_->stopping.exchange(true)) return;
-  // A blocking accept does not wake when its socket is closed: wake it with a connection first (the
-  // loop then sees `stopping`), join, and only then close the acceptor.
-  const uint16_t p = port();
-  if (impl_->thread.joinable()) {
-    {
-      asio::io_context io;
-      tcp::socket s(io);
-      boost::system::error_code ec;
-      s.connect(tcp::endpoint(impl_->acceptor->local_endpoint(ec).address(), p), ec);
-    }
-    impl_->thread.join();
-  }
+  if (impl_->stopped.exchange(true)) return;
+  impl_->io.stop();  // open connections are dropped with the io_context's pending handlers
+  if (impl_->thread.joinable()) impl_->thread.join();
   boost::system::error_code ec;
-  impl_->acceptor->close(ec);
+  impl_->acceptor->close(ec);  // the admin thread is gone: nothing else touches it now
 }
 
 }  // namespace kvm::server

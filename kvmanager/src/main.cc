@@ -3,23 +3,39 @@
 // it may use, 16 GiB) and a loopback-only development tenant "dev" (token "dev"). SIGTERM/SIGINT
 // drain the requests in flight and close RocksDB cleanly.
 //
+// Start-up order: the control port is bound first, then the admin server starts (/healthz 200,
+// /readyz 503 "opening the store"), then the store opens (RocksDB recovery included) and the
+// control plane starts accepting; clients that connected during the open wait in the listen
+// backlog and are served then. After SIGTERM/SIGINT /readyz answers 503 "draining" for
+// --shutdown-delay-ms while the service still serves, then through the drain.
+//
 // Configuration: flags override a YAML --config file (the same names with '_'); --tenants-file
 // replaces the tenants. Tokens come from files (the config, the tenants file or a tenant's
 // token_file), never from the command line. --check-config validates all of it and exits without
 // opening the store or binding a port; --version prints the version and the build's options.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <atomic>
 #include <boost/program_options.hpp>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <mutex>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "kvmanager/admin.h"
 #include "kvmanager/block_store.h"
@@ -39,6 +55,13 @@ struct Config {
   std::string admin = "127.0.0.1:7421";
   std::string data_plane = "ucx";
   std::string ucx_error_mode = "none";
+  // After SIGTERM/SIGINT: keep serving this long with /readyz 503 before the drain starts, so that
+  // probes and load balancers see the shard leave before its port closes. A second signal ends it
+  // early. Default: 0 (drain at once).
+  uint32_t shutdown_delay_ms = 0;
+  // For tests only (flag --test-delay-open-ms, not in the config file): sleep this long before
+  // opening the store, so that a test can observe the start-up state. Default: 0.
+  uint32_t test_delay_open_ms = 0;
 };
 
 [[noreturn]] void Usage(const std::string& msg) {
@@ -161,6 +184,7 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "request_deadline_ms",
                                  "data_plane",
                                  "ucx_error_mode",
+                                 "shutdown_delay_ms",
                                  "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
@@ -186,6 +210,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("request_deadline_ms", &c->server.request_deadline_ms);
   get("data_plane", &c->data_plane);
   get("ucx_error_mode", &c->ucx_error_mode);
+  get("shutdown_delay_ms", &c->shutdown_delay_ms);
   if (y["tenants"])
     c->server.handler.tenants = ParseTenants(y["tenants"], "config " + path + ": ", DirOf(path));
 }
@@ -232,6 +257,115 @@ std::string DescribeHostTier(const Config& c) {
          std::to_string(m.mem_available) + " or cgroup memory.max " + cg +
          ", the lower, at most 16 GiB)";
 }
+// Binds and listens on `listen` (a numeric IPv4 or [IPv6] HOST:PORT) before anything else
+// starts, so that the port takes connections while the store opens. Returns the socket and sets
+// *bound to the "host:port" actually bound (port 0 resolved).
+Result<int> BindControlPort(const std::string& listen, std::string* bound) {
+  KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(listen));
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&ss);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&ss);
+  if (inet_pton(AF_INET, hp.first.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(hp.second);
+    len = sizeof *v4;
+  } else if (inet_pton(AF_INET6, hp.first.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(hp.second);
+    len = sizeof *v6;
+  } else {
+    return Status::InvalidArgument("listen address '" + hp.first +
+                                   "' is not a numeric IPv4 or IPv6 address");
+  }
+  const int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::Unavailable(std::string("socket: ") + std::strerror(errno));
+  const int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&ss), len) != 0 || ::listen(fd, SOMAXCONN) != 0) {
+    const int err = errno;
+    close(fd);
+    return Status::Unavailable("cannot listen on " + listen + ": " + std::strerror(err));
+  }
+  len = sizeof ss;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len);
+  char host[INET6_ADDRSTRLEN] = "";
+  const bool is6 = ss.ss_family == AF_INET6;
+  inet_ntop(ss.ss_family, is6 ? static_cast<void*>(&v6->sin6_addr) : &v4->sin_addr, host,
+            sizeof host);
+  *bound = (is6 ? "[" + std::string(host) + "]" : std::string(host)) + ":" +
+           std::to_string(ntohs(is6 ? v6->sin6_port : v4->sin_port));
+  return fd;
+}
+
+// The shard's life as /readyz, /status and kvm_ready report it. Written by the main thread, read
+// by the admin thread: the flags are atomics, the strings are under `mu`, the store pointer is
+// published once the store is open and stays valid until the admin server has stopped.
+struct Lifecycle {
+  const std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::string control;  // the bound control address (set before the admin server starts)
+  std::atomic<store::BlockStore*> store{nullptr};  // the store is open
+  std::atomic<bool> serving{false};                // the control plane accepts
+  std::atomic<bool> draining{false};               // a stop signal arrived
+  std::atomic<bool> degraded{false};
+  mutable std::mutex mu;
+  std::string admin;            // GUARDED_BY(mu): the bound admin address
+  std::string data_plane;       // GUARDED_BY(mu): ucx, tcp (UCX failed) or none; "" = not yet
+  std::string degraded_reason;  // GUARDED_BY(mu)
+
+  void Set(std::string Lifecycle::*field, std::string value) {
+    std::lock_guard<std::mutex> l(mu);
+    this->*field = std::move(value);
+  }
+
+  // "" when ready; otherwise why not (the /readyz body).
+  std::string NotReady() const {
+    if (draining.load()) return "draining (stop signal received)";
+    if (!store.load()) return "opening the store (RocksDB recovery included)";
+    if (!serving.load()) return "starting the control plane";
+    return "";
+  }
+  nlohmann::json StatusJson(uint64_t disk_capacity_bytes) const {
+    nlohmann::json j;
+    j["version"] = KVM_VERSION;
+    j["uptime_seconds"] =
+        std::round(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() *
+            1000.0) /
+        1000.0;
+    j["ready"] = NotReady().empty();
+    j["draining"] = draining.load();
+    j["degraded"] = degraded.load();
+    j["state"] = draining.load() ? "draining" : serving.load() ? "serving" : "opening";
+    j["control"] = control;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      j["degraded_reason"] = degraded_reason;
+      j["admin"] = admin;
+      j["data_plane"] = data_plane.empty() ? nlohmann::json(nullptr) : nlohmann::json(data_plane);
+    }
+    store::BlockStore* st = store.load();
+    if (st) {
+      const store::StoreStats s = st->Stats();
+      j["sequences"] = s.sequences;
+      j["host_bytes"] = s.host_bytes;
+      j["host_capacity_bytes"] = s.host_capacity_bytes;
+      j["disk_bytes_written"] = s.disk_bytes_written;
+      j["disk_capacity_bytes"] = disk_capacity_bytes;
+      j["gpu_tier"] = s.gpu_tier;
+      j["gpu_used_bytes"] = s.gpu.used_bytes;
+      j["gpu_scored"] = s.gpu.scored;
+      j["gpu_refused"] = s.gpu.refused;
+      j["host_pinning"] = s.host_pinning;
+    } else {  // not open yet: every store key is there, unknown
+      for (const char* k : {"sequences", "host_bytes", "host_capacity_bytes", "disk_bytes_written",
+                            "disk_capacity_bytes", "gpu_tier", "gpu_used_bytes", "gpu_scored",
+                            "gpu_refused", "host_pinning"})
+        j[k] = nullptr;
+    }
+    return j;
+  }
+};
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -282,7 +416,13 @@ int main(int argc, char** argv) {
       "in reply frames over TCP only. Default: ucx")(
       "ucx-error-mode", po::value<std::string>(),
       "none: keeps shared memory, liveness from heartbeats; peer: UCP_ERR_HANDLING_MODE_PEER (UCX "
-      "1.13 then uses TCP only). Default: none");
+      "1.13 then uses TCP only). Default: none")(
+      "shutdown-delay-ms", po::value<uint32_t>(),
+      "after SIGTERM/SIGINT keep serving this long with /readyz 503 before draining (probes and "
+      "load balancers see the shard leave first); a second signal ends it. Default: 0")(
+      "test-delay-open-ms", po::value<uint32_t>(),
+      "FOR TESTS ONLY: sleep this long before opening the store (the admin port answers, /readyz "
+      "503, the control port listens). Default: 0");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -319,6 +459,9 @@ int main(int argc, char** argv) {
   if (vm.count("max-in-flight")) c.server.max_in_flight = vm["max-in-flight"].as<uint32_t>();
   if (vm.count("data-plane")) c.data_plane = vm["data-plane"].as<std::string>();
   if (vm.count("ucx-error-mode")) c.ucx_error_mode = vm["ucx-error-mode"].as<std::string>();
+  if (vm.count("shutdown-delay-ms")) c.shutdown_delay_ms = vm["shutdown-delay-ms"].as<uint32_t>();
+  if (vm.count("test-delay-open-ms"))
+    c.test_delay_open_ms = vm["test-delay-open-ms"].as<uint32_t>();
   if (vm.count("request-deadline-ms"))
     c.server.request_deadline_ms = vm["request-deadline-ms"].as<uint32_t>();
   if (vm.count("session-timeout-ms"))
@@ -347,31 +490,26 @@ int main(int argc, char** argv) {
   sigaddset(&sigs, SIGINT);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
-  auto store = store::BlockStore::Open(c.store);
-  if (!store.ok())
-    return std::fprintf(stderr, "kvmanager: %s\n", store.status().ToString().c_str()), 1;
+  // 1. The control port, bound and listening before anything is opened.
+  Lifecycle life;
+  auto listen_fd = BindControlPort(c.server.listen, &life.control);
+  if (!listen_fd.ok())
+    return std::fprintf(stderr, "kvmanager: %s\n", listen_fd.status().ToString().c_str()), 1;
+  c.server.listen_fd = *listen_fd;
+
+  // 2. The admin server: /healthz 200 from here on, /readyz 503 until the control plane serves.
   server::Metrics metrics;
   c.server.handler.metrics = &metrics;
-  std::unique_ptr<transport::Transport> data_plane;
-  if (c.data_plane == "ucx") {
-    auto t = transport::MakeUcx(
-        {.progress_thread = true, .peer_error_mode = c.ucx_error_mode == "peer"});
-    if (t.ok()) {
-      data_plane = std::move(*t);
-      c.server.handler.data_plane = data_plane.get();
-    } else {
-      std::fprintf(stderr, "kvmanager: UCX unavailable (%s): blocks go over TCP\n",
-                   t.status().ToString().c_str());
-    }
-  }
-  auto srv = server::Server::Start(c.server, store->get());
-  if (!srv.ok()) return std::fprintf(stderr, "kvmanager: %s\n", srv.status().ToString().c_str()), 1;
   store::StoreStats last;  // counters are exported as the increase since the last scrape
   server::AdminOptions ao;
   ao.listen = c.admin;
-  ao.ready = [] { return true; };  // the store is open and the control plane listens
+  ao.readiness = [&] { return life.NotReady(); };
   ao.refresh = [&] {
-    const store::StoreStats st = (*store)->Stats();
+    metrics.SetReady(life.NotReady().empty());
+    metrics.SetDegraded(life.degraded.load());
+    store::BlockStore* st_ptr = life.store.load();
+    if (!st_ptr) return;
+    const store::StoreStats st = st_ptr->Stats();
     metrics.SetSequences(double(st.sequences));
     metrics.SetTier("host", double(st.host_bytes), double(st.host_capacity_bytes));
     metrics.SetTier("gpu", double(st.gpu.used_bytes), double(st.gpu.capacity_bytes));
@@ -380,35 +518,82 @@ int main(int argc, char** argv) {
     metrics.AddPromotions("disk", "host", double(st.promotions - last.promotions));
     last = st;
   };
-  ao.status = [&] {
-    const store::StoreStats st = (*store)->Stats();
-    return "{\"sequences\": " + std::to_string(st.sequences) +
-           ", \"host_bytes\": " + std::to_string(st.host_bytes) +
-           ", \"host_capacity_bytes\": " + std::to_string(st.host_capacity_bytes) +
-           ", \"disk_bytes_written\": " + std::to_string(st.disk_bytes_written) +
-           ", \"gpu_tier\": \"" + st.gpu_tier +
-           "\", \"gpu_used_bytes\": " + std::to_string(st.gpu.used_bytes) +
-           ", \"gpu_scored\": " + std::to_string(st.gpu.scored) +
-           ", \"gpu_refused\": " + std::to_string(st.gpu.refused) + ", \"host_pinning\": \"" +
-           st.host_pinning + "\", \"control\": \"" + (*srv)->address() + "\"}";
-  };
+  ao.status = [&] { return life.StatusJson(c.store.disk_capacity_bytes).dump(2) + "\n"; };
   auto admin = server::AdminServer::Start(ao, &metrics);
-  if (!admin.ok())
+  if (!admin.ok()) {
+    close(*listen_fd);
     return std::fprintf(stderr, "kvmanager: %s\n", admin.status().ToString().c_str()), 1;
-  std::printf("kvmanager listening on %s (control plane), data dir %s\n", (*srv)->address().c_str(),
+  }
+  const std::string admin_address =
+      wire::ParseHostPort(c.admin)->first + ":" + std::to_string((*admin)->port());
+  life.Set(&Lifecycle::admin, admin_address);
+  std::printf("kvmanager admin on %s (/metrics /healthz /readyz /status)\n", admin_address.c_str());
+  std::printf("kvmanager control port %s bound; opening the store in %s\n", life.control.c_str(),
               c.store.dir.c_str());
-  std::printf("kvmanager admin on %s:%u (/metrics /healthz /readyz /status)\n",
-              wire::ParseHostPort(c.admin)->first.c_str(), unsigned((*admin)->port()));
-  std::printf("kvmanager data plane: %s\n",
-              data_plane ? "ucx (active messages, event-driven progress)" : "none (TCP only)");
+  std::fflush(stdout);
+
+  // 3. The store (RocksDB recovery included), the data plane, then the control plane.
+  if (c.test_delay_open_ms)
+    std::this_thread::sleep_for(std::chrono::milliseconds(c.test_delay_open_ms));
+  auto store = store::BlockStore::Open(c.store);
+  if (!store.ok()) {
+    (*admin)->Stop();
+    close(*listen_fd);
+    return std::fprintf(stderr, "kvmanager: %s\n", store.status().ToString().c_str()), 1;
+  }
+  life.store.store(store->get());
+  std::unique_ptr<transport::Transport> data_plane;
+  std::string data_plane_name = "none";
+  if (c.data_plane == "ucx") {
+    auto t = transport::MakeUcx(
+        {.progress_thread = true, .peer_error_mode = c.ucx_error_mode == "peer"});
+    if (t.ok()) {
+      data_plane = std::move(*t);
+      c.server.handler.data_plane = data_plane.get();
+      data_plane_name = "ucx";
+    } else {  // still correct, only slower: ready, but degraded
+      data_plane_name = "tcp";
+      life.Set(&Lifecycle::degraded_reason, "UCX data plane unavailable (" + t.status().ToString() +
+                                                "): retrieval blocks go over TCP");
+      life.degraded.store(true);
+      std::fprintf(stderr, "kvmanager: UCX unavailable (%s): blocks go over TCP (degraded)\n",
+                   t.status().ToString().c_str());
+    }
+  }
+  life.Set(&Lifecycle::data_plane, data_plane_name);
+  auto srv = server::Server::Start(c.server, store->get());
+  if (!srv.ok()) {
+    (*admin)->Stop();
+    return std::fprintf(stderr, "kvmanager: %s\n", srv.status().ToString().c_str()), 1;
+  }
+  life.serving.store(true);
+  metrics.SetReady(life.NotReady().empty());
+  metrics.SetDegraded(life.degraded.load());
+  std::printf("kvmanager listening on %s (control plane), data dir %s\n", life.control.c_str(),
+              c.store.dir.c_str());
+  std::printf("kvmanager data plane: %s\n", data_plane
+                                                ? "ucx (active messages, event-driven progress)"
+                                            : life.degraded ? "tcp (UCX failed: degraded)"
+                                                            : "none (TCP only)");
   std::printf("kvmanager GPU tier: %s\n", (*store)->Stats().gpu_tier.c_str());
   std::printf("kvmanager host tier: %s\n", DescribeHostTier(c).c_str());
   std::fflush(stdout);
+
+  // 4. Stop: not ready at once; serve on for the shutdown delay; drain; close.
   int sig = 0;
   sigwait(&sigs, &sig);
-  std::fprintf(stderr, "kvmanager: signal %d: draining and stopping\n", sig);
+  life.draining.store(true);
+  metrics.SetReady(false);
+  std::fprintf(stderr, "kvmanager: signal %d: not ready; draining%s\n", sig,
+               c.shutdown_delay_ms ? " after the shutdown delay" : "");
+  if (c.shutdown_delay_ms) {
+    const timespec ts{time_t(c.shutdown_delay_ms / 1000),
+                      long(c.shutdown_delay_ms % 1000) * 1000000};
+    if (sigtimedwait(&sigs, nullptr, &ts) > 0)
+      std::fprintf(stderr, "kvmanager: second signal: shutdown delay cut short\n");
+  }
   (*srv)->Stop(10000);
-  (*admin)->Stop();
+  (*admin)->Stop();  // before the store goes: /status reads it
   admin->reset();
   srv->reset();
   data_plane.reset();  // after the server: no session uses it any more

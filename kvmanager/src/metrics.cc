@@ -46,6 +46,8 @@ struct Metrics::Impl {
   prometheus::Counter* retrievals = nullptr;
   prometheus::Counter* gate_checks = nullptr;
   prometheus::Gauge* sequences = nullptr;
+  prometheus::Gauge* ready = nullptr;
+  prometheus::Gauge* degraded = nullptr;
 };
 
 Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
@@ -114,6 +116,16 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
   for (const auto& op : kOps) impl_->request[op] = &rq.Add({{"op", op}}, LogBuckets(1e-5, 10, 2));
   impl_->sequences =
       &prometheus::BuildGauge().Name("kvm_sequences").Help("Sequences held").Register(r).Add({});
+  impl_->ready = &prometheus::BuildGauge()
+                      .Name("kvm_ready")
+                      .Help("1 while /readyz answers 200 (store open, not draining), else 0")
+                      .Register(r)
+                      .Add({});
+  impl_->degraded = &prometheus::BuildGauge()
+                         .Name("kvm_degraded")
+                         .Help("1 while the shard runs on a fallback (UCX data plane failed: TCP)")
+                         .Register(r)
+                         .Add({});
   auto& er = prometheus::BuildCounter()
                  .Name("kvm_errors_total")
                  .Help("Error replies, by code")
@@ -169,6 +181,8 @@ void Metrics::AddStreamBytes(const std::string& direction, const std::string& tr
 void Metrics::AddDenseEquivalentBytes(double bytes) { impl_->dense->Increment(bytes); }
 void Metrics::AddRetrievals(double n) { impl_->retrievals->Increment(n); }
 void Metrics::AddGateChecks(double n) { impl_->gate_checks->Increment(n); }
+void Metrics::SetReady(bool ready) { impl_->ready->Set(ready ? 1 : 0); }
+void Metrics::SetDegraded(bool degraded) { impl_->degraded->Set(degraded ? 1 : 0); }
 
 const char* Metrics::OpName(uint16_t t) {
   switch (static_cast<wire::MessageType>(t)) {

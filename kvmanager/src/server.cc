@@ -1,5 +1,8 @@
 #include "kvmanager/server.h"
 
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <boost/asio.hpp>
 #include <condition_variable>
@@ -226,21 +229,37 @@ struct Server::Impl {
 };
 
 Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& o, store::BlockStore* store) {
-  KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(o.listen));
   auto impl = std::make_unique<Impl>();
   impl->opt = o;
   impl->store = store;
-  impl->handler = std::make_unique<RequestHandler>(store, o.handler);
-  boost::system::error_code ec;
-  const auto addr = asio::ip::make_address(hp.first, ec);
-  if (ec) return Status::InvalidArgument("listen address '" + hp.first + "': " + ec.message());
-  const tcp::endpoint ep(addr, hp.second);
   impl->acceptor = std::make_unique<tcp::acceptor>(impl->io);
-  impl->acceptor->open(ep.protocol(), ec);
-  if (!ec) impl->acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
-  if (!ec) impl->acceptor->bind(ep, ec);
-  if (!ec) impl->acceptor->listen(asio::socket_base::max_listen_connections, ec);
-  if (ec) return Status::Unavailable("cannot listen on " + o.listen + ": " + ec.message());
+  boost::system::error_code ec;
+  if (o.listen_fd >= 0) {  // bound and listening already (by the caller): adopt it
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getsockname(o.listen_fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0 ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6)) {
+      ::close(o.listen_fd);
+      return Status::InvalidArgument("listen_fd " + std::to_string(o.listen_fd) +
+                                     " is not a bound TCP socket");
+    }
+    impl->acceptor->assign(ss.ss_family == AF_INET6 ? tcp::v6() : tcp::v4(), o.listen_fd, ec);
+    if (ec) {
+      ::close(o.listen_fd);
+      return Status::InvalidArgument("listen_fd: " + ec.message());
+    }
+  } else {
+    KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(o.listen));
+    const auto addr = asio::ip::make_address(hp.first, ec);
+    if (ec) return Status::InvalidArgument("listen address '" + hp.first + "': " + ec.message());
+    const tcp::endpoint ep(addr, hp.second);
+    impl->acceptor->open(ep.protocol(), ec);
+    if (!ec) impl->acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
+    if (!ec) impl->acceptor->bind(ep, ec);
+    if (!ec) impl->acceptor->listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) return Status::Unavailable("cannot listen on " + o.listen + ": " + ec.message());
+  }
+  impl->handler = std::make_unique<RequestHandler>(store, o.handler);
   impl->workers = std::make_unique<asio::thread_pool>(std::max(1u, o.worker_threads));
   impl->Accept();
   for (uint32_t i = 0; i < std::max(1u, o.io_threads); ++i)

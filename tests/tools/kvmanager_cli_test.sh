@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The kvmanager executable: --help, --version, usage errors naming the flag or config field (exit 2),
 # --check-config (good and bad configs, opens no store and binds no port), --tenants-file with
-# token_file, start on a free port, accept a TCP connection, stop cleanly on SIGTERM.
+# token_file, start on a free port, accept a TCP connection, stop cleanly on SIGTERM. Health:
+# /healthz 200 as soon as the ports listen, /readyz 503 while the store opens (made slow with
+# --test-delay-open-ms) and while draining after SIGTERM (--shutdown-delay-ms), 200 in between; a
+# client that connects during the open is served after it; /status keys; kvm_ready and kvm_degraded
+# (UCX made to fail with UCX_TLS=bogus: ready, but degraded).
 # Usage: kvmanager_cli_test.sh KVMANAGER
 set -u
 K=$1; fail=0
@@ -48,6 +52,7 @@ session_timeout_ms: 10000
 request_deadline_ms: 30000
 data_plane: ucx
 ucx_error_mode: none
+shutdown_delay_ms: 0
 tenants:
   - name: inline
     token: inline-token
@@ -79,6 +84,7 @@ bad_config "a float byte count" 'host_capacity_bytes: 1.5e+09\n' "host_capacity_
 bad_config "a bad data_plane" 'data_plane: rdma\n' "data_plane"
 bad_config "a bad listen address" 'listen: nowhere\n' "listen"
 bad_config "zero io threads" 'io_threads: 0\n' "io_threads"
+bad_config "a negative shutdown delay" 'shutdown_delay_ms: -5\n' "shutdown_delay_ms"
 bad_config "a tenant without a token" 'tenants:\n  - name: a\n' "tenants\[0\]': needs token"
 bad_config "an unknown tenant field" 'tenants:\n  - name: a\n    tokn: x\n' "unknown field 'tokn'"
 bad_config "an empty tenants list" 'tenants: []\n' "tenants"
@@ -145,5 +151,102 @@ check "the start-up lines give the host tier size" 'grep -q "^kvmanager host tie
 kill -TERM $pid; wait $pid; rc=$?
 check "SIGTERM stops it cleanly (exit 0)" '[ $rc -eq 0 ] && grep -q stopped "$dir/log"'
 check "RocksDB files in the data dir" '[ -f "$dir/data/CURRENT" ]'
+# ---- Health: /healthz, /readyz and /status through the start-up, serving, draining ----
+hget() {  # PORT PATH: the whole HTTP reply (5 s at most)
+  timeout 5 bash -c 'exec 4<>/dev/tcp/127.0.0.1/$0 && printf "GET %s HTTP/1.0\r\n\r\n" "$1" >&4 && cat <&4' "$1" "$2" 2>/dev/null
+}
+hbody() { hget "$1" "$2" | sed '1,/^\r$/d'; }
+hcode() { hget "$1" "$2" | head -1 | cut -d' ' -f2; }
+json_ok() {  # PORT PYTHON-EXPR over d = /status
+  hbody "$1" /status > "$dir/status.json"
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if ($2) else 1)" "$dir/status.json" 2>/dev/null
+}
+metric() { hbody "$1" /metrics | awk -v n="$2" '$1 == n { print $2 }'; }
+wait_for() { for _ in $(seq 1 150); do grep -q "$1" "$2" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+rm -rf "$dir/data"
+start=$(date +%s.%N)
+"$K" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir "$dir/data" --no-gpu \
+  --test-delay-open-ms 3000 --shutdown-delay-ms 2000 > "$dir/out" 2> "$dir/log" &
+pid=$!
+wait_for "admin on" "$dir/out"
+aport=$(sed -n 's/.*admin on 127.0.0.1:\([0-9]*\).*/\1/p' "$dir/out")
+cport=$(sed -n 's/.*control port 127.0.0.1:\([0-9]*\) bound.*/\1/p' "$dir/out")
+check "the admin port and the bound control port are printed before the store opens" \
+  '[ -n "$aport" ] && [ -n "$cport" ] && ! grep -q "listening on" "$dir/out"'
+check "/healthz 200 while the store opens" '[ "$(hcode $aport /healthz)" = 200 ]'
+check "/readyz 503 'opening the store' while it opens" \
+  '[ "$(hcode $aport /readyz)" = 503 ] && hbody $aport /readyz | grep -q "not ready: opening the store"'
+check "/status while opening: ready false, state opening, version $want, store keys null" \
+  'json_ok $aport "d[\"ready\"] is False and d[\"state\"] == \"opening\" and d[\"version\"] == \"$want\" and d[\"draining\"] is False and d[\"degraded\"] is False and d[\"sequences\"] is None and \"gpu_tier\" in d and d[\"gpu_tier\"] is None and \"host_pinning\" in d and 0 <= d[\"uptime_seconds\"] < 3"'
+check "kvm_ready 0 and kvm_degraded 0 while opening" \
+  '[ "$(metric $aport kvm_ready)" = 0 ] && [ "$(metric $aport kvm_degraded)" = 0 ]'
+# A client that connects and says Hello during the open waits in the backlog and is served after.
+cat > "$dir/hello.py" <<'PY'
+import socket, struct, sys, time
+port, marker = int(sys.argv[1]), sys.argv[2]
+hello = b"\x08\x02" + b"\x12\x03dev" + b"\x1a\x03dev"  # protocol 2, token dev, tenant dev
+frame = struct.pack("<IHHQIIQ", 0x314D564B, 1, 0, 42, len(hello), 0, 0) + hello
+s = socket.create_connection(("127.0.0.1", port), timeout=20)
+t0 = time.time()
+s.sendall(frame)
+open(marker, "w").write("connected\n")
+head = b""
+while len(head) < 32:
+    chunk = s.recv(32 - len(head))
+    if not chunk:
+        sys.exit("closed without a reply")
+    head += chunk
+_, typ, _, rid, _, _, _ = struct.unpack("<IHHQIIQ", head)
+print("reply 0x%04x id %d after %.2f s" % (typ, rid, time.time() - t0))
+PY
+python3 "$dir/hello.py" "$cport" "$dir/connected" > "$dir/hello.out" 2>&1 &
+hpid=$!
+wait_for connected "$dir/connected"
+check "that client connected while the store was still opening (/readyz 503)" \
+  '[ -f "$dir/connected" ] && [ "$(hcode $aport /readyz)" = 503 ]'
+wait $hpid
+check "and got its HelloReply once the store was open (it waited)" \
+  'grep -Eq "^reply 0x8001 id 42 after ([1-9]|0\.[5-9])" "$dir/hello.out"'
+wait_for "listening on" "$dir/out"
+up1=$(python3 -c "import json; print(json.load(open('$dir/status.json'))['uptime_seconds'])")
+check "/readyz 200 'ready' once the control plane serves" \
+  '[ "$(hcode $aport /readyz)" = 200 ] && [ "$(hbody $aport /readyz)" = ready ]'
+check "/status serving: ready, not draining, not degraded, data plane ucx, store keys kept" \
+  'json_ok $aport "d[\"ready\"] is True and d[\"state\"] == \"serving\" and d[\"draining\"] is False and d[\"degraded\"] is False and d[\"data_plane\"] == \"ucx\" and d[\"sequences\"] == 0 and isinstance(d[\"gpu_tier\"], str) and isinstance(d[\"host_pinning\"], str) and d[\"control\"] == \"127.0.0.1:$cport\" and d[\"version\"] == \"$want\""'
+check "uptime_seconds grew past the open (>= 3 s, more than while opening: $up1)" \
+  'json_ok $aport "d[\"uptime_seconds\"] >= 3 and d[\"uptime_seconds\"] > $up1"'
+check "kvm_ready 1, kvm_degraded 0 while serving" \
+  '[ "$(metric $aport kvm_ready)" = 1 ] && [ "$(metric $aport kvm_degraded)" = 0 ]'
+t_term=$(date +%s.%N)
+kill -TERM $pid
+sleep 0.5
+check "after SIGTERM, during the shutdown delay: /readyz 503 'draining'" \
+  '[ "$(hcode $aport /readyz)" = 503 ] && hbody $aport /readyz | grep -q "not ready: draining"'
+check "after SIGTERM: /status draining, not ready; kvm_ready 0; /healthz still 200" \
+  'json_ok $aport "d[\"draining\"] is True and d[\"ready\"] is False and d[\"state\"] == \"draining\"" && [ "$(metric $aport kvm_ready)" = 0 ] && [ "$(hcode $aport /healthz)" = 200 ]'
+check "the control port still takes connections during the shutdown delay" \
+  '(exec 3<>/dev/tcp/127.0.0.1/$cport) 2>/dev/null'
+wait $pid; rc=$?
+t_end=$(date +%s.%N)
+check "then it drains and exits 0 after the 2 s shutdown delay" \
+  '[ $rc -eq 0 ] && grep -q stopped "$dir/log" && python3 -c "import sys; sys.exit(0 if $t_end - $t_term >= 1.9 else 1)"'
+
+# A data plane that failed (UCX_TLS names no transport): ready, but degraded.
+rm -rf "$dir/data"
+UCX_TLS=bogus "$K" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --data-dir "$dir/data" --no-gpu \
+  > "$dir/out" 2> "$dir/log" &
+pid=$!
+wait_for "listening on" "$dir/out"
+aport=$(sed -n 's/.*admin on 127.0.0.1:\([0-9]*\).*/\1/p' "$dir/out")
+check "UCX failed: the start-up line says degraded" 'grep -q "data plane: tcp (UCX failed: degraded)" "$dir/out"'
+check "UCX failed: /readyz 200 (still ready)" '[ "$(hcode $aport /readyz)" = 200 ]'
+check "UCX failed: /status degraded true with the reason, data plane tcp" \
+  'json_ok $aport "d[\"degraded\"] is True and \"UCX\" in d[\"degraded_reason\"] and d[\"data_plane\"] == \"tcp\" and d[\"ready\"] is True"'
+check "UCX failed: kvm_degraded 1, kvm_ready 1" \
+  '[ "$(metric $aport kvm_degraded)" = 1 ] && [ "$(metric $aport kvm_ready)" = 1 ]'
+kill -TERM $pid; wait $pid; rc=$?
+check "UCX failed: SIGTERM still stops it cleanly" '[ $rc -eq 0 ]'
+
 [ $fail -eq 0 ] && echo "kvmanager cli: all checks passed"
 exit $fail

@@ -36,6 +36,12 @@ class Metrics {
   void AddDenseEquivalentBytes(double bytes);
   void AddRetrievals(double n);
   void AddGateChecks(double n);
+  // kvm_ready: 1 while /readyz answers 200 (the store is open and the service is not draining),
+  // else 0. Starts at 0.
+  void SetReady(bool ready);
+  // kvm_degraded: 1 while the shard serves on a fallback that costs performance, not correctness
+  // (the UCX data plane failed, retrieval blocks go over TCP), else 0. Starts at 0.
+  void SetDegraded(bool degraded);
 
   static const char* OpName(uint16_t message_type);  // "append", "retrieve_layer", ...
 

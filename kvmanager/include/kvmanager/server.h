@@ -32,13 +32,19 @@ struct ServerOptions {
   // A request still queued this long after it arrived is answered TimedOut without running (the
   // client's deadline has passed). 0 = none. Default: 30000 (the client library's deadline).
   uint32_t request_deadline_ms = 30000;
+  // An already bound and listening TCP socket to accept on instead of binding `listen` (which is
+  // then not used): the executable binds the control port before it opens the store, so that
+  // clients connecting during the open wait in the listen backlog (within their deadline) instead
+  // of being refused. Start takes ownership of it (it is closed by Stop, or on a failed Start).
+  // Default: -1 = bind `listen`.
+  int listen_fd = -1;
   HandlerOptions handler;
 };
 
 class Server {
  public:
-  // Binds and starts serving. InvalidArgument for a bad address, Unavailable when the port is
-  // taken.
+  // Binds `o.listen` (or adopts `o.listen_fd`) and starts serving. InvalidArgument for a bad
+  // address or a listen_fd that is not a TCP socket, Unavailable when the port is taken.
   static Result<std::unique_ptr<Server>> Start(const ServerOptions& o, store::BlockStore* store);
   ~Server();
   uint16_t port() const;
