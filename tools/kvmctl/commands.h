@@ -125,6 +125,31 @@ inline constexpr const char* kDemoUsage =
     "      worker's hot set (--transport tcp: in the reply frames). --json: one object on stdout\n"
     "      (progress goes to stderr).";
 int RunDemo(const std::vector<std::string>& args);
+
+inline constexpr const char* kStatusUsage =
+    "  status --server HOST:PORT[,...] [--admin HOST:PORT[,...]] [--watch] [--json]\n"
+    "         [--tenant NAME --token-file FILE] [--timeout-ms N]\n"
+    "      Per shard: up, ready, degraded, version, uptime, sequences, tier use vs capacity (bars "
+    "on a\n"
+    "      terminal), delta p50/p99 by kind (from the kvm_dropped_mass buckets, since the shard "
+    "started),\n"
+    "      bandwidth saved (1 - streamed to workers / dense-equivalent), retrievals/s and "
+    "errors/s (two\n"
+    "      reads of /metrics about 1 s apart; null when a rate cannot be computed). The admin "
+    "address of a\n"
+    "      shard defaults to its control host with port + 1 (7420 -> 7421, as the chart). The "
+    "control port is\n"
+    "      only checked to answer: a TCP connect, with --tenant/--token-file (the token's trailing "
+    "newline\n"
+    "      stripped) also Hello and a Heartbeat. Every check of a shard ends within --timeout-ms "
+    "(default\n"
+    "      2000): a shard that does not answer is shown down. --watch: redrawn in place every "
+    "second until\n"
+    "      Ctrl-C (SIGINT/SIGTERM: exit 0). --json: {\"shards\": [{\"server\", \"up\", "
+    "\"ready\", ...}]}\n"
+    "      (with --watch one object per line and frame). Exit 1 when a shard is down or not "
+    "ready.";
+int RunStatus(const std::vector<std::string>& args);
 // ---- Report helpers shared by the commands (report.cc) ----
 // JSON string escaping (quotes, backslashes, control characters).
 std::string JsonEscape(const std::string& s);

@@ -22,12 +22,13 @@ const Command kCommands[] = {
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchAttentionUsage},
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchTransportUsage},
     {"demo", kvm::tools::RunDemo, kvm::tools::kDemoUsage},
+    {"status", kvm::tools::RunStatus, kvm::tools::kStatusUsage},
 };
 
 void PrintUsage(FILE* out) {
   std::fprintf(out, "usage: kvmctl <command> [flags]\n\ncommands:\n");
   for (const auto& c : kCommands) std::fprintf(out, "%s\n", c.usage);
-  std::fprintf(out, "\nNot built yet: status, eval --all --report (see README.md).\n");
+  std::fprintf(out, "\nNot built yet: eval --all --report (see README.md).\n");
 }
 }  // namespace
 
