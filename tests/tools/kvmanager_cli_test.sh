@@ -184,8 +184,8 @@ check "kvm_ready 0 and kvm_degraded 0 while opening" \
 # A client that connects and says Hello during the open waits in the backlog and is served after.
 cat > "$dir/hello.py" <<'PY'
 import socket, struct, sys, time
-port, marker = int(sys.argv[1]), sys.argv[2]
-hello = b"\x08\x02" + b"\x12\x03dev" + b"\x1a\x03dev"  # protocol 2, token dev, tenant dev
+port, marker, version = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+hello = bytes([0x08, version]) + b"\x12\x03dev" + b"\x1a\x03dev"  # protocol, token dev, tenant dev
 frame = struct.pack("<IHHQIIQ", 0x314D564B, 1, 0, 42, len(hello), 0, 0) + hello
 s = socket.create_connection(("127.0.0.1", port), timeout=20)
 t0 = time.time()
@@ -200,14 +200,16 @@ while len(head) < 32:
 _, typ, _, rid, _, _, _ = struct.unpack("<IHHQIIQ", head)
 print("reply 0x%04x id %d after %.2f s" % (typ, rid, time.time() - t0))
 PY
-python3 "$dir/hello.py" "$cport" "$dir/connected" > "$dir/hello.out" 2>&1 &
+# The protocol version this source tree speaks (proto/include/proto/wire/frame.h).
+proto=$(sed -n 's/.*kProtocolVersion = \([0-9]*\);.*/\1/p' "$src/proto/include/proto/wire/frame.h")
+python3 "$dir/hello.py" "$cport" "$dir/connected" "${proto:-0}" > "$dir/hello.out" 2>&1 &
 hpid=$!
 wait_for connected "$dir/connected"
 check "that client connected while the store was still opening (/readyz 503)" \
   '[ -f "$dir/connected" ] && [ "$(hcode $aport /readyz)" = 503 ]'
 wait $hpid
-check "and got its HelloReply once the store was open (it waited)" \
-  'grep -Eq "^reply 0x8001 id 42 after ([1-9]|0\.[5-9])" "$dir/hello.out"'
+check "and got its HelloReply (protocol $proto) once the store was open (it waited)" \
+  'grep -Eq "^reply 0x8001 id 42 after ([1-9]|0\.[5-9])" "$dir/hello.out" || { cat "$dir/hello.out"; false; }'
 wait_for "listening on" "$dir/out"
 up1=$(python3 -c "import json; print(json.load(open('$dir/status.json'))['uptime_seconds'])")
 check "/readyz 200 'ready' once the control plane serves" \

@@ -108,7 +108,10 @@ int Connect(const std::string& host, uint16_t port, Clock::time_point deadline, 
     fd = -1;
   }
   freeaddrinfo(res);
-  if (fd < 0 && err->empty()) *err = "no address";
+  if (fd >= 0)
+    err->clear();  // an earlier address may have failed first
+  else if (err->empty())
+    *err = "no address";
   return fd;
 }
 
