@@ -1,16 +1,22 @@
 #!/usr/bin/python3
-"""Trains the project's reference model: a small LLaMA-architecture decoder on Jane Austen's novels.
+"""Trains the project's reference models: small LLaMA-architecture decoders on Jane Austen's novels
+(--corpus austen, models/austen) or on Debian's English manual pages and info manuals (--corpus
+manuals, models/manuals; see manual_text.py). Each corpus has its default shape (CORPORA below);
+--dim, --n-layers, --n-heads, --n-kv-heads, --hidden-dim, --vocab and --seq-len override it.
 
 Run with Debian's interpreter (python3-torch, python3-sentencepiece, libopenblas0-pthread):
 
     nice -n 19 /usr/bin/python3 scripts/model/train.py --out models/austen
+    nice -n 19 /usr/bin/python3 scripts/model/train.py --corpus manuals --out models/manuals
 
 It is resumable: the full training state (model, optimiser, RNG, step) is written to
 OUT/train_state.pt every --checkpoint-minutes and the run continues from it when started again.
 When the last step is done it exports, into OUT:
   model.bin        llama2.c version-0 checkpoint (7 int32 header, then fp32 tensors, shared classifier)
-  tokenizer.model  SentencePiece BPE, trained on the same five training novels
-  heldout.u16      little-endian uint16 ids of "Persuasion" (never trained on), BOS first
+  tokenizer.model  SentencePiece BPE, trained on the training text only
+  heldout.u16      little-endian uint16 ids of the held-out text (never trained on), BOS before each
+                   document: "Persuasion" (austen); the packages of MANUALS_HELDOUT (manuals)
+  corpus.tsv       (manuals) one line per document: split, kind, package, version, path, tokens
   ref_logits.bin   int32 n, int32 vocab, int32 offset into heldout.u16, then fp32 logits [n][vocab]
                    of this script's own forward pass over heldout[offset : offset + n]
   train.log        the validation-loss log
@@ -33,7 +39,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import austen_text  # noqa: E402
 
 HELDOUT_BOOK = "persuasion"
+# manuals: whole packages are held out (their info manual and man pages say the same things)
+MANUALS_HELDOUT = ["diffutils", "findutils", "grep", "gzip", "sed", "tmux", "wget"]
 BOS, EOS = 1, 2
+# Default shape of each corpus's model (Config's names).
+CORPORA = {
+    "austen": dict(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=512, vocab_size=4096,
+                   seq_len=1024),
+    "manuals": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=704, vocab_size=4096,
+                    seq_len=1024),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +174,16 @@ def export_llama2c(model, path):
 
 
 # ---------------------------------------------------------------------------------------------
-def prepare(out, work, vocab):
+def prepare(out, work, vocab, corpus="austen"):
     """Extracts the text, trains the tokenizer, encodes train and held-out ids (idempotent)."""
     import sentencepiece as spm
     tok_path = os.path.join(out, "tokenizer.model")
     train_ids = os.path.join(work, "train.u16")
     held_ids = os.path.join(out, "heldout.u16")
     if all(os.path.exists(p) for p in (tok_path, train_ids, held_ids)):
+        return tok_path, train_ids, held_ids
+    if corpus == "manuals":
+        prepare_manuals(out, work, vocab, tok_path, train_ids, held_ids)
         return tok_path, train_ids, held_ids
     books = austen_text.read_rdb(austen_text.fetch_package(os.path.join(work, "janeaustenr")))
     paras = {name: austen_text.paragraphs(lines) for name, lines in books.items()}
@@ -196,6 +214,45 @@ def prepare(out, work, vocab):
     return tok_path, train_ids, held_ids
 
 
+def prepare_manuals(out, work, vocab, tok_path, train_ids, held_ids):
+    import manual_text
+    import sentencepiece as spm
+    docs = manual_text.read_documents()
+    train_docs = [d for d in docs if d[2] not in MANUALS_HELDOUT]
+    held_docs = [d for d in docs if d[2] in MANUALS_HELDOUT]
+    corpus = os.path.join(work, "train_paragraphs.txt")
+    with open(corpus, "w") as f:
+        for d in train_docs:
+            f.write("\n".join(d[4]) + "\n")
+    if not os.path.exists(tok_path):
+        # The text is NFKC-normalised already (manual_text.clean), so SentencePiece normalises
+        # nothing but whitespace, exactly as the C++ tokenizer does.
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(work, "tok"), model_type="bpe", vocab_size=vocab,
+            character_coverage=0.9999, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            max_sentence_length=16384, num_threads=2, split_digits=True, input_sentence_size=0,
+            shuffle_input_sentence=False, normalization_rule_name="identity")
+        os.replace(os.path.join(work, "tok.model"), tok_path)
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    rows = []
+
+    def encode(ds, split):
+        ids = []
+        for kind, path, pkg, ver, ps in ds:
+            n0 = len(ids)
+            ids.append(BOS)  # one document per man page or info manual
+            for p in ps:
+                ids.extend(sp.encode(p))
+            rows.append("%s\t%s\t%s\t%s\t%s\t%d" % (split, kind, pkg, ver, path, len(ids) - n0))
+        return np.array(ids, dtype="<u2")
+
+    encode(train_docs, "train").tofile(train_ids)
+    encode(held_docs, "heldout").tofile(held_ids)
+    with open(os.path.join(out, "corpus.tsv"), "w") as f:
+        f.write("# split\tkind\tpackage\tversion\tpath\ttokens (BOS included)\n")
+        f.write("\n".join(rows) + "\n")
+
+
 def lr_at(step, total, peak, warmup):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -219,7 +276,12 @@ def val_loss(model, held, cfg, n_seq):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="models/austen")
+    ap.add_argument("--corpus", choices=sorted(CORPORA), default="austen")
+    ap.add_argument("--out", default=None, help="model folder; default models/CORPUS")
+    for flag, key in [("--dim", "dim"), ("--n-layers", "n_layers"), ("--n-heads", "n_heads"),
+                      ("--n-kv-heads", "n_kv_heads"), ("--hidden-dim", "hidden_dim"),
+                      ("--vocab", "vocab_size"), ("--seq-len", "seq_len")]:
+        ap.add_argument(flag, dest=key, type=int, default=None, help="shape (default: the corpus's)")
     ap.add_argument("--work", default=None, help="scratch dir (text, train ids); default OUT/.work")
     ap.add_argument("--steps", type=int, default=1200, help="total optimiser steps (fixed: the LR schedule uses it)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
@@ -238,12 +300,14 @@ def main():
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    out = args.out
+    out = args.out or os.path.join("models", args.corpus)
     work = args.work or os.path.join(out, ".work")
     os.makedirs(out, exist_ok=True)
     os.makedirs(work, exist_ok=True)
-    cfg = Config()
-    tok_path, train_path, held_path = prepare(out, work, cfg.vocab_size)
+    shape = dict(CORPORA[args.corpus])
+    shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
+    cfg = Config(**shape)
+    tok_path, train_path, held_path = prepare(out, work, cfg.vocab_size, args.corpus)
     train = np.fromfile(train_path, dtype="<u2")
     held = np.fromfile(held_path, dtype="<u2")
     print("train tokens %d, held-out tokens %d" % (len(train), len(held)), flush=True)

@@ -1,10 +1,13 @@
-// The C++ forward pass against the training script's own fp32 logits
-// (models/austen/ref_logits.bin), and the checkpoint loader's errors. KVM_MODEL_DIR overrides the
-// model directory.
+// The C++ forward pass against the training script's own fp32 logits (models/*/ref_logits.bin),
+// for each committed reference model (models/austen: head dim 32, GQA 3; models/manuals: head dim
+// 64, GQA 2), and the checkpoint loader's errors. KVM_MODEL_DIR replaces the list of model
+// directories with that one directory.
 #include "client/llama.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -17,9 +20,20 @@
 namespace kvm::client {
 namespace {
 
-std::string ModelDir() {
-  if (const char* d = std::getenv("KVM_MODEL_DIR")) return d;
-  return std::string(KVM_SOURCE_DIR) + "/models/austen";
+std::vector<std::string> ModelDirs() {
+  if (const char* d = std::getenv("KVM_MODEL_DIR")) return {d};
+  return {std::string(KVM_SOURCE_DIR) + "/models/austen",
+          std::string(KVM_SOURCE_DIR) + "/models/manuals"};
+}
+
+// The first model directory, for the tests that need one checkpoint, not every one.
+std::string ModelDir() { return ModelDirs().front(); }
+
+std::string ParamName(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = std::filesystem::path(info.param).filename().string();
+  for (char& c : n)
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  return n.empty() ? "model" : n;
 }
 
 std::vector<uint8_t> ReadAll(const std::string& p) {
@@ -28,7 +42,13 @@ std::vector<uint8_t> ReadAll(const std::string& p) {
                               std::istreambuf_iterator<char>());
 }
 
-TEST(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
+// Every test of this suite runs once per model directory.
+class LlamaTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::string ModelDir() const { return GetParam(); }
+};
+
+TEST_P(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
   auto model = LlamaModel::Load(ModelDir() + "/model.bin");
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   const auto raw = ReadAll(ModelDir() + "/ref_logits.bin");
@@ -54,11 +74,15 @@ TEST(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
     for (int32_t v = 0; v < vocab; ++v)
       max_diff = std::max(max_diff, double(std::fabs(logits[v] - want[v])));
   }
-  std::printf("max |dlogit| over %d positions x %d = %.3g\n", n, vocab, max_diff);
+  const LlamaConfig& c = (*model)->config();
+  std::printf("%s (dim %u, %u layers, %u heads / %u KV heads, head dim %u): max |dlogit| over %d "
+              "positions x %d = %.3g\n",
+              ModelDir().c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim(), n,
+              vocab, max_diff);
   EXPECT_LT(max_diff, 1e-4);
 }
 
-TEST(LlamaTest, ReducedPrecisionKvStaysCloseAndIsDeterministic) {
+TEST_P(LlamaTest, ReducedPrecisionKvStaysCloseAndIsDeterministic) {
   auto model = LlamaModel::Load(ModelDir() + "/model.bin");
   ASSERT_TRUE(model.ok());
   auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
@@ -80,7 +104,7 @@ TEST(LlamaTest, ReducedPrecisionKvStaysCloseAndIsDeterministic) {
   EXPECT_GT(md, 0.0);  // and it really used fp16
 }
 
-TEST(LlamaTest, TokenizerRoundTripsHeldOutText) {
+TEST_P(LlamaTest, TokenizerRoundTripsHeldOutText) {
   auto tok = Tokenizer::Load(ModelDir() + "/tokenizer.model");
   ASSERT_TRUE(tok.ok()) << tok.status().ToString();
   auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
@@ -90,11 +114,16 @@ TEST(LlamaTest, TokenizerRoundTripsHeldOutText) {
   const std::string text = (*tok)->Decode(some);
   EXPECT_GT(text.size(), 200u);
   EXPECT_EQ((*tok)->Encode(text), some);
-  // A long stretch (many paragraphs): SentencePiece's encoding of the book is reproduced exactly.
+  // A long stretch (many paragraphs of the first held-out document, BOS-free): SentencePiece's
+  // encoding of the text is reproduced exactly.
+  ASSERT_GT(ids->size(), 20001u);
   std::vector<uint32_t> many(ids->begin() + 1, ids->begin() + 20001);
+  ASSERT_EQ(std::count(many.begin(), many.end(), Tokenizer::kBos), 0);
   EXPECT_EQ((*tok)->Encode((*tok)->Decode(many)), many);
   EXPECT_TRUE(Tokenizer::Load(ModelDir() + "/model.bin").status().IsInvalidArgument());
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, LlamaTest, ::testing::ValuesIn(ModelDirs()), ParamName);
 
 class LoaderTest : public ::testing::Test {
  protected:
@@ -160,10 +189,13 @@ namespace kvm::client {
 namespace {
 // A selector source whose budget holds every block attends everything: logits bit-identical to
 // dense.
-TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
-  auto model = LlamaModel::Load(ModelDir() + "/model.bin");
+class SelectorSourceTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
+  const std::string dir = GetParam();
+  auto model = LlamaModel::Load(dir + "/model.bin");
   ASSERT_TRUE(model.ok());
-  auto ids = ReadTokenFile(ModelDir() + "/heldout.u16");
+  auto ids = ReadTokenFile(dir + "/heldout.u16");
   ASSERT_TRUE(ids.ok());
   const auto shape = (*model)->Shape(DType::kF16);
   const uint32_t V = (*model)->config().vocab_size;
@@ -202,5 +234,7 @@ TEST(SelectorSourceTest, FullBudgetIsBitIdenticalToDenseAndSmallBudgetIsNot) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Models, SelectorSourceTest, ::testing::ValuesIn(ModelDirs()), ParamName);
 }  // namespace
 }  // namespace kvm::client
