@@ -528,7 +528,7 @@ std::string Render(const json& shards, bool bars, bool watch) {
       for (const char* k : kKinds) {
         const json& d = s["delta"][k];
         if (d["n"].is_number() && d["n"].get<double>() > 0)
-          o << " " << k << " p50 " << Fmt(d["p50"], "%.2g") << " p99 " << Fmt(d["p99"], "%.2g")
+          o << " " << k << " p50 " << Fmt(d["p50"], "%.3g") << " p99 " << Fmt(d["p99"], "%.3g")
             << " (n " << Fmt(d["n"], "%.0f") << ")  ";
         else
           o << " " << k << " -  ";
