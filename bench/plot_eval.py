@@ -1,5 +1,10 @@
 #!/usr/bin/python3
-"""Turns eval.jsonl (kvmctl eval --json lines) into eval.csv and PNG plots; the oracle is the reference curve."""
+"""eval.jsonl (kvmctl eval --json lines, bench/eval_report.sh) -> eval.csv, eval_tables.md and PNG plots.
+
+Per model and budget: the retrieval-vs-δ frontier (retrieval overhead against the measured mean δ, and
+against top-1 agreement), every selector's variants labelled by their flags, the oracle's δ as the floor.
+Tables: every budget-mode run, target mode, and the defaults at other text offsets (validation).
+"""
 import csv
 import json
 import os
@@ -11,91 +16,125 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 out = sys.argv[2]
-keys = sorted({k for r in rows for k in r})
+scalar = sorted({k for r in rows for k, v in r.items() if not isinstance(v, (list, dict))})
 with open(os.path.join(out, "eval.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=keys)
+    w = csv.DictWriter(f, fieldnames=scalar, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
 
-budget = [r for r in rows if r["target_delta"] is None and r["selector"] != "dense"]
-target = [r for r in rows if r["target_delta"] is not None]
-names = ["oracle", "prhs", "quest", "hshare", "streaming", "h2o"]
-ctx = rows[0]["context"]
+COMMON = {"--model", "--tokens", "--context", "--steps", "--offset", "--budget-frac", "--block-size", "--selector",
+          "--hshare-channels", "--target-delta"}
 
 
-def by_budget(metric, ylabel, fname, logy=False):
-    plt.figure(figsize=(6, 4))
-    for n in names:
-        pts = sorted((r["budget_tokens"] / ctx, r[metric]) for r in budget if r["selector"] == n and r[metric] is not None)
-        if pts:
-            plt.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if n != "oracle" else "k--", label=n)
-    plt.xscale("log", base=2)
-    if logy:
-        plt.yscale("log")
-    plt.xlabel("budget (fraction of the %d-token context)" % ctx)
-    plt.ylabel(ylabel)
-    plt.grid(alpha=0.3)
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(os.path.join(out, fname), dpi=110)
-    plt.close()
+def model(r):
+    return os.path.basename(os.path.dirname(r["model"])) or r["model"]
 
 
-by_budget("delta_mean", "mean dropped mass δ (measured)", "delta_vs_budget.png")
-by_budget("top1_agreement", "top-1 agreement with dense", "top1_vs_budget.png")
+def variant(r):
+    """The run's own flags (those beyond the sweep's common ones): 'default' when none."""
+    a = r.get("args", "").split()
+    out, i = [], 0
+    while i < len(a):
+        if a[i] == "--json":
+            i += 1
+        elif a[i] in COMMON:
+            i += 2
+        else:
+            out.append(a[i])
+            i += 1
+    return " ".join(out) or "default"
 
-plt.figure(figsize=(6, 4))
-for n in names:
-    pts = [(r["delta_mean"], r["retrieval_overhead"]) for r in budget + target if r["selector"] == n]
-    if pts:
-        plt.scatter([p[0] for p in pts], [p[1] for p in pts], label=n)
-plt.xlabel("mean dropped mass δ")
-plt.ylabel("retrieval overhead (retrievals / step·layer·head)")
-plt.yscale("log")
-plt.grid(alpha=0.3)
-plt.legend()
-plt.tight_layout()
-plt.savefig(os.path.join(out, "retrieval_vs_delta.png"), dpi=110)
-plt.close()
 
-plt.figure(figsize=(6, 4))
-for n in ["prhs", "oracle"]:
-    pts = sorted((r["target_delta"], r["attended_fraction"]) for r in target if r["selector"] == n)
-    if pts:
-        plt.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if n == "prhs" else "k--", label=n)
-plt.xlabel("target δ*")
-plt.ylabel("attended fraction of the context")
-plt.grid(alpha=0.3)
-plt.legend()
-plt.tight_layout()
-plt.savefig(os.path.join(out, "attended_vs_target.png"), dpi=110)
-plt.close()
-print("wrote", out, file=sys.stderr)
-
-# Markdown tables for bench/RESULTS.md: the 1/8 budget row of every selector, and target mode.
-cols = ["selector", "budget_tokens", "delta_mean", "delta_p99", "oracle_delta_mean", "bound_violations",
-        "retrieval_overhead", "attended_fraction", "streamed_bytes_fraction", "top1_agreement", "perplexity_ratio"]
+def budget_label(r):
+    return "1/%d B%d" % (round(r["context"] / r["budget_tokens"]), r["block_size"])
 
 
 def fmt(v):
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v).lower()
     return "%.4g" % v if isinstance(v, float) else str(v)
 
 
+budget = [r for r in rows if r["target_delta"] is None and r["selector"] != "dense"]
+target = [r for r in rows if r["target_delta"] is not None]
+models = sorted({model(r) for r in rows})
+names = ["prhs", "hshare", "quest", "streaming", "h2o", "oracle"]
+colors = {"prhs": "tab:blue", "hshare": "tab:orange", "quest": "tab:green", "streaming": "tab:gray",
+          "h2o": "tab:purple", "oracle": "black"}
+marks = {"prhs": "o", "hshare": "s", "quest": "^", "streaming": "v", "h2o": "D", "oracle": "*"}
+written = []
+
+for m in models:
+    for bl in sorted({budget_label(r) for r in budget if model(r) == m}, key=lambda s: int(s.split("/")[1].split()[0])):
+        rs = [r for r in budget if model(r) == m and budget_label(r) == bl and r["offset"] == 0]
+        if not rs:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+        for ax, metric, xlabel in [(axes[0], "delta_mean", "mean dropped mass δ (measured, lower is better)"),
+                                   (axes[1], "top1_agreement", "top-1 agreement with dense (higher is better)")]:
+            for n in names:
+                pts = [r for r in rs if r["selector"] == n]
+                if not pts:
+                    continue
+                ys = [max(r["retrieval_overhead"], 1e-3) for r in pts]
+                ax.scatter([r[metric] for r in pts], ys, c=colors[n], marker=marks[n], s=40, label=n, alpha=0.85)
+                for r, y in zip(pts, ys):
+                    v = variant(r)
+                    if v != "default" or n in ("prhs", "hshare"):
+                        ax.annotate(v.replace("--", ""), (r[metric], y), fontsize=6, alpha=0.8,
+                                    xytext=(3, 2), textcoords="offset points")
+                    if v == "default" and n == "prhs":
+                        ax.scatter([r[metric]], [y], s=160, facecolors="none", edgecolors="red", linewidths=1.5)
+            if metric == "delta_mean":
+                floor = [r for r in rs if r["selector"] == "oracle" and variant(r) == "default"]
+                if floor:
+                    ax.axvline(floor[0]["delta_mean"], color="black", ls="--", lw=0.8, label="oracle δ (floor)")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("retrieval overhead (retrievals / step·layer·query head; 0 drawn at 1e-3)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8, loc="lower left")
+        fig.suptitle("%s, budget %s, context %d, %d steps (red ring: PrHS defaults)" % (
+            m, bl, rs[0]["context"], rs[0]["steps"]))
+        fig.tight_layout()
+        fname = "frontier_%s_%s.png" % (m, bl.replace("/", "-").replace(" ", "_"))
+        fig.savefig(os.path.join(out, fname), dpi=110)
+        plt.close(fig)
+        written.append(fname)
+
+cols = ["selector", "variant", "delta_mean", "oracle_delta_mean", "retrieval_overhead", "attended_fraction",
+        "worker_memory_fraction", "top1_agreement", "perplexity_ratio", "bound_claim_fraction", "bound_claim_mean",
+        "bound_violations"]
+tcols = ["selector", "variant", "max_resident_tokens", "within_target_fraction", "target_missed_fraction",
+         "delta_mean", "retrieval_overhead", "attended_fraction", "top1_agreement", "perplexity_ratio",
+         "bound_pass_rate", "bound_pass_rate_norm", "bound_check_mean", "bound_check_mean_norm", "bound_violations"]
+
+
+def table(f, rs, cs):
+    f.write("| " + " | ".join(cs) + " |\n|" + "---|" * len(cs) + "\n")
+    for r in rs:
+        f.write("| " + " | ".join(fmt(variant(r) if c == "variant" else r.get(c)) for c in cs) + " |\n")
+
+
 with open(os.path.join(out, "eval_tables.md"), "w") as f:
-    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-    for r in [r for r in rows if r["selector"] == "dense"] + sorted(
-            [r for r in budget if abs(r["budget_tokens"] / ctx - 0.125) < 0.02], key=lambda r: names.index(r["selector"])):
-        f.write("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n")
-    tcols = ["selector", "target_delta", "max_resident_tokens", "within_target_fraction", "delta_mean", "delta_p99",
-             "bound_violations", "bound_claims", "retrieval_overhead", "attended_fraction", "top1_agreement",
-             "perplexity_ratio"]
-    f.write("\n| " + " | ".join(tcols) + " |\n|" + "---|" * len(tcols) + "\n")
-    for r in sorted(target, key=lambda r: (r["selector"], -r["target_delta"])):
-        f.write("| " + " | ".join(fmt(r[c]) for c in tcols) + " |\n")
-    f.write("\n| selector | budget | delta_mean | oracle_delta_mean | ratio | retrieval_overhead | top1 |\n|---|---|---|---|---|---|---|\n")
-    for r in sorted(budget, key=lambda r: (names.index(r["selector"]), -r["budget_tokens"])):
-        ratio = r["delta_mean"] / r["oracle_delta_mean"] if r["oracle_delta_mean"] else float("nan")
-        f.write("| %s | 1/%d | %.4f | %.4f | %.3f | %.4f | %.4f |\n" % (
-            r["selector"], round(ctx / r["budget_tokens"]), r["delta_mean"], r["oracle_delta_mean"], ratio,
-            r["retrieval_overhead"], r["top1_agreement"]))
+    for m in models:
+        for bl in sorted({budget_label(r) for r in budget if model(r) == m}, key=lambda s: int(s.split("/")[1].split()[0])):
+            rs = [r for r in budget if model(r) == m and budget_label(r) == bl and r["offset"] == 0]
+            rs.sort(key=lambda r: (names.index(r["selector"]), r["retrieval_overhead"]))
+            f.write("\n#### %s, budget %s (offset 0)\n\n" % (m, bl))
+            table(f, rs, cols)
+        ts = [r for r in target if model(r) == m and r["offset"] == 0]
+        if ts:
+            f.write("\n#### %s, target mode δ* 0.1 (offset 0)\n\n" % m)
+            table(f, ts, tcols)
+        vs = [r for r in rows if model(r) == m and r["offset"] != 0]
+        if vs:
+            f.write("\n#### %s, the defaults at other offsets\n\n" % m)
+            vc = ["offset", "selector", "variant", "budget_tokens", "block_size", "target_delta", "max_resident_tokens",
+                  "delta_mean", "oracle_delta_mean", "retrieval_overhead", "attended_fraction",
+                  "within_target_fraction", "top1_agreement", "perplexity_ratio", "bound_violations"]
+            table(f, vs, vc)
+print("wrote", out, ", ".join(written), file=sys.stderr)

@@ -19,10 +19,12 @@ Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(
   KVM_ASSIGN_OR_RETURN(s->dense_, DenseKvSource::Make(shape, block_size));
   s->selector_ = std::move(selector);
   s->observes_ = entry->caps.observes_attention;
+  s->dense_layers_ = sel::DenseLayers(opt, *entry);
   s->opt_ = opt;
   s->shape_ = shape;
   s->prefill_ = prefill;
   s->attended_.resize(shape.kv_heads);
+  s->totals_.head_retrievals.assign(size_t{shape.layers} * shape.kv_heads, 0);
   s->att_ = std::make_unique<LayerAttention>();
   const size_t n = size_t{shape.layers} * shape.kv_heads;
   for (size_t i = 0; i < n; ++i) {
@@ -53,8 +55,26 @@ Status SelectorKvSource::Append(uint32_t layer, uint64_t pos, const float* k, co
   return Status::Ok();
 }
 
+Status SelectorKvSource::ObservePrefill(uint32_t layer, uint64_t pos, const float* q) {
+  const uint32_t g = shape_.group_size(), D = shape_.head_dim;
+  const uint64_t T = pos + 1, nb = opt_.geometry.Blocks(T);
+  std::vector<uint64_t> all(nb);
+  for (uint64_t b = 0; b < nb; ++b) all[b] = b;
+  for (uint32_t h = 0; h < shape_.kv_heads; ++h) {
+    const sel::GroupScores gs =
+        sel::ScoreGroup(q + size_t{h} * g * D, g, dense_->View(layer, h, T));
+    KVM_RETURN_IF_ERROR(selector_->Observe(layer, h, all, gs.agg));
+  }
+  return Status::Ok();
+}
+
 Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, float* out) {
-  if (pos < prefill_) return dense_->Attend(layer, pos, q, out);
+  if (pos < prefill_) {
+    // H2O accumulates the attention of every query, the prefill's included (its hh_score), so its
+    // first eviction already knows the heavy hitters.
+    if (observes_ && layer >= dense_layers_) KVM_RETURN_IF_ERROR(ObservePrefill(layer, pos, q));
+    return dense_->Attend(layer, pos, q, out);
+  }
   const uint32_t g = shape_.group_size(), D = shape_.head_dim, B = opt_.geometry.block_size;
   const uint64_t T = pos + 1, nb = opt_.geometry.Blocks(T);
   const size_t kvb = dense_->layout().kv_block_bytes();
@@ -66,16 +86,27 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
     const float* qg = q + size_t{h} * g * D;
     sel::StepInput in{pos, layer, h, qg, &kv, &summaries_[idx]};
     sel::Selection s;
-    KVM_RETURN_IF_ERROR(selector_->Select(in, &s).WithContext("layer " + std::to_string(layer)));
+    if (layer < dense_layers_ && !selector_->gate()) {
+      // A dense layer of a selector without a gate (PrHS's gate decides its own): every block,
+      // held by the worker, δ = 0 exact, no retrieval — as the service path's worker gate does.
+      for (uint64_t b = 0; b < nb; ++b) s.blocks.push_back(b);
+      s.delta.assign(g, 0.0);
+      s.kind = DeltaKind::kExact;
+    } else {
+      KVM_RETURN_IF_ERROR(selector_->Select(in, &s).WithContext("layer " + std::to_string(layer)));
+    }
     totals_.retrievals += s.retrieved_heads;
+    totals_.head_retrievals[idx] += s.retrieved_heads;
     totals_.anchors += s.anchor ? 1 : 0;
+    totals_.target_missed += opt_.target_delta > 0 && !s.target_met;
     sel::PlanStep ps;
     KVM_RETURN_IF_ERROR(mirrors_[idx].Plan(s.blocks, T, opt_.geometry,
                                            opt_.geometry.WindowFirstBlock(pos), kvb,
                                            dense_->layout().row_bytes(), &ps, &totals_.bytes));
     for (uint32_t j = 0; j < g; ++j)
       claims_.push_back({pos, layer, h * g + j, s.delta.empty() ? NAN : s.delta[j], s.kind});
-    if (observes_) {  // the posterior of H2O: the attention the kept blocks received
+    if (observes_ &&
+        layer >= dense_layers_) {  // H2O's posterior: the attention the kept blocks got
       const sel::GroupScores gs = sel::ScoreGroup(qg, g, kv);
       std::vector<double> mass;
       double kept = 0;

@@ -179,7 +179,14 @@ Status H2oSelector::Observe(uint32_t layer, uint32_t kv_head, const std::vector<
     return Status::InvalidArgument("h2o: blocks and mass differ in length");
   State& st = state_[size_t{layer} * shape_.kv_heads + kv_head];
   for (size_t i = 0; i < blocks.size(); ++i) {
-    if (blocks[i] >= st.score.size()) return Status::InvalidArgument("h2o: block out of range");
+    // Prefill observations come before any Select: the scores grow to cover them.
+    if (blocks[i] >= st.score.size()) {
+      if (blocks[i] >= (uint64_t{1} << 32))
+        return Status::InvalidArgument("h2o: block out of range");
+      st.score.resize(blocks[i] + 1, 0.0);
+      st.evicted.resize(blocks[i] + 1, 0);
+    }
+    if (st.evicted[blocks[i]]) return Status::InvalidArgument("h2o: attention on an evicted block");
     st.score[blocks[i]] += mass[i];
   }
   return Status::Ok();

@@ -56,6 +56,12 @@ uint64_t SelectorOptions::cap_blocks() const {
   return cap;
 }
 
+uint32_t SelectorOptions::MaxClusterSteps() const {
+  if (prhs.max_cluster_steps != 0) return prhs.max_cluster_steps;
+  const uint64_t cap_tokens = cap_blocks() * geometry.block_size;
+  return static_cast<uint32_t>(std::clamp<uint64_t>(cap_tokens / 3, 1, 32));
+}
+
 int32_t SelectorOptions::DilationRadius() const {
   if (prhs.dilation >= 0) return prhs.dilation;
   return geometry.block_size >= 8 ? 0 : 1;

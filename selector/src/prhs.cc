@@ -48,7 +48,37 @@ Status OracleSelector::Select(const StepInput& in, Selection* out) {
 
 // ---------------------------------------------------------------------------------------------
 PrhsSelector::PrhsSelector(const SelectorOptions& o, const ModelShape& s)
-    : opt_(o), shape_(s), gate_(o, s, *FindSelector("prhs").value(), HotSetSlots()) {}
+    : opt_(o),
+      shape_(s),
+      gate_(o, s, *FindSelector("prhs").value(), HotSetSlots()),
+      horizon_(size_t{s.layers} * s.kv_heads, kInitialHorizon) {}
+
+uint32_t PrhsSelector::MaxHorizon() const { return opt_.MaxClusterSteps(); }
+
+void PrhsSelector::UpdateHorizon(const StepInput& in, const GroupScores& s, Selection* out) {
+  const uint32_t hmax = MaxHorizon();
+  if (opt_.target_delta > 0 || !(opt_.prhs.reuse_regret > 0)) {  // the cluster cap alone
+    out->reuse_steps = hmax;
+    return;
+  }
+  uint32_t& h = horizon_[size_t{in.layer} * shape_.kv_heads + in.kv_head];
+  const AnchorRecord& prev = gate_.anchor(in.layer, in.kv_head);
+  if (prev.valid && prev.step < in.step) {
+    // The set a reuse of the previous anchor would have had at this step (worker_gate.h), scored
+    // exactly against this step's queries: what re-anchoring bought.
+    const Geometry& geo = opt_.geometry;
+    const uint64_t T = in.tokens(), nb = geo.Blocks(T);
+    std::vector<uint64_t> old = prev.resident;
+    AddRange(0, geo.SinkBlocks(T), &old);
+    AddRange(std::min(geo.WindowFirstBlock(prev.step + 1), nb), nb, &old);
+    const std::vector<double> old_ld = LogDeltaOf(s, old);
+    double regret = 0;
+    for (uint32_t j = 0; j < s.group; ++j)
+      regret += (std::exp(old_ld[j]) - out->delta[j]) / double(s.group);
+    h = regret > opt_.prhs.reuse_regret ? std::max(h / 2, 1u) : std::min(2 * h, hmax);
+  }
+  out->reuse_steps = h;
+}
 
 Result<std::unique_ptr<PrhsSelector>> PrhsSelector::Make(const SelectorOptions& o,
                                                          const ModelShape& shape,
@@ -61,7 +91,9 @@ Result<std::unique_ptr<PrhsSelector>> PrhsSelector::Make(const SelectorOptions& 
 uint64_t PrhsSelector::HotSetSlots() const {
   const uint64_t cap = opt_.cap_blocks(), B = opt_.geometry.block_size;
   const uint64_t dil = 2ull * opt_.DilationRadius() * ((cap + 2) / 3);
-  const uint64_t slide = (std::max<uint64_t>(opt_.prhs.max_cluster_steps, 64) + B - 1) / B + 1;
+  // Blocks that leave the window during a cluster stay resident (the bound needs them): a cluster
+  // of n steps adds at most ceil(n/B) + 1; clusters past 64 steps end when the hot set is full.
+  const uint64_t slide = (std::min<uint64_t>(opt_.MaxClusterSteps(), 64) + B - 1) / B + 1;
   return cap + dil + slide;
 }
 
@@ -164,6 +196,19 @@ Status PrhsSelector::AnchorStep(const StepInput& in, Selection* out) {
   out->retrieved_heads = g;
   out->anchor = true;
   out->k_max = MaxKeyNorm(in);
+  // The key statistics of the worker's bound; without the keys an anchor carries k_max alone.
+  const attn::HeadKV* kv = in.kv;
+  if (!kv && in.keys) {
+    auto k = (*in.keys)();
+    if (!k.ok()) return k.status();
+    kv = *k;
+  }
+  if (kv) {
+    if (kv->tokens != T || kv->block_size != B || kv->head_dim != shape_.head_dim)
+      return Status::InvalidArgument("select: the keys given do not match the step");
+    AnchorKeyStats(s, *kv, out->blocks, out);
+  }
+  UpdateHorizon(in, s, out);
   if (opt_.target_delta > 0) {
     out->target_met = true;
     for (double d : out->delta) out->target_met = out->target_met && d <= opt_.target_delta;

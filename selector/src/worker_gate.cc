@@ -35,6 +35,7 @@ WorkerGate::WorkerGate(const SelectorOptions& o, const ModelShape& shape,
       heads_(size_t{shape.layers} * shape.kv_heads),
       gates_(size_t{shape.layers} * shape.q_heads),
       layer_map_(shape.layers) {
+  counts_.retrieved.assign(size_t{shape.layers} * shape.kv_heads, 0);
   for (uint32_t l = 0; l < shape.layers; ++l) layer_map_[l] = l;
 }
 
@@ -60,11 +61,18 @@ Selection WorkerGate::SharedSelection(const std::vector<uint64_t>& source_blocks
 }
 
 bool WorkerGate::Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const float* q,
-                       uint64_t step, Selection* out) const {
+                       uint64_t step, Selection* out) {
   const AnchorRecord& a = hd.anchor;
   if (!q || !a.valid || step < a.step) return false;
   const PrhsOptions& p = opt_.prhs;
-  if (p.max_cluster_steps != 0 && step - a.step >= p.max_cluster_steps) return false;
+  if (step - a.step >= opt_.MaxClusterSteps()) return false;
+  if (a.reuse_steps != 0 && step - a.step >= a.reuse_steps) return false;  // measured horizon
+  // Target mode: an anchor that met δ* is reused while every head's bound stays ≤ δ*; one that
+  // missed it (the cap bound) under the cosine gate and the horizon alone, or never (cap_reuse).
+  const double target = opt_.target_delta;
+  const bool cap_bound = target > 0 && !a.target_met;
+  if (cap_bound && !p.cap_reuse) return false;
+  const double limit = target > 0 && !cap_bound && p.use_bound_gate ? target : 1.0;
   const Geometry& geo = opt_.geometry;
   const uint64_t T = step + 1, nb = geo.Blocks(T);
   const uint32_t g = shape_.group_size(), D = shape_.head_dim;
@@ -76,13 +84,23 @@ bool WorkerGate::Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const f
   AddRange(std::min(geo.WindowFirstBlock(a.step + 1), nb), nb, &blocks);
   if (blocks.size() > slots_) return false;
   std::vector<double> bounds(g);
-  const double target = p.use_bound_gate ? opt_.target_delta : 0.0;
+  // Every head is checked (the statistics count each), then reuse needs all of them to pass.
+  bool all = true;
+  BoundStats& bs = counts_.bound;
   for (uint32_t h = 0; h < g; ++h) {
-    const GateDecision d =
-        head_gate(layer, kv_head * g + h).Check(q + size_t{h} * D, p.tau_cos, target);
-    if (!d.reuse) return false;
+    const HeadGate& hg = head_gate(layer, kv_head * g + h);
+    const GateDecision d = hg.Check(q + size_t{h} * D, p.tau_cos, limit);
+    ++bs.checks;
+    bs.cosine_ok += d.cosine >= p.tau_cos;
+    bs.pass += target > 0 && d.bound <= target;
+    bs.pass_norm += target > 0 && d.bound_norm <= target;
+    bs.cap_checks += cap_bound;
+    bs.sum_bound += d.bound;
+    bs.sum_bound_norm += d.bound_norm;
+    all = all && d.reuse;
     bounds[h] = d.bound;
   }
+  if (!all) return false;
   *out = Selection{};
   out->blocks = std::move(blocks);
   out->delta = bounds;
@@ -120,6 +138,7 @@ Result<GateOutcome> WorkerGate::Decide(uint64_t step, uint32_t layer, uint32_t k
     o = GateOutcome::kSharedLayer;
   } else if (allow_reuse && has_gate_ && Reuse(hd, layer, kv_head, q, step, out)) {
     o = GateOutcome::kReuse;
+    if (opt_.target_delta > 0 && !out->target_met) ++counts_.target_missed;
   } else {
     ++counts_[GateOutcome::kRetrieve];
     return GateOutcome::kRetrieve;
@@ -136,6 +155,14 @@ void WorkerGate::Record(uint64_t step, uint32_t layer, uint32_t kv_head, const f
   Head& hd = head(layer, kv_head);
   hd.last = s.blocks;
   hd.last_step = step;
+  counts_.retrieved[size_t{layer} * shape_.kv_heads + kv_head] += s.retrieved_heads;
+  bool met = true;  // from the exact δ (target_met need not travel on a wire)
+  if (opt_.target_delta > 0 && s.anchor) {
+    met = s.kind != DeltaKind::kUnknown;
+    for (uint32_t j = 0; j < s.delta.size(); ++j)
+      met = met && std::exp(s.LogDelta(j)) <= opt_.target_delta;
+    counts_.target_missed += !met;
+  }
   if (!s.anchor || !has_gate_ || !q) {
     hd.anchor.valid = false;
     return;
@@ -143,13 +170,28 @@ void WorkerGate::Record(uint64_t step, uint32_t layer, uint32_t kv_head, const f
   hd.anchor.valid = true;
   hd.anchor.step = step;
   hd.anchor.resident = s.blocks;
+  hd.anchor.reuse_steps = s.reuse_steps;
+  hd.anchor.target_met = met;
   const uint32_t g = shape_.group_size(), D = shape_.head_dim;
+  const BoundForm form = opt_.prhs.bound;
+  const bool stats = s.split_dir.size() == size_t{g} * D && s.dropped_radius.size() == g;
+  const bool centred = form >= BoundForm::kCentred && stats;
+  const bool split = form >= BoundForm::kSplit && stats;
   for (uint32_t j = 0; j < g; ++j) {
     HeadGate& hg = gates_[size_t{layer} * shape_.q_heads + kv_head * g + j];
     hg.q_a.assign(q + size_t{j} * D, q + size_t{j + 1} * D);
     hg.log_delta_a = s.LogDelta(j);
     hg.delta_a = std::exp(hg.log_delta_a);
     hg.k_max = s.k_max;
+    hg.key_radius = centred ? s.key_radius : -1.f;
+    if (split) {
+      hg.split_dir.assign(s.split_dir.begin() + size_t{j} * D,
+                          s.split_dir.begin() + size_t{j + 1} * D);
+      hg.dropped_radius = s.dropped_radius[j];
+    } else {
+      hg.split_dir.clear();
+      hg.dropped_radius = 0.f;
+    }
   }
 }
 

@@ -128,6 +128,55 @@ TEST(H2oTest, NeverReadmitsAnEvictedBlockAndKeepsTheRecentOnes) {
   EXPECT_TRUE((*s)->Observe(0, 0, {1, 2}, {0.5}).IsInvalidArgument());
 }
 
+// H2O accumulates the attention of every query, the prefill's included (selectors.md §4.4, its
+// hh_score): the first eviction right after a prefill keeps the blocks the prefill attended most
+// (the heavy hitters), not the earliest ones, and later steps never bring an evicted one back.
+TEST(H2oTest, PrefillHeavyHittersSurviveTheFirstEviction) {
+  auto s = H2oSelector::Make(Opts(4, 128), Shape(), 4096);  // 32 blocks: 16 recent, 16 heavy
+  ASSERT_TRUE(s.ok());
+  testutil::SyntheticGroup seq(kG, kD, 4, 11);
+  const uint64_t prefill = 400;
+  std::vector<double> acc;  // the accumulated attention per block, computed here
+  for (uint64_t p = 0; p < prefill; ++p) {
+    seq.Append(1);
+    const float* q = seq.NextQueries();
+    const attn::HeadKV kv = seq.view();
+    const GroupScores gs = ScoreGroup(q, kG, kv);
+    std::vector<uint64_t> all(gs.blocks());
+    for (uint64_t b = 0; b < all.size(); ++b) all[b] = b;
+    ASSERT_TRUE((*s)->Observe(0, 0, all, gs.agg).ok());
+    acc.resize(all.size(), 0.0);
+    for (uint64_t b = 0; b < all.size(); ++b) acc[b] += gs.agg[b];
+  }
+  seq.Append(1);
+  const attn::HeadKV kv = seq.view();
+  StepInput in{seq.tokens() - 1, 0, 0, seq.NextQueries(), &kv, &seq.summaries()};
+  Selection out;
+  ASSERT_TRUE((*s)->Select(in, &out).ok());
+  const uint64_t nb = (seq.tokens() + 3) / 4;
+  ASSERT_EQ(out.blocks.size(), 32u);
+  // The 16 older blocks of highest accumulated attention, ties to the lower index.
+  std::vector<uint64_t> old;
+  for (uint64_t b = 0; b + 16 < nb; ++b) old.push_back(b);
+  std::stable_sort(old.begin(), old.end(), [&](uint64_t a, uint64_t b) { return acc[a] > acc[b]; });
+  old.resize(16);
+  std::sort(old.begin(), old.end());
+  std::vector<uint64_t> earliest(16);
+  for (uint64_t b = 0; b < 16; ++b) earliest[b] = b;
+  ASSERT_NE(old, earliest);  // the heavy hitters are not simply the first blocks
+  for (uint64_t b : old) {
+    EXPECT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b)) << "heavy block " << b;
+    EXPECT_FALSE((*s)->Evicted(0, 0, b));
+  }
+  for (uint64_t b = nb - 16; b < nb; ++b)
+    EXPECT_TRUE(std::binary_search(out.blocks.begin(), out.blocks.end(), b)) << "recent " << b;
+  // An evicted block is gone for good: attention reported on it is refused.
+  uint64_t evicted = 0;
+  while (evicted < nb && !(*s)->Evicted(0, 0, evicted)) ++evicted;
+  ASSERT_LT(evicted, nb);
+  EXPECT_TRUE((*s)->Observe(0, 0, {evicted}, {1.0}).IsInvalidArgument());
+}
+
 TEST(HShareTest, SplitAndMapsReproduceAHandComputedExample) {
   uint64_t sink, heavy, local;
   HShareSelector::Split(128, &sink, &heavy, &local);

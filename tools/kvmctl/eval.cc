@@ -142,13 +142,26 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
   return out;
 }
 
-const std::vector<std::string> kSelectorValueFlags = {
-    "budget",      "budget-frac",     "target-delta",
-    "block-size",  "max-resident",    "max-resident-frac",
-    "sinks",       "window",          "tau",
-    "margin",      "hshare-channels", "max-cluster",
-    "dense-layers"};
-const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate"};
+const std::vector<std::string> kSelectorValueFlags = {"budget",
+                                                      "budget-frac",
+                                                      "target-delta",
+                                                      "block-size",
+                                                      "max-resident",
+                                                      "max-resident-frac",
+                                                      "sinks",
+                                                      "window",
+                                                      "tau",
+                                                      "margin",
+                                                      "hshare-channels",
+                                                      "max-cluster",
+                                                      "dense-layers",
+                                                      "reuse-regret",
+                                                      "bound",
+                                                      "hshare-query-share",
+                                                      "hshare-shared-kv-heads",
+                                                      "hshare-shared-layers"};
+const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate",
+                                                     "no-cap-reuse"};
 
 sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,
                                           const ModelShape& shape) {
@@ -181,13 +194,30 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
         "--budget or --budget-frac is required (or --target-delta for prhs and oracle)");
   }
   o.dense_layers = static_cast<int32_t>(f.Int("dense-layers", -1, -1, shape.layers));
-  o.prhs.tau_cos = f.Double("tau", 0.8, -1.0, 1.0);
+  o.prhs.tau_cos = f.Double("tau", o.prhs.tau_cos, -1.0, 1.0);
   o.margin = f.Double("margin", o.margin, 0.0, 0.99);
   o.prhs.psaw = f.Bool("psaw");
   o.prhs.layer_sharing = f.Bool("layer-sharing");
   o.prhs.use_bound_gate = !f.Bool("no-bound-gate");
   o.prhs.max_cluster_steps =
       static_cast<uint32_t>(f.Int("max-cluster", o.prhs.max_cluster_steps, 0, 1 << 20));
+  o.prhs.reuse_regret = f.Double("reuse-regret", o.prhs.reuse_regret, 0.0, 1.0);
+  o.prhs.cap_reuse = !f.Bool("no-cap-reuse");
+  const std::string bound = f.Str("bound", "split");
+  if (bound == "norm")
+    o.prhs.bound = sel::BoundForm::kNorm;
+  else if (bound == "centred")
+    o.prhs.bound = sel::BoundForm::kCentred;
+  else if (bound == "split")
+    o.prhs.bound = sel::BoundForm::kSplit;
+  else
+    throw UsageError("--bound: norm, centred or split");
+  o.hshare.query_share =
+      static_cast<uint32_t>(f.Int("hshare-query-share", o.hshare.query_share, 1, 1 << 20));
+  o.hshare.shared_kv_heads = static_cast<int32_t>(
+      f.Int("hshare-shared-kv-heads", o.hshare.shared_kv_heads, -1, shape.kv_heads - 1));
+  o.hshare.shared_layers = static_cast<int32_t>(
+      f.Int("hshare-shared-layers", o.hshare.shared_layers, -1, shape.layers - 1));
   if (entry.ok() && (*entry)->caps.needs_calibration) {
     const std::string path =
         PathOrDefault(f, "hshare-channels", "models/austen/hshare_channels.txt");
@@ -292,17 +322,21 @@ int RunEval(const std::vector<std::string>& args) {
   const double secs = r.seconds;
   const uint64_t agree = r.agree;
   double nll_d = r.nll_dense, nll_s = r.nll_sparse;
-  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads;
+  const uint32_t L = cfg.n_layers, Hq = cfg.n_heads, Hkv = cfg.n_kv_heads, g = Hq / Hkv;
   // Statistics over (step, layer, query head) (selectors.md §0.2), measured on the sparse run's own
   // q and K whether it ran in-process or through the service; sharing layers included.
   std::vector<double> dt, dor;
-  uint64_t within = 0, violations = 0, claims = 0, audited = 0;
-  double audit_err = 0;
+  uint64_t within = 0, violations = 0, claims = 0, audited = 0, bound_claims = 0;
+  double audit_err = 0, bound_sum = 0;
   std::map<std::string, uint64_t> kinds;
   const bool target = o.target_delta > 0;
   const client::MeasuredKvSource* measured = r.measured.get();
+  // Per (layer, KV head): Σ over steps of the group's max δ and of its mean δ (§0.2).
+  std::vector<double> head_max(size_t{L} * Hkv, 0.0), head_mean(size_t{L} * Hkv, 0.0);
   if (measured) {
-    for (const auto& h : measured->records()) {
+    const auto& recs = measured->records();
+    for (size_t i = 0; i < recs.size(); ++i) {
+      const auto& h = recs[i];
       dt.push_back(h.delta_true);
       dor.push_back(h.delta_oracle);
       within += h.delta_true <= o.target_delta;
@@ -312,9 +346,24 @@ int RunEval(const std::vector<std::string>& args) {
         ++claims;  // (an exact claim through the service is a float: far inside the tolerance)
         violations += h.delta_true > h.delta_claim + 1e-6 + 1e-5 * h.delta_claim;
       }
+      if (h.kind == DeltaKind::kBound && !std::isnan(h.delta_claim)) {
+        ++bound_claims;
+        bound_sum += h.delta_claim;
+      }
       if (!std::isnan(h.delta_audit)) {
         ++audited;
         audit_err = std::max(audit_err, std::fabs(h.delta_audit - h.delta_true));
+      }
+      // Records come per (step, layer) in query-head order, a group's heads together.
+      if (h.q_head % g == 0 && i + g <= recs.size()) {
+        double mx = 0, sum = 0;
+        for (uint32_t j = 0; j < g; ++j) {
+          mx = std::max(mx, recs[i + j].delta_true);
+          sum += recs[i + j].delta_true;
+        }
+        const size_t at = size_t{h.layer} * Hkv + h.q_head / g;
+        head_max[at] += mx;
+        head_mean[at] += sum / g;
       }
     }
   } else {  // dense: nothing dropped
@@ -352,45 +401,126 @@ int RunEval(const std::vector<std::string>& args) {
   for (sel::GateOutcome go : sel::kGateOutcomes)
     gate_json += std::string(gate_json.empty() ? "" : ", ") + "\"" + sel::GateOutcomeName(go) +
                  "\": " + std::to_string(gc[go]);
+  // The worker's memory: the hot set of every (layer, KV head), the dense layers holding every
+  // block of the longest context (selectors.md: they count in full), against a dense worker's.
+  const sel::SelectorEntry* entry = name == "dense" ? nullptr : sel::FindSelector(name).value();
+  const uint32_t dense_layers = entry ? sel::DenseLayers(o, *entry) : L;
+  const uint64_t all_blocks = o.geometry.Blocks(context + steps);
+  uint64_t slots = all_blocks;
+  if (entry) {
+    auto probe = entry->make(o, shape, cfg.seq_len);
+    if (probe.ok()) slots = std::min<uint64_t>((*probe)->HotSetSlots(), all_blocks);
+  }
+  const double block_bytes = 2.0 * B * cfg.head_dim() * DTypeSize(*dtype);
+  const double mem =
+      block_bytes * Hkv * (double(L - dense_layers) * slots + double(dense_layers) * all_blocks);
+  const double mem_dense = block_bytes * Hkv * L * all_blocks;
+  const uint64_t target_missed = tot ? tot->target_missed : gc.target_missed;
+  const uint64_t selections = steps * L * Hkv;
+  const sel::BoundStats& bs = gc.bound;
+  auto rate = [](uint64_t n, uint64_t d) { return d ? Num(double(n) / double(d)) : "null"; };
+  std::string per_head;
+  for (uint32_t l = 0; l < L && measured; ++l)
+    for (uint32_t h = 0; h < Hkv; ++h) {
+      const size_t at = size_t{l} * Hkv + h;
+      const uint64_t n = tot                        ? tot->head_retrievals[at]
+                         : at < gc.retrieved.size() ? gc.retrieved[at]
+                                                    : 0;
+      per_head += std::string(per_head.empty() ? "" : ", ") + "{\"layer\": " + std::to_string(l) +
+                  ", \"kv_head\": " + std::to_string(h) +
+                  ", \"delta_group_max_mean\": " + Num(head_max[at] / double(steps)) +
+                  ", \"delta_mean\": " + Num(head_mean[at] / double(steps)) +
+                  ", \"retrievals\": " + std::to_string(n) + "}";
+    }
+  std::string kinds_json;
+  for (auto& [k, n] : kinds)
+    kinds_json +=
+        std::string(kinds_json.empty() ? "" : ", ") + "\"" + k + "\": " + std::to_string(n);
   std::string generated;  // the sparse run's greedy tokens (--generate)
   for (uint32_t t : r.sparse_argmax)
     generated += (generated.empty() ? "" : ", ") + std::to_string(t);
   const bool gen = f.Bool("generate");
+  const char* bound_name = o.prhs.bound == sel::BoundForm::kNorm      ? "norm"
+                           : o.prhs.bound == sel::BoundForm::kCentred ? "centred"
+                                                                      : "split";
   if (f.Bool("json")) {
-    std::printf(
-        "{\"selector\": \"%s\", \"context\": %llu, \"steps\": %llu, \"budget_tokens\": %llu, "
-        "\"block_size\": %u, "
-        "\"delta_mean\": %s, \"delta_p50\": %s, \"delta_p99\": %s, \"delta_max\": %s, "
-        "\"oracle_delta_mean\": %s, "
-        "\"target_delta\": %s, \"within_target_fraction\": %s, \"bound_violations\": %s, "
-        "\"bound_claims\": %s, "
-        "\"retrieval_overhead\": %s, \"attended_fraction\": %s, \"streamed_bytes_fraction\": %s, "
-        "\"topk_refetch_bytes_fraction\": %s, \"top1_agreement\": %s, \"nll_dense\": %s, "
-        "\"nll_sparse\": %s, "
-        "\"perplexity_ratio\": %s, \"max_resident_tokens\": %llu, \"generate\": %s, \"kv_dtype\": "
-        "\"%s\", "
-        "\"seconds\": %.2f, \"delta_source\": \"%s\", \"transport\": \"%s\", \"generated\": "
-        "[%s], \"service_round_trips\": %s, \"shared_prefetches\": %s, \"gate_checks\": {%s}, "
-        "\"audited\": %llu, \"audit_max_abs_error\": %s}\n",
-        name.c_str(), (unsigned long long)context, (unsigned long long)steps,
-        (unsigned long long)o.budget_tokens, B, Num(mean).c_str(), Num(Percentile(dt, 0.5)).c_str(),
-        Num(Percentile(dt, 0.99)).c_str(),
-        Num(dt.empty() ? NAN : *std::max_element(dt.begin(), dt.end())).c_str(), Num(omean).c_str(),
-        target ? Num(o.target_delta).c_str() : "null",
-        target ? Num(double(within) / dt.size()).c_str() : "null",
-        measured ? std::to_string(violations).c_str() : "null",
-        measured ? std::to_string(claims).c_str() : "null", Num(retrieval).c_str(),
-        Num(attended).c_str(), streamed_frac.c_str(), refetch_frac.c_str(),
-        Num(double(agree) / steps).c_str(), gen ? "null" : Num(nll_d).c_str(),
-        gen ? "null" : Num(nll_s).c_str(), gen ? "null" : Num(std::exp(nll_s - nll_d)).c_str(),
-        (unsigned long long)o.max_resident_tokens, gen ? "true" : "false", DTypeName(*dtype), secs,
-        measured ? "measured on the sparse run's own q and K" : "dense: nothing dropped",
-        !service             ? "inproc"
-        : conn->data_plane() ? conn->data_plane()->name()
-                             : "tcp",
-        gen ? generated.c_str() : "", stot ? std::to_string(stot->round_trips).c_str() : "null",
-        stot ? std::to_string(stot->shared_prefetches).c_str() : "null", gate_json.c_str(),
-        (unsigned long long)audited, audited ? Num(audit_err).c_str() : "null");
+    std::string j = "{";
+    auto kv = [&](const std::string& k, const std::string& v) {
+      j += (j.size() > 1 ? ", \"" : "\"") + k + "\": " + v;
+    };
+    auto str = [](const std::string& v) { return "\"" + JsonEscape(v) + "\""; };
+    const std::string null = "null";
+    std::string argv;  // the command line, for reports that label runs by their flags
+    for (const std::string& a : args) argv += (argv.empty() ? "" : " ") + a;
+    kv("selector", str(name));
+    kv("args", str(argv));
+    kv("model", str(model_path));
+    kv("offset", std::to_string(offset));
+    kv("context", std::to_string(context));
+    kv("steps", std::to_string(steps));
+    kv("budget_tokens", std::to_string(o.budget_tokens));
+    kv("block_size", std::to_string(B));
+    kv("delta_mean", Num(mean));
+    kv("delta_p50", Num(Percentile(dt, 0.5)));
+    kv("delta_p99", Num(Percentile(dt, 0.99)));
+    kv("delta_max", Num(dt.empty() ? NAN : *std::max_element(dt.begin(), dt.end())));
+    kv("oracle_delta_mean", Num(omean));
+    kv("target_delta", target ? Num(o.target_delta) : null);
+    kv("within_target_fraction", target ? Num(double(within) / dt.size()) : null);
+    kv("target_missed_fraction", target ? rate(target_missed, selections) : null);
+    kv("bound_violations", measured ? std::to_string(violations) : null);
+    kv("bound_claims", measured ? std::to_string(claims) : null);
+    kv("claim_kinds", "{" + kinds_json + "}");
+    kv("bound_claim_fraction", measured ? rate(bound_claims, dt.size()) : null);
+    kv("bound_claim_mean", bound_claims ? Num(bound_sum / double(bound_claims)) : null);
+    kv("bound_checks", std::to_string(bs.checks));
+    kv("bound_cosine_pass_rate", rate(bs.cosine_ok, bs.checks));
+    kv("bound_pass_rate", target ? rate(bs.pass, bs.checks) : null);
+    kv("bound_pass_rate_norm", target ? rate(bs.pass_norm, bs.checks) : null);
+    kv("bound_check_mean", bs.checks ? Num(bs.sum_bound / double(bs.checks)) : null);
+    kv("bound_check_mean_norm", bs.checks ? Num(bs.sum_bound_norm / double(bs.checks)) : null);
+    kv("cap_bound_checks", std::to_string(bs.cap_checks));
+    kv("retrieval_overhead", Num(retrieval));
+    kv("attended_fraction", Num(attended));
+    kv("streamed_bytes_fraction", streamed_frac);
+    kv("topk_refetch_bytes_fraction", refetch_frac);
+    kv("dense_layers", std::to_string(dense_layers));
+    kv("worker_memory_bytes", Num(mem));
+    kv("worker_memory_fraction", Num(mem / mem_dense));
+    kv("top1_agreement", Num(double(agree) / steps));
+    kv("nll_dense", gen ? null : Num(nll_d));
+    kv("nll_sparse", gen ? null : Num(nll_s));
+    kv("perplexity_ratio", gen ? null : Num(std::exp(nll_s - nll_d)));
+    kv("max_resident_tokens", std::to_string(o.max_resident_tokens));
+    kv("tau_cos", Num(o.prhs.tau_cos));
+    kv("max_cluster_steps", std::to_string(o.MaxClusterSteps()));
+    kv("layer_sharing", o.prhs.layer_sharing ? "true" : "false");
+    kv("psaw", o.prhs.psaw ? "true" : "false");
+    kv("bound_gate", o.prhs.use_bound_gate ? "true" : "false");
+    kv("reuse_regret", Num(o.prhs.reuse_regret));
+    kv("cap_reuse", o.prhs.cap_reuse ? "true" : "false");
+    kv("bound_form", str(bound_name));
+    kv("hshare_query_share", std::to_string(o.hshare.query_share));
+    kv("hshare_shared_kv_heads", std::to_string(o.hshare.shared_kv_heads));
+    kv("hshare_shared_layers", std::to_string(o.hshare.shared_layers));
+    kv("generate", gen ? "true" : "false");
+    kv("kv_dtype", str(DTypeName(*dtype)));
+    char sec[32];
+    std::snprintf(sec, sizeof sec, "%.2f", secs);
+    kv("seconds", sec);
+    kv("delta_source",
+       str(measured ? "measured on the sparse run's own q and K" : "dense: nothing dropped"));
+    kv("transport", str(!service             ? "inproc"
+                        : conn->data_plane() ? conn->data_plane()->name()
+                                             : "tcp"));
+    kv("generated", "[" + (gen ? generated : std::string()) + "]");
+    kv("service_round_trips", stot ? std::to_string(stot->round_trips) : null);
+    kv("shared_prefetches", stot ? std::to_string(stot->shared_prefetches) : null);
+    kv("gate_checks", "{" + gate_json + "}");
+    kv("audited", std::to_string(audited));
+    kv("audit_max_abs_error", audited ? Num(audit_err) : null);
+    kv("per_kv_head", "[" + per_head + "]");
+    std::printf("%s}\n", j.c_str());
   } else {
     std::printf("selector %s: context %llu, %llu steps, budget %llu tokens%s, block %u, KV %s\n",
                 name.c_str(), (unsigned long long)context, (unsigned long long)steps,
@@ -404,12 +534,17 @@ int RunEval(const std::vector<std::string>& args) {
         "  delta mean %.5f  p50 %.5f  p99 %.5f  max %.5f   (same-size block oracle: mean %.5f)\n",
         mean, Percentile(dt, 0.5), Percentile(dt, 0.99),
         dt.empty() ? 0.0 : *std::max_element(dt.begin(), dt.end()), omean);
-    if (target) std::printf("  within target: %.4f\n", double(within) / dt.size());
+    if (target)
+      std::printf("  within target: %.4f; selections that missed the target: %.4f\n",
+                  double(within) / dt.size(), double(target_missed) / double(selections));
     std::printf("  bound violations %llu of %llu claims; kinds:", (unsigned long long)violations,
                 (unsigned long long)claims);
     for (auto& [k, n] : kinds) std::printf(" %s %llu", k.c_str(), (unsigned long long)n);
+    if (bound_claims) std::printf("; mean bound claimed %.4f", bound_sum / double(bound_claims));
     std::printf("\n  retrieval overhead %.4f, attended fraction %.4f, streamed bytes / dense %s\n",
                 retrieval, attended, streamed_frac.c_str());
+    std::printf("  dense layers %u, worker memory %.0f bytes (%.4f of dense)\n", dense_layers, mem,
+                mem / mem_dense);
     std::printf("  top-1 agreement %.4f", double(agree) / steps);
     if (!gen)
       std::printf(", nll dense %.4f sparse %.4f, perplexity ratio %.4f", nll_d, nll_s,

@@ -3,7 +3,9 @@
 // from the selector, the plan diffs it against a hot-set mirror (byte accounting), and attention
 // runs over the selected blocks only, through the fast kernel in ascending block order (the same
 // kernel and order as the dense and the service source: selecting everything is bit-identical to
-// dense, and the same selections through the service give bit-identical outputs). Prefill is dense.
+// dense, and the same selections through the service give bit-identical outputs). Prefill is dense;
+// a selector that observes attention (registry: H2O) is handed the attention of every prefill query
+// over every block, and at decode the attention its selection received.
 //
 // What it attended and what the selector claimed are kept (SparseKvSource); MeasuredKvSource
 // (measure.h) measures the true δ against a shadow copy. Not thread-safe.
@@ -22,10 +24,12 @@
 namespace kvm::client {
 
 struct SourceTotals {
-  uint64_t steps = 0;       // decode steps seen (per layer 0)
-  uint64_t retrievals = 0;  // query heads scored (§0.3)
-  uint64_t anchors = 0;     // (step, layer, KV head) selections that re-anchored
-  sel::PlanBytes bytes;     // streamed, local fill, dense-equivalent, top-k refetch
+  uint64_t steps = 0;                     // decode steps seen (per layer 0)
+  uint64_t retrievals = 0;                // query heads scored (§0.3)
+  uint64_t anchors = 0;                   // (step, layer, KV head) selections that re-anchored
+  std::vector<uint64_t> head_retrievals;  // [layer][kv_head]: query heads scored there
+  uint64_t target_missed = 0;             // target mode: selections whose claim says δ* was missed
+  sel::PlanBytes bytes;                   // streamed, local fill, dense-equivalent, top-k refetch
 };
 
 class SelectorKvSource : public SparseKvSource {
@@ -50,9 +54,13 @@ class SelectorKvSource : public SparseKvSource {
 
  private:
   SelectorKvSource() = default;
+  // Prefill position `pos` of `layer`: the attention of its queries over every block, handed to a
+  // selector that observes attention (H2O).
+  Status ObservePrefill(uint32_t layer, uint64_t pos, const float* q);
   std::unique_ptr<DenseKvSource> dense_;
   std::unique_ptr<sel::Selector> selector_;
-  bool observes_ = false;  // the registry says the selector wants the attention it got (H2O)
+  bool observes_ = false;      // the registry says the selector wants the attention it got (H2O)
+  uint32_t dense_layers_ = 0;  // registry.h DenseLayers
   sel::SelectorOptions opt_;
   ModelShape shape_;
   uint64_t prefill_ = 0;

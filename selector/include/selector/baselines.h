@@ -12,9 +12,12 @@
 //    KV-head and layer sharing maps built greedily at prefill (SetShareMaps); in-process only. δ
 //    unknown.
 //  * streaming: sinks + the most recent blocks filling the budget; no retrieval. δ unknown.
-//  * h2o: accumulated attention per block (the caller reports each step's attention over the kept
-//    blocks with Observe); keeps the recent blocks and the top blocks by accumulated score; an
-//    evicted block never comes back. One retrieval per query head per step (§0.3). δ unknown.
+//  * h2o: accumulated attention per block, as H2O's hh_score: the caller reports with Observe the
+//    attention of every prefill query over every block of its causal range, then each decode
+//    step's attention over the kept blocks; keeps the recent blocks and the top blocks by
+//    accumulated score (so the first eviction, right after prefill, keeps the prefill's heavy
+//    hitters); an evicted block never comes back. One retrieval per query head per step (§0.3).
+//    δ unknown.
 // Not thread-safe (one object per sequence).
 #pragma once
 

@@ -23,12 +23,41 @@ struct LayerMapOptions {
   int32_t shared_layers = -1;
 };
 
+// Which forms of the δ bound the gate may use (gate.h): each is sound, the gate takes the least.
+enum class BoundForm : uint8_t {
+  kNorm = 0,     // (1) ε = ‖Δq‖·K_max/√d: the bound of selectors.md §0.4
+  kCentred = 1,  // (1) and (2), the μ-centred radius
+  kSplit = 2,    // (1), (2) and (3), the dropped/kept split
+};
+
 // PrHS (CIS + PSAW + cross-layer sharing), prhs.h.
 struct PrhsOptions {
-  double tau_cos = 0.8;        // cosine gate threshold in [−1, 1]. Default: 0.8 (paper).
+  // Cosine gate threshold in [−1, 1]: re-anchor when a head's query turns further than this from
+  // its anchor's. −1 = off. Trade-off: higher re-anchors more often for a fresher set. Default: −1
+  // (prhs.h: on real models the paper's 0.8 fails at most steps and buys little δ per retrieval).
+  double tau_cos = -1.0;
   bool use_bound_gate = true;  // target mode: also re-anchor when the δ bound exceeds δ*.
+  // The bound's forms. Trade-off: none for the worker (its gate is O(D) per head either way); the
+  // service computes the statistics at an anchor in O(g·T·D), as its scoring pass, and sends
+  // (g + 1)·D + g + 1 numbers with it. Default: kSplit.
+  BoundForm bound = BoundForm::kSplit;
   int32_t dilation = -1;  // ±r blocks around the top third; −1 = auto (1 below B 8, else 0).
-  uint32_t max_cluster_steps = 32;  // forced re-anchor after this many steps (0 = never).
+  // Forced re-anchor after this many steps; 0 = auto: a third of the cap in tokens (budget, or
+  // max_resident_tokens in target mode), at least 1 and at most 32. Trade-off: a longer cluster
+  // retrieves less, holds the set longer (staler) and keeps more blocks that left the window (the
+  // bound needs them resident; they count in the attended fraction): the auto value keeps those at
+  // about 1/6 of the cap on average. UINT32_MAX = never. Default: 0 (auto).
+  uint32_t max_cluster_steps = 0;
+  // Budget mode, the measured reuse horizon (prhs.h): at each anchor the previous anchor's set is
+  // scored exactly against the new query; when it lost at most this much mass (group mean of
+  // δ_old − δ_new) the next anchor may be reused twice as long, else half as long
+  // (1 .. MaxClusterSteps() steps). 0 = off: every anchor may be reused for MaxClusterSteps().
+  // Trade-off: smaller spends more retrievals for a lower δ. Default: 0 (off; prhs.h says why).
+  double reuse_regret = 0;
+  // Target mode, when the cap binds (prhs.h): reuse an anchor that missed δ* under the cosine gate
+  // and the horizon (true), or re-anchor at every step as a met anchor whose bound fails (false).
+  // Default: true.
+  bool cap_reuse = true;
   bool psaw = false;  // PSAW truncation. Default: off (with exact anchors it only trades δ for
                       // nothing at a fixed budget).
   uint32_t psaw_start_layer = 0;  // l_s; 0 = N/2.
@@ -79,6 +108,8 @@ struct SelectorOptions {
   uint64_t budget_blocks() const { return budget_tokens / geometry.block_size; }
   uint64_t cap_blocks() const;  // the most resident blocks a selection may have before extras
   int32_t DilationRadius() const;
+  // PrhsOptions::max_cluster_steps resolved (auto, never = UINT32_MAX).
+  uint32_t MaxClusterSteps() const;
   // A short context (selectors.md §0.9): every block of T tokens fits the cap, so everything is
   // resident (δ = 0, exact). The one statement of the rule.
   bool IsShortContext(uint64_t T) const { return geometry.Blocks(T) <= cap_blocks(); }

@@ -4,14 +4,59 @@
 //  * CIS: at an anchor, exact q·K of every query head of the KV-head group over every key; the top
 //    middle blocks by aggregated mass fill the budget (target mode: added in score order until
 //    every head keeps ≥ 1 − δ*(1 − margin), up to max_resident_tokens); the top third of them are
-//    dilated by ±r blocks. δ_a is exact. Later steps reuse the anchor's set while the worker gate
-//    (worker_gate.h: the one statement of the reuse, short-context and sharing rules) passes; a
-//    failing head re-anchors the whole group.
+//    dilated by ±r blocks. δ_a is exact, and so are the key statistics of the worker's δ bound
+//    (gate.h). Later steps reuse the anchor's set while the worker gate (worker_gate.h: the one
+//    statement of the reuse, short-context and sharing rules) passes; a failing head re-anchors the
+//    whole group.
 //  * PSAW: layer l ≥ l_s may select middle blocks only after the cut-off
 //    P_l(t) = floor((1 − φ^(α(l − l_s)/(N − l_s))) · t), frozen at the anchor. In target mode the
 //    cut moves back until the mass it drops is ≤ half of the allowance δ*(1 − margin).
 //  * Layer sharing (§0.6): a layer with map[l] = s < l uses layer s's block set of the same step
 //    and KV head (its blocks can be streamed before its query exists); no retrieval; δ unknown.
+//
+// ---- How long an anchor is reused --------------------------------------------------------------
+// A cluster ends at the first of: a head's cosine with its anchor query below τ_cos; its δ bound
+// above the limit (target mode, an anchor that met δ*); the set outgrowing the hot set; the
+// anchor's horizon, Selection::reuse_steps, which travels with it. The horizon is
+// SelectorOptions::MaxClusterSteps() (auto: a third of the cap in tokens, 1..32), or in budget
+// mode with reuse_regret > 0 the measured horizon: at each anchor the previous anchor's reuse set
+// is scored exactly against the new queries (the scores are there anyway); if re-anchoring bought
+// more than reuse_regret of mass (group mean δ_old − δ_new) the next horizon halves, else it
+// doubles (from 2, within 1..MaxClusterSteps()). The service and an in-process selector see the
+// same anchors, so both compute the same horizons.
+//
+// ---- When the cap binds (target mode) ----------------------------------------------------------
+// An anchor whose fill reached max_resident_tokens before every head kept 1 − δ*(1 − margin) may
+// miss δ* (some head's exact δ_a > δ*: target_met false). Re-anchoring at the next step meets the
+// same cap, so it cannot be relied on to reach δ* either. The rule (PrhsOptions::cap_reuse, on by
+// default): the group of an anchor that missed δ* is reused while every head passes the cosine
+// gate (τ_cos) within the anchor's horizon and the hot set — with no bound limit, since no set
+// within the cap is known to meet δ*. Every such claim is the sound bound (kind bound, never below
+// the measured δ), with target_met false; the group re-anchors when the horizon ends. An anchor
+// that met δ* is reused only while every head's bound stays ≤ δ* (target_met true). cap_reuse off
+// re-anchors at every step of a cap-bound group (as before issue 23). Measured against always
+// re-anchoring in bench/RESULTS.md ("Fidelity: the frontier").
+//
+// ---- Defaults, and why (bench/RESULTS.md "Fidelity: the frontier", two models, two budgets) -----
+//  * τ_cos −1 (off). On both committed models a head's post-RoPE query has cosine 0.43–0.46 with
+//    the previous step's on average; the paper's 0.8 re-anchors at 0.88–0.95 of (step, layer,
+//    query head) for a δ within 1.01× of the oracle's, while a stale set of up to 32 steps loses
+//    only 0.01–0.03 of mass at 1/8 (exact anchors): the cosine buys little δ per retrieval.
+//  * max_cluster_steps auto (a third of the cap, ≤ 32): blocks that leave the window during a
+//    cluster stay resident (the bound needs them), so the attended fraction grows by about 1/6 of
+//    the cap on average — within the 1.25× of HShare's attended fraction that matched cost allows;
+//    32 steps at most, so a large budget does not hold a set for hundreds of steps.
+//  * reuse_regret 0 (off): on both models the measured horizon bought less δ per extra retrieval
+//    than the fixed cap (it is the knob for a lower δ at more retrievals).
+//  * layer sharing, PSAW, dense layers off: sharing halves retrievals at a δ that is worse on one
+//    model and equal on the other; PSAW changes nothing measurable with exact anchors; a dense
+//    layer attends its whole context, 1/L of the model's attention, far past matched cost.
+//  * the split bound (gate.h): sound, and the least of its three forms — but on the real models a
+//    one-step drift moves the dropped tokens' logits by about ±4.5 (median, measured per token on
+//    models/austen) and a bound that never sees those keys must allow ±14 (‖Δ‖·R_D), so no such
+//    bound is small there: it rarely lets a met anchor be reused in target mode.
+//  * margin 0.5: with reuse this rare it mostly buys accuracy (top-1 0.99 against 0.96 at margin
+//    0) at an attended fraction 1.15× the target-mode oracle's.
 //
 // Not thread-safe (one object per sequence).
 #pragma once
@@ -61,10 +106,17 @@ class PrhsSelector : public Selector {
   PrhsSelector(const SelectorOptions& o, const ModelShape& s);
   Status SelectImpl(const StepInput& in, bool allow_reuse, Selection* out);
   Status AnchorStep(const StepInput& in, Selection* out);
+  // The measured horizon of (in.layer, in.kv_head) updated from what this anchor bought over the
+  // previous one, into out->reuse_steps.
+  void UpdateHorizon(const StepInput& in, const GroupScores& s, Selection* out);
+  uint32_t MaxHorizon() const;
+
+  static constexpr uint32_t kInitialHorizon = 2;
 
   SelectorOptions opt_;
   ModelShape shape_;
   WorkerGate gate_;
+  std::vector<uint32_t> horizon_;  // [layer][kv_head]: steps the next anchor may be reused for
 };
 
 }  // namespace kvm::sel

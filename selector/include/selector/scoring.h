@@ -39,6 +39,13 @@ std::vector<double> LogDeltaOf(const GroupScores& s, const std::vector<uint64_t>
 // δ per query head: exp(LogDeltaOf).
 std::vector<double> DeltaOf(const GroupScores& s, const std::vector<uint64_t>& blocks);
 
+// The key statistics of an anchor's δ bound (gate.h, forms (2) and (3)) into out->key_radius,
+// split_dir and dropped_radius: R_μ over every key of kv (μ their mean), and per query head of
+// s's group w = μ_D − μ_K and R_D for the resident `blocks` (ascending), with the anchor's
+// attention from s's logits. Sums in double; radii rounded up to float. s must score kv's tokens.
+void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
+                    const std::vector<uint64_t>& blocks, Selection* out);
+
 // The block oracle (§0.1, §0.7): the forced blocks plus the `count` − |forced| other blocks of
 // highest aggregated mass (ties to the lower index). Maximises the group's summed retained mass
 // among sets of `count` blocks containing `forced`. Returns ascending blocks.

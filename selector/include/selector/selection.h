@@ -90,6 +90,10 @@ struct StepInput {
   // short context). A selector whose TakesScores() is true then does not read kv (which may be
   // null; summaries must then cover every token).
   const std::function<Status(GroupScores*)>* score = nullptr;
+  // Optional, with score: the keys of this (layer, KV head), fetched where they live when the
+  // selector needs them after scoring (PrHS's anchor statistics for the worker's δ bound). Without
+  // kv and keys an anchor carries k_max alone (its bound is then today's form (1)).
+  const std::function<Result<const attn::HeadKV*>()>* keys = nullptr;
   uint64_t tokens() const { return step + 1; }
 };
 
@@ -102,9 +106,20 @@ struct Selection {
   // logits, so a tiny δ is never rounded to 0; the gate's bound needs it). Empty: log(delta).
   std::vector<double> log_delta;
   DeltaKind kind = DeltaKind::kUnknown;
-  bool target_met = true;     // target-δ mode: every head's δ ≤ δ* (false: the cap was hit)
-  bool anchor = false;        // this step re-anchored
-  float k_max = 0.f;          // anchors: max key norm over the scored candidates
+  bool target_met = true;  // target-δ mode: every head's δ ≤ δ* (false: the cap was hit)
+  bool anchor = false;     // this step re-anchored
+  float k_max = 0.f;       // anchors: max key norm over the scored candidates
+  // Anchors: the key statistics of the δ bound (gate.h, forms (2) and (3)), computed exactly from
+  // the candidate keys and the anchor's attention; present iff split_dir has group × head_dim
+  // numbers (empty when the selector scored without the keys: the worker's bound then uses k_max
+  // alone). Like k_max and log_delta they travel to the worker with the anchor, and its gate takes
+  // them from here (WorkerGate::Record). The mean key μ itself is not needed: its shift cancels.
+  float key_radius = 0.f;        // R_μ = max over the candidates of ‖k_j − μ‖ (rounded up)
+  std::vector<float> split_dir;  // [group][head_dim] per query head w = μ_D − μ_K
+  std::vector<float> dropped_radius;  // [group] per query head R_D (rounded up)
+  // Anchors: the steps the worker may reuse this set for (steps before step + reuse_steps), the
+  // measured horizon of prhs.h; 0 = up to max_cluster_steps. Travels with the anchor.
+  uint32_t reuse_steps = 0;
   uint64_t extra_blocks = 0;  // blocks beyond the budget (dilation, blocks that left the window)
 
   uint64_t resident_tokens(uint32_t B) const { return blocks.size() * uint64_t{B}; }
@@ -127,9 +142,11 @@ class Selector {
   virtual bool TakesScores() const { return false; }
   // The pre-hoc gate this selector decides reuse with (worker_gate.h), or null when it has none.
   virtual WorkerGate* gate() { return nullptr; }
-  // The attention this step's selection of (layer, KV head) received: mass[i] = Σ over the group's
-  // query heads of the attention of blocks[i]. Only selectors whose registry entry says
-  // observes_attention use it (H2O); the default ignores it.
+  // The attention a query of (layer, KV head) gave `blocks`: mass[i] = Σ over the group's query
+  // heads of the attention of blocks[i] — at decode, this step's selection and the attention it
+  // received; at prefill, every block of the causal range and each prefill query's attention (H2O
+  // accumulates both). Only selectors whose registry entry says observes_attention use it (H2O);
+  // the default ignores it.
   virtual Status Observe(uint32_t layer, uint32_t kv_head, const std::vector<uint64_t>& blocks,
                          const std::vector<double>& mass) {
     (void)layer, (void)kv_head, (void)blocks, (void)mass;

@@ -12,9 +12,12 @@
 //   step
 //                  plus its own sinks and window; δ unknown; never a retrieval;
 //   reuse          PrHS CIS: the anchor's set + the sinks + every block from the anchor's first
-//                  window block on, while the cluster is shorter than max_cluster_steps, the set
-//                  fits the hot set, and every query head of the group passes its gate (gate.h:
-//                  cosine ≥ τ_cos and, in target mode, the δ bound ≤ δ*); δ is the bound;
+//                  window block on, while the cluster is shorter than max_cluster_steps and than
+//                  the anchor's measured horizon (Selection::reuse_steps), the set fits the hot
+//                  set, and every query head of the group passes its gate (gate.h: cosine ≥ τ_cos
+//                  and, in target mode for an anchor that met δ*, the δ bound ≤ δ*; for an anchor
+//                  that missed δ* because the cap bound, no bound limit — prhs.h "When the cap
+//                  binds"); δ is the bound, target_met whether every head's bound is ≤ δ*;
 //   retrieve       none of the above: the caller gets the selection scored (in-process, or by the
 //                  service) and hands it back with Record, which makes it the new anchor.
 // A selector without a gate (registry caps: has_gate false) gets dense_layer or `retrieve`.
@@ -52,9 +55,25 @@ inline constexpr std::array<GateOutcome, 5> kGateOutcomes = {
 // kvm_gate_checks_total).
 const char* GateOutcomeName(GateOutcome o);
 
-// Decisions per outcome.
+// What the δ bound did at the query-head checks against a valid anchor (gate.h): how often it
+// stayed within its limit, and the same for today's K_max form, for comparisons.
+struct BoundStats {
+  uint64_t checks = 0;      // query-head checks against a valid anchor
+  uint64_t cosine_ok = 0;   // ... whose cosine passed τ_cos
+  uint64_t pass = 0;        // ... whose bound was within the head's limit (target mode)
+  uint64_t pass_norm = 0;   // ... whose form-(1) bound would have been (today's gate)
+  uint64_t cap_checks = 0;  // checks of heads whose anchor missed δ* (the cap bound)
+  double sum_bound = 0, sum_bound_norm = 0;  // over `checks`
+};
+
+// Decisions per outcome, and per (layer, KV head) the query heads retrieved.
 struct GateCounts {
   std::array<uint64_t, kGateOutcomes.size()> n{};
+  BoundStats bound;
+  // Target mode: (step, layer, KV head) selections, anchors and reuse, whose claim says the target
+  // was missed (target_met false).
+  uint64_t target_missed = 0;
+  std::vector<uint64_t> retrieved;  // [layer][kv_head]: Σ Selection::retrieved_heads recorded
   uint64_t& operator[](GateOutcome o) { return n[static_cast<size_t>(o)]; }
   uint64_t operator[](GateOutcome o) const { return n[static_cast<size_t>(o)]; }
   uint64_t total() const {
@@ -69,6 +88,8 @@ struct AnchorRecord {
   bool valid = false;              // false: no anchor yet (or a short-context selection)
   uint64_t step = 0;               // the anchor's step
   std::vector<uint64_t> resident;  // its resident blocks, ascending
+  uint32_t reuse_steps = 0;        // its measured horizon (Selection::reuse_steps)
+  bool target_met = true;          // target mode: every head's exact δ_a ≤ δ*
 };
 
 class WorkerGate {
@@ -86,9 +107,12 @@ class WorkerGate {
   Result<GateOutcome> Decide(uint64_t step, uint32_t layer, uint32_t kv_head, const float* q,
                              bool allow_reuse, Selection* out);
   // Takes the selection a retrieval returned for (step, layer, kv_head). An anchor (s.anchor)
-  // becomes the anchor record: its set, and per query head q (the group's queries, the ones the
-  // worker sent, kept in fp32), log δ (s.LogDelta) and K_max. Anything else only becomes the last
-  // set.
+  // becomes the anchor record: its set, its horizon (s.reuse_steps), whether it met δ* (from
+  // s.LogDelta), and per query head q (the group's queries, the ones the worker sent, kept in
+  // fp32), log δ (s.LogDelta), K_max and the key statistics of the bound (s.key_radius,
+  // split_dir, dropped_radius: gate.h). Everything the gate decides with comes from s, so a
+  // selection that crossed a wire with these fields decides exactly as in-process. Anything else
+  // only becomes the last set.
   void Record(uint64_t step, uint32_t layer, uint32_t kv_head, const float* q, const Selection& s);
   // Forgets every anchor and last set (a new hot set); keeps the layer map.
   void Reset();
@@ -135,7 +159,7 @@ class WorkerGate {
   };
   Head& head(uint32_t l, uint32_t kvh) { return heads_[size_t{l} * shape_.kv_heads + kvh]; }
   bool Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const float* q, uint64_t step,
-             Selection* out) const;
+             Selection* out);
 
   SelectorOptions opt_;
   ModelShape shape_;
