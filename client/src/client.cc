@@ -14,7 +14,9 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
+#include <unordered_map>
 
 #include "proto/kvm.pb.h"
 
@@ -62,14 +64,16 @@ struct Client::Impl {
   uint64_t max_frame = 0;
   bool data_plane_active = false;
   std::atomic<int64_t> last_write_ns{0};
-  // Requests whose replies have not been read yet, in send order (replies come in order).
+  std::atomic<uint64_t> bytes_sent{0};
+  // Requests whose replies have not been read yet, by request id (replies come in any order).
   struct Pending {
-    uint64_t id;
     std::function<void(const Result<wire::Frame>&)> on_reply;
     bool heartbeat = false;
+    bool optional = false;  // no reply on success (a data-plane retrieval)
   };
-  std::deque<Pending> pending;
-  std::mutex pending_mu;  // the heartbeat thread appends its requests too
+  std::unordered_map<uint64_t, Pending> pending;
+  size_t required = 0;    // pending entries that are not optional (Flush waits for these)
+  std::mutex pending_mu;  // the heartbeat thread adds its requests too
   Status async_error;
   // Heartbeats.
   std::thread beat;
@@ -90,6 +94,7 @@ struct Client::Impl {
     fd = -1;
     std::lock_guard<std::mutex> l(pending_mu);
     pending.clear();
+    required = 0;
     decoder = wire::FrameDecoder();
   }
 
@@ -106,34 +111,39 @@ struct Client::Impl {
       off += size_t(n);
     }
     last_write_ns = Clock::now().time_since_epoch().count();
+    bytes_sent += bytes.size();
     return Status::Ok();
   }
 
   Result<uint64_t> Send(wire::MessageType type, const google::protobuf::MessageLite& m,
                         std::span<const uint8_t> payload,
-                        std::function<void(const Result<wire::Frame>&)> on_reply, bool hb) {
-    std::lock_guard<std::mutex> w(write_mu);  // the order of `pending` is the order on the wire
+                        std::function<void(const Result<wire::Frame>&)> on_reply, bool hb,
+                        bool optional = false) {
+    std::lock_guard<std::mutex> w(write_mu);
     uint64_t id;
     {
       std::lock_guard<std::mutex> l(pending_mu);
       id = next_id++;
-      pending.push_back({id, std::move(on_reply), hb});
+      pending[id] = {std::move(on_reply), hb, optional};
+      required += !optional;
     }
     Status st = WriteAll(wire::EncodeFrame(static_cast<uint16_t>(type), id, m, payload));
     if (!st.ok()) return st;
     return id;
   }
 
-  // Reads one frame (deadline); Unavailable when the connection closed.
-  Result<wire::Frame> ReadFrame(Clock::time_point deadline) {
+  // Reads one frame (deadline); Unavailable when the connection closed. With `peek`, returns
+  // TryAgain instead of waiting when no whole frame is buffered or readable now.
+  Result<wire::Frame> ReadFrame(Clock::time_point deadline, bool peek = false) {
     wire::Frame f;
     while (!decoder.Next(&f)) {
       const auto left =
           std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-      if (left <= 0) return Status::TimedOut("no reply within the deadline");
+      if (left <= 0 && !peek) return Status::TimedOut("no reply within the deadline");
       pollfd p{fd, POLLIN, 0};
-      const int r = ::poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+      const int r = ::poll(&p, 1, peek ? 0 : int(std::min<int64_t>(left, 1000)));
       if (r < 0 && errno == EINTR) continue;
+      if (r == 0 && peek) return Status::TryAgain("nothing to read");
       if (r <= 0) continue;
       uint8_t buf[256 * 1024];
       const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
@@ -153,39 +163,67 @@ struct Client::Impl {
     return f;
   }
 
-  // Reads replies in order until the one for `id` (0: until none is pending), dispatching the
-  // asynchronous ones on the way.
+  // Hands a reply to its request: returns it when it is `id`'s, else runs its handler (or keeps
+  // its failure for Flush). A reply to no pending request (forgotten, or a protocol error with id
+  // 0) is dropped; a connection-level error (id 0) closes the channel.
+  std::optional<Result<wire::Frame>> Dispatch(wire::Frame f, uint64_t id) {
+    const uint64_t rid = f.header.request_id;
+    Pending p;
+    {
+      std::lock_guard<std::mutex> l(pending_mu);
+      auto it = pending.find(rid);
+      if (it == pending.end()) {
+        if (rid == 0) {  // the server refused the stream: every pending request fails
+          Result<wire::Frame> r = AsResult(std::move(f));
+          Close();
+          return r.ok() ? Result<wire::Frame>(Status::Unavailable("connection closed")) : r;
+        }
+        return std::nullopt;
+      }
+      p = std::move(it->second);
+      required -= !p.optional;
+      pending.erase(it);
+    }
+    Result<wire::Frame> r = AsResult(std::move(f));
+    if (rid == id) return r;
+    if (p.on_reply) {
+      p.on_reply(r);
+    } else if (!r.ok() && !p.heartbeat && async_error.ok()) {
+      async_error = r.status();
+    }
+    return std::nullopt;
+  }
+
+  // Reads replies until the one for `id` (0: until no required reply is pending), dispatching the
+  // others on the way.
   Result<wire::Frame> ReadUntil(uint64_t id) {
     const auto deadline = Clock::now() + std::chrono::milliseconds(opt.deadline_ms);
     for (;;) {
-      Pending head;
       {
         std::lock_guard<std::mutex> l(pending_mu);
-        if (pending.empty()) {
-          if (id == 0) return wire::Frame{};
+        if (id == 0 && required == 0) return wire::Frame{};
+        if (id != 0 && !pending.count(id))
           return Status::Internal("reply for request " + std::to_string(id) + " lost");
-        }
-        head = pending.front();
       }
       auto f = ReadFrame(deadline);
       if (!f.ok()) {
         if (f.status().code() == StatusCode::kUnavailable) Close();
         return f.status();
       }
-      if (f->header.request_id != head.id && f->header.request_id != 0)
-        return Status::Internal("reply out of order: got " + std::to_string(f->header.request_id) +
-                                ", expected " + std::to_string(head.id));
-      {
-        std::lock_guard<std::mutex> l(pending_mu);
-        pending.pop_front();
+      if (auto r = Dispatch(std::move(*f), id)) return std::move(*r);
+    }
+  }
+
+  // Reads whatever replies are here now (dispatching them); Unavailable when the connection closed.
+  Status ReadAvailable() {
+    for (;;) {
+      auto f = ReadFrame(Clock::now(), /*peek=*/true);
+      if (f.status().IsTryAgain()) return Status::Ok();
+      if (!f.ok()) {
+        if (f.status().code() == StatusCode::kUnavailable) Close();
+        return f.status();
       }
-      Result<wire::Frame> r = AsResult(std::move(*f));
-      if (head.id == id) return r;
-      if (head.on_reply) {
-        head.on_reply(r);
-      } else if (!r.ok() && !head.heartbeat && async_error.ok()) {
-        async_error = r.status();
-      }
+      if (auto r = Dispatch(std::move(*f), 0); r && !r->ok()) return r->status();
     }
   }
 
@@ -262,6 +300,46 @@ Status Client::CallAsync(wire::MessageType type, const google::protobuf::Message
   return impl_->Send(type, m, payload, std::move(on_reply), false).status();
 }
 
+Result<uint64_t> Client::SendOptionalReply(
+    wire::MessageType type, const google::protobuf::MessageLite& m,
+    std::span<const uint8_t> payload, std::function<void(const Result<wire::Frame>&)> on_reply) {
+  if (impl_->fd < 0) return Status::Unavailable("not connected (Reconnect)");
+  return impl_->Send(type, m, payload, std::move(on_reply), false, /*optional=*/true);
+}
+
+Status Client::Await(const std::function<bool()>& done) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(impl_->opt.deadline_ms);
+  transport::Transport* dp = data_plane();
+  for (;;) {
+    if (impl_->fd < 0) return Status::Unavailable("not connected (Reconnect)");
+    KVM_RETURN_IF_ERROR(impl_->ReadAvailable());
+    if (done()) return Status::Ok();
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) return Status::TimedOut("no reply within the deadline");
+    if (dp) {  // the data plane's events, or the control socket readable
+      Status w = dp->WaitFor(done, int(left), impl_->fd);
+      if (!w.ok() && !w.IsTimedOut()) return w;
+    } else {
+      pollfd p{impl_->fd, POLLIN, 0};
+      (void)::poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+    }
+  }
+}
+
+Status Client::Poll() {
+  if (impl_->fd < 0) return Status::Unavailable("not connected (Reconnect)");
+  return impl_->ReadAvailable();
+}
+
+void Client::Forget(uint64_t id) {
+  std::lock_guard<std::mutex> l(impl_->pending_mu);
+  auto it = impl_->pending.find(id);
+  if (it == impl_->pending.end()) return;
+  impl_->required -= !it->second.optional;
+  impl_->pending.erase(it);
+}
+
 Status Client::Flush() {
   if (impl_->fd >= 0) KVM_RETURN_IF_ERROR(impl_->ReadUntil(0).status());
   Status s = impl_->async_error;
@@ -301,6 +379,7 @@ Status Client::DeleteSequence(uint64_t sequence_id) {
 }
 
 uint64_t Client::session_id() const { return impl_->session_id; }
+uint64_t Client::bytes_sent() const { return impl_->bytes_sent; }
 transport::Transport* Client::data_plane() const {
   return impl_->data_plane_active ? impl_->opt.data_plane : nullptr;
 }

@@ -76,6 +76,18 @@ Status HotSet::Apply(uint32_t layer, uint32_t kv_head, const sel::PlanStep& step
   return Status::Ok();
 }
 
+std::vector<uint64_t> HotSet::Resident(uint32_t layer, uint32_t kv_head, uint64_t window_first,
+                                       uint64_t nb, std::span<const uint64_t> window) const {
+  std::vector<uint64_t> out;
+  for (uint64_t b : tables_[Index(layer, kv_head)].slot_table())
+    if (b != sel::kEmptySlot) out.push_back(b);
+  for (uint64_t b : window)
+    if (b >= window_first && b < nb) out.push_back(b);
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 void HotSet::Reset() {
   for (auto& t : tables_) t.Reset();
 }

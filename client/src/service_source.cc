@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <utility>
 
@@ -76,6 +77,11 @@ struct ServiceKvSource::Impl {
   std::vector<uint32_t> buf_tokens;
   std::vector<uint8_t> buf_rows;
   uint64_t sent_upto = 0;  // tokens whose Append is on the wire
+  uint64_t acked = 0;      // tokens the service acknowledged (stored)
+  Status append_error;     // the first failed Append (reported at the next call)
+  // [layer][kv_head]: the service holds the K rows of tokens below max(acked, this): a completed
+  // RetrieveLayer carried them, and the coming Append leaves them out (K once).
+  std::vector<uint64_t> k_held;
   uint32_t token = 0;
 
   std::vector<ClaimRecord> claims;
@@ -89,9 +95,9 @@ struct ServiceKvSource::Impl {
   bool needs_reset = false;  // a retrieval failed midway: reset the hot set before going on
   bool diverged = false;     // the last retrieval's selections did not fit the hot set
 
-  // Data plane: active messages per retrieval request id (parts arrived, first error). The
-  // transport calls back on the thread in WaitFor; the lock keeps that obviously safe.
-  std::unordered_map<uint64_t, uint32_t> arrived;
+  // Data plane: the parts of each retrieval reply by request id, and the first failed delivery.
+  // The transport calls back on the thread in Await; the lock keeps that obviously safe.
+  std::unordered_map<uint64_t, std::vector<wire::DataPart>> arrived;
   Status data_error;
   std::mutex data_mu;
 
@@ -111,6 +117,8 @@ struct ServiceKvSource::Impl {
     wire::CreateSequenceReply r;
     KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
     if (opt.attach) sent_upto = buf_start = r.length();
+    acked = r.length();
+    k_held.assign(size_t{L} * Hkv, 0);  // a (re)configured sequence holds no carried rows
     return Status::Ok();
   }
 
@@ -121,16 +129,38 @@ struct ServiceKvSource::Impl {
     a.set_sequence_id(opt.sequence_id);
     a.set_start_position(buf_start);
     for (uint32_t t : buf_tokens) a.add_token_ids(t);
+    // K once: the last token's K row of a (layer, KV head) that a RetrieveLayer of this step
+    // carried is left out; the service kept it.
+    const uint64_t last = buf_start + n - 1;
+    std::vector<uint8_t> omit(size_t{L} * Hkv, 0);
+    for (size_t i = 0; i < omit.size(); ++i)
+      if (k_held[i] > last) {
+        omit[i] = 1;
+        a.add_k_from_retrieval(uint32_t(i));
+      }
     // Wire layout: [layer][kv_head][K,V][token][D].
-    std::vector<uint8_t> payload(n * token_rows_bytes());
+    std::vector<uint8_t> payload(wire::AppendPayloadBytes(shape, n, a.k_from_retrieval_size()));
     uint8_t* p = payload.data();
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < Hkv; ++h)
         for (int v = 0; v < 2; ++v)
-          for (uint64_t t = 0; t < n; ++t, p += row)
+          for (uint64_t t = 0; t < n; ++t) {
+            if (v == 0 && t + 1 == n && omit[index(l, h)]) continue;
             std::memcpy(p, buf_rows.data() + t * token_rows_bytes() + (index(l, h) * 2 + v) * row,
                         row);
-    KVM_RETURN_IF_ERROR(client->CallAsync(wire::MessageType::kAppend, a, payload));
+            p += row;
+          }
+    KVM_RETURN_IF_ERROR(client->CallAsync(wire::MessageType::kAppend, a, payload,
+                                          [this](const Result<wire::Frame>& f) {
+                                            wire::AppendReply r;
+                                            Status st = f.status();
+                                            if (st.ok()) st = wire::ParseProto(*f, &r);
+                                            if (st.ok()) {
+                                              acked = std::max<uint64_t>(acked, r.length());
+                                            } else if (append_error.ok()) {
+                                              append_error = st.WithContext("append");
+                                            }
+                                          }));
     sent_upto = buf_start + n;
     buf_start = sent_upto;
     buf_tokens.clear();
@@ -179,7 +209,11 @@ struct ServiceKvSource::Impl {
   Result<std::vector<uint8_t>> Query(Msg* m, uint32_t l, uint64_t pos,
                                      const std::vector<uint32_t>& hs, const float* q) {
     const uint64_t T = pos + 1;
-    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, sent_upto));
+    // The K rows the service may not hold: from the least it is known to hold among these heads
+    // (acknowledged appends, rows earlier retrievals carried) to T.
+    uint64_t held = T;
+    for (uint32_t h : hs) held = std::min(held, std::max(acked, k_held[index(l, h)]));
+    const uint32_t pending = static_cast<uint32_t>(T - std::min(T, held));
     m->set_sequence_id(opt.sequence_id);
     m->set_step(pos);
     m->set_layer(l);
@@ -201,23 +235,42 @@ struct ServiceKvSource::Impl {
     return out;
   }
 
-  // Waits for the reply's active messages (the blocks landed in their slots).
-  Status WaitForBlocks(uint64_t id, uint32_t parts) {
-    transport::Transport* dp = client->data_plane();
-    if (!dp) return Status::Internal("blocks on a data plane this session does not have");
-    const auto tw = std::chrono::steady_clock::now();
-    Status w = dp->WaitFor(
-        [&] {
-          std::lock_guard<std::mutex> lk(data_mu);
-          return arrived[id] >= parts || !data_error.ok();
-        },
-        int(client->options().deadline_ms));
-    totals.retrieve_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - tw).count();
-    std::lock_guard<std::mutex> lk(data_mu);
-    arrived.erase(id);
-    if (!data_error.ok()) return std::exchange(data_error, Status::Ok());
-    return w.WithContext("waiting for the blocks of retrieval " + std::to_string(id));
+  // A RetrieveLayer over the data plane: its active messages are the reply (their blocks land in
+  // the slots as they come); a TCP reply only comes for an error (or from a service that sent the
+  // blocks in the frame after all). Waits for all parts or that reply, within the deadline.
+  Status AwaitParts(const wire::RetrieveLayer& m, const std::vector<uint8_t>& payload,
+                    wire::RetrieveLayerReply* r, wire::Frame* tcp, bool* on_data_plane) {
+    std::optional<Result<wire::Frame>> replied;
+    KVM_ASSIGN_OR_RETURN(
+        const uint64_t id,
+        client->SendOptionalReply(wire::MessageType::kRetrieveLayer, m, payload,
+                                  [&replied](const Result<wire::Frame>& f) { replied = f; }));
+    auto complete = [&] {
+      std::lock_guard<std::mutex> lk(data_mu);
+      auto it = arrived.find(id);
+      return !data_error.ok() ||
+             (it != arrived.end() && it->second.size() == it->second.front().parts());
+    };
+    Status w = client->Await([&] { return replied.has_value() || complete(); });
+    std::vector<wire::DataPart> parts;
+    {
+      std::lock_guard<std::mutex> lk(data_mu);
+      if (auto it = arrived.find(id); it != arrived.end()) {
+        parts = std::move(it->second);
+        arrived.erase(it);
+      }
+      if (!data_error.ok()) w = std::exchange(data_error, Status::Ok());
+    }
+    if (replied) {  // an error (or a TCP reply after all)
+      if (!replied->ok()) return replied->status();
+      *tcp = std::move(**replied);
+      return wire::ParseProto(*tcp, r);
+    }
+    client->Forget(id);  // no TCP reply will come on success; a late one is dropped
+    KVM_RETURN_IF_ERROR(w.WithContext("waiting for the parts of retrieval " + std::to_string(id)));
+    KVM_ASSIGN_OR_RETURN(*r, wire::JoinParts(std::move(parts)));
+    *on_data_plane = true;
+    return Status::Ok();
   }
 
   // One RetrieveLayer for the KV heads `hs` of layer l; applies every selection of the reply to the
@@ -230,24 +283,35 @@ struct ServiceKvSource::Impl {
     m.set_hot_set_generation(generation);
     KVM_ASSIGN_OR_RETURN(const std::vector<uint8_t> payload_out, Query(&m, l, pos, hs, q));
     const auto t0 = std::chrono::steady_clock::now();
-    auto f = client->Call(wire::MessageType::kRetrieveLayer, m, payload_out);
+    wire::RetrieveLayerReply r;
+    wire::Frame tcp;  // the reply frame of the TCP path
+    bool on_data_plane = false;
+    Status st;
+    if (client->data_plane()) {
+      st = AwaitParts(m, payload_out, &r, &tcp, &on_data_plane);
+    } else {
+      auto f = client->Call(wire::MessageType::kRetrieveLayer, m, payload_out);
+      st = f.status();
+      if (st.ok()) {
+        tcp = std::move(*f);
+        st = wire::ParseProto(tcp, &r);
+      }
+    }
     totals.retrieve_seconds +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (!f.ok()) return f.status().WithContext("retrieve layer " + std::to_string(l));
+    if (!st.ok()) return st.WithContext("retrieve layer " + std::to_string(l));
     ++totals.round_trips;
-    wire::RetrieveLayerReply r;
-    KVM_RETURN_IF_ERROR(wire::ParseProto(*f, &r));
-    const bool on_data_plane = r.data_plane_parts() > 0;
-    if (on_data_plane)
-      KVM_RETURN_IF_ERROR(WaitForBlocks(f->header.request_id, r.data_plane_parts()));
+    // The service now holds these heads' K rows up to T (kept for the coming Append).
+    for (uint32_t h : hs) k_held[index(l, h)] = std::max(k_held[index(l, h)], T);
     int own = 0;
     for (const auto& hsel : r.heads()) own += hsel.layer() == l;
     if (own != int(hs.size()))
       return Status::Internal("retrieve: " + std::to_string(own) + " heads for " +
                               std::to_string(hs.size()));
     size_t at = 0;
-    const auto& payload = f->payload;
-    const uint64_t window_first = opt.options.geometry.WindowFirstBlock(T);
+    const auto& payload = tcp.payload;
+    const uint64_t window_first = opt.options.geometry.WindowFirstBlock(T),
+                   nb = layout.BlocksFor(T);
     for (const wire::HeadSelection& hsel : r.heads()) {
       const uint32_t h = hsel.kv_head(), sl = hsel.layer();
       if (sl >= L || h >= Hkv || hsel.delta_size() != int(g) || hsel.log_delta_size() != int(g) ||
@@ -277,8 +341,13 @@ struct ServiceKvSource::Impl {
       totals.streamed_bytes += step.sends.size() * 2 * bb;
       totals.local_fill_bytes += step.local_fills.size() * 2 * bb;
       contact[index(sl, h)] = 1;
-      hot->Trim(sl, h, window_first);
-      const sel::Selection s = SelectionOf(hsel);
+      TrimTail(sl, h, window_first);
+      // The resident set: the slot table (now checked against the service's) + the resident blocks
+      // of the window.
+      sel::Selection s = SelectionOf(hsel);
+      const std::vector<uint64_t> window(hsel.resident_blocks().begin(),
+                                         hsel.resident_blocks().end());
+      s.blocks = hot->Resident(sl, h, hsel.window_first(), nb, window);
       if (sl != l) {  // a layer sharing this one's index set: its blocks came ahead of its query
         gate->Record(pos, sl, h, nullptr, s);
         ++totals.shared_prefetches;
@@ -311,16 +380,23 @@ struct ServiceKvSource::Impl {
     (void)s;  // best-effort: a broken channel shows at the next retrieval
   }
 
+  // Drops the tail's blocks below `first`, but never a row the service is not known to hold (it
+  // may have to travel again, as a pending row of a retrieval that overtakes its Append).
+  void TrimTail(uint32_t l, uint32_t h, uint64_t first) {
+    hot->Trim(l, h, std::min(first, std::max(acked, k_held[index(l, h)]) / B));
+  }
+
   // One attempt at the selections of every KV head of (layer, pos): the gate's local decisions,
   // then one retrieval for the rest. Claims and audits are committed by the caller on success.
   Status SelectLayer(uint32_t l, uint64_t pos, const float* q, std::vector<ClaimRecord>* new_claims,
                      std::vector<uint32_t>* audits) {
     const uint64_t T = pos + 1;
     const sel::Geometry& geo = opt.options.geometry;
+    KVM_RETURN_IF_ERROR(client->Poll());  // the acknowledgements that arrived: fewer pending rows
     std::vector<uint32_t> need;
     for (uint32_t h = 0; h < Hkv; ++h) {
       // Keep the window only (a dense layer keeps everything, locally).
-      if (!contact[index(l, h)] && !gate->DenseLayer(l)) hot->Trim(l, h, geo.WindowFirstBlock(T));
+      if (!contact[index(l, h)] && !gate->DenseLayer(l)) TrimTail(l, h, geo.WindowFirstBlock(T));
       sel::Selection s;
       KVM_ASSIGN_OR_RETURN(const sel::GateOutcome o, gate->Decide(pos, l, h, q + size_t{h} * g * D,
                                                                   /*allow_reuse=*/true, &s));
@@ -342,20 +418,22 @@ struct ServiceKvSource::Impl {
   }
 };
 
-// Data plane: an active message's blocks header → the hot-set slots its blocks (K then V each,
-// adjacent in a slot) land in.
+// Data plane: a part's header (DataPart) → the hot-set slots its blocks (K then V each, adjacent in
+// a slot) land in.
 Result<std::vector<transport::Segment>> PlaceBlocks(ServiceKvSource::Impl& m,
                                                     std::span<const uint8_t> bytes, size_t len) {
-  KVM_ASSIGN_OR_RETURN(wire::BlocksHeader h, wire::DecodeBlocksHeader(bytes));
-  if (h.layer >= m.L || len != 2 * m.bb * h.blocks.size())
-    return Status::InvalidArgument("data plane: layer " + std::to_string(h.layer) + ", " +
-                                   std::to_string(h.blocks.size()) + " blocks, " +
+  wire::DataPart part;
+  if (!part.ParseFromArray(bytes.data(), int(bytes.size())))
+    return Status::InvalidArgument("data plane: a header that is not a DataPart");
+  const auto blocks = wire::PartBlocks(part);
+  if (len != 2 * m.bb * blocks.size())
+    return Status::InvalidArgument("data plane: " + std::to_string(blocks.size()) + " blocks, " +
                                    std::to_string(len) + " data bytes do not fit this hot set");
   std::vector<transport::Segment> segs;
-  for (const wire::BlockPlacement& p : h.blocks) {
-    if (p.kv_head >= m.Hkv || p.slot >= m.slots)
+  for (const wire::PartBlock& b : blocks) {
+    if (b.layer >= m.L || b.kv_head >= m.Hkv || b.slot >= m.slots)
       return Status::OutOfRange("data plane: slot out of range");
-    segs.push_back({m.hot->Slot(h.layer, p.kv_head, p.slot), 2 * m.bb});
+    segs.push_back({m.hot->Slot(b.layer, b.kv_head, b.slot), 2 * m.bb});
   }
   return segs;
 }
@@ -395,11 +473,12 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
     Impl* m = impl.get();
     dp->SetReceiver([m](std::span<const uint8_t> h, size_t len) { return PlaceBlocks(*m, h, len); },
                     [m](std::span<const uint8_t> h, const Status& st) {
-                      auto header = wire::DecodeBlocksHeader(h);
-                      const uint64_t id = header.ok() ? header->request_id : 0;
+                      wire::DataPart part;
+                      const bool parsed = part.ParseFromArray(h.data(), int(h.size()));
                       std::lock_guard<std::mutex> l(m->data_mu);
                       if (!st.ok() && m->data_error.ok()) m->data_error = st;
-                      ++m->arrived[id];
+                      if (!parsed || !st.ok()) return;
+                      m->arrived[part.request_id()].push_back(std::move(part));
                     });
   }
   KVM_RETURN_IF_ERROR(impl->Create());
@@ -453,6 +532,7 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
     if (m.prefill_q) m.prefill_q->Observe(layer, pos, q);
     for (uint32_t h = 0; h < m.Hkv; ++h) sel::AddRange(0, nb, &(m.selection[h] = {}));
   } else {
+    if (!m.append_error.ok()) return std::exchange(m.append_error, Status::Ok());
     if (m.prefill_q && !m.map_built) KVM_RETURN_IF_ERROR(m.BuildLayerMap());
     if (m.needs_reset) KVM_RETURN_IF_ERROR(ResetHotSet());
     if (layer == 0) ++m.totals.steps;
@@ -521,7 +601,8 @@ const std::vector<ClaimRecord>& ServiceKvSource::claims() const { return impl_->
 
 Status ServiceKvSource::Flush() {
   KVM_RETURN_IF_ERROR(impl_->SendAppends());
-  return impl_->client->Flush();
+  KVM_RETURN_IF_ERROR(impl_->client->Flush());
+  return std::exchange(impl_->append_error, Status::Ok());
 }
 
 Status ServiceKvSource::Delete() {

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <map>
 #include <set>
@@ -129,6 +130,9 @@ struct Seq {
   std::vector<Addr> chain;  // per full block (durable sequences)
   int64_t lease_ms = 0, last_access = 0;
   uint64_t pin_end = 0;  // an append in progress: its end position (the window pin follows it)
+  // A durable append is writing its WAL batch outside the store's lock: other appends, truncate and
+  // delete of this sequence wait for it (`written`); readers see the state before it.
+  bool writing = false;
   std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
   void InitSums() {
     sums.clear();
@@ -177,6 +181,7 @@ struct BlockStore::Impl {
   rocksdb::ColumnFamilyHandle* tail() { return cf[3]; }
   rocksdb::ColumnFamilyHandle* toks() { return cf[4]; }
   mutable std::mutex mu;
+  std::condition_variable written;  // a sequence's `writing` ended
   std::map<std::pair<std::string, uint64_t>, Seq> seqs;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
   uint64_t tick = 0;                                    // orders selections and host-tier entries
@@ -265,6 +270,14 @@ struct BlockStore::Impl {
     if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
     return q;
   }
+  // The sequence once no append of it is writing (REQUIRES: lk holds mu).
+  Result<Seq*> GetIdle(std::unique_lock<std::mutex>& lk, const SeqRef& s) {
+    for (;;) {
+      KVM_ASSIGN_OR_RETURN(Seq * q, Get(s));
+      if (!q->writing) return q;
+      written.wait(lk);
+    }
+  }
   Result<Seq*> Get(const SeqRef& s, uint32_t layer, uint32_t kv_head) {
     KVM_ASSIGN_OR_RETURN(Seq * q, Get(s));
     if (layer >= q->shape.layers || kv_head >= q->shape.kv_heads)
@@ -277,11 +290,15 @@ struct BlockStore::Impl {
     w.disableWAL = q.dur == Durability::kCache;
     return w;
   }
-  Status Write(const Seq& q, rocksdb::WriteBatch* b) {
+  Status CheckDiskRoom(const rocksdb::WriteBatch& b) const {
     if (opt.disk_capacity_bytes &&
-        stats.disk_bytes_written + b->GetDataSize() > opt.disk_capacity_bytes)
+        stats.disk_bytes_written + b.GetDataSize() > opt.disk_capacity_bytes)
       return Status::NoSpace("disk tier full: capacity " + std::to_string(opt.disk_capacity_bytes) +
                              " bytes");
+    return Status::Ok();
+  }
+  Status Write(const Seq& q, rocksdb::WriteBatch* b) {
+    KVM_RETURN_IF_ERROR(CheckDiskRoom(*b));
     KVM_RETURN_IF_ERROR(FromRocks(db->Write(Wopt(q), b), "rocksdb write"));
     stats.disk_bytes_written += b->GetDataSize();
     return Status::Ok();
@@ -555,8 +572,8 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
 Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
                                     std::span<const uint32_t> tokens,
                                     std::span<const uint8_t> payload) {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
+  std::unique_lock<std::mutex> lk(impl_->mu);
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->GetIdle(lk, s));
   const uint64_t n = tokens.size();
   const size_t rb = q->row_bytes();
   const uint32_t L = q->shape.layers, H = q->shape.kv_heads, B = q->B;
@@ -638,7 +655,19 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     Seq meta = *q;
     meta.length = end;
     batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
-    KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
+    // The WAL write runs outside the store's lock (RocksDB's group commit orders concurrent
+    // writers): retrievals of this and every other sequence go on meanwhile.
+    KVM_RETURN_IF_ERROR(impl_->CheckDiskRoom(batch));
+    const rocksdb::WriteOptions wo = impl_->Wopt(*q);
+    q->writing = true;
+    lk.unlock();
+    if (impl_->opt.test_before_write) impl_->opt.test_before_write();
+    const rocksdb::Status ws = impl_->db->Write(wo, &batch);
+    lk.lock();
+    q->writing = false;
+    impl_->written.notify_all();
+    KVM_RETURN_IF_ERROR(FromRocks(ws, "rocksdb write"));
+    impl_->stats.disk_bytes_written += batch.GetDataSize();
   }
   // Commit: references and chain, completed blocks to the host tier (assembled before the tail rows
   // are overwritten), then the new rows enter the tail.
@@ -807,8 +836,8 @@ Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool valu
 }
 
 Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
-  std::lock_guard<std::mutex> lk(impl_->mu);
-  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
+  std::unique_lock<std::mutex> lk(impl_->mu);
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->GetIdle(lk, s));
   if (length > q->length) return Status::OutOfRange("truncate past the end");
   if (length == q->length) return Status::Ok();
   const uint32_t B = q->B, L = q->shape.layers, H = q->shape.kv_heads;
@@ -878,7 +907,8 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
 }
 
 Status BlockStore::Delete(const SeqRef& s) {
-  std::lock_guard<std::mutex> lk(impl_->mu);
+  std::unique_lock<std::mutex> lk(impl_->mu);
+  KVM_RETURN_IF_ERROR(impl_->GetIdle(lk, s).status());
   return impl_->DeleteLocked(s);
 }
 
@@ -945,7 +975,7 @@ Result<uint64_t> BlockStore::ExpireLeases() {
   const int64_t now = impl_->Now();
   std::vector<SeqRef> expired;
   for (auto& [k, q] : impl_->seqs)
-    if (q.lease_ms > 0 && now - q.last_access > q.lease_ms) expired.push_back(q.ref);
+    if (q.lease_ms > 0 && now - q.last_access > q.lease_ms && !q.writing) expired.push_back(q.ref);
   for (const auto& r : expired) KVM_RETURN_IF_ERROR(impl_->DeleteLocked(r));
   return expired.size();
 }

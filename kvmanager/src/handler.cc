@@ -2,6 +2,9 @@
 
 #include <chrono>
 #include <cstring>
+#include <future>
+#include <memory>
+#include <mutex>
 
 #include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
@@ -40,53 +43,163 @@ void RequestHandler::Close(SessionState& s) {
   s.data_peer = 0;
 }
 
-Result<uint32_t> RequestHandler::SendBlocks(const SessionState& s, uint64_t request_id,
-                                            const wire::RetrieveLayerReply& r,
-                                            std::vector<uint8_t> blocks) {
-  // (layer, placement) of every sent block, in payload order.
-  std::vector<std::pair<uint32_t, wire::BlockPlacement>> where;
-  for (const auto& h : r.heads())
-    for (int i = 0; i < h.slots_size(); ++i)
-      where.push_back({h.layer(), {h.kv_head(), h.slots(i)}});
-  if (where.empty()) return 0u;
-  const size_t per_block = blocks.size() / where.size();
-  const size_t max_h = opt_.data_plane->max_header_bytes();
-  if (max_h < wire::kBlocksHeaderFixedBytes + wire::kBlocksHeaderBytesPerBlock)
-    return Status::Internal("data plane header limit too small");
-  const size_t per_part =
-      (max_h - wire::kBlocksHeaderFixedBytes) / wire::kBlocksHeaderBytesPerBlock;
-  auto data = std::make_shared<std::vector<uint8_t>>(std::move(blocks));  // alive until sent
-  uint32_t parts = 0;
-  for (size_t first = 0; first < where.size(); ++parts) {
-    // One message per layer, each header within the limit.
-    wire::BlocksHeader h{request_id, where[first].first, {}};
-    size_t n = 0;
-    while (first + n < where.size() && n < per_part && where[first + n].first == h.layer)
-      h.blocks.push_back(where[first + n++].second);
-    KVM_RETURN_IF_ERROR(opt_.data_plane->Send(
-        s.data_peer, wire::EncodeBlocksHeader(h), {data->data() + first * per_block, n * per_block},
-        [data](const Status&) {}));  // a failed send shows as a missing part at the worker
-    first += n;
+void RequestHandler::SendParts(const SessionState& s, uint64_t request_id,
+                               wire::RetrieveLayerReply r, std::vector<uint8_t> blocks,
+                               Reply done) {
+  // The resident blocks before the window are the slot table's (the worker has it): only the
+  // window's travel.
+  for (auto& h : *r.mutable_heads()) {
+    std::vector<uint64_t> window;
+    for (uint64_t b : h.resident_blocks())
+      if (b >= h.window_first()) window.push_back(b);
+    h.clear_resident_blocks();
+    for (uint64_t b : window) h.add_resident_blocks(b);
   }
-  return parts;
+  auto parts = wire::SplitReply(r, request_id, opt_.data_plane->max_header_bytes());
+  if (!parts.ok()) {
+    if (opt_.metrics) opt_.metrics->CountError(parts.status().code());
+    return done(ErrorFrame(request_id, parts.status()));
+  }
+  // What the sends share until the last completes: the blocks (alive until then), the first error.
+  struct Sending {
+    std::vector<uint8_t> data;
+    std::mutex mu;
+    size_t left = 0;
+    Status error;
+    Reply done;
+  };
+  auto st = std::make_shared<Sending>();
+  st->data = std::move(blocks);
+  st->left = parts->size();
+  st->done = std::move(done);
+  Metrics* metrics = opt_.metrics;
+  auto finished = [st, request_id, metrics](const Status& result) {
+    Reply reply;
+    Status err;
+    {
+      std::lock_guard<std::mutex> l(st->mu);
+      if (!result.ok() && st->error.ok()) st->error = result;
+      if (--st->left > 0) return;
+      reply = std::move(st->done);
+      err = st->error;
+    }
+    if (err.ok()) return reply({});
+    if (metrics) metrics->CountError(err.code());
+    reply(ErrorFrame(request_id, err.WithContext("data plane send")));
+  };
+  size_t sends = 0;
+  for (const auto& h : r.heads()) sends += size_t(h.slots_size());
+  const size_t block_bytes = sends ? st->data.size() / sends : 0;  // K + V of one block
+  size_t at = 0;
+  for (const wire::DataPart& p : *parts) {
+    const size_t n = wire::PartBlocks(p).size() * block_bytes;
+    const std::string header = p.SerializeAsString();
+    const Status sent = opt_.data_plane->Send(
+        s.data_peer, {reinterpret_cast<const uint8_t*>(header.data()), header.size()},
+        {st->data.data() + at, n}, finished);
+    if (!sent.ok()) finished(sent);  // this part never goes: the request fails at once
+    at += n;
+  }
+}
+
+Status RequestHandler::RestoreKRows(const SessionState& s, const wire::Append& m,
+                                    std::span<const uint8_t> in, std::vector<uint8_t>* out) {
+  const store::SeqRef ref{s.tenant, m.sequence_id()};
+  KVM_ASSIGN_OR_RETURN(store::SeqInfo info, store_->Info(ref));
+  KVM_RETURN_IF_ERROR(wire::ValidateAppend(m, info.shape, in.size()));
+  const uint64_t n = uint64_t(m.token_ids_size()), last = m.start_position() + n - 1;
+  const size_t rb = size_t{info.shape.head_dim} * DTypeSize(info.shape.dtype);
+  const std::vector<uint32_t> which(m.k_from_retrieval().begin(), m.k_from_retrieval().end());
+  std::vector<uint8_t> rows(which.size() * rb);
+  KVM_RETURN_IF_ERROR(engine_->TakeKRows(ref, last, which, rows.data()));
+  // [layer][kv_head][K,V][n][D]: the K section of a listed (layer, KV head) lacks its last row.
+  out->resize(wire::AppendPayloadBytes(info.shape, n));
+  std::vector<int64_t> slot(size_t{info.shape.layers} * info.shape.kv_heads, -1);
+  for (size_t i = 0; i < which.size(); ++i) slot[which[i]] = int64_t(i);
+  const uint8_t* src = in.data();
+  uint8_t* dst = out->data();
+  for (size_t lh = 0; lh < slot.size(); ++lh) {
+    const size_t k_rows = slot[lh] >= 0 ? n - 1 : n;
+    std::memcpy(dst, src, k_rows * rb);
+    src += k_rows * rb;
+    dst += k_rows * rb;
+    if (slot[lh] >= 0) {
+      std::memcpy(dst, rows.data() + size_t(slot[lh]) * rb, rb);
+      dst += rb;
+    }
+    std::memcpy(dst, src, n * rb);  // V
+    src += n * rb;
+    dst += n * rb;
+  }
+  return Status::Ok();
+}
+
+RequestClass RequestHandler::Classify(const wire::Frame& f) {
+  using wire::MessageType;
+  auto seq = [&](auto msg, RequestClass::Kind kind, bool append = false) {
+    if (!wire::ParseProto(f, &msg).ok()) return RequestClass{};  // answered with the parse error
+    return RequestClass{kind, msg.sequence_id(), append};
+  };
+  switch (static_cast<MessageType>(f.header.type)) {
+    case MessageType::kHello:
+    case MessageType::kListSequences:
+    case MessageType::kStats:
+    case MessageType::kPrefixLookup:
+      return {RequestClass::kBarrier};
+    case MessageType::kHeartbeat:
+      return {RequestClass::kFree};
+    case MessageType::kCreateSequence:
+      return seq(wire::CreateSequence(), RequestClass::kSequence);
+    case MessageType::kAppend:
+      return seq(wire::Append(), RequestClass::kSequence, /*append=*/true);
+    case MessageType::kTruncate:
+      return seq(wire::Truncate(), RequestClass::kSequence);
+    case MessageType::kDeleteSequence:
+      return seq(wire::DeleteSequence(), RequestClass::kSequence);
+    case MessageType::kSetLayerMap:
+      return seq(wire::SetLayerMap(), RequestClass::kSequence);
+    case MessageType::kReadBlocks:
+      return seq(wire::ReadBlocks(), RequestClass::kSequence);
+    case MessageType::kRetrieveLayer:
+      return seq(wire::RetrieveLayer(), RequestClass::kOvertake);
+    case MessageType::kAudit:
+      return seq(wire::Audit(), RequestClass::kOvertake);
+    default:
+      return {RequestClass::kFree};
+  }
+}
+
+void RequestHandler::Handle(SessionState& s, const wire::Frame& f, Reply reply) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const uint16_t type = f.header.type;
+  Metrics* metrics = opt_.metrics;
+  // Times the request to its reply (a data-plane retrieval: until its sends completed).
+  Reply finish = [metrics, type, t0, reply = std::move(reply)](std::vector<uint8_t> frame) {
+    if (metrics)
+      metrics->ObserveRequest(
+          Metrics::OpName(type),
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    reply(std::move(frame));
+  };
+  std::vector<uint8_t> out;
+  bool deferred = false;
+  const Status st = Dispatch(s, f, &out, finish, &deferred);
+  if (!st.ok()) {
+    if (metrics) metrics->CountError(st.code());
+    return finish(ErrorFrame(f.header.request_id, st));
+  }
+  if (!deferred) finish(std::move(out));
 }
 
 std::vector<uint8_t> RequestHandler::Handle(SessionState& s, const wire::Frame& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<uint8_t> reply;
-  Status st = Dispatch(s, f, &reply);
-  if (opt_.metrics) {
-    opt_.metrics->ObserveRequest(
-        Metrics::OpName(f.header.type),
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    if (!st.ok()) opt_.metrics->CountError(st.code());
-  }
-  if (!st.ok()) return ErrorFrame(f.header.request_id, st);
-  return reply;
+  std::promise<std::vector<uint8_t>> p;
+  auto got = p.get_future();
+  Handle(s, f, [&p](std::vector<uint8_t> frame) { p.set_value(std::move(frame)); });
+  return got.get();
 }
 
-Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
-                                std::vector<uint8_t>* reply) {
+Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply,
+                                const Reply& deferred, bool* is_deferred) {
   using wire::MessageType;
   const uint64_t id = f.header.request_id;
   const auto type = static_cast<MessageType>(f.header.type);
@@ -165,8 +278,13 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       wire::Append m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       std::vector<uint32_t> tokens(m.token_ids().begin(), m.token_ids().end());
-      KVM_ASSIGN_OR_RETURN(uint64_t len, store_->Append(ref(m.sequence_id()), m.start_position(),
-                                                        tokens, f.payload));
+      std::vector<uint8_t> full;  // K once: the rows that step's RetrieveLayers carried put back
+      if (m.k_from_retrieval_size() > 0) KVM_RETURN_IF_ERROR(RestoreKRows(s, m, f.payload, &full));
+      KVM_ASSIGN_OR_RETURN(
+          uint64_t len,
+          store_->Append(ref(m.sequence_id()), m.start_position(), tokens,
+                         m.k_from_retrieval_size() > 0 ? std::span<const uint8_t>(full)
+                                                       : std::span<const uint8_t>(f.payload)));
       wire::AppendReply r;
       r.set_length(len);
       return send(r);
@@ -251,14 +369,14 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f,
       std::vector<uint8_t> blocks;
       KVM_RETURN_IF_ERROR(engine_->Retrieve(ref(m.sequence_id()), m, f.payload, &r, &blocks));
       const double streamed = double(blocks.size());
-      if (s.data_peer) {  // blocks as active messages, sent before this reply
-        KVM_ASSIGN_OR_RETURN(uint32_t parts, SendBlocks(s, id, r, std::move(blocks)));
-        r.set_data_plane_parts(parts);
-        blocks.clear();
-      }
       if (opt_.metrics)
         opt_.metrics->AddStreamBytes("out", s.data_peer ? opt_.data_plane->name() : "tcp",
                                      streamed);
+      if (s.data_peer) {  // the active messages are the reply
+        *is_deferred = true;
+        SendParts(s, id, std::move(r), std::move(blocks), deferred);
+        return Status::Ok();
+      }
       return send(r, blocks);
     }
     case MessageType::kSetLayerMap: {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 
 #include "kvmanager/metrics.h"
 #include "proto/half.h"
@@ -20,6 +21,7 @@ namespace kvm::server {
 namespace {
 
 constexpr uint64_t kNoContact = UINT64_MAX;
+constexpr size_t kMaxHeldRows = 4096;  // K rows kept per (layer, KV head) for coming appends
 
 std::string Key(const store::SeqRef& s) { return s.tenant + '\0' + std::to_string(s.id); }
 
@@ -35,11 +37,48 @@ struct RetrievalEngine::Seq {
   std::vector<sel::HotSetMirror> mirrors;  // [layer][kv_head]
   std::vector<uint64_t> local_first;       // [layer][kv_head]: window start at the last contact
   uint64_t generation = 0;
+  // [layer][kv_head]: token → K row a query carried that the store did not hold (K once).
+  std::vector<std::map<uint64_t, std::vector<uint8_t>>> pending_k;
 
   size_t index(uint32_t l, uint32_t h) const { return size_t{l} * shape.kv_heads + h; }
   void ResetMirrors() {
     mirrors.assign(size_t{shape.layers} * shape.kv_heads, sel::HotSetMirror(slots));
     local_first.assign(mirrors.size(), kNoContact);
+  }
+  size_t row_bytes() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
+  // The K rows of (layer, h) for [from, T): those the store does not hold yet, from the rows
+  // queries carried (`query`: the rows of [T - pending, T)), which are kept for the coming Append;
+  // entries the store now holds (below `length`) are dropped. FailedPrecondition naming a missing
+  // row.
+  Status TailRows(uint32_t layer, uint32_t h, uint64_t length, uint64_t T, uint32_t pending,
+                  const uint8_t* query, std::vector<uint8_t>* out, uint64_t* from) {
+    auto& held = pending_k[index(layer, h)];
+    held.erase(held.begin(), held.lower_bound(length));
+    const size_t rb = row_bytes();
+    const uint64_t first_query = T - pending;
+    for (uint64_t t = std::max(length, first_query); t < T; ++t) {
+      const uint8_t* r = query + (t - first_query) * rb;
+      held[t].assign(r, r + rb);
+    }
+    while (held.size() > kMaxHeldRows) held.erase(held.begin());
+    *from = std::min(length, first_query);
+    out->resize((T - *from) * rb);
+    for (uint64_t t = *from; t < T; ++t) {
+      const uint8_t* r = nullptr;
+      if (t >= first_query) {
+        r = query + (t - first_query) * rb;
+      } else if (auto it = held.find(t); it != held.end()) {
+        r = it->second.data();
+      } else {
+        return Status::FailedPrecondition(
+            "step " + std::to_string(T - 1) + " needs the K row of token " + std::to_string(t) +
+            " of layer " + std::to_string(layer) + " KV head " + std::to_string(h) +
+            ": the store holds " + std::to_string(length) +
+            " tokens and no query carried it (append first, or send it as a pending row)");
+      }
+      std::memcpy(out->data() + (t - *from) * rb, r, rb);
+    }
+    return Status::Ok();
   }
 };
 
@@ -125,6 +164,7 @@ struct Queries {
   std::vector<float> q;  // [heads][group][D]
   const uint8_t* pending = nullptr;
   size_t pending_stride = 0;  // bytes per head
+  uint64_t length = 0;        // tokens the store held when the query was parsed
 };
 
 // Validates a RetrieveLayer / Audit (m) of sequence s against its shape and stored length.
@@ -143,11 +183,7 @@ Status ParseQueries(store::BlockStore* store, const store::SeqRef& s, const Mode
     return Status::InvalidArgument("pending_tokens " + std::to_string(pending) + " > the limit " +
                                    std::to_string(max_pending));
   if (pending > T) return Status::InvalidArgument("pending_tokens exceeds step + 1");
-  if (T - pending > length)
-    return Status::FailedPrecondition(
-        "step " + std::to_string(step) + " with " + std::to_string(pending) +
-        " pending tokens needs " + std::to_string(T - pending) +
-        " stored tokens, the sequence has " + std::to_string(length) + " (append first)");
+  out->length = length;  // rows past it come from the query or from earlier queries (TailRows)
   const size_t qbytes = heads.size() * shape.group_size() * size_t{shape.head_dim} * sizeof(float);
   out->q.resize(qbytes / sizeof(float));
   std::memcpy(out->q.data(), payload.data(), qbytes);
@@ -180,6 +216,7 @@ Status RetrievalEngine::Configure(const store::SeqRef& s, const wire::SelectorPa
                                    q->sel.name + " with this budget needs " + std::to_string(need));
   q->slots = hot_set_slots;
   q->ResetMirrors();
+  q->pending_k.resize(size_t{info.shape.layers} * info.shape.kv_heads);
   std::lock_guard<std::mutex> l(mu_);
   seqs_[Key(s)] = std::move(q);
   return Status::Ok();
@@ -196,6 +233,28 @@ Result<std::shared_ptr<RetrievalEngine::Seq>> RetrievalEngine::Find(const store:
       "sequence " + std::to_string(s.id) +
       " has no selector state (created without selector params, or the service restarted): "
       "send CreateSequence with attach and the selector params");
+}
+
+Status RetrievalEngine::TakeKRows(const store::SeqRef& s, uint64_t pos,
+                                  std::span<const uint32_t> which, uint8_t* rows) {
+  KVM_ASSIGN_OR_RETURN(auto q, Find(s));
+  std::lock_guard<std::mutex> l(q->mu);
+  const size_t rb = q->row_bytes();
+  for (size_t i = 0; i < which.size(); ++i) {
+    if (which[i] >= q->pending_k.size())
+      return Status::InvalidArgument("k_from_retrieval " + std::to_string(which[i]) +
+                                     " out of range");
+    const auto& held = q->pending_k[which[i]];
+    auto it = held.find(pos);
+    if (it == held.end())
+      return Status::FailedPrecondition(
+          "append: the K row of token " + std::to_string(pos) + " of layer " +
+          std::to_string(which[i] / q->shape.kv_heads) + " KV head " +
+          std::to_string(which[i] % q->shape.kv_heads) +
+          " was left out, but no RetrieveLayer of that step carried it: send it in the payload");
+    std::memcpy(rows + i * rb, it->second.data(), rb);
+  }
+  return Status::Ok();
 }
 
 void RetrievalEngine::Forget(const store::SeqRef& s) {
@@ -305,6 +364,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_anchor(sel.anchor);
     hs->set_retrieved_heads(sel.retrieved_heads);
     hs->set_slot_digest(q->mirrors[idx].Digest());
+    hs->set_window_first(plan.window_first);
     return Status::Ok();
   };
   // Layers that share this layer's index set (selectors.md §0.6) get their blocks in this batch,
@@ -314,15 +374,11 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   for (size_t i = 0; i < heads.size(); ++i) {
     const uint32_t h = heads[i];
     const float* qg = in.q.data() + i * g * D;
-    Head hd{store_,
-            s,
-            shape,
-            q->B,
-            m.layer(),
-            h,
-            T,
-            m.pending_tokens(),
-            in.pending + i * in.pending_stride};
+    std::vector<uint8_t> rows;  // the K rows past what the store held: [from, T)
+    uint64_t from = 0;
+    KVM_RETURN_IF_ERROR(q->TailRows(m.layer(), h, in.length, T, m.pending_tokens(),
+                                    in.pending + i * in.pending_stride, &rows, &from));
+    Head hd{store_, s, shape, q->B, m.layer(), h, T, static_cast<uint32_t>(T - from), rows.data()};
     KVM_RETURN_IF_ERROR(hd.LoadSummaries());
     // A selector that takes scores asks for them only when it needs them (not for a short
     // context); the others read the keys.
@@ -369,15 +425,12 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
     std::sort(resident.begin(), resident.end());
     sel::AddRange(0, geo.SinkBlocks(T), &resident);
     sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
-    Head hd{store_,
-            s,
-            shape,
-            q->B,
-            m.layer(),
-            heads[i],
-            T,
-            m.pending_tokens(),
-            in.pending + i * in.pending_stride};
+    std::vector<uint8_t> rows;
+    uint64_t from = 0;
+    KVM_RETURN_IF_ERROR(q->TailRows(m.layer(), heads[i], in.length, T, m.pending_tokens(),
+                                    in.pending + i * in.pending_stride, &rows, &from));
+    Head hd{store_,     s, shape, q->B, m.layer(), heads[i], T, static_cast<uint32_t>(T - from),
+            rows.data()};
     sel::GroupScores gs;
     KVM_RETURN_IF_ERROR(hd.Score(in.q.data() + i * g * D, &gs));
     for (double d : sel::DeltaOf(gs, resident)) {

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <set>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "proto/kvm.pb.h"
@@ -57,11 +58,16 @@ struct Server::Impl {
       asio::post(strand_, [self = shared_from_this()] {
         self->closing_ = true;
         self->AnswerDraining();
-        if (self->out_.empty() && !self->busy_) self->Shutdown();
+        if (self->out_.empty() && self->running_ == 0) self->Shutdown();
       });
     }
 
    private:
+    struct Job {
+      wire::Frame frame;
+      std::chrono::steady_clock::time_point arrived;
+      RequestClass cls;
+    };
     void Read() {
       sock_.async_read_some(
           asio::buffer(buf_),
@@ -71,8 +77,10 @@ struct Server::Impl {
             self->last_heard_ = std::chrono::steady_clock::now();
             Status st = self->decoder_.Feed({self->buf_.data(), n});
             wire::Frame f;
-            while (self->decoder_.Next(&f))
-              self->pending_.emplace_back(std::move(f), std::chrono::steady_clock::now());
+            while (self->decoder_.Next(&f)) {
+              const RequestClass c = RequestHandler::Classify(f);
+              self->pending_.push_back({std::move(f), std::chrono::steady_clock::now(), c});
+            }
             self->Pump();
             if (!st.ok()) {  // a protocol error: answer it, then close this connection only
               wire::Error e;
@@ -93,7 +101,7 @@ struct Server::Impl {
       timer_.async_wait([self = shared_from_this(), ms](boost::system::error_code ec) {
         if (ec || self->closed_) return;
         const auto silent = std::chrono::steady_clock::now() - self->last_heard_;
-        if (!self->busy_ && self->pending_.empty() && self->out_.empty() &&
+        if (self->running_ == 0 && self->pending_.empty() && self->out_.empty() &&
             silent > std::chrono::milliseconds(ms)) {
           self->Shutdown();
           return self->Finish();
@@ -111,62 +119,114 @@ struct Server::Impl {
     // Once the server is stopping no new request starts: every queued one is answered Unavailable
     // (draining), so no request goes unanswered.
     void AnswerDraining() {
-      while (!busy_ && !pending_.empty()) {
+      for (const Job& j : pending_) {
         wire::Error e;
         e.set_code(wire::ERR_UNAVAILABLE);
         e.set_message("draining: the server is shutting down");
         Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
-                               pending_.front().first.header.request_id, e),
+                               j.frame.header.request_id, e),
              false);
-        pending_.pop_front();
       }
+      pending_.clear();
     }
-    // Hands the next request (one at a time per session: replies stay in order) to the worker pool.
+    // Starts every queued request its ordering class allows (handler.h RequestClass): the changes
+    // of a sequence in order, its retrievals beside its Appends, barriers alone, heartbeats at
+    // once. Replies go out as requests finish; the client matches them by request id.
     void Pump() {
       if (srv_->stopping) return AnswerDraining();
-      if (busy_ || pending_.empty()) return;
-      wire::Frame f = std::move(pending_.front().first);
-      const auto arrived = pending_.front().second;
-      pending_.pop_front();
+      std::unordered_map<uint64_t, uint8_t> ahead;  // per sequence, of what waits before: 1 any,
+                                                    // 2 a change other than an Append
+      bool barrier_ahead = false;
+      for (auto it = pending_.begin();
+           it != pending_.end() && !barrier_running_ &&
+           running_ < int(std::max(1u, srv_->opt.max_session_in_flight));) {
+        const RequestClass& c = it->cls;
+        bool start = false;
+        switch (c.kind) {
+          case RequestClass::kFree:
+            start = true;
+            break;
+          case RequestClass::kBarrier:
+            start = !barrier_ahead && running_ == 0 && it == pending_.begin();
+            break;
+          case RequestClass::kSequence: {
+            const Lane& ln = lanes_[c.sequence];
+            start = !barrier_ahead && ahead[c.sequence] == 0 && ln.changes == 0 &&
+                    (c.append || ln.overtaking == 0);
+            break;
+          }
+          case RequestClass::kOvertake: {
+            const Lane& ln = lanes_[c.sequence];
+            start = !barrier_ahead && !(ahead[c.sequence] & 2) && ln.non_appends == 0;
+            break;
+          }
+        }
+        if (start) {
+          Job j = std::move(*it);
+          it = pending_.erase(it);
+          Launch(std::move(j));
+          continue;
+        }
+        if (c.kind == RequestClass::kBarrier) barrier_ahead = true;
+        if (c.kind == RequestClass::kSequence || c.kind == RequestClass::kOvertake)
+          ahead[c.sequence] |= 1 | (c.kind == RequestClass::kSequence && !c.append ? 2 : 0);
+        ++it;
+      }
+    }
+    void Count(const RequestClass& c, int d) {
+      running_ += d;
+      if (c.kind == RequestClass::kBarrier) barrier_running_ = d > 0;
+      if (c.kind != RequestClass::kSequence && c.kind != RequestClass::kOvertake) return;
+      Lane& ln = lanes_[c.sequence];
+      if (c.kind == RequestClass::kOvertake) ln.overtaking += d;
+      if (c.kind == RequestClass::kSequence) ln.changes += d;
+      if (c.kind == RequestClass::kSequence && !c.append) ln.non_appends += d;
+      if (ln.changes == 0 && ln.overtaking == 0) lanes_.erase(c.sequence);
+    }
+    // Runs one request on the worker pool; its reply comes back to the strand (Complete).
+    void Launch(Job j) {
       if (srv_->in_flight.fetch_add(1) >= srv_->opt.max_in_flight) {
         srv_->in_flight.fetch_sub(1);
         wire::Error e;
         e.set_code(wire::ERR_BUSY);
         e.set_message("server busy: too many requests in flight");
         Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
-                               f.header.request_id, e),
+                               j.frame.header.request_id, e),
              false);
-        return Pump();
+        return;
       }
-      busy_ = true;
-      auto frame = std::make_shared<wire::Frame>(std::move(f));
-      asio::post(*srv_->workers, [self = shared_from_this(), frame, arrived] {
+      Count(j.cls, +1);
+      auto job = std::make_shared<Job>(std::move(j));
+      asio::post(*srv_->workers, [self = shared_from_this(), job] {
+        auto done = [self, cls = job->cls](std::vector<uint8_t> reply) {
+          asio::post(self->strand_, [self, cls, reply = std::move(reply)]() mutable {
+            self->Complete(cls, std::move(reply));
+          });
+        };
         // A request that waited (behind this session's earlier ones, or for a worker thread)
         // past the deadline is answered TimedOut without running: its client gave up on it.
         const uint32_t deadline = self->srv_->opt.request_deadline_ms;
         const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
-            std::chrono::steady_clock::now() - arrived);
-        std::shared_ptr<std::vector<uint8_t>> reply;
+            std::chrono::steady_clock::now() - job->arrived);
         if (deadline && waited.count() > deadline) {
           wire::Error e;
           e.set_code(wire::ERR_TIMED_OUT);
           e.set_message("request waited " + std::to_string(waited.count()) +
                         " ms in the queue, past the deadline of " + std::to_string(deadline) +
                         " ms");
-          reply = std::make_shared<std::vector<uint8_t>>(wire::EncodeFrame(
-              static_cast<uint16_t>(wire::MessageType::kError), frame->header.request_id, e));
-        } else {
-          reply = std::make_shared<std::vector<uint8_t>>(
-              self->srv_->handler->Handle(self->state_, *frame));
+          return done(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
+                                        job->frame.header.request_id, e));
         }
-        asio::post(self->strand_, [self, reply] {
-          self->busy_ = false;
-          if (self->finished_) self->srv_->handler->Close(self->state_);
-          self->Send(std::move(*reply), false);
-          if (self->srv_->in_flight.fetch_sub(1) == 1) self->srv_->idle.notify_all();
-          self->Pump();
-        });
+        self->srv_->handler->Handle(self->state_, job->frame, std::move(done));
       });
+    }
+    void Complete(const RequestClass& c, std::vector<uint8_t> reply) {
+      Count(c, -1);
+      if (finished_ && running_ == 0) srv_->handler->Close(state_);
+      if (!reply.empty()) Send(std::move(reply), false);
+      if (srv_->in_flight.fetch_sub(1) == 1) srv_->idle.notify_all();
+      if (closing_ && out_.empty() && running_ == 0) Shutdown();
+      Pump();
     }
     void Send(std::vector<uint8_t> bytes, bool then_close) {
       out_.push_back({std::move(bytes), then_close});
@@ -179,7 +239,7 @@ struct Server::Impl {
               strand_, [self = shared_from_this()](boost::system::error_code ec, size_t) {
                 const bool close = self->out_.front().second;
                 self->out_.pop_front();
-                if (ec || close || (self->closing_ && self->out_.empty() && !self->busy_)) {
+                if (ec || close || (self->closing_ && self->out_.empty() && self->running_ == 0)) {
                   self->Shutdown();
                   return self->Finish();
                 }
@@ -189,8 +249,9 @@ struct Server::Impl {
     void Finish() {
       if (!finished_) {
         finished_ = true;
-        // The data-plane endpoint goes with the session (after a request in flight, which uses it).
-        if (!busy_) srv_->handler->Close(state_);
+        // The data-plane endpoint goes with the session (after the requests in flight, which use
+        // it).
+        if (running_ == 0) srv_->handler->Close(state_);
       }
       std::lock_guard<std::mutex> l(srv_->sessions_mu);
       srv_->sessions.erase(shared_from_this());
@@ -207,8 +268,15 @@ struct Server::Impl {
     wire::FrameDecoder decoder_;
     SessionState state_;
     std::array<uint8_t, 64 * 1024> buf_;
-    std::deque<std::pair<wire::Frame, std::chrono::steady_clock::time_point>> pending_;
-    bool busy_ = false;
+    std::deque<Job> pending_;  // received, not started
+    // Requests running, of which per sequence: its changes (Appends and others), the changes that
+    // are not Appends, and overtaking retrievals.
+    struct Lane {
+      int changes = 0, non_appends = 0, overtaking = 0;
+    };
+    std::unordered_map<uint64_t, Lane> lanes_;
+    int running_ = 0;
+    bool barrier_running_ = false;
     bool closing_ = false;
     std::deque<std::pair<std::vector<uint8_t>, bool>> out_;
   };

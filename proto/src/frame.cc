@@ -1,5 +1,6 @@
 #include "proto/wire/frame.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <unordered_set>
@@ -186,15 +187,24 @@ void ToWire(const kvm::ModelShape& s, ModelShape* out) {
   out->set_fingerprint(s.fingerprint);
 }
 
-uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens) {
-  return uint64_t{shape.layers} * shape.kv_heads * 2 * n_tokens * shape.head_dim *
-         DTypeSize(shape.dtype);
+uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens,
+                            uint64_t omitted_k_rows) {
+  return (uint64_t{shape.layers} * shape.kv_heads * 2 * n_tokens - omitted_k_rows) *
+         shape.head_dim * DTypeSize(shape.dtype);
 }
 
 Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t payload_len) {
   const uint64_t n = static_cast<uint64_t>(msg.token_ids_size());
   if (n == 0) return Status::InvalidArgument("append: no tokens");
-  const uint64_t want = AppendPayloadBytes(shape, n);
+  std::unordered_set<uint32_t> seen;
+  for (uint32_t i : msg.k_from_retrieval()) {
+    if (i >= uint64_t{shape.layers} * shape.kv_heads)
+      return Status::InvalidArgument("append: k_from_retrieval " + std::to_string(i) +
+                                     " is not a (layer, KV head) of " + shape.ToString());
+    if (!seen.insert(i).second)
+      return Status::InvalidArgument("append: k_from_retrieval " + std::to_string(i) + " twice");
+  }
+  const uint64_t want = AppendPayloadBytes(shape, n, seen.size());
   if (payload_len != want)
     return Status::InvalidArgument("append: payload is " + std::to_string(payload_len) +
                                    " bytes, the shape (" + shape.ToString() + ") and " +
@@ -228,36 +238,183 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
   return Status::Ok();
 }
 
-std::vector<uint8_t> EncodeBlocksHeader(const BlocksHeader& h) {
-  std::vector<uint8_t> out(kBlocksHeaderFixedBytes + kBlocksHeaderBytesPerBlock * h.blocks.size());
-  const uint32_t n = static_cast<uint32_t>(h.blocks.size());
-  std::memcpy(out.data(), &h.request_id, 8);
-  std::memcpy(out.data() + 8, &h.layer, 4);
-  std::memcpy(out.data() + 12, &n, 4);
+namespace {
+
+// Upper bounds of encoded sizes (a varint of a 64-bit value is at most 10 bytes, of 32 bits 5).
+constexpr size_t kPartOverhead = 64;         // DataPart's ids, counts, reply's layer/generation
+constexpr size_t kFragmentOverhead = 96;     // a HeadSelection's tag, length and small scalars
+constexpr size_t kPerQueryHead = 4 + 8 + 2;  // a delta (float) and a log delta (double), tags
+
+// One head selection's lists, sliced from `from` (item indices into the concatenation evictions,
+// sends, fills, resident) up to `to`.
+void Slice(const HeadSelection& h, size_t from, size_t to, HeadSelection* out) {
+  const size_t e = size_t(h.evicted_slots_size()), s = size_t(h.block_indices_size()),
+               f = size_t(h.local_fill_blocks_size());
+  for (size_t i = from; i < to; ++i) {
+    if (i < e) {
+      out->add_evicted_slots(h.evicted_slots(int(i)));
+    } else if (i < e + s) {
+      out->add_block_indices(h.block_indices(int(i - e)));
+      out->add_slots(h.slots(int(i - e)));
+    } else if (i < e + s + f) {
+      out->add_local_fill_blocks(h.local_fill_blocks(int(i - e - s)));
+      out->add_local_fill_slots(h.local_fill_slots(int(i - e - s)));
+    } else {
+      out->add_resident_blocks(h.resident_blocks(int(i - e - s - f)));
+    }
+  }
+}
+
+size_t ItemBytes(const HeadSelection& h, size_t i) {
+  const size_t e = size_t(h.evicted_slots_size()), s = size_t(h.block_indices_size()),
+               f = size_t(h.local_fill_blocks_size());
+  if (i < e) return 5;
+  if (i < e + s + f) return 15;
+  return 10;
+}
+
+}  // namespace
+
+Result<std::vector<DataPart>> SplitReply(const RetrieveLayerReply& r, uint64_t request_id,
+                                         size_t max_header_bytes) {
+  const size_t shared = size_t(r.shared_layers_size()) * 6 + 6;
+  if (max_header_bytes < kPartOverhead + shared + kFragmentOverhead + 64)
+    return Status::InvalidArgument("data plane: a header limit of " +
+                                   std::to_string(max_header_bytes) + " bytes is too small");
+  const size_t budget = max_header_bytes - kPartOverhead - shared;
+  std::vector<DataPart> parts;
+  size_t used = budget;  // forces a first part
+  auto part = [&]() -> RetrieveLayerReply* {
+    parts.emplace_back();
+    RetrieveLayerReply* p = parts.back().mutable_reply();
+    p->set_layer(r.layer());
+    p->set_hot_set_generation(r.hot_set_generation());
+    used = 0;
+    return p;
+  };
+  RetrieveLayerReply* cur = nullptr;
+  for (const HeadSelection& h : r.heads()) {
+    const size_t whole = h.ByteSizeLong() + 6;
+    if (whole <= budget) {  // whole, in the current part or a new one
+      if (!cur || used + whole > budget) cur = part();
+      *cur->add_heads() = h;
+      used += whole;
+      continue;
+    }
+    // Fragments: the lists sliced so each fragment fits a part of its own.
+    const size_t fixed = kFragmentOverhead + kPerQueryHead * size_t(h.delta_size());
+    const size_t items = size_t(h.evicted_slots_size() + h.block_indices_size() +
+                                h.local_fill_blocks_size() + h.resident_blocks_size());
+    std::vector<std::pair<size_t, size_t>> ranges;
+    for (size_t from = 0; from < items;) {
+      size_t to = from, bytes = fixed;
+      while (to < items && bytes + ItemBytes(h, to) <= budget) bytes += ItemBytes(h, to++);
+      if (to == from) return Status::Internal("data plane: one item does not fit a header");
+      ranges.emplace_back(from, to);
+      from = to;
+    }
+    for (size_t k = 0; k < ranges.size(); ++k) {
+      cur = part();
+      HeadSelection* f = cur->add_heads();
+      if (k + 1 == ranges.size()) {
+        *f = h;  // the scalars; the lists are replaced by the last slice
+        f->clear_evicted_slots();
+        f->clear_block_indices();
+        f->clear_slots();
+        f->clear_local_fill_blocks();
+        f->clear_local_fill_slots();
+        f->clear_resident_blocks();
+      } else {
+        f->set_layer(h.layer());
+        f->set_kv_head(h.kv_head());
+      }
+      f->set_fragment(uint32_t(k));
+      f->set_fragments(uint32_t(ranges.size()));
+      Slice(h, ranges[k].first, ranges[k].second, f);
+      used = budget;  // a fragment has its part to itself
+    }
+  }
+  if (parts.empty()) part();  // a reply that sends nothing still completes
+  for (int l : r.shared_layers()) parts.back().mutable_reply()->add_shared_layers(uint32_t(l));
+  for (size_t i = 0; i < parts.size(); ++i) {
+    parts[i].set_request_id(request_id);
+    parts[i].set_part(uint32_t(i));
+    parts[i].set_parts(uint32_t(parts.size()));
+    if (parts[i].ByteSizeLong() > max_header_bytes)
+      return Status::Internal("data plane: part " + std::to_string(i) + " is " +
+                              std::to_string(parts[i].ByteSizeLong()) + " bytes, over the limit " +
+                              std::to_string(max_header_bytes));
+  }
+  return parts;
+}
+
+Result<RetrieveLayerReply> JoinParts(std::vector<DataPart> parts) {
+  if (parts.empty()) return Status::InvalidArgument("data plane: no parts");
+  const uint32_t n = parts[0].parts();
+  if (n != parts.size())
+    return Status::InvalidArgument("data plane: " + std::to_string(parts.size()) + " parts of " +
+                                   std::to_string(n));
+  std::sort(parts.begin(), parts.end(),
+            [](const DataPart& a, const DataPart& b) { return a.part() < b.part(); });
+  RetrieveLayerReply out;
   for (uint32_t i = 0; i < n; ++i) {
-    std::memcpy(out.data() + 16 + 8 * i, &h.blocks[i].kv_head, 4);
-    std::memcpy(out.data() + 20 + 8 * i, &h.blocks[i].slot, 4);
+    const DataPart& p = parts[i];
+    if (p.part() != i || p.parts() != n || p.request_id() != parts[0].request_id())
+      return Status::InvalidArgument("data plane: part " + std::to_string(i) +
+                                     " is missing, repeated or of another request");
+    if (i == 0) {
+      out.set_layer(p.reply().layer());
+      out.set_hot_set_generation(p.reply().hot_set_generation());
+    }
+    for (uint32_t l : p.reply().shared_layers()) out.add_shared_layers(l);
+    for (const HeadSelection& h : p.reply().heads()) {
+      const uint32_t frags = std::max<uint32_t>(1, h.fragments());
+      HeadSelection* last = out.heads_size() ? out.mutable_heads(out.heads_size() - 1) : nullptr;
+      const bool continues = h.fragment() > 0;
+      if (continues && (!last || last->layer() != h.layer() || last->kv_head() != h.kv_head() ||
+                        last->fragment() + 1 != h.fragment() || last->fragments() != frags))
+        return Status::InvalidArgument("data plane: fragment " + std::to_string(h.fragment()) +
+                                       " of layer " + std::to_string(h.layer()) + " KV head " +
+                                       std::to_string(h.kv_head()) + " out of order");
+      if (!continues) {
+        *out.add_heads() = h;
+        continue;
+      }
+      HeadSelection merged = h;  // the later fragment's scalars win (the last one has them)
+      merged.clear_evicted_slots();
+      merged.clear_block_indices();
+      merged.clear_slots();
+      merged.clear_local_fill_blocks();
+      merged.clear_local_fill_slots();
+      merged.clear_resident_blocks();
+      for (const HeadSelection* src : {static_cast<const HeadSelection*>(last), &h}) {
+        for (uint32_t x : src->evicted_slots()) merged.add_evicted_slots(x);
+        for (uint64_t x : src->block_indices()) merged.add_block_indices(x);
+        for (uint32_t x : src->slots()) merged.add_slots(x);
+        for (uint64_t x : src->local_fill_blocks()) merged.add_local_fill_blocks(x);
+        for (uint32_t x : src->local_fill_slots()) merged.add_local_fill_slots(x);
+        for (uint64_t x : src->resident_blocks()) merged.add_resident_blocks(x);
+      }
+      *last = std::move(merged);
+    }
+  }
+  for (const HeadSelection& h : out.heads())
+    if (h.fragments() > 1 && h.fragment() + 1 != h.fragments())
+      return Status::InvalidArgument("data plane: layer " + std::to_string(h.layer()) +
+                                     " KV head " + std::to_string(h.kv_head()) +
+                                     " lacks fragments");
+  for (HeadSelection& h : *out.mutable_heads()) {
+    h.clear_fragment();
+    h.clear_fragments();
   }
   return out;
 }
 
-Result<BlocksHeader> DecodeBlocksHeader(std::span<const uint8_t> bytes) {
-  if (bytes.size() < kBlocksHeaderFixedBytes)
-    return Status::InvalidArgument("blocks header of " + std::to_string(bytes.size()) + " bytes");
-  BlocksHeader h;
-  uint32_t n;
-  std::memcpy(&h.request_id, bytes.data(), 8);
-  std::memcpy(&h.layer, bytes.data() + 8, 4);
-  std::memcpy(&n, bytes.data() + 12, 4);
-  if (bytes.size() != kBlocksHeaderFixedBytes + kBlocksHeaderBytesPerBlock * uint64_t{n})
-    return Status::InvalidArgument("blocks header: " + std::to_string(n) + " blocks in " +
-                                   std::to_string(bytes.size()) + " bytes");
-  h.blocks.resize(n);
-  for (uint32_t i = 0; i < n; ++i) {
-    std::memcpy(&h.blocks[i].kv_head, bytes.data() + 16 + 8 * i, 4);
-    std::memcpy(&h.blocks[i].slot, bytes.data() + 20 + 8 * i, 4);
-  }
-  return h;
+std::vector<PartBlock> PartBlocks(const DataPart& p) {
+  std::vector<PartBlock> out;
+  for (const HeadSelection& h : p.reply().heads())
+    for (uint32_t s : h.slots()) out.push_back({h.layer(), h.kv_head(), s});
+  return out;
 }
 
 Result<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& s) {
@@ -287,7 +444,9 @@ Status CheckHello(const Hello& hello) {
   if (hello.protocol_version() != kProtocolVersion)
     return Status::FailedPrecondition(
         "protocol version " + std::to_string(hello.protocol_version()) +
-        " not supported (this side speaks " + std::to_string(kProtocolVersion) + ")");
+        " not supported (this side speaks " + std::to_string(kProtocolVersion) +
+        ": replies matched by request id, K sent once, the data plane is the reply); "
+        "upgrade the client");
   return Status::Ok();
 }
 

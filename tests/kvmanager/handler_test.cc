@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <filesystem>
 
 #include "proto/half.h"
@@ -69,7 +70,7 @@ class HandlerTest : public ::testing::Test {
     return r;
   }
   Status Hello(SessionState& s, const std::string& tenant, const std::string& token,
-               uint32_t version = 1) {
+               uint32_t version = wire::kProtocolVersion) {
     wire::Hello h;
     h.set_protocol_version(version);
     h.set_tenant(tenant);
@@ -97,7 +98,12 @@ TEST_F(HandlerTest, HelloGatesEverythingWrongTokenOrVersionIsRefused) {
       Call(s, MessageType::kListSequences, wire::ListSequences()).error.IsUnauthenticated());
   EXPECT_TRUE(Hello(s, "a", "wrong").IsUnauthenticated());
   EXPECT_TRUE(Hello(s, "", "").IsUnauthenticated());
-  EXPECT_TRUE(Hello(s, "a", "tokA", 2).IsFailedPrecondition());
+  EXPECT_TRUE(Hello(s, "a", "tokA", 3).IsFailedPrecondition());
+  // Version 1 (replies in arrival order, no K once, blocks before a reply frame) is refused with
+  // the reason, not misread.
+  const Status v1 = Hello(s, "a", "tokA", 1);
+  EXPECT_TRUE(v1.IsFailedPrecondition()) << v1.ToString();
+  EXPECT_NE(v1.message().find("request id"), std::string::npos) << v1.ToString();
   EXPECT_TRUE(Hello(s, "dev", "devtok").IsPermissionDenied());  // loopback-only tenant, remote peer
   SessionState local;
   local.loopback = true;
@@ -414,6 +420,64 @@ void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
   for (int j = 0; j < 2; ++j) EXPECT_FLOAT_EQ(arep.delta(j), float(d[j]));
 }
 
+// K once: a RetrieveLayer carries token t's K row before t is appended; the Append of t may then
+// leave that row out (k_from_retrieval) and the service stores the carried bytes. A later retrieval
+// of the same layer may overtake the Append (the rows it needs were carried). Leaving out a row no
+// retrieval carried is refused and stores nothing.
+TEST_F(RetrieveTest, AnAppendTakesTheKRowsItsStepsRetrievalCarried) {
+  const uint32_t need =
+      uint32_t(std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value()->HotSetSlots());
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(9, need)).error.ok());
+  AppendTokens(9, 0, 100);
+  // Step 100 (token 100 not appended): layer 0 retrieves heads 0 and 1 carrying its K rows.
+  ASSERT_TRUE(Retrieve(9, 100, 0, {0, 1}, 1).error.ok());
+  // Step 101 overtakes the Append of 100: it needs token 100's row (carried before) and 101's.
+  ASSERT_TRUE(Retrieve(9, 101, 0, {0, 1}, 1).error.ok());
+  EXPECT_TRUE(Retrieve(9, 101, 1, {0}, 1).error.IsFailedPrecondition())  // layer 1: never carried
+      << "a K row neither stored nor carried";
+  // The Append of 100 without layer 0's K rows (0 * Hkv + 0 and 0 * Hkv + 1).
+  wire::Append a;
+  a.set_sequence_id(9);
+  a.set_start_position(100);
+  a.add_token_ids(100);
+  a.add_k_from_retrieval(0);
+  a.add_k_from_retrieval(1);
+  const size_t row = D * 2;
+  std::vector<uint8_t> payload;
+  for (uint32_t i = 0; i < L * Hkv; ++i)
+    for (int v = 0; v < 2; ++v) {
+      if (v == 0 && i < 2) continue;  // carried by the retrieval
+      const uint8_t* r = Row(i, 100, v);
+      payload.insert(payload.end(), r, r + row);
+    }
+  ASSERT_EQ(payload.size(), wire::AppendPayloadBytes(shape, 1, 2));
+  Reply ok = Call(s_, MessageType::kAppend, a, payload);
+  ASSERT_TRUE(ok.error.ok()) << ok.error.ToString();
+  // The stored K rows of token 100 are the carried ones, byte for byte (block 25 holds 100..103:
+  // the partial block lives in memory; read it through ReadBlocks).
+  for (uint32_t h = 0; h < 2; ++h) {
+    wire::ReadBlocks rb;
+    rb.set_sequence_id(9);
+    rb.set_layer(0);
+    rb.set_kv_head(h);
+    rb.add_block_indices(100 / B);
+    Reply got = Call(s_, MessageType::kReadBlocks, rb);
+    ASSERT_TRUE(got.error.ok()) << got.error.ToString();
+    ASSERT_EQ(std::memcmp(got.frame.payload.data(), Row(h, 100, 0), row), 0) << "head " << h;
+  }
+  // Token 101 leaves out a row no retrieval carried (layer 1, KV head 1): refused, nothing stored.
+  wire::Append bad = a;
+  bad.set_start_position(101);
+  bad.set_token_ids(0, 101);
+  bad.clear_k_from_retrieval();
+  bad.add_k_from_retrieval(3);
+  std::vector<uint8_t> short_payload(wire::AppendPayloadBytes(shape, 1, 1), 0);
+  Reply refused = Call(s_, MessageType::kAppend, bad, short_payload);
+  EXPECT_TRUE(refused.error.IsFailedPrecondition()) << refused.error.ToString();
+  EXPECT_NE(refused.error.message().find("no RetrieveLayer"), std::string::npos);
+  EXPECT_EQ(*store_->Length({"a", 9}), 101u);
+}
+
 TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
   auto ref = std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value();
   const uint32_t need = uint32_t(ref->HotSetSlots());
@@ -475,11 +539,21 @@ TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
 namespace kvm::server {
 namespace {
 
-// On a data plane the blocks of a big reply (Hq 32, Hkv 8, D 128: 2,048 blocks) travel as several
-// active messages, each header within the transport's limit, and land byte-identical in the
-// worker's slots; the reply frame carries no payload.
-TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
-  testutil::TempStore tmp(96 << 20);
+// On a data plane a retrieval's active messages are its reply: no reply frame; the parts' headers
+// each fit the transport's limit, a KV head whose selection alone does not fit travels in
+// fragments, the parts join back into the selections, and the blocks land byte-identical in the
+// worker's slots. Two shapes: many heads (Hq 32, Hkv 8, D 128: 4,096 blocks in all) and one head of
+// 4,096 blocks (over the limit on its own).
+struct BigCase {
+  ModelShape shape;
+  uint32_t tokens;
+};
+class HandlerDataPlaneTest : public ::testing::TestWithParam<BigCase> {};
+
+TEST_P(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
+  const ModelShape shape = GetParam().shape;
+  const uint32_t B = 16, T = GetParam().tokens, Hkv = shape.kv_heads, D = shape.head_dim;
+  testutil::TempStore tmp(uint64_t{T} * Hkv * D * 2 * 2 + (64 << 20));
   auto& store = tmp.store;
   auto service_dp = transport::MakeInProcess();
   auto worker_dp = transport::MakeInProcess();
@@ -488,21 +562,26 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   ho.data_plane = service_dp.get();
   RequestHandler handler(store.get(), ho);
   uint64_t rid = 0;
-  auto call = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
-                  std::span<const uint8_t> payload = {}) {
+  auto handle = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
+                    std::span<const uint8_t> payload = {}) {
     const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++rid, m, payload);
     wire::FrameDecoder dec;
-    wire::Frame in, out;
+    wire::Frame in;
     EXPECT_TRUE(dec.Feed(bytes).ok());
     EXPECT_TRUE(dec.Next(&in));
+    return handler.Handle(s, in);
+  };
+  auto call = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
+                  std::span<const uint8_t> payload = {}) {
     wire::FrameDecoder rd;
-    EXPECT_TRUE(rd.Feed(handler.Handle(s, in)).ok());
+    wire::Frame out;
+    EXPECT_TRUE(rd.Feed(handle(s, t, m, payload)).ok());
     EXPECT_TRUE(rd.Next(&out));
     return out;
   };
   SessionState s;
   wire::Hello h;
-  h.set_protocol_version(1);
+  h.set_protocol_version(wire::kProtocolVersion);
   h.set_tenant("a");
   h.set_auth_token("tokA");
   const auto addr = worker_dp->address();
@@ -511,8 +590,6 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   ASSERT_TRUE(wire::ParseProto(call(s, MessageType::kHello, h), &hr).ok());
   EXPECT_FALSE(hr.ucx_worker_address().empty());  // the service offers its data plane
 
-  const ModelShape shape{1, 32, 8, 128, DType::kF16, 5};
-  const uint32_t B = 16, T = 8192;
   sel::SelectorOptions opt;
   opt.geometry = {B, 16, 64};
   opt.budget_tokens = T / 2;
@@ -542,44 +619,74 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
               wire::ReplyType(MessageType::kAppend));
   }
   // The worker's hot set (layer 0): [kv_head][slot][K, V].
-  const size_t bb = size_t{B} * 128 * 2;
-  std::vector<uint8_t> hot(size_t{8} * slots * 2 * bb);
-  size_t parts = 0, max_header = 0;
+  const size_t bb = size_t{B} * D * 2;
+  std::vector<uint8_t> hot(size_t{Hkv} * slots * 2 * bb);
+  std::vector<wire::DataPart> parts;
+  size_t max_header = 0;
   Status landed;
   worker_dp->SetReceiver(
       [&](std::span<const uint8_t> hd, size_t len) -> Result<std::vector<transport::Segment>> {
         max_header = std::max(max_header, hd.size());
-        KVM_ASSIGN_OR_RETURN(wire::BlocksHeader bh, wire::DecodeBlocksHeader(hd));
-        if (bh.layer != 0 || len != 2 * bb * bh.blocks.size())
-          return Status::InvalidArgument("bad");
+        wire::DataPart p;
+        if (!p.ParseFromArray(hd.data(), int(hd.size()))) return Status::InvalidArgument("bad");
+        const auto blocks = wire::PartBlocks(p);
+        if (len != 2 * bb * blocks.size()) return Status::InvalidArgument("bad length");
         std::vector<transport::Segment> segs;
-        for (const wire::BlockPlacement& b : bh.blocks)
+        for (const wire::PartBlock& b : blocks) {
+          if (b.layer != 0 || b.kv_head >= Hkv || b.slot >= slots)
+            return Status::InvalidArgument("bad slot");
           segs.push_back({hot.data() + (size_t{b.kv_head} * slots + b.slot) * 2 * bb, 2 * bb});
+        }
         return segs;
       },
-      [&](std::span<const uint8_t>, const Status& st) {
+      [&](std::span<const uint8_t> hd, const Status& st) {
         if (!st.ok()) landed = st;
-        ++parts;
+        wire::DataPart p;
+        EXPECT_TRUE(p.ParseFromArray(hd.data(), int(hd.size())));
+        parts.push_back(std::move(p));
       });
   wire::RetrieveLayer r;
   r.set_sequence_id(1);
   r.set_step(T - 1);
-  for (uint32_t kvh = 0; kvh < 8; ++kvh) r.add_kv_heads(kvh);
-  std::vector<float> q(size_t{32} * 128);
+  for (uint32_t kvh = 0; kvh < Hkv; ++kvh) r.add_kv_heads(kvh);
+  std::vector<float> q(size_t{shape.q_heads} * D);
   std::normal_distribution<float> n01(0.f, 1.f);
   for (auto& x : q) x = 3.f * n01(rng);
-  const wire::Frame f = call(s, MessageType::kRetrieveLayer, r,
-                             {reinterpret_cast<const uint8_t*>(q.data()), q.size() * 4});
-  wire::RetrieveLayerReply rep;
-  ASSERT_TRUE(wire::ParseProto(f, &rep).ok());
-  EXPECT_TRUE(f.payload.empty());
-  EXPECT_GT(rep.data_plane_parts(), 1u);  // split: 2,048 blocks do not fit one header
-  ASSERT_TRUE(worker_dp->WaitFor([&] { return parts >= rep.data_plane_parts(); }, 10000).ok());
+  // The reply comes once the parts are sent, which takes the worker's side receiving them: ask
+  // asynchronously, then receive.
+  const auto req = wire::EncodeFrame(static_cast<uint16_t>(MessageType::kRetrieveLayer), ++rid, r,
+                                     {reinterpret_cast<const uint8_t*>(q.data()), q.size() * 4});
+  wire::FrameDecoder dec;
+  wire::Frame in;
+  ASSERT_TRUE(dec.Feed(req).ok());
+  ASSERT_TRUE(dec.Next(&in));
+  std::atomic<bool> replied{false};
+  std::vector<uint8_t> reply;
+  handler.Handle(s, in, [&](std::vector<uint8_t> f) {
+    reply = std::move(f);
+    replied = true;
+  });
+  ASSERT_TRUE(
+      worker_dp
+          ->WaitFor([&] { return replied && !parts.empty() && parts.size() == parts[0].parts(); },
+                    10000)
+          .ok());
+  EXPECT_TRUE(reply.empty()) << "a data-plane retrieval has no reply frame";
   ASSERT_TRUE(landed.ok()) << landed.ToString();
+  EXPECT_GT(parts.size(), 1u);  // split: the blocks' placements do not fit one header
   EXPECT_LE(max_header, service_dp->max_header_bytes());
+  bool fragmented = false;
+  for (const auto& p : parts)
+    for (const auto& hs : p.reply().heads()) fragmented = fragmented || hs.fragments() > 1;
+  if (Hkv == 1) EXPECT_TRUE(fragmented) << "one head over the limit travels in fragments";
+  auto rep = wire::JoinParts(parts);
+  ASSERT_TRUE(rep.ok()) << rep.status().ToString();
+  ASSERT_EQ(rep->heads_size(), int(Hkv));
   size_t sent = 0;
   std::vector<uint8_t> want(bb);
-  for (const auto& hs : rep.heads())
+  for (const auto& hs : rep->heads()) {
+    EXPECT_NE(hs.slot_digest(), 0u);  // the completion record came whole
+    EXPECT_EQ(hs.delta_size(), int(shape.group_size()));
     for (int i = 0; i < hs.block_indices_size(); ++i, ++sent) {
       const uint8_t* slot = hot.data() + (size_t{hs.kv_head()} * slots + hs.slots(i)) * 2 * bb;
       for (int v = 0; v < 2; ++v) {
@@ -589,7 +696,79 @@ TEST(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
             << "block " << hs.block_indices(i);
       }
     }
-  EXPECT_GT(sent, 2000u);
+  }
+  EXPECT_GT(sent, 4000u);
+  handler.Close(s);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, HandlerDataPlaneTest,
+                         ::testing::Values(BigCase{{1, 32, 8, 128, DType::kF16, 5}, 16384},
+                                           BigCase{{1, 4, 1, 32, DType::kF16, 5}, 131072}));
+
+// A block send that fails reaches the worker at once: the retrieval's reply is an Error frame (not
+// a deadline), and the session goes on.
+TEST(HandlerDataPlaneFailureTest, AFailedBlockSendIsAnErrorReplyAtOnce) {
+  testutil::TempStore tmp;
+  auto service_dp = transport::MakeInProcess();
+  auto worker_dp =
+      std::make_unique<std::unique_ptr<transport::Transport>>(transport::MakeInProcess());
+  HandlerOptions ho;
+  ho.tenants = {{"a", "tokA", false}};
+  ho.data_plane = service_dp.get();
+  RequestHandler handler(tmp.store.get(), ho);
+  uint64_t rid = 0;
+  auto handle = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
+                    std::span<const uint8_t> payload = {}) {
+    const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++rid, m, payload);
+    wire::FrameDecoder dec;
+    wire::Frame in;
+    EXPECT_TRUE(dec.Feed(bytes).ok());
+    EXPECT_TRUE(dec.Next(&in));
+    return handler.Handle(s, in);
+  };
+  SessionState s;
+  wire::Hello h;
+  h.set_protocol_version(wire::kProtocolVersion);
+  h.set_tenant("a");
+  h.set_auth_token("tokA");
+  const auto addr = (*worker_dp)->address();
+  h.set_ucx_worker_address(std::string(addr.begin(), addr.end()));
+  ASSERT_FALSE(handle(s, MessageType::kHello, h).empty());
+  const ModelShape shape{1, 4, 1, 32, DType::kF16, 5};
+  sel::SelectorOptions opt;
+  opt.geometry = {16, 16, 64};
+  opt.budget_tokens = 256;
+  wire::CreateSequence c;
+  c.set_sequence_id(1);
+  wire::ToWire(shape, c.mutable_shape());
+  c.set_block_size(16);
+  sel::ToWire({"oracle", opt}, c.mutable_selector());
+  c.set_hot_set_slots(16);
+  ASSERT_FALSE(handle(s, MessageType::kCreateSequence, c).empty());
+  wire::Append a;
+  a.set_sequence_id(1);
+  for (uint32_t i = 0; i < 1024; ++i) a.add_token_ids(i);
+  std::vector<uint8_t> p(wire::AppendPayloadBytes(shape, 1024), 0x3c);
+  ASSERT_FALSE(handle(s, MessageType::kAppend, a, p).empty());
+  worker_dp->reset();  // the worker's data plane is gone: the in-process send fails
+  wire::RetrieveLayer r;
+  r.set_sequence_id(1);
+  r.set_step(1023);
+  r.add_kv_heads(0);
+  std::vector<float> q(4 * 32, 0.5f);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto reply = handle(s, MessageType::kRetrieveLayer, r,
+                            {reinterpret_cast<const uint8_t*>(q.data()), q.size() * 4});
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  wire::FrameDecoder rd;
+  wire::Frame f;
+  ASSERT_TRUE(rd.Feed(reply).ok());
+  ASSERT_TRUE(rd.Next(&f));
+  ASSERT_EQ(f.header.type, static_cast<uint16_t>(MessageType::kError));
+  wire::Error e;
+  ASSERT_TRUE(wire::ParseProto(f, &e).ok());
+  EXPECT_EQ(e.code(), wire::ERR_UNAVAILABLE) << e.message();
+  EXPECT_NE(e.message().find("data plane send"), std::string::npos) << e.message();
   handler.Close(s);
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <tuple>
 
 #include "proto/kvm.pb.h"
 
@@ -179,22 +180,91 @@ TEST(FrameTest, ErrorCodesComeBackAsStatus) {
   EXPECT_TRUE(StatusFromWire(77, "?").IsInternal());
 }
 
-TEST(FrameTest, BlocksHeaderRoundTripsAndRefusesMalformedBytes) {
-  BlocksHeader h{0x1122334455667788ull, 3, {{0, 5}, {7, 1}, {2, 900}}};
-  const auto bytes = EncodeBlocksHeader(h);
-  EXPECT_EQ(bytes.size(), kBlocksHeaderFixedBytes + 3 * kBlocksHeaderBytesPerBlock);
-  auto back = DecodeBlocksHeader(bytes);
-  ASSERT_TRUE(back.ok()) << back.status().ToString();
-  EXPECT_EQ(back->request_id, h.request_id);
-  EXPECT_EQ(back->layer, 3u);
-  ASSERT_EQ(back->blocks.size(), 3u);
-  EXPECT_EQ(back->blocks[2].kv_head, 2u);
-  EXPECT_EQ(back->blocks[2].slot, 900u);
-  EXPECT_TRUE(DecodeBlocksHeader({bytes.data(), bytes.size() - 1}).status().IsInvalidArgument());
-  EXPECT_TRUE(DecodeBlocksHeader({bytes.data(), 10}).status().IsInvalidArgument());
-  auto big = bytes;
-  big[12] = 0xff;  // claims 255 blocks
-  EXPECT_TRUE(DecodeBlocksHeader(big).status().IsInvalidArgument());
+// A retrieval reply of `heads` KV heads, each with `sends` sent blocks and as many evictions.
+RetrieveLayerReply Reply(uint32_t heads, uint32_t sends) {
+  RetrieveLayerReply r;
+  r.set_layer(3);
+  r.set_hot_set_generation(9);
+  r.add_shared_layers(4);
+  for (uint32_t h = 0; h < heads; ++h) {
+    HeadSelection* s = r.add_heads();
+    s->set_layer(3);
+    s->set_kv_head(h);
+    for (uint32_t i = 0; i < sends; ++i) {
+      s->add_block_indices(1000000ull * h + 7 * i);
+      s->add_slots(i);
+      s->add_evicted_slots(sends + i);
+    }
+    s->add_local_fill_blocks(99);
+    s->add_local_fill_slots(2 * sends);
+    for (int j = 0; j < 4; ++j) {
+      s->add_delta(0.01f * j);
+      s->add_log_delta(-1.0 - j);
+    }
+    s->set_k_max(3.5f);
+    s->set_anchor(true);
+    s->set_slot_digest(0xabcdef0123456789ull + h);
+  }
+  return r;
+}
+
+TEST(FrameTest, ARetrievalReplySplitsIntoPartsThatFitAndJoinsBack) {
+  for (const auto& [heads, sends, limit] : std::vector<std::tuple<uint32_t, uint32_t, size_t>>{
+           {4, 3, 8192}, {8, 200, 8192}, {2, 6000, 8192}, {1, 900, 1024}}) {
+    const RetrieveLayerReply r = Reply(heads, sends);
+    auto parts = SplitReply(r, 77, limit);
+    ASSERT_TRUE(parts.ok()) << parts.status().ToString();
+    std::vector<PartBlock> order;
+    for (const DataPart& p : *parts) {
+      EXPECT_LE(p.ByteSizeLong(), limit);
+      EXPECT_EQ(p.request_id(), 77u);
+      EXPECT_EQ(p.parts(), parts->size());
+      for (const PartBlock& b : PartBlocks(p)) order.push_back(b);
+    }
+    if (heads == 4) EXPECT_EQ(parts->size(), 1u);             // small: one message
+    if (sends == 6000) EXPECT_GT(parts->size(), 2u * heads);  // one head > the limit
+    // The blocks in data order are every send, head by head, in order.
+    ASSERT_EQ(order.size(), size_t(heads) * sends);
+    for (uint32_t h = 0; h < heads; ++h)
+      for (uint32_t i = 0; i < sends; ++i) {
+        EXPECT_EQ(order[h * sends + i].kv_head, h);
+        EXPECT_EQ(order[h * sends + i].slot, i);
+        EXPECT_EQ(order[h * sends + i].layer, 3u);
+      }
+    // Joined in any order, the parts are the reply.
+    std::vector<DataPart> shuffled(parts->rbegin(), parts->rend());
+    auto back = JoinParts(shuffled);
+    ASSERT_TRUE(back.ok()) << back.status().ToString();
+    EXPECT_EQ(back->SerializeAsString(), r.SerializeAsString())
+        << "heads " << heads << " sends " << sends;
+    if (parts->size() > 1) {  // a lost or repeated part is refused
+      std::vector<DataPart> lost(parts->begin() + 1, parts->end());
+      EXPECT_TRUE(JoinParts(lost).status().IsInvalidArgument());
+      std::vector<DataPart> twice = *parts;
+      twice.back() = twice.front();
+      EXPECT_TRUE(JoinParts(twice).status().IsInvalidArgument());
+    }
+  }
+  EXPECT_TRUE(SplitReply(Reply(1, 10), 1, 100).status().IsInvalidArgument());
+  EXPECT_TRUE(JoinParts({}).status().IsInvalidArgument());
+}
+
+TEST(FrameTest, AnAppendMayLeaveOutTheKRowsARetrievalCarried) {
+  const kvm::ModelShape shape{2, 4, 2, 32, kvm::DType::kF16, 1};
+  Append a;
+  a.add_token_ids(5);
+  const uint64_t full = AppendPayloadBytes(shape, 1);
+  EXPECT_TRUE(ValidateAppend(a, shape, full).ok());
+  a.add_k_from_retrieval(0);
+  a.add_k_from_retrieval(3);
+  EXPECT_EQ(AppendPayloadBytes(shape, 1, 2), full - 2 * 32 * 2);
+  EXPECT_TRUE(ValidateAppend(a, shape, full - 2 * 32 * 2).ok());
+  EXPECT_TRUE(ValidateAppend(a, shape, full).IsInvalidArgument());  // the rows are not there
+  a.add_k_from_retrieval(3);
+  EXPECT_TRUE(ValidateAppend(a, shape, full - 3 * 32 * 2).IsInvalidArgument());  // twice
+  a.clear_k_from_retrieval();
+  a.add_k_from_retrieval(4);  // 2 layers x 2 KV heads: 0..3
+  EXPECT_TRUE(ValidateAppend(a, shape, full - 32 * 2).IsInvalidArgument());
 }
 
 TEST(FrameTest, HostPortParsing) {

@@ -16,7 +16,8 @@ namespace kvm::testutil {
 // No GPU tier unless `gpu_device` gives one (tests compare with the CPU's exact results).
 struct TempStore {
   explicit TempStore(uint64_t host_capacity_bytes = 64 << 20,
-                     std::function<Result<std::unique_ptr<store::Device>>()> gpu_device = nullptr) {
+                     std::function<Result<std::unique_ptr<store::Device>>()> gpu_device = nullptr,
+                     const std::function<void(store::StoreOptions&)>& tweak = nullptr) {
     char tmpl[] = "/tmp/kvm_test_store_XXXXXX";
     dir = mkdtemp(tmpl);
     store::StoreOptions so;
@@ -24,6 +25,7 @@ struct TempStore {
     so.host_capacity_bytes = host_capacity_bytes;
     so.gpu = gpu_device != nullptr;
     so.gpu_device = std::move(gpu_device);
+    if (tweak) tweak(so);
     store = std::move(store::BlockStore::Open(so)).value();
   }
   ~TempStore() {
@@ -37,8 +39,9 @@ struct TempStore {
 // `o.listen` is replaced by a free loopback port; no tenants given: the development tenant
 // ("dev", token "dev", loopback only).
 struct TestService : TempStore {
-  explicit TestService(server::ServerOptions o = {}, uint64_t host_capacity_bytes = 64 << 20)
-      : TempStore(host_capacity_bytes) {
+  explicit TestService(server::ServerOptions o = {}, uint64_t host_capacity_bytes = 64 << 20,
+                       const std::function<void(store::StoreOptions&)>& tweak = nullptr)
+      : TempStore(host_capacity_bytes, nullptr, tweak) {
     o.listen = "127.0.0.1:0";
     if (o.handler.tenants.empty()) o.handler.tenants = {{"dev", "dev", true}};
     server = std::move(server::Server::Start(o, store.get())).value();

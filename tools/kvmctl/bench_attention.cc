@@ -244,9 +244,10 @@ int RunBenchAttention(const std::vector<std::string>& args) {
 
 namespace kvm::tools {
 int RunBench(const std::vector<std::string>& args) {
-  if (args.empty()) throw UsageError("bench needs a target: attention or transport");
+  if (args.empty()) throw UsageError("bench needs a target: attention, transport or decode");
   if (args[0] == "attention") return RunBenchAttention({args.begin() + 1, args.end()});
   if (args[0] == "transport") return RunBenchTransport({args.begin() + 1, args.end()});
-  throw UsageError("unknown bench target '" + args[0] + "' (attention, transport)");
+  if (args[0] == "decode") return RunBenchDecode({args.begin() + 1, args.end()});
+  throw UsageError("unknown bench target '" + args[0] + "' (attention, transport, decode)");
 }
 }  // namespace kvm::tools

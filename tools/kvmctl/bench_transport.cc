@@ -27,6 +27,7 @@
 #include "bench_util.h"
 #include "commands.h"
 #include "flags.h"
+#include "proto/kvm.pb.h"
 #include "proto/wire/frame.h"
 #include "transport/transport.h"
 
@@ -65,10 +66,13 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   Status rx_error;
   rx->SetReceiver(
       [&](std::span<const uint8_t> h, size_t len) -> Result<std::vector<transport::Segment>> {
-        KVM_ASSIGN_OR_RETURN(wire::BlocksHeader hd, wire::DecodeBlocksHeader(h));
-        if (len != hd.blocks.size() * slot_bytes) return Status::InvalidArgument("bad message");
+        wire::DataPart part;  // the service's retrieval-reply header
+        if (!part.ParseFromArray(h.data(), int(h.size())))
+          return Status::InvalidArgument("bad header");
+        const auto blocks = wire::PartBlocks(part);
+        if (len != blocks.size() * slot_bytes) return Status::InvalidArgument("bad message");
         std::vector<transport::Segment> segs;
-        for (const wire::BlockPlacement& b : hd.blocks)
+        for (const wire::PartBlock& b : blocks)
           segs.push_back({hot.data() + size_t(b.slot) * slot_bytes, slot_bytes});
         return segs;
       },
@@ -97,11 +101,19 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
     msgs.push_back({i, j - i});
     i = j;
   }
-  std::vector<std::vector<uint8_t>> headers;  // per message, in the retrieval-reply layout
-  for (const Msg& g : msgs) {
-    wire::BlocksHeader h;
-    for (uint32_t i = 0; i < g.n; ++i) h.blocks.push_back({0, order[g.first + i]});
-    headers.push_back(wire::EncodeBlocksHeader(h));
+  std::vector<std::vector<uint8_t>> headers;  // per message: a DataPart, as the service sends
+  for (size_t k = 0; k < msgs.size(); ++k) {
+    wire::DataPart p;
+    p.set_request_id(1);
+    p.set_part(uint32_t(k));
+    p.set_parts(uint32_t(msgs.size()));
+    wire::HeadSelection* h = p.mutable_reply()->add_heads();
+    for (uint32_t i = 0; i < msgs[k].n; ++i) {
+      h->add_block_indices(msgs[k].first + i);
+      h->add_slots(order[msgs[k].first + i]);
+    }
+    const std::string bytes = p.SerializeAsString();
+    headers.emplace_back(bytes.begin(), bytes.end());
   }
   std::vector<transport::Segment> segs;
   for (uint32_t i = 0; i < blocks; ++i)

@@ -102,6 +102,24 @@ inline constexpr const char* kBenchTransportUsage =
     "mode;\n"
     "      in-process against memcpy of the same scatter. Defaults: sm, 256 blocks of 8192 bytes.";
 int RunBenchTransport(const std::vector<std::string>& args);
+inline constexpr const char* kBenchDecodeUsage =
+    "  bench decode [--model FILE --tokens FILE --offset N | --synthetic --layers L --q-heads H\n"
+    "                --kv-heads K --head-dim D] --context N --steps S [--selector NAME] [eval's "
+    "selector flags]\n"
+    "               [--transport ucx|tcp|inproc] [--server HOST:PORT] [--kvmanager PATH] [--json]\n"
+    "      The same decode steps once in-process and once through the service, side by side: "
+    "tokens/s of\n"
+    "      each and their ratio, identical tokens, round trips and bytes from the worker per step, "
+    "step\n"
+    "      p50/p99, the worker's attention per layer. Defaults: the committed model and held-out "
+    "text\n"
+    "      (offset 1000), prhs at delta* 0.1 with a cap of 1/8 of the context, ucx; its own "
+    "kvmanager on\n"
+    "      free loopback ports (--transport inproc embeds the service). --synthetic: structured "
+    "synthetic\n"
+    "      KV and queries that drift like a real model's (see bench_decode.cc), labelled "
+    "synthetic.";
+int RunBenchDecode(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);
 
 inline constexpr const char* kDemoUsage =

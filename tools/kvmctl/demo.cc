@@ -21,89 +21,12 @@
 #include "client/tokenizer.h"
 #include "commands.h"
 #include "flags.h"
+#include "local_service.h"
 #include "proto/kvm.pb.h"
 #include "selector/registry.h"
 
 namespace kvm::tools {
 namespace {
-
-// A kvmanager child process on free loopback ports.
-class LocalService {
- public:
-  ~LocalService() { Stop(); }
-  Status Start(const std::string& binary) {
-    char tmpl[] = "/tmp/kvmctl_demo_XXXXXX";
-    if (!mkdtemp(tmpl)) return Status::Internal("cannot create a temporary directory");
-    dir_ = tmpl;
-    int fds[2];
-    if (pipe(fds) != 0) return Status::Internal("pipe failed");
-    pid_ = fork();
-    if (pid_ < 0) return Status::Internal("fork failed");
-    if (pid_ == 0) {
-      dup2(fds[1], STDOUT_FILENO);
-      close(fds[0]);
-      close(fds[1]);
-      const std::string data = dir_ + "/data";
-      execl(binary.c_str(), binary.c_str(), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-            "--data-dir", data.c_str(), static_cast<char*>(nullptr));
-      std::perror("kvmctl demo: exec kvmanager");
-      _exit(127);
-    }
-    close(fds[1]);
-    FILE* out = fdopen(fds[0], "r");
-    char line[512];
-    while (out && std::fgets(line, sizeof(line), out)) {
-      const std::string l(line);
-      const std::string key = "kvmanager listening on ";
-      if (l.rfind(key, 0) == 0) {
-        address_ = l.substr(key.size(), l.find(' ', key.size()) - key.size());
-        break;
-      }
-    }
-    // Keep reading (and dropping) its stdout so it never blocks on a full pipe.
-    if (out)
-      std::thread([out] {
-        char buf[512];
-        while (std::fgets(buf, sizeof(buf), out)) {
-        }
-        std::fclose(out);
-      }).detach();
-    if (address_.empty()) {
-      Stop();
-      return Status::Unavailable("kvmanager (" + binary + ") did not start");
-    }
-    return Status::Ok();
-  }
-  void Stop() {
-    if (pid_ > 0) {
-      kill(pid_, SIGTERM);
-      int st = 0;
-      waitpid(pid_, &st, 0);
-      pid_ = -1;
-    }
-    if (!dir_.empty()) {
-      std::error_code ec;
-      std::filesystem::remove_all(dir_, ec);
-      dir_.clear();
-    }
-  }
-  const std::string& address() const { return address_; }
-
- private:
-  pid_t pid_ = -1;
-  std::string dir_, address_;
-};
-
-std::string FindKvmanager(const Flags& f) {
-  if (auto v = f.Str("kvmanager")) return *v;
-  std::error_code ec;
-  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  for (const auto& rel : {"../../kvmanager/kvmanager", "kvmanager", "../kvmanager/kvmanager"}) {
-    const auto p = exe.parent_path() / rel;
-    if (!ec && std::filesystem::exists(p)) return std::filesystem::weakly_canonical(p).string();
-  }
-  throw UsageError("--kvmanager is required (no kvmanager binary found next to this kvmctl)");
-}
 
 struct Stat {
   size_t n = 0;
@@ -247,6 +170,9 @@ int RunDemo(const std::vector<std::string>& args) {
                    (unsigned long long)context);
   }
   std::fprintf(stderr, "\n");
+  // The prompt's appends are out and answered: what the worker sends from here on is the decode's.
+  if (Status s = (*src)->Flush(); !s.ok()) return fail(s);
+  const uint64_t sent_before_decode = (*conn)->bytes_sent();
   const auto t1 = std::chrono::steady_clock::now();
   std::vector<uint32_t> out;
   for (uint64_t i = 0; i < max_new; ++i) {
@@ -260,6 +186,7 @@ int RunDemo(const std::vector<std::string>& args) {
   }
   std::fprintf(stderr, "\n");
   if (Status s = (*src)->Flush(); !s.ok()) return fail(s);
+  const uint64_t sent_decode = (*conn)->bytes_sent() - sent_before_decode;
   const double decode_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   const double prefill_s = std::chrono::duration<double>(t1 - t0).count();
@@ -322,7 +249,8 @@ int RunDemo(const std::vector<std::string>& args) {
         "\"delta_mean\": %s, \"delta_p99\": %s, \"delta_kind\": \"%s\", \"delta_by_kind\": {%s}, "
         "\"within_target_fraction\": %s, \"retrieval_overhead\": %s, \"round_trips\": %llu, "
         "\"gate_reuses\": %llu, \"gate_checks\": {%s}, \"retrievals\": %llu, "
-        "\"attention_ms_per_layer\": %s, \"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
+        "\"attention_ms_per_layer\": %s, \"bytes_from_worker_per_step\": %s, "
+        "\"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
         "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
         "\"prefill_seconds\": %s, \"retrieve_wait_seconds\": %s, \"local_fill_bytes\": %llu, "
         "\"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
@@ -332,6 +260,7 @@ int RunDemo(const std::vector<std::string>& args) {
         Num(within_frac).c_str(), Num(overhead).c_str(), (unsigned long long)t.round_trips,
         (unsigned long long)t.gate[sel::GateOutcome::kReuse], gate_json.c_str(),
         (unsigned long long)t.retrievals, Num(attention_ms).c_str(),
+        Num(t.steps ? double(sent_decode) / double(t.steps) : NAN).c_str(),
         (unsigned long long)t.streamed_bytes, (unsigned long long)t.dense_equivalent,
         (unsigned long long)t.topk_refetch,
         Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
@@ -376,6 +305,8 @@ int RunDemo(const std::vector<std::string>& args) {
   std::printf(
       "  worker attention        %s ms per layer (fast CPU kernel over the hot set + tail)\n",
       Num(attention_ms).c_str());
+  std::printf("  bytes from the worker   %s per decode step (appends, queries, frame headers)\n",
+              Num(t.steps ? double(sent_decode) / double(t.steps) : NAN).c_str());
   return 0;
 }
 

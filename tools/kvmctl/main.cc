@@ -21,6 +21,7 @@ const Command kCommands[] = {
     {"needle", kvm::tools::RunNeedle, kvm::tools::kNeedleUsage},
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchAttentionUsage},
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchTransportUsage},
+    {"bench", kvm::tools::RunBench, kvm::tools::kBenchDecodeUsage},
     {"demo", kvm::tools::RunDemo, kvm::tools::kDemoUsage},
     {"status", kvm::tools::RunStatus, kvm::tools::kStatusUsage},
 };

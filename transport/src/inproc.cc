@@ -1,7 +1,11 @@
 // The in-process transport: a registry of this process's in-process transports by address; Send
 // queues the message at the receiver, whose WaitFor places and copies it (memcpy into the segments)
 // on its own thread, then tells the sender.
-#include <condition_variable>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -21,7 +25,7 @@ uint64_t g_next = 1;
 
 class InProcess : public Transport {
  public:
-  InProcess() {
+  InProcess() : efd_(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
     std::lock_guard<std::mutex> l(g_mu);
     id_ = g_next++;
     g_registry[id_] = this;
@@ -33,6 +37,7 @@ class InProcess : public Transport {
     }
     std::lock_guard<std::mutex> l(mu_);
     for (auto& m : inbox_) m.done(Status::Cancelled("receiver closed"));
+    if (efd_ >= 0) ::close(efd_);
   }
   const char* name() const override { return "inproc"; }
   std::vector<uint8_t> address() const override {
@@ -78,7 +83,8 @@ class InProcess : public Transport {
       std::lock_guard<std::mutex> rl(r->mu_);
       r->inbox_.push_back({{header.begin(), header.end()}, data, std::move(done)});
     }
-    r->cv_.notify_all();
+    const uint64_t one = 1;
+    (void)!::write(r->efd_, &one, sizeof(one));  // wakes the receiver's WaitFor
     return Status::Ok();
   }
   Status SendGather(uint64_t peer, std::span<const uint8_t> header,
@@ -98,20 +104,28 @@ class InProcess : public Transport {
     place_ = std::move(place);
     delivered_ = std::move(delivered);
   }
-  Status WaitFor(const std::function<bool()>& done, int timeout_ms) override {
+  // Event-driven: senders write the eventfd; WaitFor polls it (and wake_fd).
+  Status WaitFor(const std::function<bool()>& done, int timeout_ms, int wake_fd) override {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
+      uint64_t n;
+      while (::read(efd_, &n, sizeof(n)) == sizeof(n)) {
+      }
       std::deque<Message> batch;
       {
-        std::unique_lock<std::mutex> l(mu_);
-        if (inbox_.empty()) {
-          if (done()) return Status::Ok();
-          if (!cv_.wait_until(l, deadline, [&] { return !inbox_.empty(); }))
-            return done() ? Status::Ok() : Status::TimedOut("data plane: nothing arrived in time");
-        }
+        std::lock_guard<std::mutex> l(mu_);
         batch.swap(inbox_);
       }
       for (auto& m : batch) Deliver(m);
+      if (done()) return Status::Ok();
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            deadline - std::chrono::steady_clock::now())
+                            .count();
+      if (left <= 0) return Status::TimedOut("data plane: nothing arrived in time");
+      pollfd p[2] = {{efd_, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+      const int r = ::poll(p, wake_fd >= 0 ? 2 : 1, int(std::min<int64_t>(left, 1000)));
+      if (r > 0 && wake_fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR)))
+        return Status::Ok();
     }
   }
 
@@ -147,8 +161,8 @@ class InProcess : public Transport {
     m.done(Status::Ok());
   }
   uint64_t id_ = 0;
+  int efd_ = -1;
   std::mutex mu_;
-  std::condition_variable cv_;
   std::deque<Message> inbox_;
   std::set<uint64_t> peers_;  // connected (sending side)
   Placement place_;

@@ -273,7 +273,7 @@ class Ucx : public Transport {
     delivered_ = std::move(delivered);
   }
 
-  Status WaitFor(const std::function<bool()>& done, int timeout_ms) override {
+  Status WaitFor(const std::function<bool()>& done, int timeout_ms, int wake_fd) override {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     for (;;) {
       Progress();
@@ -285,8 +285,12 @@ class Ucx : public Transport {
                             deadline - std::chrono::steady_clock::now())
                             .count();
       if (left <= 0) return Status::TimedOut("data plane: nothing arrived within the deadline");
-      pollfd p{efd_, POLLIN, 0};
-      (void)poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+      pollfd p[2] = {{efd_, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+      const int n = poll(p, wake_fd >= 0 ? 2 : 1, int(std::min<int64_t>(left, 1000)));
+      if (n > 0 && wake_fd >= 0 && (p[1].revents & (POLLIN | POLLHUP | POLLERR))) {
+        Progress();
+        return Status::Ok();
+      }
     }
   }
 

@@ -4,12 +4,15 @@
 //   auto c = Client::Connect({.address = "127.0.0.1:7420", .tenant = "dev", .token = "dev"});
 //   c->CreateSequence(...); c->AppendAsync(...); ... c->Flush();
 //
-// Requests are pipelined: AppendAsync (and any CallAsync) returns once the frame is written; its
-// reply is checked when a later call reads past it, or at Flush (the first failure is returned
-// then). Call waits for its own reply up to the deadline (TimedOut; a reply that arrives later is
-// discarded). A background thread sends a Heartbeat whenever the channel was quiet for the
-// server's heartbeat interval, so an idle worker keeps its session. Reconnect opens a fresh
-// session (the caller re-attaches its sequences and bumps its hot-set generation).
+// Requests are pipelined and replies are matched by request id, in whatever order the service
+// finishes them (protocol 2: a RetrieveLayer may overtake an Append). CallAsync returns once the
+// frame is written; its reply is dispatched when a later call reads it, or at Flush (the first
+// failure without a handler is returned then). Call waits for its own reply up to the deadline
+// (TimedOut; a reply that arrives later is discarded). Await waits for a condition that the data
+// plane or a reply makes true (a retrieval whose reply is its active messages). A background thread
+// sends a Heartbeat whenever the channel was quiet for the server's heartbeat interval, so an idle
+// worker keeps its session. Reconnect opens a fresh session (the caller re-attaches its sequences
+// and bumps its hot-set generation).
 //
 // Thread-compatible: one thread drives a Client (the heartbeat thread only writes, under a lock).
 #pragma once
@@ -50,11 +53,25 @@ class Client {
   // One request and its reply frame (an Error reply becomes its Status).
   Result<wire::Frame> Call(wire::MessageType type, const google::protobuf::MessageLite& m,
                            std::span<const uint8_t> payload = {});
-  // Sends now; `on_reply` (may be empty) runs with the reply when it is read (during a later Call
-  // or Flush), on the driving thread. A failed reply without a handler is kept for Flush.
+  // Sends now; `on_reply` (may be empty) runs with the reply when it is read (during a later Call,
+  // Await or Flush), on the driving thread. A failed reply without a handler is kept for Flush.
   Status CallAsync(wire::MessageType type, const google::protobuf::MessageLite& m,
                    std::span<const uint8_t> payload,
                    std::function<void(const Result<wire::Frame>&)> on_reply = {});
+  // The same for a request that gets no reply when it succeeds (a retrieval over the data plane):
+  // `on_reply` runs only if an (error) reply comes; Flush does not wait for one. Returns the
+  // request id (the data plane's parts carry it).
+  Result<uint64_t> SendOptionalReply(wire::MessageType type, const google::protobuf::MessageLite& m,
+                                     std::span<const uint8_t> payload,
+                                     std::function<void(const Result<wire::Frame>&)> on_reply);
+  // Reads replies (dispatching them) and progresses the data plane until `done()` holds, up to the
+  // deadline (TimedOut); Unavailable when the connection is lost.
+  Status Await(const std::function<bool()>& done);
+  // Stops expecting a reply to `id` (a late one is dropped).
+  void Forget(uint64_t id);
+  // Dispatches the replies that have arrived, without waiting; Unavailable when the connection is
+  // lost.
+  Status Poll();
   // Waits for every asynchronous reply; the first failure among them.
   Status Flush();
   // Closes the channel and opens a new session with the same options.
@@ -70,6 +87,8 @@ class Client {
   Status DeleteSequence(uint64_t sequence_id);
 
   uint64_t session_id() const;
+  // Bytes this client wrote on the control channel since it connected (frames, headers included).
+  uint64_t bytes_sent() const;
   // The data plane when the service accepted it for this session, else null (blocks over TCP).
   transport::Transport* data_plane() const;
   uint32_t heartbeat_interval_ms() const;

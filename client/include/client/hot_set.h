@@ -64,6 +64,11 @@ class HotSet {
   bool Holds(uint32_t layer, uint32_t kv_head, uint64_t block) const {
     return tables_[Index(layer, kv_head)].Contains(block);
   }
+  // A resident set from the slot table: its blocks (the plan keeps exactly the resident blocks
+  // before the window in slots) + those of `window` at or after window_first and below nb,
+  // ascending.
+  std::vector<uint64_t> Resident(uint32_t layer, uint32_t kv_head, uint64_t window_first,
+                                 uint64_t nb, std::span<const uint64_t> window) const;
   // Empties every slot (a new hot-set generation); the tail stays.
   void Reset();
 

@@ -49,6 +49,8 @@ struct StoreOptions {
   uint64_t gpu_capacity_bytes = 0;  // 0 = 40% of the device's free memory at open
   // The device of the GPU tier; default: the CUDA device. Tests pass a host-memory double.
   std::function<Result<std::unique_ptr<Device>>()> gpu_device;
+  // Tests only: runs before each durable append's WAL write, outside the store's lock (a latch).
+  std::function<void()> test_before_write;
 };
 
 struct SeqRef {

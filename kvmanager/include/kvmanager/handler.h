@@ -1,6 +1,9 @@
-// The control plane's request handler: a pure function of a session's state and one decoded frame,
-// returning the reply frame. No sockets, no threads: the Asio server decodes
-// frames, calls Handle and writes the reply; tests drive it directly.
+// The control plane's request handler: a function of a session's state and one decoded frame that
+// yields the reply frame. No sockets, no threads of its own: the Asio server decodes frames, calls
+// Handle and writes the reply; tests drive it directly. The reply may come later, from the data
+// plane's thread: a retrieval for a session with a data plane is answered by its active messages
+// (DataPart), and the handler reports it done (no frame) once they are sent, or with an Error frame
+// when a send failed.
 //
 // Auth: a session's first request must be Hello with the protocol version and a tenant's token
 // (TenantConfig); anything else before it is Unauthenticated. A loopback-only tenant (the embedded
@@ -9,12 +12,16 @@
 // Every operation of the wire schema: Hello, CreateSequence (with attach), Append, PrefixLookup,
 // Truncate, RetrieveLayer, SetLayerMap and Audit (the RetrievalEngine), ReadBlocks, DeleteSequence,
 // ListSequences, Stats, Heartbeat. A RetrieveLayer reply carries its blocks as the frame payload
-// (the TCP data path).
+// (the TCP data path) or travels as active messages (the data plane). Classify says how a request
+// is ordered against the session's others (the server runs them accordingly): Appends, Truncate,
+// Delete and the rest of a sequence's changes in order; RetrieveLayer and Audit may overtake that
+// sequence's Appends (the engine uses the K rows they carry).
 //
 // Thread-safe if the BlockStore is (it is); a SessionState belongs to one connection.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -52,20 +59,48 @@ struct SessionState {
   uint64_t data_peer = 0;  // the worker's data-plane endpoint (0: none, blocks go over TCP)
 };
 
+// How a request is ordered against the other requests of its session.
+struct RequestClass {
+  enum Kind {
+    kBarrier,   // waits for everything before it; nothing after it starts before it ends (Hello,
+                // ListSequences, Stats, PrefixLookup)
+    kSequence,  // in order with the other requests of its sequence (Create, Append, Truncate,
+                // Delete, SetLayerMap, ReadBlocks); Appends may run beside retrievals
+    kOvertake,  // after the requests of its sequence before it, except Appends (RetrieveLayer,
+                // Audit)
+    kFree,      // no ordering (Heartbeat)
+  } kind = kFree;
+  uint64_t sequence = 0;
+  bool append = false;
+};
+
 class RequestHandler {
  public:
   RequestHandler(store::BlockStore* store, HandlerOptions opt);
-  // The reply frame to `f` (an Error frame for any failure), fully encoded.
+  // Receives the encoded reply frame to write; empty when there is none (a retrieval answered on
+  // the data plane). Called exactly once, maybe later and on another thread.
+  using Reply = std::function<void(std::vector<uint8_t> frame)>;
+  // Handles `f` (an Error frame for any failure). `s` must stay valid until `reply` ran.
+  void Handle(SessionState& s, const wire::Frame& f, Reply reply);
+  // The same, waiting for the reply (tests, tools).
   std::vector<uint8_t> Handle(SessionState& s, const wire::Frame& f);
+  // The ordering class of a request (decodes its protobuf header; a frame that does not parse is
+  // kFree: Handle answers it with the parse error).
+  static RequestClass Classify(const wire::Frame& f);
   // The session ended: releases its data-plane endpoint.
   void Close(SessionState& s);
 
  private:
-  Status Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply);
-  // Sends a retrieval's blocks to the session's data-plane peer as active messages (split so each
-  // header fits); returns how many.
-  Result<uint32_t> SendBlocks(const SessionState& s, uint64_t request_id,
-                              const wire::RetrieveLayerReply& r, std::vector<uint8_t> blocks);
+  // Replies through `reply` itself only when it returns kDeferred with an OK status.
+  Status Dispatch(SessionState& s, const wire::Frame& f, std::vector<uint8_t>* reply,
+                  const Reply& deferred, bool* is_deferred);
+  // Sends a retrieval reply to the session's data-plane peer as its active messages (SplitReply);
+  // `done` gets nothing once every part was sent, or the Error frame of the first failed send.
+  void SendParts(const SessionState& s, uint64_t request_id, wire::RetrieveLayerReply r,
+                 std::vector<uint8_t> blocks, Reply done);
+  // The full Append payload from one that left out the K rows named in k_from_retrieval.
+  Status RestoreKRows(const SessionState& s, const wire::Append& m, std::span<const uint8_t> in,
+                      std::vector<uint8_t>* out);
   store::BlockStore* store_;
   HandlerOptions opt_;
   std::unique_ptr<RetrievalEngine> engine_;

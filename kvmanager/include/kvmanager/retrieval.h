@@ -12,6 +12,11 @@
 // changes (sends, local fills, evictions), the resident set, δ, log δ, kind and K_max, and the sent
 // blocks' K and V as payload.
 //
+// K once (protocol 2): the K rows a RetrieveLayer carries for tokens the store does not hold yet
+// are kept per (layer, KV head) until the store holds them; a decode Append that leaves those rows
+// out (Append.k_from_retrieval) takes them from here (TakeKRows), and a later retrieval of the same
+// layer uses them when its Append has not run yet (a RetrieveLayer may overtake an Append).
+//
 // The worker keeps every block from the window start of its last retrieval on locally, so the
 // mirror's "previous window" is the window at the last retrieval of that (layer, KV head), not the
 // previous step: reuse steps never reach the service. Selector state is soft: a restarted service
@@ -64,6 +69,10 @@ class RetrievalEngine {
   // δ of the worker's current resident set for the given queries (kind audit).
   Status Audit(const store::SeqRef& s, const wire::Audit& m, std::span<const uint8_t> payload,
                wire::AuditReply* reply);
+  // The K rows of token `pos` that RetrieveLayers carried for the (layer * kv_heads + kv_head)
+  // entries `which`, into rows[i * row_bytes]. FailedPrecondition naming the first one it lacks.
+  Status TakeKRows(const store::SeqRef& s, uint64_t pos, std::span<const uint32_t> which,
+                   uint8_t* rows);
   // Drops a sequence's state (delete).
   void Forget(const store::SeqRef& s);
   // Forgets anchors and mirrors, keeps the params (truncate; the worker drops its hot set too).

@@ -25,6 +25,9 @@ struct ServerOptions {
   uint32_t io_threads = 1;                // decode/encode only
   uint32_t worker_threads = 2;            // request handling (disk work)
   uint32_t max_in_flight = 1024;          // requests queued or running; beyond: Busy
+  // Requests of one session running or queued for a worker at once; the session's later ones wait
+  // in it (their deadline runs), so one client cannot take the whole pool. Default: 64.
+  uint32_t max_session_in_flight = 64;
   // Liveness: a session that sends nothing (no request, no heartbeat) for this long while none of
   // its requests is in flight is closed and its state reclaimed. 0 = never. Default: 10 heartbeat
   // intervals of the default 1 s.

@@ -66,8 +66,11 @@ class Transport {
 
   // ---- receiving side ----
   virtual void SetReceiver(Placement place, Delivered delivered) = 0;
-  // Processes arrived messages until `done()` holds (TimedOut after timeout_ms).
-  virtual Status WaitFor(const std::function<bool()>& done, int timeout_ms) = 0;
+  // Processes arrived messages until `done()` holds (TimedOut after timeout_ms). With `wake_fd` ≥ 0
+  // it also returns (OK, done() maybe still false) as soon as that file descriptor is readable: a
+  // caller waiting on this data plane and on its control socket at once (the worker waits for a
+  // retrieval's parts or its error reply).
+  virtual Status WaitFor(const std::function<bool()>& done, int timeout_ms, int wake_fd = -1) = 0;
 };
 
 struct UcxOptions {

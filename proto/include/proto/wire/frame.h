@@ -32,7 +32,7 @@ class MessageLite;
 
 namespace kvm::wire {
 
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 inline constexpr uint32_t kFrameMagic = 0x314d564bu;  // "KVM1"
 inline constexpr size_t kFrameHeaderBytes = 32;
 
@@ -127,32 +127,36 @@ class ModelShape;
 // Converts and validates a wire shape.
 Result<kvm::ModelShape> FromWire(const ModelShape& s);
 void ToWire(const kvm::ModelShape& s, ModelShape* out);
-// Expected payload bytes of an Append of n tokens: layers * kv_heads * 2 * n * head_dim * elem.
-uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens);
-// InvalidArgument when the payload size does not match the shape and the token count.
+// Expected payload bytes of an Append of n tokens: layers * kv_heads * 2 * n * head_dim * elem,
+// less `omitted_k_rows` rows (Append.k_from_retrieval).
+uint64_t AppendPayloadBytes(const kvm::ModelShape& shape, uint64_t n_tokens,
+                            uint64_t omitted_k_rows = 0);
+// InvalidArgument when the payload size does not match the shape and the token count, or
+// k_from_retrieval names a (layer, KV head) out of range or twice.
 Status ValidateAppend(const Append& msg, const kvm::ModelShape& shape, uint64_t payload_len);
 // Queries of a RetrieveLayer / Audit: kv_heads in range, unique, payload = heads * g * D * 4 bytes
 // of fp32 queries + heads * pending_tokens * D pending K rows of the shape's dtype.
 Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
                        const kvm::ModelShape& shape, uint32_t pending_tokens, uint64_t payload_len);
 
-// ---- Data plane: the header of an active message carrying a retrieval's blocks ----
-// Little-endian: u64 request id, u32 layer, u32 n, then n × (u32 kv_head, u32 slot); the message's
-// data is the n blocks' K and V, slot by slot (proto/README.md).
-struct BlockPlacement {
-  uint32_t kv_head = 0;
-  uint32_t slot = 0;
+// ---- Data plane: a retrieval reply as active messages (DataPart, proto/README.md) ----
+class DataPart;
+class RetrieveLayerReply;
+// The reply `r` of request `request_id` as parts whose serialized headers each fit
+// `max_header_bytes`: head selections packed in order, one too big for a header split into
+// fragments (every list sliced in order, the other fields in the last fragment). Each part's data
+// is the K then V block of every block its fragments send, in order. InvalidArgument when the limit
+// is too small for even one block of one fragment.
+Result<std::vector<DataPart>> SplitReply(const RetrieveLayerReply& r, uint64_t request_id,
+                                         size_t max_header_bytes);
+// The reply the parts make (all of one request, any order): heads in order, each head's fragments
+// joined. InvalidArgument naming what is missing, duplicated or inconsistent.
+Result<RetrieveLayerReply> JoinParts(std::vector<DataPart> parts);
+// The blocks one part sends, in data order: (layer, kv_head, slot) of each.
+struct PartBlock {
+  uint32_t layer = 0, kv_head = 0, slot = 0;
 };
-struct BlocksHeader {
-  uint64_t request_id = 0;
-  uint32_t layer = 0;
-  std::vector<BlockPlacement> blocks;
-};
-inline constexpr size_t kBlocksHeaderFixedBytes = 16;
-inline constexpr size_t kBlocksHeaderBytesPerBlock = 8;
-std::vector<uint8_t> EncodeBlocksHeader(const BlocksHeader& h);
-// InvalidArgument when the bytes are not exactly one header.
-Result<BlocksHeader> DecodeBlocksHeader(std::span<const uint8_t> bytes);
+std::vector<PartBlock> PartBlocks(const DataPart& p);
 
 // Splits "host:port" (IPv6 as "[::1]:port") of a control-plane address; InvalidArgument naming the
 // text otherwise.
