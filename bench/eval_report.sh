@@ -64,15 +64,14 @@ for m in "${models[@]}"; do
   done
   # Target mode, δ* 0.1, block size 16.
   t=(--selector prhs --target-delta 0.1)
-  run 0 "${t[@]}"                                          # default cap: 1/4 of the context
-  run 0 "${t[@]}" --no-cap-reuse                           # always re-anchor when the cap binds
-  run 0 "${t[@]}" --tau 0.8 --max-cluster 32 --no-cap-reuse  # the settings before issue 23
-  for bf in norm centred; do run 0 "${t[@]}" --bound "$bf"; done
-  run 0 --selector oracle --target-delta 0.1
-  run 0 "${t[@]}" --max-resident-frac 1.0                  # the cap at the whole context
+  for cap in "" "--max-resident-frac 1.0"; do               # the default cap (1/4), the whole context
+    run 0 "${t[@]}" $cap
+    run 0 "${t[@]}" $cap --no-cap-reuse                    # always re-anchor when the cap binds
+    run 0 "${t[@]}" $cap --tau 0.8 --max-cluster 32 --no-cap-reuse  # the settings before issue 23
+    for bf in norm centred; do run 0 "${t[@]}" $cap --bound "$bf"; done
+    run 0 --selector oracle --target-delta 0.1 $cap
+  done
   for dl in 1 2; do run 0 "${t[@]}" --max-resident-frac 1.0 --dense-layers "$dl"; done
-  run 0 "${t[@]}" --max-resident-frac 1.0 --tau 0.8 --max-cluster 32
-  run 0 --selector oracle --target-delta 0.1 --max-resident-frac 1.0
   # Validation at other text offsets: the defaults, nothing tuned there.
   for off in ${OFFSETS:-40000 80000}; do
     for spec in "0.125 16" "0.0625 8"; do
@@ -82,10 +81,11 @@ for m in "${models[@]}"; do
       run "$off" --selector hshare "${b[@]}" --hshare-channels "$ch"
       for s in oracle streaming h2o; do run "$off" --selector "$s" "${b[@]}"; done
     done
-    run "$off" "${t[@]}"
-    run "$off" "${t[@]}" --no-cap-reuse
-    run "$off" "${t[@]}" --max-resident-frac 1.0
-    run "$off" --selector oracle --target-delta 0.1 --max-resident-frac 1.0
+    for cap in "" "--max-resident-frac 1.0"; do
+      run "$off" "${t[@]}" $cap
+      run "$off" "${t[@]}" $cap --no-cap-reuse
+      run "$off" --selector oracle --target-delta 0.1 $cap
+    done
   done
 done
 /usr/bin/python3 bench/plot_eval.py "$jsonl" "$dir"

@@ -57,7 +57,7 @@ uint32_t PrhsSelector::MaxHorizon() const { return opt_.MaxClusterSteps(); }
 
 void PrhsSelector::UpdateHorizon(const StepInput& in, const GroupScores& s, Selection* out) {
   const uint32_t hmax = MaxHorizon();
-  if (opt_.target_delta > 0 || !(opt_.prhs.reuse_regret > 0)) {  // the cluster cap alone
+  if (!(opt_.prhs.reuse_regret > 0)) {  // the cluster cap alone
     out->reuse_steps = hmax;
     return;
   }
@@ -72,10 +72,18 @@ void PrhsSelector::UpdateHorizon(const StepInput& in, const GroupScores& s, Sele
     AddRange(0, geo.SinkBlocks(T), &old);
     AddRange(std::min(geo.WindowFirstBlock(prev.step + 1), nb), nb, &old);
     const std::vector<double> old_ld = LogDeltaOf(s, old);
-    double regret = 0;
-    for (uint32_t j = 0; j < s.group; ++j)
-      regret += (std::exp(old_ld[j]) - out->delta[j]) / double(s.group);
-    h = regret > opt_.prhs.reuse_regret ? std::max(h / 2, 1u) : std::min(2 * h, hmax);
+    bool paid = false;
+    if (opt_.target_delta > 0) {  // a head this anchor brings within δ* that the reuse left out
+      for (uint32_t j = 0; j < s.group; ++j)
+        paid =
+            paid || (out->delta[j] <= opt_.target_delta && std::exp(old_ld[j]) > opt_.target_delta);
+    } else {  // more mass than reuse_regret (group mean)
+      double regret = 0;
+      for (uint32_t j = 0; j < s.group; ++j)
+        regret += (std::exp(old_ld[j]) - out->delta[j]) / double(s.group);
+      paid = regret > opt_.prhs.reuse_regret;
+    }
+    h = paid ? std::max(h / 2, 1u) : std::min(2 * h, hmax);
   }
   out->reuse_steps = h;
 }

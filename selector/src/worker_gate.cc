@@ -67,12 +67,12 @@ bool WorkerGate::Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const f
   const PrhsOptions& p = opt_.prhs;
   if (step - a.step >= opt_.MaxClusterSteps()) return false;
   if (a.reuse_steps != 0 && step - a.step >= a.reuse_steps) return false;  // measured horizon
-  // Target mode: an anchor that met δ* is reused while every head's bound stays ≤ δ*; one that
-  // missed it (the cap bound) under the cosine gate and the horizon alone, or never (cap_reuse).
+  // Target mode: a head whose anchor met δ* is reused while its bound stays ≤ δ*; a head whose
+  // anchor missed δ* (the cap bound) under the cosine gate and the horizon alone — or, with
+  // cap_reuse off, its group re-anchors at every step.
   const double target = opt_.target_delta;
   const bool cap_bound = target > 0 && !a.target_met;
   if (cap_bound && !p.cap_reuse) return false;
-  const double limit = target > 0 && !cap_bound && p.use_bound_gate ? target : 1.0;
   const Geometry& geo = opt_.geometry;
   const uint64_t T = step + 1, nb = geo.Blocks(T);
   const uint32_t g = shape_.group_size(), D = shape_.head_dim;
@@ -89,12 +89,14 @@ bool WorkerGate::Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const f
   BoundStats& bs = counts_.bound;
   for (uint32_t h = 0; h < g; ++h) {
     const HeadGate& hg = head_gate(layer, kv_head * g + h);
+    const bool head_met = hg.delta_a <= target;
+    const double limit = target > 0 && head_met && p.use_bound_gate ? target : 1.0;
     const GateDecision d = hg.Check(q + size_t{h} * D, p.tau_cos, limit);
     ++bs.checks;
     bs.cosine_ok += d.cosine >= p.tau_cos;
     bs.pass += target > 0 && d.bound <= target;
     bs.pass_norm += target > 0 && d.bound_norm <= target;
-    bs.cap_checks += cap_bound;
+    bs.cap_checks += target > 0 && !head_met;
     bs.sum_bound += d.bound;
     bs.sum_bound_norm += d.bound_norm;
     all = all && d.reuse;

@@ -46,8 +46,8 @@
 //
 // ---- The gate -----------------------------------------------------------------------------------
 // Reuse passes for a head when cos(q_t, q_a) ≥ τ_cos and its bound is within the limit the caller
-// gives: δ* in target mode for an anchor that met δ*, 1 (no limit) in budget mode and for an
-// anchor that missed δ* because the cap bound (worker_gate.h, prhs.h "When the cap binds").
+// gives: in target mode δ* for a head whose anchor met δ*; 1 (no limit) in budget mode and for a
+// head whose anchor missed δ* because the cap bound (worker_gate.h, prhs.h "When the cap binds").
 #pragma once
 
 #include <cstdint>

@@ -48,15 +48,16 @@ struct PrhsOptions {
   // bound needs them resident; they count in the attended fraction): the auto value keeps those at
   // about 1/6 of the cap on average. UINT32_MAX = never. Default: 0 (auto).
   uint32_t max_cluster_steps = 0;
-  // Budget mode, the measured reuse horizon (prhs.h): at each anchor the previous anchor's set is
-  // scored exactly against the new query; when it lost at most this much mass (group mean of
-  // δ_old − δ_new) the next anchor may be reused twice as long, else half as long
+  // The measured reuse horizon (prhs.h), > 0 turns it on: at each anchor the previous anchor's set
+  // is scored exactly against the new queries; when re-anchoring bought little — budget mode: at
+  // most this much mass (group mean of δ_old − δ_new); target mode: no head brought within δ* that
+  // the old set left out — the next anchor may be reused twice as long, else half as long
   // (1 .. MaxClusterSteps() steps). 0 = off: every anchor may be reused for MaxClusterSteps().
   // Trade-off: smaller spends more retrievals for a lower δ. Default: 0 (off; prhs.h says why).
   double reuse_regret = 0;
-  // Target mode, when the cap binds (prhs.h): reuse an anchor that missed δ* under the cosine gate
-  // and the horizon (true), or re-anchor at every step as a met anchor whose bound fails (false).
-  // Default: true.
+  // Target mode, when the cap binds (prhs.h): a head whose anchor missed δ* is reused under the
+  // cosine gate and the horizon, without a bound limit (true), or its group re-anchors at every
+  // step (false). Trade-off: far fewer retrievals for a few points of within-target. Default: true.
   bool cap_reuse = true;
   bool psaw = false;  // PSAW truncation. Default: off (with exact anchors it only trades δ for
                       // nothing at a fixed budget).

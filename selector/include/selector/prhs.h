@@ -18,24 +18,28 @@
 // A cluster ends at the first of: a head's cosine with its anchor query below τ_cos; its δ bound
 // above the limit (target mode, an anchor that met δ*); the set outgrowing the hot set; the
 // anchor's horizon, Selection::reuse_steps, which travels with it. The horizon is
-// SelectorOptions::MaxClusterSteps() (auto: a third of the cap in tokens, 1..32), or in budget
-// mode with reuse_regret > 0 the measured horizon: at each anchor the previous anchor's reuse set
-// is scored exactly against the new queries (the scores are there anyway); if re-anchoring bought
-// more than reuse_regret of mass (group mean δ_old − δ_new) the next horizon halves, else it
-// doubles (from 2, within 1..MaxClusterSteps()). The service and an in-process selector see the
-// same anchors, so both compute the same horizons.
+// SelectorOptions::MaxClusterSteps() (auto: a third of the cap in tokens, 1..32), or with
+// reuse_regret > 0 the measured horizon: at each anchor the previous anchor's reuse set is scored
+// exactly against the new queries (the scores are there anyway); if re-anchoring paid (budget mode:
+// more than reuse_regret of mass, group mean δ_old − δ_new; target mode: a head brought within δ*
+// that the old set left out) the next horizon halves, else it doubles (from 2, within
+// 1..MaxClusterSteps()). The service and an in-process selector see the same anchors, so both
+// compute the same horizons (reuse_regret must travel in SelectorParams).
 //
 // ---- When the cap binds (target mode) ----------------------------------------------------------
 // An anchor whose fill reached max_resident_tokens before every head kept 1 − δ*(1 − margin) may
-// miss δ* (some head's exact δ_a > δ*: target_met false). Re-anchoring at the next step meets the
-// same cap, so it cannot be relied on to reach δ* either. The rule (PrhsOptions::cap_reuse, on by
-// default): the group of an anchor that missed δ* is reused while every head passes the cosine
-// gate (τ_cos) within the anchor's horizon and the hot set — with no bound limit, since no set
-// within the cap is known to meet δ*. Every such claim is the sound bound (kind bound, never below
-// the measured δ), with target_met false; the group re-anchors when the horizon ends. An anchor
-// that met δ* is reused only while every head's bound stays ≤ δ* (target_met true). cap_reuse off
-// re-anchors at every step of a cap-bound group (as before issue 23). Measured against always
-// re-anchoring in bench/RESULTS.md ("Fidelity: the frontier").
+// leave some head's exact δ_a above δ* (target_met false). Re-anchoring that head at the next step
+// meets the same cap, so no set within the cap is known to bring it within δ*. The rule, per query
+// head of the group (PrhsOptions::cap_reuse, on by default):
+//   * a head whose anchor met δ* (δ_a ≤ δ*) is reused only while its bound stays ≤ δ*, as always,
+//     so reuse never takes a head out of target that its anchor had in it;
+//   * a head whose anchor missed δ* is reused while it passes the cosine gate, with no bound limit;
+//   * the group is reused while every head is, within the anchor's horizon and the hot set.
+// Every reuse claim is the sound bound (kind bound, never below the measured δ) and says
+// target_met false when some head's bound exceeds δ*. cap_reuse off re-anchors a group at every
+// step while its anchor missed δ* (the behaviour before issue 23). Measured against always
+// re-anchoring in bench/RESULTS.md ("Fidelity: the frontier"): far fewer retrievals for a few
+// points of within-target.
 //
 // ---- Defaults, and why (bench/RESULTS.md "Fidelity: the frontier", two models, two budgets) -----
 //  * τ_cos −1 (off). On both committed models a head's post-RoPE query has cosine 0.43–0.46 with

@@ -15,9 +15,10 @@
 //                  window block on, while the cluster is shorter than max_cluster_steps and than
 //                  the anchor's measured horizon (Selection::reuse_steps), the set fits the hot
 //                  set, and every query head of the group passes its gate (gate.h: cosine ≥ τ_cos
-//                  and, in target mode for an anchor that met δ*, the δ bound ≤ δ*; for an anchor
-//                  that missed δ* because the cap bound, no bound limit — prhs.h "When the cap
-//                  binds"); δ is the bound, target_met whether every head's bound is ≤ δ*;
+//                  and, in target mode for a head whose anchor met δ*, the δ bound ≤ δ*; for a
+//                  head whose anchor missed δ* because the cap bound, no bound limit — prhs.h
+//                  "When the cap binds"); δ is the bound, target_met whether every head's bound
+//                  is ≤ δ*;
 //   retrieve       none of the above: the caller gets the selection scored (in-process, or by the
 //                  service) and hands it back with Record, which makes it the new anchor.
 // A selector without a gate (registry caps: has_gate false) gets dense_layer or `retrieve`.
