@@ -8,6 +8,7 @@
 
 #include "selector/registry.h"
 #include "selector/scoring.h"
+#include "selector/worker_gate.h"
 #include "testutil/synthetic.h"
 
 namespace kvm::sel {
@@ -360,6 +361,57 @@ TEST(PrhsTest, LayerSharingPointsOnlyToShallowerLayersAndCopiesTheSourceSet) {
   EXPECT_EQ(s2.blocks, s0.blocks);
   EXPECT_EQ(s2.kind, DeltaKind::kUnknown);
   EXPECT_EQ(s2.retrieved_heads, 0u);
+}
+
+// The worker's gate takes everything it decides with from the Selection it is handed: a second
+// gate fed only the fields that travel on the wire (an anchor's blocks, δ as float, log δ, kind,
+// k_max, the key statistics, the horizon, retrieved heads) decides every later step exactly as the
+// selector's own gate — outcome, set, kind and bound, bit for bit — in budget and target mode.
+TEST(PrhsTest, AGateFedOnlyTheTravellingFieldsDecidesAsTheSelectorsOwn) {
+  for (double target : {0.0, 0.1}) {
+    SelectorOptions o = Budget(16, target > 0 ? 0 : 384);
+    o.target_delta = target;
+    o.max_resident_tokens = target > 0 ? 512 : 0;
+    o.prhs.tau_cos = 0.3;
+    o.prhs.reuse_regret = 0.02;  // horizons that vary, so reuse_steps must travel
+    auto s = PrhsSelector::Make(o, Shape(), 4096);
+    ASSERT_TRUE(s.ok());
+    WorkerGate worker(o, Shape(), *FindSelector("prhs").value(), (*s)->HotSetSlots());
+    testutil::SyntheticGroup seq(kG, kD, 16, 5, 0.15);
+    uint64_t reuse = 0, anchors = 0;
+    Drive(**s, seq, 1500, 200, [&](const StepInput& in, const Selection& out, DriveStats&) {
+      Selection w;
+      auto o2 = worker.Decide(in.step, in.layer, in.kv_head, in.q, /*allow_reuse=*/true, &w);
+      ASSERT_TRUE(o2.ok());
+      if (out.anchor) {
+        ++anchors;
+        ASSERT_EQ(*o2, GateOutcome::kRetrieve) << "step " << in.step;
+        Selection wire;  // what crosses the wire
+        wire.blocks = out.blocks;
+        for (double d : out.delta) wire.delta.push_back(float(d));
+        wire.log_delta = out.log_delta;
+        wire.kind = out.kind;
+        wire.k_max = out.k_max;
+        wire.anchor = out.anchor;
+        wire.retrieved_heads = out.retrieved_heads;
+        wire.key_radius = out.key_radius;
+        wire.split_dir = out.split_dir;
+        wire.dropped_radius = out.dropped_radius;
+        wire.reuse_steps = out.reuse_steps;
+        worker.Record(in.step, in.layer, in.kv_head, in.q, wire);
+        return;
+      }
+      ++reuse;
+      ASSERT_EQ(*o2, GateOutcome::kReuse) << "step " << in.step;
+      ASSERT_EQ(w.blocks, out.blocks);
+      ASSERT_EQ(w.kind, out.kind);
+      ASSERT_EQ(w.target_met, out.target_met);
+      ASSERT_EQ(w.delta, out.delta);  // the bound, bit for bit
+    });
+    EXPECT_GT(reuse, 0u) << target;
+    EXPECT_GT(anchors, 1u) << target;
+    EXPECT_EQ(worker.counts().bound.checks, (*s)->gate()->counts().bound.checks);
+  }
 }
 
 TEST(PrhsTest, ShortContextsMakeEverythingResident) {
