@@ -51,7 +51,7 @@ PrhsSelector::PrhsSelector(const SelectorOptions& o, const ModelShape& s)
     : opt_(o),
       shape_(s),
       gate_(o, s, *FindSelector("prhs").value(), HotSetSlots()),
-      horizon_(size_t{s.layers} * s.kv_heads, kInitialHorizon) {}
+      horizon_(size_t{s.layers} * s.kv_heads, std::min(kMinHorizon, o.MaxClusterSteps())) {}
 
 uint32_t PrhsSelector::MaxHorizon() const { return opt_.MaxClusterSteps(); }
 
@@ -83,7 +83,8 @@ void PrhsSelector::UpdateHorizon(const StepInput& in, const GroupScores& s, Sele
         regret += (std::exp(old_ld[j]) - out->delta[j]) / double(s.group);
       paid = regret > opt_.prhs.reuse_regret;
     }
-    h = paid ? std::max(h / 2, 1u) : std::min(2 * h, hmax);
+    const uint32_t hmin = std::min(kMinHorizon, hmax);
+    h = paid ? std::max(h / 2, hmin) : std::min(2 * h, hmax);
   }
   out->reuse_steps = h;
 }

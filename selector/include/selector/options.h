@@ -52,7 +52,7 @@ struct PrhsOptions {
   // is scored exactly against the new queries; when re-anchoring bought little — budget mode: at
   // most this much mass (group mean of δ_old − δ_new); target mode: no head brought within δ* that
   // the old set left out — the next anchor may be reused twice as long, else half as long
-  // (1 .. MaxClusterSteps() steps). 0 = off: every anchor may be reused for MaxClusterSteps().
+  // (8 .. MaxClusterSteps() steps). 0 = off: every anchor may be reused for MaxClusterSteps().
   // Trade-off: smaller spends more retrievals for a lower δ. Default: 0 (off; prhs.h says why).
   double reuse_regret = 0;
   // Target mode, when the cap binds (prhs.h): a head whose anchor missed δ* is reused under the

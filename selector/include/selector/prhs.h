@@ -22,9 +22,10 @@
 // reuse_regret > 0 the measured horizon: at each anchor the previous anchor's reuse set is scored
 // exactly against the new queries (the scores are there anyway); if re-anchoring paid (budget mode:
 // more than reuse_regret of mass, group mean δ_old − δ_new; target mode: a head brought within δ*
-// that the old set left out) the next horizon halves, else it doubles (from 2, within
-// 1..MaxClusterSteps()). The service and an in-process selector see the same anchors, so both
-// compute the same horizons (reuse_regret must travel in SelectorParams).
+// that the old set left out) the next horizon halves, else it doubles (from kMinHorizon = 8,
+// within 8..MaxClusterSteps(): never more than HShare's one retrieval per 8 steps). The service
+// and an in-process selector see the same anchors, so both compute the same horizons
+// (reuse_regret must travel in SelectorParams).
 //
 // ---- When the cap binds (target mode) ----------------------------------------------------------
 // An anchor whose fill reached max_resident_tokens before every head kept 1 − δ*(1 − margin) may
@@ -43,24 +44,26 @@
 //
 // ---- Defaults, and why (bench/RESULTS.md "Fidelity: the frontier", two models, two budgets) -----
 //  * τ_cos −1 (off). On both committed models a head's post-RoPE query has cosine 0.43–0.46 with
-//    the previous step's on average; the paper's 0.8 re-anchors at 0.88–0.95 of (step, layer,
-//    query head) for a δ within 1.01× of the oracle's, while a stale set of up to 32 steps loses
-//    only 0.01–0.03 of mass at 1/8 (exact anchors): the cosine buys little δ per retrieval.
+//    the previous step's on average; the paper's 0.8 re-anchors at 0.87–0.95 of (step, layer,
+//    query head) for a δ within 1.01× of the oracle's, while a set reused for 32 steps loses only
+//    0.01–0.02 of mass at 1/8 (exact anchors): the cosine buys little δ per retrieval.
 //  * max_cluster_steps auto (a third of the cap, ≤ 32): blocks that leave the window during a
-//    cluster stay resident (the bound needs them), so the attended fraction grows by about 1/6 of
-//    the cap on average — within the 1.25× of HShare's attended fraction that matched cost allows;
-//    32 steps at most, so a large budget does not hold a set for hundreds of steps.
-//  * reuse_regret 0 (off): on both models the measured horizon bought less δ per extra retrieval
-//    than the fixed cap (it is the knob for a lower δ at more retrievals).
-//  * layer sharing, PSAW, dense layers off: sharing halves retrievals at a δ that is worse on one
-//    model and equal on the other; PSAW changes nothing measurable with exact anchors; a dense
-//    layer attends its whole context, 1/L of the model's attention, far past matched cost.
+//    cluster stay resident (the bound needs them), so the attended fraction grows (measured: 1.09×
+//    HShare's at 1/8 and 1/16 on both models; at most by a third of the cap at a cluster's end),
+//    within the 1.25× that matched cost allows; 32 steps at most, so a large budget does not hold
+//    a set for hundreds of steps.
+//  * reuse_regret 0 (off): with its floor of 8 steps the measured horizon (ρ 0.05) moved δ by
+//    −0.009 to +0.006 for 1.1–1.6× the retrievals of the fixed cap (without the floor it reached a
+//    lower δ, at up to 0.12 retrievals per step: no longer safely below HShare's on every model).
+//  * layer sharing, PSAW, dense layers off: sharing halves retrievals at a δ worse by 0.002–0.018;
+//    PSAW changes δ by ≤ 0.001 with exact anchors; a dense layer attends its whole context (1/L of
+//    the model's attention: 2.5–5.5× HShare's attended fraction here), far past matched cost.
 //  * the split bound (gate.h): sound, and the least of its three forms — but on the real models a
 //    one-step drift moves the dropped tokens' logits by about ±4.5 (median, measured per token on
 //    models/austen) and a bound that never sees those keys must allow ±14 (‖Δ‖·R_D), so no such
 //    bound is small there: it rarely lets a met anchor be reused in target mode.
 //  * margin 0.5: with reuse this rare it mostly buys accuracy (top-1 0.99 against 0.96 at margin
-//    0) at an attended fraction 1.15× the target-mode oracle's.
+//    0 on models/austen) at an attended fraction 1.15× the target-mode oracle's.
 //
 // Not thread-safe (one object per sequence).
 #pragma once
@@ -115,7 +118,9 @@ class PrhsSelector : public Selector {
   void UpdateHorizon(const StepInput& in, const GroupScores& s, Selection* out);
   uint32_t MaxHorizon() const;
 
-  static constexpr uint32_t kInitialHorizon = 2;
+  // The measured horizon's floor (and start): at most one retrieval per 8 steps, HShare's own rate
+  // (1/2 query × 1/2 KV-head × 1/2 layer sharing), unless MaxClusterSteps() is smaller.
+  static constexpr uint32_t kMinHorizon = 8;
 
   SelectorOptions opt_;
   ModelShape shape_;
