@@ -52,6 +52,10 @@ sel::Selection SelectionOf(const wire::HeadSelection& h) {
   s.k_max = h.k_max();
   s.anchor = h.anchor();
   s.retrieved_heads = h.retrieved_heads();
+  s.key_radius = h.key_radius();
+  s.split_dir.assign(h.split_dir().begin(), h.split_dir().end());
+  s.dropped_radius.assign(h.dropped_radius().begin(), h.dropped_radius().end());
+  s.reuse_steps = h.reuse_steps();
   return s;
 }
 

@@ -364,6 +364,10 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     hs->set_anchor(sel.anchor);
     hs->set_retrieved_heads(sel.retrieved_heads);
     hs->set_slot_digest(q->mirrors[idx].Digest());
+    hs->set_key_radius(sel.key_radius);
+    for (float x : sel.split_dir) hs->add_split_dir(x);
+    for (float x : sel.dropped_radius) hs->add_dropped_radius(x);
+    hs->set_reuse_steps(sel.reuse_steps);
     hs->set_window_first(plan.window_first);
     return Status::Ok();
   };
@@ -387,8 +391,16 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     const std::function<Status(sel::GroupScores*)> score = [&](sel::GroupScores* out) {
       return hd.Score(qg, out);
     };
+    // ... and the keys, when the selector wants them after scoring (PrHS's anchor statistics).
+    const std::function<Result<const attn::HeadKV*>()> keys = [&]() -> Result<const attn::HeadKV*> {
+      if (!hd.has_keys) KVM_RETURN_IF_ERROR(hd.LoadKeys());
+      return &hd.kv;
+    };
     sel::StepInput step_in{m.step(), m.layer(), h, qg, hd.has_keys ? &hd.kv : nullptr, &hd.sums};
-    if (takes_scores) step_in.score = &score;
+    if (takes_scores) {
+      step_in.score = &score;
+      step_in.keys = &keys;
+    }
     sel::Selection sel;
     KVM_RETURN_IF_ERROR(q->selector->Anchor(step_in, &sel));
     retrievals += sel.retrieved_heads;

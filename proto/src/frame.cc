@@ -241,15 +241,14 @@ Status ValidateQueries(uint32_t layer, std::span<const uint32_t> kv_heads,
 namespace {
 
 // Upper bounds of encoded sizes (a varint of a 64-bit value is at most 10 bytes, of 32 bits 5).
-constexpr size_t kPartOverhead = 64;         // DataPart's ids, counts, reply's layer/generation
-constexpr size_t kFragmentOverhead = 96;     // a HeadSelection's tag, length and small scalars
-constexpr size_t kPerQueryHead = 4 + 8 + 2;  // a delta (float) and a log delta (double), tags
+constexpr size_t kPartOverhead = 64;      // DataPart's ids, counts, reply's layer/generation
+constexpr size_t kFragmentOverhead = 96;  // a HeadSelection's tag, length and small scalars
 
 // One head selection's lists, sliced from `from` (item indices into the concatenation evictions,
-// sends, fills, resident) up to `to`.
+// sends, fills, resident, split_dir) up to `to`.
 void Slice(const HeadSelection& h, size_t from, size_t to, HeadSelection* out) {
   const size_t e = size_t(h.evicted_slots_size()), s = size_t(h.block_indices_size()),
-               f = size_t(h.local_fill_blocks_size());
+               f = size_t(h.local_fill_blocks_size()), r = size_t(h.resident_blocks_size());
   for (size_t i = from; i < to; ++i) {
     if (i < e) {
       out->add_evicted_slots(h.evicted_slots(int(i)));
@@ -259,18 +258,32 @@ void Slice(const HeadSelection& h, size_t from, size_t to, HeadSelection* out) {
     } else if (i < e + s + f) {
       out->add_local_fill_blocks(h.local_fill_blocks(int(i - e - s)));
       out->add_local_fill_slots(h.local_fill_slots(int(i - e - s)));
-    } else {
+    } else if (i < e + s + f + r) {
       out->add_resident_blocks(h.resident_blocks(int(i - e - s - f)));
+    } else {
+      out->add_split_dir(h.split_dir(int(i - e - s - f - r)));
     }
   }
 }
 
 size_t ItemBytes(const HeadSelection& h, size_t i) {
   const size_t e = size_t(h.evicted_slots_size()), s = size_t(h.block_indices_size()),
-               f = size_t(h.local_fill_blocks_size());
+               f = size_t(h.local_fill_blocks_size()), r = size_t(h.resident_blocks_size());
   if (i < e) return 5;
   if (i < e + s + f) return 15;
-  return 10;
+  if (i < e + s + f + r) return 10;
+  return 4;  // a float of split_dir
+}
+
+// A selection without its lists: what every fragment but the lists' slices costs at most.
+void ClearLists(HeadSelection* h) {
+  h->clear_evicted_slots();
+  h->clear_block_indices();
+  h->clear_slots();
+  h->clear_local_fill_blocks();
+  h->clear_local_fill_slots();
+  h->clear_resident_blocks();
+  h->clear_split_dir();
 }
 
 }  // namespace
@@ -302,9 +315,16 @@ Result<std::vector<DataPart>> SplitReply(const RetrieveLayerReply& r, uint64_t r
       continue;
     }
     // Fragments: the lists sliced so each fragment fits a part of its own.
-    const size_t fixed = kFragmentOverhead + kPerQueryHead * size_t(h.delta_size());
-    const size_t items = size_t(h.evicted_slots_size() + h.block_indices_size() +
-                                h.local_fill_blocks_size() + h.resident_blocks_size());
+    HeadSelection scalars = h;
+    ClearLists(&scalars);
+    const size_t fixed = kFragmentOverhead + scalars.ByteSizeLong();
+    if (fixed >= budget)
+      return Status::InvalidArgument("data plane: a selection's fields take " +
+                                     std::to_string(fixed) + " bytes of a " +
+                                     std::to_string(max_header_bytes) + "-byte header");
+    const size_t items =
+        size_t(h.evicted_slots_size() + h.block_indices_size() + h.local_fill_blocks_size() +
+               h.resident_blocks_size() + h.split_dir_size());
     std::vector<std::pair<size_t, size_t>> ranges;
     for (size_t from = 0; from < items;) {
       size_t to = from, bytes = fixed;
@@ -317,13 +337,7 @@ Result<std::vector<DataPart>> SplitReply(const RetrieveLayerReply& r, uint64_t r
       cur = part();
       HeadSelection* f = cur->add_heads();
       if (k + 1 == ranges.size()) {
-        *f = h;  // the scalars; the lists are replaced by the last slice
-        f->clear_evicted_slots();
-        f->clear_block_indices();
-        f->clear_slots();
-        f->clear_local_fill_blocks();
-        f->clear_local_fill_slots();
-        f->clear_resident_blocks();
+        *f = scalars;  // the scalars; the lists are the last slice
       } else {
         f->set_layer(h.layer());
         f->set_kv_head(h.kv_head());
@@ -381,12 +395,7 @@ Result<RetrieveLayerReply> JoinParts(std::vector<DataPart> parts) {
         continue;
       }
       HeadSelection merged = h;  // the later fragment's scalars win (the last one has them)
-      merged.clear_evicted_slots();
-      merged.clear_block_indices();
-      merged.clear_slots();
-      merged.clear_local_fill_blocks();
-      merged.clear_local_fill_slots();
-      merged.clear_resident_blocks();
+      ClearLists(&merged);
       for (const HeadSelection* src : {static_cast<const HeadSelection*>(last), &h}) {
         for (uint32_t x : src->evicted_slots()) merged.add_evicted_slots(x);
         for (uint64_t x : src->block_indices()) merged.add_block_indices(x);
@@ -394,6 +403,7 @@ Result<RetrieveLayerReply> JoinParts(std::vector<DataPart> parts) {
         for (uint64_t x : src->local_fill_blocks()) merged.add_local_fill_blocks(x);
         for (uint32_t x : src->local_fill_slots()) merged.add_local_fill_slots(x);
         for (uint64_t x : src->resident_blocks()) merged.add_resident_blocks(x);
+        for (float x : src->split_dir()) merged.add_split_dir(x);
       }
       *last = std::move(merged);
     }

@@ -203,6 +203,10 @@ RetrieveLayerReply Reply(uint32_t heads, uint32_t sends) {
     }
     s->set_k_max(3.5f);
     s->set_anchor(true);
+    s->set_key_radius(2.25f);
+    for (int j = 0; j < 4 * 64; ++j) s->add_split_dir(0.001f * j - 0.1f);  // [group][head_dim]
+    for (int j = 0; j < 4; ++j) s->add_dropped_radius(1.0f + j);
+    s->set_reuse_steps(12);
     s->set_slot_digest(0xabcdef0123456789ull + h);
   }
   return r;
@@ -210,7 +214,7 @@ RetrieveLayerReply Reply(uint32_t heads, uint32_t sends) {
 
 TEST(FrameTest, ARetrievalReplySplitsIntoPartsThatFitAndJoinsBack) {
   for (const auto& [heads, sends, limit] : std::vector<std::tuple<uint32_t, uint32_t, size_t>>{
-           {4, 3, 8192}, {8, 200, 8192}, {2, 6000, 8192}, {1, 900, 1024}}) {
+           {4, 3, 8192}, {8, 200, 8192}, {2, 6000, 8192}, {1, 900, 1024}, {1, 10, 400}}) {
     const RetrieveLayerReply r = Reply(heads, sends);
     auto parts = SplitReply(r, 77, limit);
     ASSERT_TRUE(parts.ok()) << parts.status().ToString();
