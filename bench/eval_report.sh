@@ -54,7 +54,8 @@ for m in "${models[@]}"; do
     run 0 "${p[@]}" --psaw
     for bf in norm centred; do run 0 "${p[@]}" --bound "$bf"; done
     hs=(--selector hshare "${b[@]}" --hshare-channels "$ch")
-    for qs in 1 2 4 8; do run 0 "${hs[@]}" --hshare-query-share "$qs"; done
+    run 0 "${hs[@]}"                                       # HShare at its defaults (query share 2)
+    for qs in 1 4 8; do run 0 "${hs[@]}" --hshare-query-share "$qs"; done
     run 0 "${hs[@]}" --hshare-shared-kv-heads 0 --hshare-shared-layers 0
     run 0 "${hs[@]}" --hshare-shared-kv-heads 0
     run 0 "${hs[@]}" --hshare-shared-layers 0

@@ -72,21 +72,32 @@ for m in models:
         rs = [r for r in budget if model(r) == m and budget_label(r) == bl and r["offset"] == 0]
         if not rs:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+        # Matched cost: runs attending more than 1.5x HShare's default fraction (dense layers, Quest's
+        # dense layers) are left off the plot; the table has them.
+        ref = [r for r in rs if r["selector"] == "hshare" and variant(r) == "default"] or \
+              [r for r in rs if r["selector"] == "streaming"]
+        limit = 1.5 * ref[0]["attended_fraction"] if ref else float("inf")
+        shown = [r for r in rs if r["attended_fraction"] <= limit]
+        left_off = sorted({"%s %s" % (r["selector"], variant(r)) for r in rs if r["attended_fraction"] > limit})
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5.6))
         for ax, metric, xlabel in [(axes[0], "delta_mean", "mean dropped mass δ (measured, lower is better)"),
                                    (axes[1], "top1_agreement", "top-1 agreement with dense (higher is better)")]:
             for n in names:
-                pts = [r for r in rs if r["selector"] == n]
+                pts = [r for r in shown if r["selector"] == n]
                 if not pts:
                     continue
                 ys = [max(r["retrieval_overhead"], 1e-3) for r in pts]
                 ax.scatter([r[metric] for r in pts], ys, c=colors[n], marker=marks[n], s=40, label=n, alpha=0.85)
+                # One label per point; variants that land on the same point share it.
+                at = {}
                 for r, y in zip(pts, ys):
-                    v = variant(r)
-                    if v != "default" or n in ("prhs", "hshare"):
-                        ax.annotate(v.replace("--", ""), (r[metric], y), fontsize=6, alpha=0.8,
-                                    xytext=(3, 2), textcoords="offset points")
-                    if v == "default" and n == "prhs":
+                    at.setdefault((round(r[metric], 5), round(y, 6)), []).append(variant(r).replace("--", ""))
+                for (x, y), labels in at.items():
+                    if labels != ["default"] or n in ("prhs", "hshare"):
+                        ax.annotate(" = ".join(labels), (x, y), fontsize=6, alpha=0.8, xytext=(3, 2),
+                                    textcoords="offset points")
+                for r, y in zip(pts, ys):
+                    if variant(r) == "default" and n == "prhs":
                         ax.scatter([r[metric]], [y], s=160, facecolors="none", edgecolors="red", linewidths=1.5)
             if metric == "delta_mean":
                 floor = [r for r in rs if r["selector"] == "oracle" and variant(r) == "default"]
@@ -94,11 +105,12 @@ for m in models:
                     ax.axvline(floor[0]["delta_mean"], color="black", ls="--", lw=0.8, label="oracle δ (floor)")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("retrieval overhead (retrievals / step·layer·query head; 0 drawn at 1e-3)")
+            ax.set_ylabel("retrieval overhead (per step·layer·query head; 0 at 1e-3)")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8, loc="lower left")
-        fig.suptitle("%s, budget %s, context %d, %d steps (red ring: PrHS defaults)" % (
-            m, bl, rs[0]["context"], rs[0]["steps"]))
+        axes[0].legend(fontsize=8, loc="center right")
+        fig.suptitle("%s, budget %s, context %d, %d steps; red ring: PrHS defaults\nleft off (attended > 1.5x "
+                     "HShare's): %s" % (m, bl, rs[0]["context"], rs[0]["steps"], ", ".join(left_off) or "none"),
+                     fontsize=10)
         fig.tight_layout()
         fname = "frontier_%s_%s.png" % (m, bl.replace("/", "-").replace(" ", "_"))
         fig.savefig(os.path.join(out, fname), dpi=110)
