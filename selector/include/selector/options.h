@@ -39,7 +39,7 @@ struct PrhsOptions {
   bool use_bound_gate = true;  // target mode: also re-anchor when the δ bound exceeds δ*.
   // The bound's forms. Trade-off: none for the worker (its gate is O(D) per head either way); the
   // service computes the statistics at an anchor in O(g·T·D), as its scoring pass, and sends
-  // (g + 1)·D + g + 1 numbers with it. Default: kSplit.
+  // g·D + g + 1 numbers with it (the worker reads them whatever the form). Default: kSplit.
   BoundForm bound = BoundForm::kSplit;
   int32_t dilation = -1;  // ±r blocks around the top third; −1 = auto (1 below B 8, else 0).
   // Forced re-anchor after this many steps; 0 = auto: a third of the cap in tokens (budget, or
