@@ -13,6 +13,7 @@
 #include "layer_attention.h"
 #include "proto/half.h"
 #include "proto/kvm.pb.h"
+#include "selector/delta_histogram.h"
 #include "selector/layer_map.h"
 #include "selector/plan.h"
 #include "selector/registry.h"
@@ -91,6 +92,39 @@ struct ServiceKvSource::Impl {
   std::vector<ClaimRecord> claims;
   ServiceTotals totals;
   std::string last_error;
+  // What only this worker sees, not yet reported to the service (metrics): its gate's decisions
+  // since the last report and the claims it made alone (reuse bounds, the exact δ of the
+  // selections it took without the service), by kind.
+  sel::GateCounts reported_gate;
+  sel::DeltaHistogram alone_exact, alone_bound;
+
+  void CountAlone(const std::vector<ClaimRecord>& alone) {
+    for (const ClaimRecord& c : alone) {
+      if (c.kind == DeltaKind::kExact) alone_exact.Add(c.delta, opt.options.target_delta);
+      if (c.kind == DeltaKind::kBound) alone_bound.Add(c.delta, opt.options.target_delta);
+    }
+  }
+  bool StatsPending() const {
+    return !alone_exact.empty() || !alone_bound.empty() ||
+           gate->counts().total() != reported_gate.total();
+  }
+  // The report since the last one (and marks it reported).
+  void TakeStats(wire::WorkerStats* w) {
+    w->set_sequence_id(opt.sequence_id);
+    const sel::GateCounts now = gate->counts();
+    for (sel::GateOutcome o : sel::kGateOutcomes) w->add_gate_checks(now[o] - reported_gate[o]);
+    reported_gate = now;
+    for (auto [kind, hist] :
+         {std::pair{DeltaKind::kExact, &alone_exact}, std::pair{DeltaKind::kBound, &alone_bound}}) {
+      if (hist->empty()) continue;
+      wire::DeltaCounts* d = w->add_delta();
+      d->set_kind(static_cast<wire::DeltaKind>(kind));
+      for (uint64_t c : hist->counts()) d->add_buckets(c);
+      d->set_sum(hist->sum());
+      d->set_over_target(hist->over_target());
+      hist->Clear();
+    }
+  }
 
   // Cross-layer sharing: the last prefill queries, and the map built from them at the first
   // decode step and sent to the service.
@@ -133,6 +167,8 @@ struct ServiceKvSource::Impl {
     a.set_sequence_id(opt.sequence_id);
     a.set_start_position(buf_start);
     for (uint32_t t : buf_tokens) a.add_token_ids(t);
+    a.set_decode(buf_start >= opt.prefill);
+    if (StatsPending()) TakeStats(a.mutable_stats());
     // K once: the last token's K row of a (layer, KV head) that a RetrieveLayer of this step
     // carried is left out; the service kept it.
     const uint64_t last = buf_start + n - 1;
@@ -392,8 +428,10 @@ struct ServiceKvSource::Impl {
 
   // One attempt at the selections of every KV head of (layer, pos): the gate's local decisions,
   // then one retrieval for the rest. Claims and audits are committed by the caller on success.
+  // `alone`: the claims of the heads decided here without the service (reported to it later, as
+  // counts; the service observes the δ of its own retrievals and audits itself).
   Status SelectLayer(uint32_t l, uint64_t pos, const float* q, std::vector<ClaimRecord>* new_claims,
-                     std::vector<uint32_t>* audits) {
+                     std::vector<ClaimRecord>* alone, std::vector<uint32_t>* audits) {
     const uint64_t T = pos + 1;
     const sel::Geometry& geo = opt.options.geometry;
     KVM_RETURN_IF_ERROR(client->Poll());  // the acknowledgements that arrived: fewer pending rows
@@ -411,8 +449,7 @@ struct ServiceKvSource::Impl {
         need.push_back(h);
         continue;
       }
-      for (uint32_t j = 0; j < g; ++j)
-        new_claims->push_back({pos, l, h * g + j, s.delta[j], s.kind});
+      for (uint32_t j = 0; j < g; ++j) alone->push_back({pos, l, h * g + j, s.delta[j], s.kind});
       if (o == sel::GateOutcome::kReuse && Sampled(pos, l, h, opt.audit_fraction))
         audits->push_back(h);
       selection[h] = std::move(s.blocks);
@@ -546,12 +583,14 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
     // are restored so each (step, layer, KV head) counts once.
     for (int attempt = 0;; ++attempt) {
       const sel::GateCounts before = m.gate->counts();
-      std::vector<ClaimRecord> new_claims;
+      std::vector<ClaimRecord> new_claims, alone;
       std::vector<uint32_t> audits;
       m.diverged = false;
-      Status st = m.SelectLayer(layer, pos, q, &new_claims, &audits);
+      Status st = m.SelectLayer(layer, pos, q, &new_claims, &alone, &audits);
       if (st.ok()) {
         m.claims.insert(m.claims.end(), new_claims.begin(), new_claims.end());
+        m.claims.insert(m.claims.end(), alone.begin(), alone.end());
+        m.CountAlone(alone);
         for (uint32_t h : audits) m.Audit(layer, pos, h, q);
         break;
       }
@@ -610,8 +649,21 @@ Status ServiceKvSource::Flush() {
 }
 
 Status ServiceKvSource::Delete() {
+  Impl& m = *impl_;
   KVM_RETURN_IF_ERROR(Flush());
-  return impl_->client->DeleteSequence(impl_->opt.sequence_id);
+  wire::DeleteSequence d;  // the sequence's last message carries what was not reported yet
+  d.set_sequence_id(m.opt.sequence_id);
+  if (m.StatsPending()) m.TakeStats(d.mutable_stats());
+  return m.client->Call(wire::MessageType::kDeleteSequence, d).status();
+}
+
+Status ServiceKvSource::ReportStats() {
+  Impl& m = *impl_;
+  KVM_RETURN_IF_ERROR(m.SendAppends());
+  if (!m.StatsPending()) return Status::Ok();
+  wire::Heartbeat hb;
+  m.TakeStats(hb.add_stats());
+  return m.client->Call(wire::MessageType::kHeartbeat, hb).status();
 }
 
 Status ServiceKvSource::ResetHotSet() {

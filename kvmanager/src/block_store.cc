@@ -181,7 +181,8 @@ struct BlockStore::Impl {
   rocksdb::ColumnFamilyHandle* tail() { return cf[3]; }
   rocksdb::ColumnFamilyHandle* toks() { return cf[4]; }
   mutable std::mutex mu;
-  std::condition_variable written;  // a sequence's `writing` ended
+  std::condition_variable written;     // a sequence's `writing` ended
+  bool deleted_since_reclaim = false;  // deletions the disk tier has not compacted away yet
   std::map<std::pair<std::string, uint64_t>, Seq> seqs;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
   uint64_t tick = 0;                                    // orders selections and host-tier entries
@@ -290,15 +291,42 @@ struct BlockStore::Impl {
     w.disableWAL = q.dur == Durability::kCache;
     return w;
   }
-  Status CheckDiskRoom(const rocksdb::WriteBatch& b) const {
-    if (opt.disk_capacity_bytes &&
-        stats.disk_bytes_written + b.GetDataSize() > opt.disk_capacity_bytes)
-      return Status::NoSpace("disk tier full: capacity " + std::to_string(opt.disk_capacity_bytes) +
-                             " bytes");
-    return Status::Ok();
+  // The disk tier's live size, RocksDB's own account: the SST files of the current version and
+  // the data in the memtables (written, not flushed yet; their approximate size over the whole key
+  // space — the memtables' arena memory would count megabytes for an empty store).
+  uint64_t LiveDiskBytes() const {
+    uint64_t sst = 0, mem = 0;
+    db->GetAggregatedIntProperty("rocksdb.live-sst-files-size", &sst);
+    const std::string last(16, '\xff');
+    const rocksdb::Range all("", last);
+    for (auto* h : cf) {
+      uint64_t count = 0, bytes = 0;
+      db->GetApproximateMemTableStats(h, all, &count, &bytes);
+      mem += bytes;
+    }
+    return sst + mem;
   }
-  Status Write(const Seq& q, rocksdb::WriteBatch* b) {
-    KVM_RETURN_IF_ERROR(CheckDiskRoom(*b));
+  // NoSpace when `b` would take the live size past disk_capacity_bytes. Deleted records take space
+  // until compaction drops them, so over the cap after deletions the store first reclaims (flush
+  // and compact every column family), then decides. REQUIRES: mu held.
+  Status CheckDiskRoom(const rocksdb::WriteBatch& b) {
+    const uint64_t cap = opt.disk_capacity_bytes;
+    if (cap == 0 || LiveDiskBytes() + b.GetDataSize() <= cap) return Status::Ok();
+    if (deleted_since_reclaim) {
+      deleted_since_reclaim = false;
+      for (auto* h : cf) {
+        (void)db->Flush(rocksdb::FlushOptions(), h);
+        (void)db->CompactRange(rocksdb::CompactRangeOptions(), h, nullptr, nullptr);
+      }
+      if (LiveDiskBytes() + b.GetDataSize() <= cap) return Status::Ok();
+    }
+    return Status::NoSpace("disk tier full: " + std::to_string(LiveDiskBytes()) + " of " +
+                           std::to_string(cap) + " bytes live, the write needs " +
+                           std::to_string(b.GetDataSize()));
+  }
+  // `frees`: a batch that only deletes (truncate) is never refused for room.
+  Status Write(const Seq& q, rocksdb::WriteBatch* b, bool frees = false) {
+    if (!frees) KVM_RETURN_IF_ERROR(CheckDiskRoom(*b));
     KVM_RETURN_IF_ERROR(FromRocks(db->Write(Wopt(q), b), "rocksdb write"));
     stats.disk_bytes_written += b->GetDataSize();
     return Status::Ok();
@@ -884,7 +912,8 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   impl_->Unref(*q, keep_full, old_full, &batch, &released);
   for (const auto& k : drop)
     if (q->blocks[k].on_disk && !durable) batch.Delete(impl_->blocks(), impl_->DiskKey(*q, k));
-  if (batch.Count() > 0) KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch));
+  if (batch.Count() > 0) KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch, /*frees=*/true));
+  impl_->deleted_since_reclaim = true;
   impl_->Release(released);
   for (const auto& k : drop) {
     auto it = q->blocks.find(k);
@@ -927,6 +956,7 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   batch.Delete(impl_->meta(), SeqPrefix(s));
   KVM_RETURN_IF_ERROR(
       FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
+  deleted_since_reclaim = true;
   Release(released);
   if (gpu) gpu->Drop(q->uid);
   impl_->seqs.erase({s.tenant, s.id});
@@ -992,6 +1022,7 @@ StoreStats BlockStore::Stats() const {
   }
   if (st.host_pinning.empty()) st.host_pinning = "no arena yet (made at the first append)";
   st.sequences = impl_->seqs.size();
+  st.disk_bytes = impl_->LiveDiskBytes();
   for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
   if (impl_->gpu) {
     st.gpu = impl_->gpu->Stats();

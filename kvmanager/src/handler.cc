@@ -12,6 +12,13 @@
 namespace kvm::server {
 namespace {
 
+// The K row bytes a RetrieveLayer / Audit carried (its pending rows; the payload was validated).
+template <typename Msg>
+double PendingRowBytes(const store::SeqInfo& info, const Msg& m) {
+  return double(uint64_t(m.kv_heads_size()) * m.pending_tokens() * info.shape.head_dim *
+                DTypeSize(info.shape.dtype));
+}
+
 std::vector<uint8_t> ErrorFrame(uint64_t id, const Status& s) {
   wire::Error e;
   e.set_code(static_cast<wire::ErrorCode>(s.code()));
@@ -132,6 +139,21 @@ Status RequestHandler::RestoreKRows(const SessionState& s, const wire::Append& m
     dst += n * rb;
   }
   return Status::Ok();
+}
+
+double RequestHandler::CarriedRowBytes(const store::SeqRef& s, const wire::RetrieveLayer& m) const {
+  auto info = store_->Info(s);
+  return info.ok() ? PendingRowBytes(*info, m) : 0.0;
+}
+double RequestHandler::CarriedRowBytes(const store::SeqRef& s, const wire::Audit& m) const {
+  auto info = store_->Info(s);
+  return info.ok() ? PendingRowBytes(*info, m) : 0.0;
+}
+
+void RequestHandler::ReportStats(const store::SeqRef& s, const wire::WorkerStats* w) {
+  if (!w || !opt_.metrics) return;
+  // A report never fails the message it rides on; a malformed one is counted as an error.
+  if (Status st = engine_->ReportWorkerStats(s, *w); !st.ok()) opt_.metrics->CountError(st.code());
 }
 
 RequestClass RequestHandler::Classify(const wire::Frame& f) {
@@ -280,11 +302,24 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       std::vector<uint32_t> tokens(m.token_ids().begin(), m.token_ids().end());
       std::vector<uint8_t> full;  // K once: the rows that step's RetrieveLayers carried put back
       if (m.k_from_retrieval_size() > 0) KVM_RETURN_IF_ERROR(RestoreKRows(s, m, f.payload, &full));
-      KVM_ASSIGN_OR_RETURN(
-          uint64_t len,
-          store_->Append(ref(m.sequence_id()), m.start_position(), tokens,
-                         m.k_from_retrieval_size() > 0 ? std::span<const uint8_t>(full)
-                                                       : std::span<const uint8_t>(f.payload)));
+      const store::SeqRef sr = ref(m.sequence_id());
+      KVM_ASSIGN_OR_RETURN(const store::SeqInfo info, store_->Info(sr));
+      KVM_ASSIGN_OR_RETURN(uint64_t len, store_->Append(sr, m.start_position(), tokens,
+                                                        m.k_from_retrieval_size() > 0
+                                                            ? std::span<const uint8_t>(full)
+                                                            : std::span<const uint8_t>(f.payload)));
+      if (opt_.metrics) {
+        opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp, double(f.payload.size()));
+        // Dense-equivalent bytes (DESIGN.md §8) of the decode steps this append added: a dense
+        // offload moves all T = position + 1 tokens of every layer and KV head at each of them.
+        if (m.decode()) {
+          const double per_token = 2.0 * info.shape.layers * info.shape.kv_heads *
+                                   info.shape.head_dim * DTypeSize(info.shape.dtype);
+          for (uint64_t p = std::max(m.start_position(), info.length); p < len; ++p)
+            opt_.metrics->AddDenseEquivalentBytes(per_token * double(p + 1));
+        }
+      }
+      ReportStats(sr, m.has_stats() ? &m.stats() : nullptr);
       wire::AppendReply r;
       r.set_length(len);
       return send(r);
@@ -330,6 +365,7 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
     case MessageType::kDeleteSequence: {
       wire::DeleteSequence m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      ReportStats(ref(m.sequence_id()), m.has_stats() ? &m.stats() : nullptr);  // its last report
       KVM_RETURN_IF_ERROR(store_->Delete(ref(m.sequence_id())));
       engine_->Forget(ref(m.sequence_id()));
       return send(wire::DeleteSequenceReply());
@@ -358,6 +394,9 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       return send(r);
     }
     case MessageType::kHeartbeat: {
+      wire::Heartbeat m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      for (const wire::WorkerStats& w : m.stats()) ReportStats(ref(w.sequence_id()), &w);
       wire::HeartbeatReply r;
       r.set_server_time_ns(NowNs());
       return send(r);
@@ -368,10 +407,13 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       wire::RetrieveLayerReply r;
       std::vector<uint8_t> blocks;
       KVM_RETURN_IF_ERROR(engine_->Retrieve(ref(m.sequence_id()), m, f.payload, &r, &blocks));
-      const double streamed = double(blocks.size());
-      if (opt_.metrics)
-        opt_.metrics->AddStreamBytes("out", s.data_peer ? opt_.data_plane->name() : "tcp",
-                                     streamed);
+      if (opt_.metrics) {
+        KVM_ASSIGN_OR_RETURN(const Link link,
+                             LinkFromName(s.data_peer ? opt_.data_plane->name() : "tcp"));
+        opt_.metrics->AddStreamBytes(Direction::kToWorker, link, double(blocks.size()));
+        opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp,
+                                     CarriedRowBytes(ref(m.sequence_id()), m));  // pending K rows
+      }
       if (s.data_peer) {  // the active messages are the reply
         *is_deferred = true;
         SendParts(s, id, std::move(r), std::move(blocks), deferred);
@@ -391,6 +433,9 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       wire::AuditReply r;
       KVM_RETURN_IF_ERROR(engine_->Audit(ref(m.sequence_id()), m, f.payload, &r));
+      if (opt_.metrics)
+        opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp,
+                                     CarriedRowBytes(ref(m.sequence_id()), m));
       return send(r);
     }
     default:

@@ -351,6 +351,7 @@ struct Lifecycle {
       j["host_bytes"] = s.host_bytes;
       j["host_capacity_bytes"] = s.host_capacity_bytes;
       j["disk_bytes_written"] = s.disk_bytes_written;
+      j["disk_bytes"] = s.disk_bytes;
       j["disk_capacity_bytes"] = disk_capacity_bytes;
       j["gpu_tier"] = s.gpu_tier;
       j["gpu_used_bytes"] = s.gpu.used_bytes;
@@ -359,8 +360,8 @@ struct Lifecycle {
       j["host_pinning"] = s.host_pinning;
     } else {  // not open yet: every store key is there, unknown
       for (const char* k : {"sequences", "host_bytes", "host_capacity_bytes", "disk_bytes_written",
-                            "disk_capacity_bytes", "gpu_tier", "gpu_used_bytes", "gpu_scored",
-                            "gpu_refused", "host_pinning"})
+                            "disk_bytes", "disk_capacity_bytes", "gpu_tier", "gpu_used_bytes",
+                            "gpu_scored", "gpu_refused", "host_pinning"})
         j[k] = nullptr;
     }
     return j;
@@ -500,7 +501,6 @@ int main(int argc, char** argv) {
   // 2. The admin server: /healthz 200 from here on, /readyz 503 until the control plane serves.
   server::Metrics metrics;
   c.server.handler.metrics = &metrics;
-  store::StoreStats last;  // counters are exported as the increase since the last scrape
   server::AdminOptions ao;
   ao.listen = c.admin;
   ao.readiness = [&] { return life.NotReady(); };
@@ -509,14 +509,7 @@ int main(int argc, char** argv) {
     metrics.SetDegraded(life.degraded.load());
     store::BlockStore* st_ptr = life.store.load();
     if (!st_ptr) return;
-    const store::StoreStats st = st_ptr->Stats();
-    metrics.SetSequences(double(st.sequences));
-    metrics.SetTier("host", double(st.host_bytes), double(st.host_capacity_bytes));
-    metrics.SetTier("gpu", double(st.gpu.used_bytes), double(st.gpu.capacity_bytes));
-    metrics.SetTier("disk", double(st.disk_bytes_written), double(c.store.disk_capacity_bytes));
-    metrics.AddEvictions("host", "disk", double(st.spills - last.spills));
-    metrics.AddPromotions("disk", "host", double(st.promotions - last.promotions));
-    last = st;
+    metrics.RefreshStore(st_ptr->Stats(), c.store.disk_capacity_bytes);
   };
   ao.status = [&] { return life.StatusJson(c.store.disk_capacity_bytes).dump(2) + "\n"; };
   auto admin = server::AdminServer::Start(ao, &metrics);

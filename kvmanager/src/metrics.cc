@@ -6,26 +6,39 @@
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
+#include <array>
 #include <cmath>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <vector>
 
+#include "kvmanager/block_store.h"
 #include "proto/wire/frame.h"
+#include "selector/delta_histogram.h"
 #include "selector/registry.h"
 
 namespace kvm::server {
 namespace {
-const std::vector<std::string> kKinds = {"exact", "bound", "audit"};
-const std::vector<std::string> kDirections = {"to_worker", "from_worker"};
-const std::vector<std::string> kTransports = {"ucx", "inproc", "tcp"};
-const std::vector<std::string> kTiers = {"gpu", "host", "disk"};
-const std::vector<std::pair<std::string, std::string>> kMoves = {
-    {"gpu", "host"}, {"host", "disk"}, {"disk", "host"}, {"host", "gpu"}};
+constexpr DeltaKind kKinds[] = {DeltaKind::kExact, DeltaKind::kBound, DeltaKind::kAudit};
+constexpr const char* kDirections[] = {"to_worker", "from_worker"};
+constexpr const char* kLinks[] = {"ucx", "inproc", "tcp"};
+constexpr const char* kTiers[] = {"gpu", "host", "disk"};
+// Moves between tiers (from, to): spills host → disk and promotions disk → host (the store), key
+// buffers evicted from the GPU tier and uploads to it.
+enum Move { kHostDisk, kDiskHost, kGpuHost, kHostGpu, kMoves };
+constexpr std::pair<const char*, const char*> kMoveNames[] = {
+    {"host", "disk"}, {"disk", "host"}, {"gpu", "host"}, {"host", "gpu"}};
 const std::vector<std::string> kOps = {
     "hello",          "create",        "append",   "prefix_lookup", "truncate",
     "retrieve_layer", "set_layer_map", "audit",    "read_blocks",   "delete",
     "list",           "stats",         "heartbeat"};
+
+int KindIndex(DeltaKind k) {
+  for (int i = 0; i < 3; ++i)
+    if (kKinds[i] == k) return i;
+  return -1;
+}
 
 prometheus::Histogram::BucketBoundaries LogBuckets(double lo, double hi, int per_decade) {
   prometheus::Histogram::BucketBoundaries b;
@@ -35,19 +48,29 @@ prometheus::Histogram::BucketBoundaries LogBuckets(double lo, double hi, int per
 }
 }  // namespace
 
+Result<Link> LinkFromName(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kLinks[i]) return static_cast<Link>(i);
+  return Status::InvalidArgument("metrics: no transport label '" + name + "' (ucx, inproc, tcp)");
+}
+
 struct Metrics::Impl {
   std::shared_ptr<prometheus::Registry> reg = std::make_shared<prometheus::Registry>();
-  std::map<std::pair<std::string, std::string>, prometheus::Histogram*> delta;
-  std::map<std::string, prometheus::Counter*> over_target, errors;
-  std::map<std::pair<std::string, std::string>, prometheus::Counter*> stream, evictions, promotions;
-  std::map<std::string, prometheus::Gauge*> tier_bytes, tier_capacity;
+  std::map<std::string, std::array<prometheus::Histogram*, 3>> delta;  // selector → [kind]
+  std::array<prometheus::Counter*, 3> over_target{};                   // [kind]
+  std::array<std::array<prometheus::Counter*, 3>, 2> stream{};         // [direction][link]
+  std::array<prometheus::Gauge*, 3> tier_bytes{}, tier_capacity{};     // [tier]
+  std::array<prometheus::Counter*, kMoves> evictions{}, promotions{};
+  std::array<prometheus::Counter*, sel::kGateOutcomes.size()> gate{};
   std::map<std::string, prometheus::Histogram*> request;
+  std::map<std::string, prometheus::Counter*> errors;
   prometheus::Counter* dense = nullptr;
   prometheus::Counter* retrievals = nullptr;
-  prometheus::Counter* gate_checks = nullptr;
   prometheus::Gauge* sequences = nullptr;
   prometheus::Gauge* ready = nullptr;
   prometheus::Gauge* degraded = nullptr;
+  std::mutex mu;  // the store's cumulative counts at the last refresh
+  uint64_t spills = 0, store_promotions = 0, gpu_evictions = 0, gpu_uploads = 0;
 };
 
 Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
@@ -56,25 +79,28 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
                  .Name("kvm_dropped_mass")
                  .Help("Dropped attention mass per (step, layer, query head), by selector and kind")
                  .Register(r);
+  const auto bounds = sel::DeltaHistogram::Bounds();
   for (const sel::SelectorEntry& e : sel::Selectors())  // every selector of the registry
-    for (const auto& k : kKinds)
-      impl_->delta[{e.name, k}] =
-          &dm.Add({{"selector", e.name}, {"kind", k}}, LogBuckets(1e-4, 1, 3));
+    for (int k = 0; k < 3; ++k)
+      impl_->delta[e.name][k] =
+          &dm.Add({{"selector", e.name}, {"kind", DeltaKindName(kKinds[k])}}, bounds);
   auto& ot = prometheus::BuildCounter()
                  .Name("kvm_dropped_mass_over_target_total")
                  .Help("Dropped-mass values above the sequence's target, by kind")
                  .Register(r);
-  for (const auto& k : kKinds) impl_->over_target[k] = &ot.Add({{"kind", k}});
+  for (int k = 0; k < 3; ++k) impl_->over_target[k] = &ot.Add({{"kind", DeltaKindName(kKinds[k])}});
   auto& sb = prometheus::BuildCounter()
                  .Name("kvm_stream_bytes_total")
-                 .Help("K/V block bytes streamed, by direction and transport")
+                 .Help(
+                     "K/V payload bytes: blocks to the worker, appended rows and carried K rows "
+                     "from it, by transport")
                  .Register(r);
-  for (const auto& d : kDirections)
-    for (const auto& t : kTransports)
-      impl_->stream[{d, t}] = &sb.Add({{"direction", d}, {"transport", t}});
+  for (int d = 0; d < 2; ++d)
+    for (int l = 0; l < 3; ++l)
+      impl_->stream[d][l] = &sb.Add({{"direction", kDirections[d]}, {"transport", kLinks[l]}});
   impl_->dense = &prometheus::BuildCounter()
                       .Name("kvm_dense_equivalent_bytes_total")
-                      .Help("K/V bytes a dense offload would have moved for the same steps")
+                      .Help("K/V bytes a dense offload would have moved for the same decode steps")
                       .Register(r)
                       .Add({});
   impl_->retrievals = &prometheus::BuildCounter()
@@ -82,32 +108,35 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
                            .Help("Query heads scored in full")
                            .Register(r)
                            .Add({});
-  impl_->gate_checks = &prometheus::BuildCounter()
-                            .Name("kvm_gate_checks_total")
-                            .Help("PrHS gate evaluations")
-                            .Register(r)
-                            .Add({});
-  auto& tb =
-      prometheus::BuildGauge().Name("kvm_tier_bytes").Help("Bytes in use per tier").Register(r);
+  auto& gc = prometheus::BuildCounter()
+                 .Name("kvm_gate_checks_total")
+                 .Help("The workers' gate decisions per (step, layer, KV head), by result")
+                 .Register(r);
+  for (sel::GateOutcome o : sel::kGateOutcomes)
+    impl_->gate[size_t(o)] = &gc.Add({{"result", sel::GateOutcomeName(o)}});
+  auto& tb = prometheus::BuildGauge()
+                 .Name("kvm_tier_bytes")
+                 .Help("Bytes in use per tier (disk: RocksDB's live SST files and memtables)")
+                 .Register(r);
   auto& tc = prometheus::BuildGauge()
                  .Name("kvm_tier_capacity_bytes")
-                 .Help("Capacity per tier")
+                 .Help("Capacity per tier (0: unlimited)")
                  .Register(r);
-  for (const auto& t : kTiers) {
-    impl_->tier_bytes[t] = &tb.Add({{"tier", t}});
-    impl_->tier_capacity[t] = &tc.Add({{"tier", t}});
+  for (int t = 0; t < 3; ++t) {
+    impl_->tier_bytes[t] = &tb.Add({{"tier", kTiers[t]}});
+    impl_->tier_capacity[t] = &tc.Add({{"tier", kTiers[t]}});
   }
   auto& ev = prometheus::BuildCounter()
                  .Name("kvm_evictions_total")
-                 .Help("Blocks demoted between tiers")
+                 .Help("Blocks (GPU: key buffers) demoted between tiers")
                  .Register(r);
   auto& pr = prometheus::BuildCounter()
                  .Name("kvm_promotions_total")
-                 .Help("Blocks promoted between tiers")
+                 .Help("Blocks promoted between tiers (GPU: key bytes uploaded)")
                  .Register(r);
-  for (const auto& [f, t] : kMoves) {
-    impl_->evictions[{f, t}] = &ev.Add({{"from", f}, {"to", t}});
-    impl_->promotions[{f, t}] = &pr.Add({{"from", f}, {"to", t}});
+  for (int m = 0; m < kMoves; ++m) {
+    impl_->evictions[m] = &ev.Add({{"from", kMoveNames[m].first}, {"to", kMoveNames[m].second}});
+    impl_->promotions[m] = &pr.Add({{"from", kMoveNames[m].first}, {"to", kMoveNames[m].second}});
   }
   auto& rq = prometheus::BuildHistogram()
                  .Name("kvm_request_duration_seconds")
@@ -144,43 +173,79 @@ std::string Metrics::Serialize() const {
   return out.str();
 }
 
-void Metrics::ObserveRequest(const std::string& op, double seconds) {
+Status Metrics::ObserveRequest(const std::string& op, double seconds) {
   auto it = impl_->request.find(op);
-  if (it != impl_->request.end()) it->second->Observe(seconds);
+  if (it == impl_->request.end())
+    return Status::InvalidArgument("metrics: no op label '" + op + "'");
+  it->second->Observe(seconds);
+  return Status::Ok();
 }
 void Metrics::CountError(StatusCode code) {
-  auto it = impl_->errors.find(std::string(StatusCodeName(code)));
-  if (it != impl_->errors.end()) it->second->Increment();
+  // Every code has its label (created from the StatusCode enum): the lookup cannot miss.
+  impl_->errors.at(std::string(StatusCodeName(code)))->Increment();
 }
-void Metrics::SetSequences(double n) { impl_->sequences->Set(n); }
-void Metrics::SetTier(const std::string& tier, double bytes, double capacity) {
-  if (!impl_->tier_bytes.count(tier)) return;
-  impl_->tier_bytes[tier]->Set(bytes);
-  impl_->tier_capacity[tier]->Set(capacity);
+void Metrics::RefreshStore(const store::StoreStats& st, uint64_t disk_capacity) {
+  impl_->sequences->Set(double(st.sequences));
+  auto tier = [&](Tier t, double bytes, double capacity) {
+    impl_->tier_bytes[size_t(t)]->Set(bytes);
+    impl_->tier_capacity[size_t(t)]->Set(capacity);
+  };
+  tier(Tier::kHost, double(st.host_bytes), double(st.host_capacity_bytes));
+  tier(Tier::kGpu, double(st.gpu.used_bytes), double(st.gpu.capacity_bytes));
+  tier(Tier::kDisk, double(st.disk_bytes), double(disk_capacity));
+  std::lock_guard<std::mutex> l(impl_->mu);
+  auto add = [](prometheus::Counter* c, uint64_t now, uint64_t* last) {
+    if (now > *last) c->Increment(double(now - *last));
+    *last = now;
+  };
+  add(impl_->evictions[kHostDisk], st.spills, &impl_->spills);
+  add(impl_->promotions[kDiskHost], st.promotions, &impl_->store_promotions);
+  add(impl_->evictions[kGpuHost], st.gpu.evictions, &impl_->gpu_evictions);
+  add(impl_->promotions[kHostGpu], st.gpu.uploaded_bytes, &impl_->gpu_uploads);
 }
-void Metrics::AddEvictions(const std::string& from, const std::string& to, double n) {
-  auto it = impl_->evictions.find({from, to});
-  if (it != impl_->evictions.end()) it->second->Increment(n);
+Status Metrics::ObserveDelta(const std::string& selector, DeltaKind kind, double delta,
+                             double target) {
+  auto it = impl_->delta.find(selector);
+  const int k = KindIndex(kind);
+  if (it == impl_->delta.end() || k < 0)
+    return Status::InvalidArgument("metrics: no kvm_dropped_mass{selector=\"" + selector +
+                                   "\", kind=\"" + DeltaKindName(kind) + "\"}");
+  if (std::isnan(delta)) return Status::Ok();
+  it->second[k]->Observe(delta);
+  if (target > 0 && delta > target) impl_->over_target[k]->Increment();
+  return Status::Ok();
 }
-void Metrics::AddPromotions(const std::string& from, const std::string& to, double n) {
-  auto it = impl_->promotions.find({from, to});
-  if (it != impl_->promotions.end()) it->second->Increment(n);
+Status Metrics::AddDeltaCounts(const std::string& selector, DeltaKind kind,
+                               std::span<const uint64_t> buckets, double sum,
+                               uint64_t over_target) {
+  auto it = impl_->delta.find(selector);
+  const int k = KindIndex(kind);
+  if (it == impl_->delta.end() || k < 0)
+    return Status::InvalidArgument("metrics: no kvm_dropped_mass{selector=\"" + selector +
+                                   "\", kind=\"" + DeltaKindName(kind) + "\"}");
+  const size_t n = sel::DeltaHistogram::Bounds().size() + 1;
+  if (buckets.size() != n)
+    return Status::InvalidArgument("worker stats: " + std::to_string(buckets.size()) +
+                                   " dropped-mass buckets, the histogram has " + std::to_string(n));
+  uint64_t total = 0;
+  for (uint64_t b : buckets) total += b;
+  if (total == 0) return Status::Ok();
+  if (over_target > total || !(sum >= 0) || sum > double(total))
+    return Status::InvalidArgument("worker stats: inconsistent dropped-mass counts");
+  std::vector<double> inc(n);  // one increment per bucket, +Inf last (prometheus-cpp's layout)
+  for (size_t i = 0; i < n; ++i) inc[i] = double(buckets[i]);
+  it->second[k]->ObserveMultiple(inc, sum);
+  if (over_target) impl_->over_target[k]->Increment(double(over_target));
+  return Status::Ok();
 }
-void Metrics::ObserveDelta(const std::string& selector, const std::string& kind, double delta,
-                           double target) {
-  auto it = impl_->delta.find({selector, kind});
-  if (it == impl_->delta.end()) return;
-  it->second->Observe(delta);
-  if (target > 0 && delta > target) impl_->over_target[kind]->Increment();
-}
-void Metrics::AddStreamBytes(const std::string& direction, const std::string& transport,
-                             double bytes) {
-  auto it = impl_->stream.find({direction, transport});
-  if (it != impl_->stream.end()) it->second->Increment(bytes);
+void Metrics::AddStreamBytes(Direction d, Link l, double bytes) {
+  impl_->stream[size_t(d)][size_t(l)]->Increment(bytes);
 }
 void Metrics::AddDenseEquivalentBytes(double bytes) { impl_->dense->Increment(bytes); }
 void Metrics::AddRetrievals(double n) { impl_->retrievals->Increment(n); }
-void Metrics::AddGateChecks(double n) { impl_->gate_checks->Increment(n); }
+void Metrics::AddGateChecks(sel::GateOutcome result, double n) {
+  impl_->gate[size_t(result)]->Increment(n);
+}
 void Metrics::SetReady(bool ready) { impl_->ready->Set(ready ? 1 : 0); }
 void Metrics::SetDegraded(bool degraded) { impl_->degraded->Set(degraded ? 1 : 0); }
 

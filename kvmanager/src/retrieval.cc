@@ -11,6 +11,7 @@
 #include "proto/half.h"
 #include "proto/kvm.pb.h"
 #include "proto/wire/frame.h"
+#include "selector/delta_histogram.h"
 #include "selector/plan.h"
 #include "selector/registry.h"
 #include "selector/scoring.h"
@@ -257,6 +258,24 @@ Status RetrievalEngine::TakeKRows(const store::SeqRef& s, uint64_t pos,
   return Status::Ok();
 }
 
+Status RetrievalEngine::ReportWorkerStats(const store::SeqRef& s, const wire::WorkerStats& w) {
+  if (!metrics_) return Status::Ok();
+  KVM_ASSIGN_OR_RETURN(auto q, Find(s));
+  if (w.gate_checks_size() > int(sel::kGateOutcomes.size()))
+    return Status::InvalidArgument("worker stats: " + std::to_string(w.gate_checks_size()) +
+                                   " gate outcomes, there are " +
+                                   std::to_string(sel::kGateOutcomes.size()));
+  for (int i = 0; i < w.gate_checks_size(); ++i)
+    if (w.gate_checks(i))
+      metrics_->AddGateChecks(sel::kGateOutcomes[size_t(i)], double(w.gate_checks(i)));
+  for (const wire::DeltaCounts& d : w.delta()) {
+    const std::vector<uint64_t> b(d.buckets().begin(), d.buckets().end());
+    KVM_RETURN_IF_ERROR(metrics_->AddDeltaCounts(q->sel.name, static_cast<DeltaKind>(d.kind()), b,
+                                                 d.sum(), d.over_target()));
+  }
+  return Status::Ok();
+}
+
 void RetrievalEngine::Forget(const store::SeqRef& s) {
   std::lock_guard<std::mutex> l(mu_);
   seqs_.erase(Key(s));
@@ -354,9 +373,9 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
       const double d = j < sel.delta.size() ? sel.delta[j] : NAN;
       hs->add_delta(static_cast<float>(d));
       hs->add_log_delta(sel.LogDelta(j));
-      if (metrics_ && !std::isnan(d))
-        metrics_->ObserveDelta(q->sel.name, DeltaKindName(sel.kind), d,
-                               q->sel.options.target_delta);
+      if (metrics_ && sel.kind != DeltaKind::kUnknown)  // a selection with no δ of its own
+        KVM_RETURN_IF_ERROR(
+            metrics_->ObserveDelta(q->sel.name, sel.kind, d, q->sel.options.target_delta));
     }
     hs->set_delta_kind(static_cast<wire::DeltaKind>(sel.kind));
     hs->set_k_max(sel.k_max);
@@ -447,7 +466,9 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
     KVM_RETURN_IF_ERROR(hd.Score(in.q.data() + i * g * D, &gs));
     for (double d : sel::DeltaOf(gs, resident)) {
       reply->add_delta(static_cast<float>(d));
-      if (metrics_) metrics_->ObserveDelta(q->sel.name, "audit", d, q->sel.options.target_delta);
+      if (metrics_)
+        KVM_RETURN_IF_ERROR(
+            metrics_->ObserveDelta(q->sel.name, DeltaKind::kAudit, d, q->sel.options.target_delta));
     }
   }
   return Status::Ok();

@@ -75,10 +75,11 @@ TEST_P(LlamaTest, LogitsMatchTheTrainingScriptOverTheWholePrompt) {
       max_diff = std::max(max_diff, double(std::fabs(logits[v] - want[v])));
   }
   const LlamaConfig& c = (*model)->config();
-  std::printf("%s (dim %u, %u layers, %u heads / %u KV heads, head dim %u): max |dlogit| over %d "
-              "positions x %d = %.3g\n",
-              ModelDir().c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim(), n,
-              vocab, max_diff);
+  std::printf(
+      "%s (dim %u, %u layers, %u heads / %u KV heads, head dim %u): max |dlogit| over %d "
+      "positions x %d = %.3g\n",
+      ModelDir().c_str(), c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim(), n, vocab,
+      max_diff);
   EXPECT_LT(max_diff, 1e-4);
 }
 

@@ -91,7 +91,7 @@ TEST(AdminTest, MetricsPassPromtoolAndEndpointsAnswer) {
   std::remove(file.c_str());
   std::remove((file + ".out").c_str());
   // Observations show up.
-  m.ObserveDelta("prhs", "bound", 0.05, 0.01);
+  ASSERT_TRUE(m.ObserveDelta("prhs", DeltaKind::kBound, 0.05, 0.01).ok());
   m.CountError(StatusCode::kBusy);
   const std::string after = Body(Get(port, "/metrics"));
   EXPECT_NE(after.find("kvm_dropped_mass_over_target_total{kind=\"bound\"} 1"), std::string::npos);

@@ -256,6 +256,47 @@ TEST(BlockStoreTest, FullDiskIsNoSpaceAndLosesNothingAcknowledged) {
   std::filesystem::remove_all(dir);
 }
 
+// The cap is on the live size (RocksDB's own account), not a lifetime write quota: after a delete
+// the same amount fits again, well past the total ever written; the live size is what Stats reports
+// and it falls when data is deleted and reclaimed.
+TEST(BlockStoreTest, DiskCapIsOnTheLiveSizeNotOnBytesEverWritten) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 1 << 20};
+  o.disk_capacity_bytes = 256 * 1024;
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  // Fills the disk tier with one durable sequence until NoSpace; returns its length.
+  auto fill = [&](const SeqRef& r) -> uint64_t {
+    EXPECT_TRUE((*s)->Create(r, kShape, kB, Durability::kDurable).ok());
+    uint64_t len = 0;
+    for (int i = 0; i < 100000; ++i) {
+      auto got = AppendRange(**s, r, len, 4);
+      if (!got.ok()) {
+        EXPECT_TRUE(got.status().IsNoSpace()) << got.status().ToString();
+        break;
+      }
+      len = *got;
+    }
+    return len;
+  };
+  const uint64_t first = fill({"t", 1});
+  ASSERT_GT(first, 0u);
+  const StoreStats full = (*s)->Stats();
+  EXPECT_LE(full.disk_bytes, o.disk_capacity_bytes);
+  EXPECT_GT(full.disk_bytes, o.disk_capacity_bytes / 4) << "the live size is RocksDB's account";
+  ASSERT_TRUE((*s)->Delete({"t", 1}).ok());
+  const uint64_t second = fill({"t", 2});
+  // The second fill holds as much again (within a block row or two of framing), so the bytes ever
+  // written are about twice the cap: the old lifetime rule would have refused at once.
+  EXPECT_GE(second, first * 3 / 4) << "first " << first << " tokens, after the delete " << second;
+  const StoreStats after = (*s)->Stats();
+  EXPECT_GT(after.disk_bytes_written, o.disk_capacity_bytes);
+  EXPECT_LE(after.disk_bytes, o.disk_capacity_bytes);
+  ExpectContent(**s, {"t", 2}, second);
+  EXPECT_TRUE((*s)->Length({"t", 1}).status().IsNotFound());
+  std::filesystem::remove_all(dir);
+}
+
 TEST(BlockStoreTest, TruncateThenAppendAndReopen) {
   const std::string dir = TempDir();
   const SeqRef r{"t", 7};

@@ -6,8 +6,11 @@
 #include <atomic>
 #include <filesystem>
 
+#include "kvmanager/metrics.h"
+#include "prom_text.h"
 #include "proto/half.h"
 #include "proto/kvm.pb.h"
+#include "selector/delta_histogram.h"
 #include "selector/plan.h"
 #include "selector/prhs.h"
 #include "selector/scoring.h"
@@ -40,6 +43,7 @@ class HandlerTest : public ::testing::Test {
     store_ = tmp_->store.get();
     HandlerOptions h;
     h.tenants = {{"dev", "devtok", true}, {"a", "tokA", false}, {"b", "tokB", false}};
+    h.metrics = metrics_.get();
     handler_ = std::make_unique<RequestHandler>(store_, h);
   }
   void TearDown() override {
@@ -85,7 +89,8 @@ class HandlerTest : public ::testing::Test {
     c.set_durability(wire::DURABLE);
     return c;
   }
-  bool gpu_double_ = false;  // a GPU tier on the host-memory device double
+  bool gpu_double_ = false;           // a GPU tier on the host-memory device double
+  std::unique_ptr<Metrics> metrics_;  // set before SetUp: the handler reports into it
   std::unique_ptr<testutil::TempStore> tmp_;
   store::BlockStore* store_ = nullptr;
   std::unique_ptr<RequestHandler> handler_;
@@ -770,6 +775,175 @@ TEST(HandlerDataPlaneFailureTest, AFailedBlockSendIsAnErrorReplyAtOnce) {
   EXPECT_EQ(e.code(), wire::ERR_UNAVAILABLE) << e.message();
   EXPECT_NE(e.message().find("data plane send"), std::string::npos) << e.message();
   handler.Close(s);
+}
+
+// Every family moves when its event happens, by the value the workload implies — computed here from
+// the messages the test sent and the replies it got, not from the metrics code.
+class MetricsTest : public RetrieveTest {
+ protected:
+  MetricsTest() { metrics_ = std::make_unique<Metrics>(); }
+  double Value(const std::string& name, const std::map<std::string, std::string>& match = {}) {
+    std::vector<tools::prom::Sample> samples;
+    std::string error;
+    EXPECT_TRUE(tools::prom::Parse(metrics_->Serialize(), &samples, &error)) << error;
+    return tools::prom::Sum(samples, name, match);
+  }
+  wire::Append DecodeAppend(uint64_t id, uint64_t pos, std::vector<uint8_t>* payload) {
+    wire::Append a;
+    a.set_sequence_id(id);
+    a.set_start_position(pos);
+    a.add_token_ids(uint32_t(pos));
+    a.set_decode(true);
+    payload->clear();
+    for (uint32_t i = 0; i < L * Hkv; ++i)
+      for (int v = 0; v < 2; ++v)
+        payload->insert(payload->end(), Row(i, pos, v), Row(i, pos, v) + D * 2);
+    return a;
+  }
+};
+
+TEST_F(MetricsTest, EveryFamilyHasTheValueTheWorkloadImplies) {
+  const size_t row = D * 2;  // f16
+  const uint32_t g = Hq / Hkv;
+  const uint32_t slots =
+      uint32_t(std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value()->HotSetSlots());
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(9, slots)).error.ok());
+  AppendTokens(9, 0, 100);  // prefill: no dense-equivalent bytes
+  double from_worker = double(L) * Hkv * 2 * 100 * row, dense = 0, to_worker = 0;
+  EXPECT_EQ(Value("kvm_stream_bytes_total", {{"direction", "from_worker"}, {"transport", "tcp"}}),
+            from_worker);
+  EXPECT_EQ(Value("kvm_dense_equivalent_bytes_total"), 0);
+  // Decode: step 100 retrieves both layers (its own K row carried as a pending row), then appends.
+  double retrievals = 0, exact = 0;
+  for (uint64_t step : {100ull, 101ull}) {
+    for (uint32_t l = 0; l < L; ++l) {
+      Reply r = Retrieve(9, step, l, {0, 1}, 1);
+      ASSERT_TRUE(r.error.ok()) << r.error.ToString();
+      wire::RetrieveLayerReply rep;
+      ASSERT_TRUE(wire::ParseProto(r.frame, &rep).ok());
+      to_worker += double(r.frame.payload.size());
+      from_worker += 2.0 * 1 * row;  // two heads' pending K row
+      for (const auto& hs : rep.heads()) {
+        retrievals += hs.retrieved_heads();
+        if (hs.delta_kind() == wire::EXACT) exact += hs.delta_size();
+      }
+    }
+    std::vector<uint8_t> payload;
+    wire::Append a = DecodeAppend(9, step, &payload);
+    ASSERT_TRUE(Call(s_, MessageType::kAppend, a, payload).error.ok());
+    from_worker += double(payload.size());
+    dense += double(step + 1) * L * Hkv * 2 * row;  // all T = step + 1 tokens, every layer and head
+  }
+  ASSERT_GT(to_worker, 0);
+  ASSERT_GT(exact, 0);
+  EXPECT_EQ(Value("kvm_stream_bytes_total", {{"direction", "to_worker"}, {"transport", "tcp"}}),
+            to_worker);
+  EXPECT_EQ(Value("kvm_stream_bytes_total", {{"direction", "to_worker"}, {"transport", "ucx"}}), 0);
+  EXPECT_EQ(Value("kvm_stream_bytes_total", {{"direction", "from_worker"}}), from_worker);
+  EXPECT_EQ(Value("kvm_dense_equivalent_bytes_total"), dense);
+  EXPECT_EQ(Value("kvm_retrievals_total"), retrievals);
+  EXPECT_EQ(Value("kvm_dropped_mass_count", {{"selector", "prhs"}, {"kind", "exact"}}), exact);
+  // The same Append again (a retry) adds no dense-equivalent bytes: those steps were counted.
+  {
+    std::vector<uint8_t> payload;
+    wire::Append a = DecodeAppend(9, 101, &payload);
+    ASSERT_TRUE(Call(s_, MessageType::kAppend, a, payload).error.ok());
+    from_worker += double(payload.size());
+    EXPECT_EQ(Value("kvm_dense_equivalent_bytes_total"), dense);
+  }
+  // What only the worker sees, on an Append, a Heartbeat and the Delete.
+  const size_t nb = sel::DeltaHistogram::Bounds().size() + 1;
+  auto stats = [&](std::vector<uint64_t> gate, std::vector<uint64_t> bound_buckets, double sum,
+                   uint64_t over) {
+    wire::WorkerStats w;
+    w.set_sequence_id(9);
+    for (uint64_t c : gate) w.add_gate_checks(c);
+    if (!bound_buckets.empty()) {
+      wire::DeltaCounts* d = w.add_delta();
+      d->set_kind(wire::BOUND);
+      for (uint64_t c : bound_buckets) d->add_buckets(c);
+      d->set_sum(sum);
+      d->set_over_target(over);
+    }
+    return w;
+  };
+  std::vector<uint64_t> buckets(nb, 0);
+  buckets[0] = 2;       // two claims ≤ 1e-4
+  buckets[nb - 1] = 1;  // one above every bound (+Inf)
+  {
+    std::vector<uint8_t> payload;
+    wire::Append a = DecodeAppend(9, 102, &payload);
+    *a.mutable_stats() = stats({3, 1, 0, 2, 0}, buckets, 1.5, 1);
+    ASSERT_TRUE(Call(s_, MessageType::kAppend, a, payload).error.ok());
+  }
+  wire::Heartbeat hb;
+  *hb.add_stats() = stats({1, 0, 4}, {}, 0, 0);
+  ASSERT_TRUE(Call(s_, MessageType::kHeartbeat, hb).error.ok());
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "reuse"}}), 4);
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "retrieve"}}), 1);
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "shared_layer"}}), 4);
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "short_context"}}), 2);
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "dense_layer"}}), 0);
+  EXPECT_EQ(Value("kvm_dropped_mass_count", {{"selector", "prhs"}, {"kind", "bound"}}), 3);
+  EXPECT_EQ(Value("kvm_dropped_mass_sum", {{"selector", "prhs"}, {"kind", "bound"}}), 1.5);
+  EXPECT_EQ(
+      Value("kvm_dropped_mass_bucket", {{"selector", "prhs"}, {"kind", "bound"}, {"le", "0.0001"}}),
+      2);
+  EXPECT_EQ(
+      Value("kvm_dropped_mass_bucket", {{"selector", "prhs"}, {"kind", "bound"}, {"le", "1"}}), 2);
+  EXPECT_EQ(
+      Value("kvm_dropped_mass_bucket", {{"selector", "prhs"}, {"kind", "bound"}, {"le", "+Inf"}}),
+      3);
+  EXPECT_EQ(Value("kvm_dropped_mass_over_target_total", {{"kind", "bound"}}), 1);
+  // A malformed report (too few buckets) is counted as an error; the Append still lands.
+  const double invalid = Value("kvm_errors_total", {{"code", "InvalidArgument"}});
+  {
+    std::vector<uint8_t> payload;
+    wire::Append a = DecodeAppend(9, 103, &payload);
+    *a.mutable_stats() = stats({}, {1, 2, 3}, 0.1, 0);
+    Reply r = Call(s_, MessageType::kAppend, a, payload);
+    ASSERT_TRUE(r.error.ok()) << r.error.ToString();
+  }
+  EXPECT_EQ(*store_->Length({"a", 9}), 104u);
+  EXPECT_EQ(Value("kvm_errors_total", {{"code", "InvalidArgument"}}), invalid + 1);
+  EXPECT_EQ(Value("kvm_dropped_mass_count", {{"selector", "prhs"}, {"kind", "bound"}}), 3);
+  // The Delete carries the last report.
+  wire::DeleteSequence del;
+  del.set_sequence_id(9);
+  *del.mutable_stats() = stats({0, 0, 0, 0, 5}, {}, 0, 0);
+  ASSERT_TRUE(Call(s_, MessageType::kDeleteSequence, del).error.ok());
+  EXPECT_EQ(Value("kvm_gate_checks_total", {{"result", "dense_layer"}}), 5);
+  // Errors by code and request durations by op.
+  const double not_found = Value("kvm_errors_total", {{"code", "NotFound"}});
+  EXPECT_TRUE(Retrieve(9, 104, 0, {0}, 1).error.IsNotFound());
+  EXPECT_EQ(Value("kvm_errors_total", {{"code", "NotFound"}}), not_found + 1);
+  EXPECT_EQ(Value("kvm_request_duration_seconds_count", {{"op", "append"}}), 1 + 2 + 1 + 1 + 1);
+  EXPECT_EQ(Value("kvm_request_duration_seconds_count", {{"op", "retrieve_layer"}}), 2 * L + 1);
+  EXPECT_EQ(Value("kvm_request_duration_seconds_count", {{"op", "heartbeat"}}), 1);
+  EXPECT_EQ(Value("kvm_request_duration_seconds_count", {{"op", "delete"}}), 1);
+  EXPECT_EQ(Value("kvm_request_duration_seconds_count", {{"op", "create"}}), 1);
+  (void)g;
+}
+
+TEST(MetricsLabelsTest, AnUnknownLabelValueIsAnErrorNeverASilentDrop) {
+  Metrics m;
+  EXPECT_TRUE(m.ObserveRequest("append", 0.001).ok());
+  EXPECT_TRUE(m.ObserveRequest("apend", 0.001).IsInvalidArgument());
+  EXPECT_TRUE(m.ObserveDelta("prhs", DeltaKind::kExact, 0.01, 0).ok());
+  EXPECT_TRUE(m.ObserveDelta("no-such-selector", DeltaKind::kExact, 0.01, 0).IsInvalidArgument());
+  EXPECT_TRUE(m.ObserveDelta("prhs", DeltaKind::kUnknown, 0.01, 0).IsInvalidArgument());
+  const std::vector<uint64_t> ok(sel::DeltaHistogram::Bounds().size() + 1, 1);
+  EXPECT_TRUE(m.AddDeltaCounts("quest", DeltaKind::kExact, ok, 0.5, 0).ok());
+  EXPECT_TRUE(m.AddDeltaCounts("quest", DeltaKind::kExact, std::vector<uint64_t>(3, 1), 0.5, 0)
+                  .IsInvalidArgument());
+  EXPECT_TRUE(m.AddDeltaCounts("quest", DeltaKind::kExact, ok, -1, 0).IsInvalidArgument());
+  EXPECT_TRUE(LinkFromName("ucx").ok());
+  EXPECT_TRUE(LinkFromName("inproc").ok());
+  EXPECT_TRUE(LinkFromName("rdma").status().IsInvalidArgument());
+  // Nothing of the refused calls reached the exposition.
+  const std::string text = m.Serialize();
+  EXPECT_EQ(text.find("apend"), std::string::npos);
+  EXPECT_EQ(text.find("no-such-selector"), std::string::npos);
 }
 
 }  // namespace

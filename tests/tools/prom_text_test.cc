@@ -72,11 +72,12 @@ TEST(PromTextTest, MalformedLinesAreRejectedWithTheirLineNumber) {
 TEST(PromTextTest, SumSelectsByLabelsAndAbsentIsNotZero) {
   std::vector<Sample> s;
   std::string err;
-  ASSERT_TRUE(Parse("b_total{direction=\"to_worker\",transport=\"ucx\"} 10\n"
-                    "b_total{direction=\"to_worker\",transport=\"tcp\"} 5\n"
-                    "b_total{direction=\"from_worker\",transport=\"tcp\"} 100\n"
-                    "zero 0\n",
-                    &s, &err))
+  ASSERT_TRUE(
+      Parse("b_total{direction=\"to_worker\",transport=\"ucx\"} 10\n"
+            "b_total{direction=\"to_worker\",transport=\"tcp\"} 5\n"
+            "b_total{direction=\"from_worker\",transport=\"tcp\"} 100\n"
+            "zero 0\n",
+            &s, &err))
       << err;
   EXPECT_EQ(Sum(s, "b_total"), 115);
   EXPECT_EQ(Sum(s, "b_total", {{"direction", "to_worker"}}), 15);
@@ -90,19 +91,20 @@ TEST(PromTextTest, HistogramQuantileInterpolatesLikePromql) {
   // Two series of one histogram, summed per le: cumulative 10, 30, 90, 100.
   std::vector<Sample> s;
   std::string err;
-  ASSERT_TRUE(Parse("h_bucket{k=\"a\",s=\"1\",le=\"0.1\"} 4\n"
-                    "h_bucket{k=\"a\",s=\"1\",le=\"0.2\"} 10\n"
-                    "h_bucket{k=\"a\",s=\"1\",le=\"0.5\"} 40\n"
-                    "h_bucket{k=\"a\",s=\"1\",le=\"+Inf\"} 45\n"
-                    "h_bucket{k=\"a\",s=\"2\",le=\"0.1\"} 6\n"
-                    "h_bucket{k=\"a\",s=\"2\",le=\"0.2\"} 20\n"
-                    "h_bucket{k=\"a\",s=\"2\",le=\"0.5\"} 50\n"
-                    "h_bucket{k=\"a\",s=\"2\",le=\"+Inf\"} 55\n"
-                    "h_bucket{k=\"b\",s=\"1\",le=\"0.1\"} 0\n"
-                    "h_bucket{k=\"b\",s=\"1\",le=\"0.2\"} 0\n"
-                    "h_bucket{k=\"b\",s=\"1\",le=\"0.5\"} 0\n"
-                    "h_bucket{k=\"b\",s=\"1\",le=\"+Inf\"} 0\n",
-                    &s, &err))
+  ASSERT_TRUE(
+      Parse("h_bucket{k=\"a\",s=\"1\",le=\"0.1\"} 4\n"
+            "h_bucket{k=\"a\",s=\"1\",le=\"0.2\"} 10\n"
+            "h_bucket{k=\"a\",s=\"1\",le=\"0.5\"} 40\n"
+            "h_bucket{k=\"a\",s=\"1\",le=\"+Inf\"} 45\n"
+            "h_bucket{k=\"a\",s=\"2\",le=\"0.1\"} 6\n"
+            "h_bucket{k=\"a\",s=\"2\",le=\"0.2\"} 20\n"
+            "h_bucket{k=\"a\",s=\"2\",le=\"0.5\"} 50\n"
+            "h_bucket{k=\"a\",s=\"2\",le=\"+Inf\"} 55\n"
+            "h_bucket{k=\"b\",s=\"1\",le=\"0.1\"} 0\n"
+            "h_bucket{k=\"b\",s=\"1\",le=\"0.2\"} 0\n"
+            "h_bucket{k=\"b\",s=\"1\",le=\"0.5\"} 0\n"
+            "h_bucket{k=\"b\",s=\"1\",le=\"+Inf\"} 0\n",
+            &s, &err))
       << err;
   const auto a = Buckets(s, "h", {{"k", "a"}});
   ASSERT_EQ(a.size(), 4u);

@@ -91,8 +91,12 @@ class ServiceKvSource : public SparseKvSource {
   const std::vector<ClaimRecord>& claims() const override;
   // Waits for outstanding appends and audits.
   Status Flush();
-  // Deletes the sequence on the service.
+  // Deletes the sequence on the service; the message carries the worker's counts not reported yet
+  // (gate outcomes, the δ claims it made alone) for the service's metrics.
   Status Delete();
+  // Sends the pending appends, and the counts not reported yet on a heartbeat (none when there are
+  // none). A long-lived worker calls it now and then; Append messages carry the counts anyway.
+  Status ReportStats();
   // The worker lost its hot set (or the connection): drop it, reconnect when needed, re-attach,
   // and bump the hot-set generation so the service forgets its mirror.
   Status ResetHotSet();

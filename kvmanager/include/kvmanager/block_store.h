@@ -36,8 +36,10 @@ struct StoreOptions {
   std::string dir;                   // RocksDB directory (created)
   uint64_t host_capacity_bytes = 0;  // host tier; 0 = DefaultHostCapacity(). Small in tests.
   bool sync = false;  // fsync the WAL on every durable append (power loss), not only kill -9
-  uint64_t disk_capacity_bytes = 0;  // 0 = unlimited; appends past it answer NoSpace
-  std::function<int64_t()> now_ms;   // clock for leases; default: steady clock (tests inject one)
+  // The disk tier's cap on its live size (RocksDB's SST files and memtables; deleted data is
+  // compacted away before an append is refused); 0 = unlimited; appends past it answer NoSpace.
+  uint64_t disk_capacity_bytes = 0;
+  std::function<int64_t()> now_ms;  // clock for leases; default: steady clock (tests inject one)
   // Eviction from the host tier: when an allocation finds it full, blocks are demoted to disk until
   // at most low_watermark of the slots are in use. Order: blocks never selected first, V before K,
   // then least recently selected; the sink and recent-window blocks of every sequence stay.
@@ -70,9 +72,11 @@ struct StoreStats {
   uint64_t host_slots_used = 0, host_slots = 0;
   uint64_t host_bytes = 0, host_capacity_bytes = 0;
   uint64_t sequences = 0;
-  uint64_t spills = 0;      // host → disk
-  uint64_t promotions = 0;  // disk → host
-  uint64_t disk_bytes_written = 0;
+  uint64_t spills = 0;              // host → disk
+  uint64_t promotions = 0;          // disk → host
+  uint64_t disk_bytes_written = 0;  // ever written (this process)
+  uint64_t disk_bytes =
+      0;  // live: RocksDB's SST files and memtables (what disk_capacity_bytes caps)
   uint64_t shared_blocks = 0;  // durable block records referenced by more than one sequence
   std::string gpu_tier;        // "<device>: used/capacity" or "absent: <why>"
   GpuTierStats gpu;            // zero when absent

@@ -30,6 +30,12 @@
 #include "proto/wire/frame.h"
 #include "transport/transport.h"
 
+namespace kvm::wire {
+class RetrieveLayer;
+class Audit;
+class WorkerStats;
+}  // namespace kvm::wire
+
 namespace kvm::server {
 
 class Metrics;
@@ -98,6 +104,11 @@ class RequestHandler {
   // `done` gets nothing once every part was sent, or the Error frame of the first failed send.
   void SendParts(const SessionState& s, uint64_t request_id, wire::RetrieveLayerReply r,
                  std::vector<uint8_t> blocks, Reply done);
+  // The K row bytes a retrieval or audit carried (stream bytes from the worker).
+  double CarriedRowBytes(const store::SeqRef& s, const wire::RetrieveLayer& m) const;
+  double CarriedRowBytes(const store::SeqRef& s, const wire::Audit& m) const;
+  // A worker's report (WorkerStats on Append, Heartbeat, DeleteSequence) into the metrics.
+  void ReportStats(const store::SeqRef& s, const wire::WorkerStats* w);
   // The full Append payload from one that left out the K rows named in k_from_retrieval.
   Status RestoreKRows(const SessionState& s, const wire::Append& m, std::span<const uint8_t> in,
                       std::vector<uint8_t>* out);

@@ -1,18 +1,43 @@
 // The service's Prometheus metrics (DESIGN.md §8 names and labels, kept stable). Every known label
 // combination is created at construction, so each family shows samples (zeros) before the first
-// observation. No per-sequence labels. Thread-safe (prometheus-cpp metrics are).
+// observation. No per-sequence labels. Labels are typed (enums) where they are a closed set; the
+// two that are names (selector, op) are checked, and an unknown one is an InvalidArgument — a
+// programming error a test catches — never a silent drop. Thread-safe (prometheus-cpp metrics are).
+//
+// Families (README "Metrics" lists them with every label value):
+//   kvm_dropped_mass{selector,kind}            histogram, selector/delta_histogram.h buckets
+//   kvm_dropped_mass_over_target_total{kind}
+//   kvm_stream_bytes_total{direction,transport} K/V payload bytes (blocks to the worker; appended
+//                                               rows and the K rows queries carry from it)
+//   kvm_dense_equivalent_bytes_total            what a dense offload of the decode steps moves
+//   kvm_retrievals_total                        query heads scored in full
+//   kvm_gate_checks_total{result}               the workers' gate decisions (reported by them)
+//   kvm_tier_bytes{tier} / kvm_tier_capacity_bytes{tier}   live sizes
+//   kvm_evictions_total{from,to} / kvm_promotions_total{from,to}
+//   kvm_request_duration_seconds{op}, kvm_errors_total{code}, kvm_sequences, kvm_ready,
+//   kvm_degraded
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
+#include "proto/model_shape.h"
 #include "proto/status.h"
+#include "selector/worker_gate.h"
 
-namespace prometheus {
-class Registry;
+namespace kvm::store {
+struct StoreStats;
 }
 
 namespace kvm::server {
+
+enum class Direction { kToWorker, kFromWorker };
+enum class Link { kUcx, kInproc, kTcp };  // the `transport` label
+enum class Tier { kGpu, kHost, kDisk };
+// "ucx", "inproc" (a data plane's name) or "tcp"; InvalidArgument otherwise.
+Result<Link> LinkFromName(const std::string& name);
 
 class Metrics {
  public:
@@ -21,21 +46,23 @@ class Metrics {
   // The Prometheus text exposition of every family.
   std::string Serialize() const;
 
-  void ObserveRequest(const std::string& op, double seconds);  // kvm_request_duration_seconds{op}
-  void CountError(StatusCode code);                            // kvm_errors_total{code}
-  void SetSequences(double n);                                 // kvm_sequences
-  void SetTier(const std::string& tier, double bytes,
-               double capacity);  // kvm_tier_bytes / _capacity_bytes
-  void AddEvictions(const std::string& from, const std::string& to, double n);
-  void AddPromotions(const std::string& from, const std::string& to, double n);
-  // δ of one (step, layer, query head): kvm_dropped_mass{selector, kind}; over target:
-  // _over_target_total{kind}.
-  void ObserveDelta(const std::string& selector, const std::string& kind, double delta,
-                    double target);
-  void AddStreamBytes(const std::string& direction, const std::string& transport, double bytes);
+  // kvm_request_duration_seconds{op}; InvalidArgument for an unknown op.
+  Status ObserveRequest(const std::string& op, double seconds);
+  void CountError(StatusCode code);  // kvm_errors_total{code}
+  // The store's live sizes and counters: kvm_sequences, kvm_tier_bytes / _capacity_bytes, and the
+  // evictions and promotions since the last call. `disk_capacity`: 0 = unlimited.
+  void RefreshStore(const store::StoreStats& st, uint64_t disk_capacity);
+  // One δ of one (step, layer, query head): kvm_dropped_mass{selector, kind}; over `target` (> 0):
+  // _over_target_total{kind}. NaN is not observed. InvalidArgument for a selector the registry does
+  // not know or a kind other than exact, bound and audit.
+  Status ObserveDelta(const std::string& selector, DeltaKind kind, double delta, double target);
+  // Bucket deltas a worker reported (selector/delta_histogram.h bounds, then +Inf).
+  Status AddDeltaCounts(const std::string& selector, DeltaKind kind,
+                        std::span<const uint64_t> buckets, double sum, uint64_t over_target);
+  void AddStreamBytes(Direction d, Link l, double bytes);
   void AddDenseEquivalentBytes(double bytes);
   void AddRetrievals(double n);
-  void AddGateChecks(double n);
+  void AddGateChecks(sel::GateOutcome result, double n);
   // kvm_ready: 1 while /readyz answers 200 (the store is open and the service is not draining),
   // else 0. Starts at 0.
   void SetReady(bool ready);

@@ -42,6 +42,7 @@ class RetrieveLayer;
 class RetrieveLayerReply;
 class Audit;
 class AuditReply;
+class WorkerStats;
 }  // namespace kvm::wire
 
 namespace kvm::server {
@@ -73,6 +74,9 @@ class RetrievalEngine {
   // entries `which`, into rows[i * row_bytes]. FailedPrecondition naming the first one it lacks.
   Status TakeKRows(const store::SeqRef& s, uint64_t pos, std::span<const uint32_t> which,
                    uint8_t* rows);
+  // What the worker saw and reported (its gate's decisions, the claims it made alone) into the
+  // metrics, under the sequence's selector. InvalidArgument for malformed counts.
+  Status ReportWorkerStats(const store::SeqRef& s, const wire::WorkerStats& w);
   // Drops a sequence's state (delete).
   void Forget(const store::SeqRef& s);
   // Forgets anchors and mirrors, keeps the params (truncate; the worker drops its hot set too).
