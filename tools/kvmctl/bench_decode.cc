@@ -21,6 +21,7 @@
 #include "client/selector_source.h"
 #include "client/service_source.h"
 #include "client/tokenizer.h"
+#include "client_flags.h"
 #include "commands.h"
 #include "eval.h"
 #include "flags.h"
@@ -28,83 +29,12 @@
 #include "kvmanager/server.h"
 #include "local_service.h"
 #include "selector/registry.h"
+#include "synthetic.h"
 #include "transport/transport.h"
 
 namespace kvm::tools {
 namespace {
 using Clock = std::chrono::steady_clock;
-
-// splitmix64: a counter-based generator, so both runs draw the same numbers without storing them.
-uint64_t Mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-float Gauss(uint64_t key) {  // N(0, 1) from two uniforms (Box-Muller)
-  const double u1 = (double(Mix(key) >> 11) + 0.5) / 9007199254740992.0;
-  const double u2 = double(Mix(key ^ 0x5bd1e995ull) >> 11) / 9007199254740992.0;
-  return float(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
-}
-
-// The synthetic workload (DESIGN.md §9: structured, labelled synthetic). Per (layer, KV head) the
-// keys share a common component and carry clusters of salient tokens (C centroids, a cluster of 16
-// tokens every ~256 positions) and strong sinks (the first 4 tokens); values are Gaussian. The
-// queries of a head drift like a real model's: an AR(1) walk u_t = ρ_l u_{t-1} + sqrt(1 - ρ_l²) ξ_t
-// over unit directions, biased toward one centroid that changes every 64 steps, with ρ_l rising
-// from 0.1 in layer 0 to 0.8 in the last layer — the cosine of consecutive post-RoPE queries
-// measured on the committed models is 0.03–0.19 in layers 0–1 and 0.6–0.8 in the deepest, 0.43–0.46
-// on average (issue 23, `kvmctl attn-stats`).
-class Synthetic {
- public:
-  Synthetic(const ModelShape& s) : s_(s), u_(size_t{s.layers} * s.q_heads * s.head_dim, 0.f) {}
-  static constexpr uint32_t kCentroids = 32;
-  float Rho(uint32_t l) const {
-    return s_.layers > 1 ? 0.1f + 0.7f * float(l) / float(s_.layers - 1) : 0.5f;
-  }
-  // K and V of token `pos` at layer l: [kv_heads][head_dim] each.
-  void KeysValues(uint32_t l, uint64_t pos, float* k, float* v) const {
-    const uint32_t D = s_.head_dim;
-    const uint64_t cluster = pos % 256 < 16 ? Mix(pos / 256) % kCentroids : UINT64_MAX;
-    for (uint32_t h = 0; h < s_.kv_heads; ++h)
-      for (uint32_t i = 0; i < D; ++i) {
-        const uint64_t base = ((uint64_t{l} * 131 + h) * 1000003 + pos) * 4099 + i;
-        float x = 0.35f * Centroid(l, h, 1000, i) + Gauss(base * 3 + 1) / std::sqrt(float(D));
-        if (cluster != UINT64_MAX) x += 2.5f * Centroid(l, h, cluster, i);
-        if (pos < 4) x += 4.0f * Centroid(l, h, 2000, i);
-        k[size_t{h} * D + i] = x;
-        v[size_t{h} * D + i] = Gauss(base * 3 + 2);
-      }
-  }
-  // The queries of step `pos` at layer l, [q_heads][head_dim]; steps come in order per layer.
-  void Queries(uint32_t l, uint64_t pos, float* q) {
-    const uint32_t D = s_.head_dim, g = s_.group_size();
-    const float rho = Rho(l), fresh = std::sqrt(1.f - rho * rho);
-    const uint64_t topic = Mix(pos / 64 + 77) % kCentroids;
-    for (uint32_t qh = 0; qh < s_.q_heads; ++qh) {
-      float* u = &u_[(size_t{l} * s_.q_heads + qh) * D];
-      double n2 = 0;
-      for (uint32_t i = 0; i < D; ++i) {
-        const uint64_t key = ((uint64_t{l} * 257 + qh) * 1000003 + pos) * 4099 + i;
-        u[i] = rho * u[i] + fresh * (Gauss(key * 5 + 3) / std::sqrt(float(D)) +
-                                     0.5f * Centroid(l, qh / g, topic, i));
-        n2 += double(u[i]) * u[i];
-      }
-      const float inv = n2 > 0 ? float(1.0 / std::sqrt(n2)) : 0.f;
-      for (uint32_t i = 0; i < D; ++i)
-        q[size_t{qh} * D + i] = 6.0f * u[i] * inv + 1.5f * Centroid(l, qh / g, 2000, i);
-    }
-  }
-
- private:
-  // Unit-ish centroid c of (layer, KV head): component i.
-  float Centroid(uint32_t l, uint32_t h, uint64_t c, uint32_t i) const {
-    return Gauss(((uint64_t{l} * 65537 + h) * 1000 + c) * 4099 + i + (1ull << 40)) /
-           std::sqrt(float(s_.head_dim));
-  }
-  ModelShape s_;
-  std::vector<float> u_;  // [layer][q_head][D]: the drifting directions
-};
 
 struct RunResult {
   double seconds = 0;             // the decode steps
@@ -204,7 +134,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "layers", "q-heads", "kv-heads", "head-dim", "context",
-             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype"});
+             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype", "tenant",
+             "token-file"});
   bf.insert({"synthetic", "json"});
   std::vector<std::string> args = raw;
   {  // without a budget flag: demo's default, δ* 0.1 with a cap of 1/8 of the context
@@ -288,6 +219,13 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   std::unique_ptr<server::Server> embedded;
   std::unique_ptr<transport::Transport> service_dp, worker_dp;
   std::string address = f.Str("server", "");
+  if ((f.Has("tenant") || f.Has("token-file")) && !f.Has("server"))
+    throw UsageError("--tenant and --token-file: only with --server");
+  client::ConnectOptions co;
+  ApplyAuthFlags(f, &co);
+  const uint64_t sequence_id =
+      uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  if (!address.empty()) address = ShardForSequence(address, co.tenant, sequence_id);  // its shard
   char store_dir[] = "/tmp/kvmctl_bench_decode_XXXXXX";
   bool made_dir = false;
   if (transport == "inproc") {
@@ -319,7 +257,6 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
       worker_dp = std::move(*t);
     }
   }
-  client::ConnectOptions co;
   co.address = address;
   co.client_name = "kvmctl-bench-decode";
   co.data_plane = worker_dp.get();
@@ -328,7 +265,7 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   if (worker_dp && !(*conn)->data_plane())
     return Fail(Status::Unavailable("the service did not accept the " + transport + " data plane"));
   client::ServiceSourceOptions sso;
-  sso.sequence_id = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  sso.sequence_id = sequence_id;
   sso.selector = name;
   sso.options = o;
   sso.prefill = context;

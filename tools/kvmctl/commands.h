@@ -48,7 +48,8 @@ inline constexpr const char* kEvalUsage =
     "       [--layer-sharing] [--psaw] [--no-bound-gate] [--max-cluster N] [--dense-layers N] "
     "[--kv-dtype "
     "fp16|bf16|fp32]\n"
-    "       [--hshare-channels FILE] [--server HOST:PORT [--transport ucx|tcp]]\n"
+    "       [--hshare-channels FILE] [--server HOST:PORT[,...] [--transport ucx|tcp]\n"
+    "       [--tenant NAME --token-file FILE]]\n"
     "      Prefills --context tokens densely, then decodes --steps steps (teacher-forced on the "
     "true next\n"
     "      tokens; --generate: greedy on its own tokens) with the selector, beside a dense run on "
@@ -106,7 +107,9 @@ inline constexpr const char* kBenchDecodeUsage =
     "  bench decode [--model FILE --tokens FILE --offset N | --synthetic --layers L --q-heads H\n"
     "                --kv-heads K --head-dim D] --context N --steps S [--selector NAME] [eval's "
     "selector flags]\n"
-    "               [--transport ucx|tcp|inproc] [--server HOST:PORT] [--kvmanager PATH] [--json]\n"
+    "               [--transport ucx|tcp|inproc] [--server HOST:PORT[,...]] [--kvmanager PATH] "
+    "[--json]\n"
+    "               [--tenant NAME --token-file FILE]\n"
     "      The same decode steps once in-process and once through the service, side by side: "
     "tokens/s of\n"
     "      each and their ratio, identical tokens, round trips and bytes from the worker per step, "
@@ -123,11 +126,11 @@ int RunBenchDecode(const std::vector<std::string>& args);
 int RunBench(const std::vector<std::string>& args);
 
 inline constexpr const char* kDemoUsage =
-    "  demo [--server HOST:PORT] [--selector NAME] [--budget-frac F] [--target-delta D] [--max-new "
-    "N] [--json]\n"
+    "  demo [--server HOST:PORT[,...]] [--selector NAME] [--budget-frac F] [--target-delta D]\n"
+    "       [--max-new N] [--json]\n"
     "       [--context N] [--offset N] [--audit-frac F] [--kv-dtype fp16|bf16|fp32] [--kvmanager "
     "PATH]\n"
-    "       [--transport ucx|tcp]\n"
+    "       [--transport ucx|tcp] [--tenant NAME --token-file FILE]\n"
     "      The reference model decodes a prompt of the committed held-out text through the "
     "service: the\n"
     "      PrHS gate on the worker, retrievals on the service, only the selected blocks streamed. "
@@ -141,7 +144,8 @@ inline constexpr const char* kDemoUsage =
     "      kvmanager on free loopback ports. Blocks travel as UCX active messages straight into "
     "the\n"
     "      worker's hot set (--transport tcp: in the reply frames). --json: one object on stdout\n"
-    "      (progress goes to stderr).";
+    "      (progress goes to stderr). --server a,b,c (shards): the sequence's shard, by the\n"
+    "      client's placement. --token-file: the tenant's token, trailing newline stripped.";
 int RunDemo(const std::vector<std::string>& args);
 
 inline constexpr const char* kStatusUsage =
@@ -168,6 +172,31 @@ inline constexpr const char* kStatusUsage =
     "      (with --watch one object per line and frame). Exit 1 when a shard is down or not "
     "ready.";
 int RunStatus(const std::vector<std::string>& args);
+
+inline constexpr const char* kLoadgenUsage =
+    "  loadgen --server HOST:PORT[,...] --sequences N --seconds S [--tokens T]\n"
+    "          [--layers L --kv-heads H --head-dim D] [--q-heads Q] [--clients C] [--json]\n"
+    "          [--deadline-ms MS] [--budget-frac F] [--durable] [--keep] [--first-sequence-id ID]\n"
+    "          [--attach] [--previous-server HOST:PORT[,...]] [--tenant NAME --token-file FILE]\n"
+    "          [--backoff-ms MS] [--kv-dtype fp16|bf16|fp32]\n"
+    "      Synthetic decoding workers (labelled synthetic): N sequences spread over the shards by\n"
+    "      the client's placement (rendezvous hashing of tenant and sequence id), on C client\n"
+    "      threads with their own connections (TCP: blocks in the reply frames). Each sequence is\n"
+    "      created with PrHS (budget --budget-frac of T, default 1/8) and a prefill of T tokens\n"
+    "      (setup, before the clock), then decodes for S seconds: per step and layer an Append\n"
+    "      (asynchronous) and an Attend through ServiceKvSource (the worker gate; RetrieveLayer\n"
+    "      with the queries and the pending K rows). A request is a timed call: a RetrieveLayer\n"
+    "      round trip, or a (re)creation. A failed call is an error of its shard (Busy apart);\n"
+    "      its sequence resumes after --backoff-ms (default 100) at the length its shard stored.\n"
+    "      --deadline-ms (default 1000) bounds every request. Progress once a second on stderr.\n"
+    "      --json: requests, errors, busy, requests_per_second, p50_ms and p99_ms (successful\n"
+    "      retrievals), sequences_by_shard and errors_by_shard (keyed by the addresses as given),\n"
+    "      max_error_ms (the slowest failed call), synthetic, and more. Sequence ids are\n"
+    "      --first-sequence-id + i (default: random); --keep leaves them stored; --attach resumes\n"
+    "      them (found on their owner, or on their owner under --previous-server).\n"
+    "      Defaults: T 512, L 4, H 2, Q 4H, D 64, C 1, fp16, cache mode (--durable: survives a\n"
+    "      restart).";
+int RunLoadgen(const std::vector<std::string>& args);
 // ---- Report helpers shared by the commands (report.cc) ----
 // JSON string escaping (quotes, backslashes, control characters).
 std::string JsonEscape(const std::string& s);

@@ -19,6 +19,7 @@
 #include "client/llama.h"
 #include "client/service_source.h"
 #include "client/tokenizer.h"
+#include "client_flags.h"
 #include "commands.h"
 #include "flags.h"
 #include "local_service.h"
@@ -49,7 +50,7 @@ int RunDemo(const std::vector<std::string>& args) {
   const Flags f(args,
                 {"server", "selector", "budget-frac", "target-delta", "max-new", "context",
                  "offset", "model", "tokenizer", "tokens", "kvmanager", "audit-frac", "tenant",
-                 "token", "kv-dtype", "transport"},
+                 "token", "token-file", "kv-dtype", "transport"},
                 {"json"});
   const bool json = f.Bool("json");
   const std::string name = f.Str("selector", "prhs");
@@ -106,9 +107,21 @@ int RunDemo(const std::vector<std::string>& args) {
   else
     o.budget_tokens = tokens_frac;
 
+  if (f.Has("token") && f.Has("token-file")) throw UsageError("give --token or --token-file");
+  client::ConnectOptions co;
+  co.token = f.Str("token", "dev");
+  ApplyAuthFlags(f, &co);
+  const uint64_t sequence_id =
+      uint64_t(std::chrono::system_clock::now().time_since_epoch().count()) ^
+      (uint64_t(getpid()) << 40);
   LocalService local;
   std::string address = f.Str("server", "");
-  if (address.empty()) {
+  if (!address.empty()) {  // a shard list: the sequence's shard
+    address = ShardForSequence(address, co.tenant, sequence_id);
+    if (address != *f.Str("server"))
+      std::fprintf(stderr, "[demo] sequence %llu is placed on shard %s\n",
+                   (unsigned long long)sequence_id, address.c_str());
+  } else {
     const std::string bin = FindKvmanager(f);
     if (Status s = local.Start(bin); !s.ok())
       return std::fprintf(stderr, "kvmctl demo: %s\n", s.ToString().c_str()), 1;
@@ -127,18 +140,14 @@ int RunDemo(const std::vector<std::string>& args) {
   } else if (want_transport != "tcp") {
     throw UsageError("--transport: ucx or tcp");
   }
-  client::ConnectOptions co;
   co.address = address;
   co.data_plane = data_plane.get();
-  co.tenant = f.Str("tenant", "dev");
-  co.token = f.Str("token", "dev");
   co.client_name = "kvmctl-demo";
   auto conn = client::Client::Connect(co);
   if (!conn.ok())
     return std::fprintf(stderr, "kvmctl demo: %s\n", conn.status().ToString().c_str()), 1;
   client::ServiceSourceOptions so;
-  so.sequence_id = uint64_t(std::chrono::system_clock::now().time_since_epoch().count()) ^
-                   (uint64_t(getpid()) << 40);
+  so.sequence_id = sequence_id;
   so.selector = name;
   so.options = o;
   so.prefill = context;

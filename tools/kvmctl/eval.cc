@@ -15,6 +15,7 @@
 #include "client/selector_source.h"
 #include "client/service_source.h"
 #include "client/tokenizer.h"
+#include "client_flags.h"
 #include "commands.h"
 #include "flags.h"
 #include "selector/baselines.h"
@@ -237,7 +238,7 @@ int RunEval(const std::vector<std::string>& args) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype", "server",
-             "transport"});
+             "transport", "tenant", "token-file"});
   bf.insert({"generate", "json"});
   Flags f(args, vf, bf);
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
@@ -287,14 +288,17 @@ int RunEval(const std::vector<std::string>& args) {
       data_plane = std::move(*t);
     }
     client::ConnectOptions co;
-    co.address = *f.Str("server");
+    ApplyAuthFlags(f, &co);
+    const uint64_t sequence_id =
+        uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+    co.address = ShardForSequence(*f.Str("server"), co.tenant, sequence_id);  // a list: its shard
     co.client_name = "kvmctl-eval";
     co.data_plane = data_plane.get();
     auto c = client::Client::Connect(co);
     if (!c.ok()) return std::fprintf(stderr, "kvmctl eval: %s\n", c.status().ToString().c_str()), 1;
     conn = std::move(*c);
     client::ServiceSourceOptions so;
-    so.sequence_id = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+    so.sequence_id = sequence_id;
     so.selector = name;
     so.options = o;
     so.prefill = context;
@@ -304,8 +308,8 @@ int RunEval(const std::vector<std::string>& args) {
       return std::fprintf(stderr, "kvmctl eval: %s\n", src.status().ToString().c_str()), 1;
     }
     service = std::move(*src);
-  } else if (f.Has("transport")) {
-    throw UsageError("--transport: only with --server");
+  } else if (f.Has("transport") || f.Has("tenant") || f.Has("token-file")) {
+    throw UsageError("--transport, --tenant and --token-file: only with --server");
   }
   auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"),
                       !f.Bool("json"), service.get());

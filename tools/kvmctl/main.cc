@@ -24,6 +24,7 @@ const Command kCommands[] = {
     {"bench", kvm::tools::RunBench, kvm::tools::kBenchDecodeUsage},
     {"demo", kvm::tools::RunDemo, kvm::tools::kDemoUsage},
     {"status", kvm::tools::RunStatus, kvm::tools::kStatusUsage},
+    {"loadgen", kvm::tools::RunLoadgen, kvm::tools::kLoadgenUsage},
 };
 
 void PrintUsage(FILE* out) {

@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "client_flags.h"
 #include "commands.h"
 #include "flags.h"
 #include "prom_text.h"
@@ -566,17 +567,6 @@ std::vector<std::string> SplitList(const std::string& s) {
   return out;
 }
 
-std::string ReadToken(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw UsageError("--token-file: cannot read '" + path + "'");
-  std::ostringstream s;
-  s << f.rdbuf();
-  std::string t = s.str();
-  while (!t.empty() && (t.back() == '\n' || t.back() == '\r')) t.pop_back();
-  if (t.empty()) throw UsageError("--token-file: '" + path + "' is empty");
-  return t;
-}
-
 Options ParseOptions(const std::vector<std::string>& args) {
   Flags f(args, {"server", "admin", "tenant", "token-file", "timeout-ms"}, {"watch", "json"});
   Options o;
@@ -618,7 +608,7 @@ Options ParseOptions(const std::vector<std::string>& args) {
     throw UsageError("--tenant and --token-file go together");
   if (f.Has("tenant")) {
     o.tenant = f.Required("tenant");
-    o.token = ReadToken(f.Required("token-file"));
+    o.token = ReadAuthToken(f.Required("token-file"));
   }
   return o;
 }
