@@ -15,7 +15,8 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start() {  # NAME: starts a shard, prints its address once it listens
+addr=""
+start() {  # NAME: starts a shard (in this shell, so the trap knows its pid); sets $addr
   local p a
   p=$(free_port)
   a=$(free_port)
@@ -23,17 +24,21 @@ start() {  # NAME: starts a shard, prints its address once it listens
   pids+=($!)
   for _ in $(seq 1 100); do grep -q "listening on" "$dir/$1.out" 2> /dev/null && break; sleep 0.1; done
   grep -q "listening on" "$dir/$1.out" || { echo "shard $1 did not start" >&2; cat "$dir/$1.log" >&2; exit 1; }
-  echo "127.0.0.1:$p"
+  addr="127.0.0.1:$p"
 }
 run() {  # LABEL SERVER_LIST
   echo "[loadgen_shards] $1: kvmctl loadgen --server $2 ${args[*]}" >&2
   "$C" loadgen --server "$2" "${args[@]}" --json 2> "$dir/$1.progress" | tee "$dir/$1.json"
 }
-one=$(start s0)
-run one_shard "$one"
+start s0
+run one_shard "$addr"
 stop_all() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; done; wait 2> /dev/null || true; pids=(); }
 stop_all
-three="$(start t0),$(start t1),$(start t2)"
+three=""
+for t in t0 t1 t2; do
+  start "$t"
+  three+="${three:+,}$addr"
+done
 run three_shards "$three"
 /usr/bin/env python3 - "$dir/one_shard.json" "$dir/three_shards.json" << 'PY'
 import json, sys
