@@ -13,6 +13,9 @@ PKGS=(
   libyaml-cpp-dev nlohmann-json3-dev         # config file, JSON output
   libgtest-dev libgmock-dev libbenchmark-dev # tests and benchmarks
   clang libclang-rt-14-dev clang-format      # libFuzzer build, thread-safety analysis, format check
+  pybind11-dev python3-dev python3-pybind11  # the kvmanager Python package (python/; optional in CMake)
+  python3-numpy python3-pytest               # its tests (ctest -L python), under /usr/bin/python3
+  python3-torch                              # the torch model and connector tests (~142 MB download, ~609 MB disk with deps)
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,0 +1,1 @@
+"""kvmanager's vLLM integration: ``kvmanager.vllm.connector.KvmanagerConnector``."""
