@@ -26,10 +26,11 @@ def top2_margin(logits):
     return float(v[0] - v[1])
 
 
-@pytest.mark.parametrize("selector,budget_frac", [("prhs", 0.25), ("quest", 0.25)])
-def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_frac):
+@pytest.mark.parametrize("selector,budget_frac,plane", [("prhs", 0.25, "ucx"), ("quest", 0.25, "none")])
+def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_frac, plane):
     r = subprocess.run(
-        [kvmctl, "eval", "--server", server.address, "--transport", "tcp", "--selector", selector,
+        [kvmctl, "eval", "--server", server.address, "--transport", "tcp" if plane == "none" else plane,
+         "--selector", selector,
          "--model", os.path.join(MODEL, "model.bin"), "--tokens", os.path.join(MODEL, "heldout.u16"),
          "--context", str(CONTEXT), "--steps", str(STEPS), "--budget-frac", str(budget_frac),
          "--generate", "--json"], capture_output=True, text=True, timeout=300, cwd=SRC)
@@ -43,7 +44,7 @@ def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_f
     shape = kvmanager.ModelShape(layers=cfg.n_layers, q_heads=cfg.n_heads, kv_heads=cfg.n_kv_heads,
                                  head_dim=cfg.head_dim, dtype="fp16")
     budget = round(budget_frac * CONTEXT / B) * B  # as kvmctl eval's --budget-frac
-    with kvmanager.Client(server.address, data_plane="none") as c:
+    with kvmanager.Client(server.address, data_plane=plane) as c:
         dec = kvmanager.SparseDecoder(c, 4242, shape, selector=selector, block_size=B,
                                       sink_tokens=4, window_tokens=B, budget_tokens=budget,
                                       prefill=CONTEXT)
@@ -77,6 +78,7 @@ def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_f
     assert cut >= 8, margins
     assert got[:cut] == want[:cut], (got, want, margins)
     assert totals["steps"] == STEPS and totals["round_trips"] > 0 and totals["failed_calls"] == 0
+    assert totals["streamed_bytes"] > 0
     assert sum(totals["gate"][k] for k in totals["gate"] if k != "target_missed") > 0
     assert claims and all(len(c) == 5 for c in claims)
     assert {c[4] for c in claims} <= {"exact", "bound", "audit", "unknown"}
@@ -104,3 +106,21 @@ def test_decoder_checks_its_buffers(server):
                 dec.attend(0, 0, np.ones((4, 32), np.float32), out=ro)
         with pytest.raises(kvmanager.FailedPrecondition):
             dec.attend(0, 0, np.ones((4, 32), np.float32))
+
+
+def test_a_ucx_data_plane_serves_one_decoder_at_a_time(server):
+    shape = kvmanager.ModelShape(layers=2, q_heads=4, kv_heads=2, head_dim=32, dtype="fp16")
+    c = kvmanager.Client(server.address, data_plane="ucx")
+    d1 = kvmanager.SparseDecoder(c, 1, shape, budget_tokens=64, prefill=4)
+    with pytest.raises(kvmanager.FailedPrecondition, match="one SparseDecoder at a time"):
+        kvmanager.SparseDecoder(c, 2, shape, budget_tokens=64, prefill=4)
+    with pytest.raises(kvmanager.FailedPrecondition, match="still use this client"):
+        c.close()
+    d1.close()
+    d2 = kvmanager.SparseDecoder(c, 2, shape, budget_tokens=64, prefill=4)
+    d2.delete()
+    c.close()
+    with kvmanager.Client(server.address, data_plane="none") as t:  # TCP: any number
+        ds = [kvmanager.SparseDecoder(t, 10 + i, shape, budget_tokens=64, prefill=4) for i in range(3)]
+        for d in ds:
+            d.delete()

@@ -307,6 +307,7 @@ class KvmanagerConnector(_Base):
             self._staging = {}      # req id -> (SaveSpec, torch tensor [L][H][2][n][D])
             self._created = set()
             self._lock = threading.Lock()
+            self._cancelled = set()  # loads reported failed: they must not write any more
 
     # ---------------- scheduler side ----------------
 
@@ -449,8 +450,9 @@ class KvmanagerConnector(_Base):
             return
         for spec in meta.loads:
             deadline = time.monotonic() + self._load_deadline_s
-            fut = self._pool.submit(self._load, spec, deadline)
             with self._lock:
+                self._cancelled.discard(spec.req_id)
+                fut = self._pool.submit(self._load, spec, deadline)
                 self._loads[spec.req_id] = (fut, spec, deadline)
 
     def _load(self, spec, deadline):
@@ -471,7 +473,10 @@ class KvmanagerConnector(_Base):
                         raise kvmanager.TimedOut(f"load of {spec.req_id}: past its deadline", 8)
                     self._client.read_blocks(src, li, h, spec.src_blocks, values=values, out=stage,
                                              block_size=g.block_size)
-                    view[dst.to(view.device), :, h, :] = stage.to(view.device)
+                    with self._lock:  # once reported failed, vLLM may reuse the blocks
+                        if spec.req_id in self._cancelled:
+                            raise kvmanager.Cancelled(f"load of {spec.req_id}: cancelled", 9)
+                        view[dst.to(view.device), :, h, :] = stage.to(view.device)
         self._stats["loaded_blocks"] += n
         self._stats["loaded_bytes"] += n * g.layers * g.kv_heads * 2 * g.block_size * g.head_dim \
             * stage.element_size()
@@ -554,6 +559,7 @@ class KvmanagerConnector(_Base):
                 err = None
                 if not fut.done():
                     err = "deadline"
+                    self._cancelled.add(rid)
                 else:
                     try:
                         fut.result()
