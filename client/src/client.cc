@@ -1,15 +1,22 @@
 #include "client/client.h"
 
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -51,11 +58,27 @@ Result<int> Dial(const std::string& address) {
   return fd;
 }
 
+// The OpenSSL error queue of this thread in one line ("" when empty).
+std::string SslErrors() {
+  std::string out;
+  while (unsigned long e = ERR_get_error()) {
+    char buf[256];
+    ERR_error_string_n(e, buf, sizeof buf);
+    out += (out.empty() ? "" : "; ") + std::string(buf);
+  }
+  return out;
+}
+
 }  // namespace
 
 struct Client::Impl {
   ConnectOptions opt;
   int fd = -1;
+  // TLS (opt.tls_ca set): the socket is non-blocking and every SSL_* call is under ssl_mu (the
+  // heartbeat thread writes while the driving thread reads).
+  SSL_CTX* ssl_ctx = nullptr;
+  SSL* ssl = nullptr;
+  std::mutex ssl_mu;
   std::mutex write_mu;  // the driving thread and the heartbeat thread both write
   wire::FrameDecoder decoder;
   uint64_t next_id = 1;
@@ -90,6 +113,14 @@ struct Client::Impl {
     }
     beat_cv.notify_all();
     if (beat.joinable()) beat.join();
+    if (ssl) {
+      (void)SSL_shutdown(ssl);  // close_notify, best effort (non-blocking)
+      SSL_free(ssl);
+      ssl = nullptr;
+    }
+    if (ssl_ctx) SSL_CTX_free(ssl_ctx);
+    ssl_ctx = nullptr;
+    ERR_clear_error();
     if (fd >= 0) ::close(fd);
     fd = -1;
     std::lock_guard<std::mutex> l(pending_mu);
@@ -102,6 +133,26 @@ struct Client::Impl {
   Status WriteAll(const std::vector<uint8_t>& bytes) {
     if (fd < 0) return Status::Unavailable("not connected");
     size_t off = 0;
+    while (ssl && off < bytes.size()) {
+      int r, e = SSL_ERROR_NONE;
+      std::string errs;
+      {
+        std::lock_guard<std::mutex> l(ssl_mu);
+        ERR_clear_error();
+        r = SSL_write(ssl, bytes.data() + off, int(std::min<size_t>(bytes.size() - off, INT_MAX)));
+        if (r <= 0) e = SSL_get_error(ssl, r);
+        if (r <= 0 && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) errs = SslErrors();
+      }
+      if (r > 0) {
+        off += size_t(r);
+      } else if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+        pollfd p{fd, short(e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+        (void)::poll(&p, 1, 100);
+      } else {
+        return Status::Unavailable("connection lost while sending (TLS" +
+                                   (errs.empty() ? std::string() : ": " + errs) + ")");
+      }
+    }
     while (off < bytes.size()) {
       const ssize_t n = ::send(fd, bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
       if (n < 0 && errno == EINTR) continue;
@@ -140,6 +191,30 @@ struct Client::Impl {
       const auto left =
           std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
       if (left <= 0 && !peek) return Status::TimedOut("no reply within the deadline");
+      if (ssl) {  // what OpenSSL has buffered first; poll only when it wants more
+        uint8_t buf[64 * 1024];
+        int r, e = SSL_ERROR_NONE;
+        std::string errs;
+        {
+          std::lock_guard<std::mutex> l(ssl_mu);
+          ERR_clear_error();
+          r = SSL_read(ssl, buf, sizeof buf);
+          if (r <= 0) e = SSL_get_error(ssl, r);
+          if (r <= 0 && e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) errs = SslErrors();
+        }
+        if (r > 0) {
+          KVM_RETURN_IF_ERROR(decoder.Feed({buf, size_t(r)}));
+          continue;
+        }
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+          if (peek) return Status::TryAgain("nothing to read");
+          pollfd p{fd, short(e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+          (void)::poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+          continue;
+        }
+        return Status::Unavailable("the server closed the connection" +
+                                   (errs.empty() ? std::string() : " (TLS: " + errs + ")"));
+      }
       pollfd p{fd, POLLIN, 0};
       const int r = ::poll(&p, 1, peek ? 0 : int(std::min<int64_t>(left, 1000)));
       if (r < 0 && errno == EINTR) continue;
@@ -248,10 +323,71 @@ struct Client::Impl {
     return Status::Ok();
   }
 
+  // The TLS handshake on the connected fd (opt.tls_*), within the deadline. REQUIRES: ssl null.
+  Status StartTls() {
+    const auto deadline = Clock::now() + std::chrono::milliseconds(opt.deadline_ms);
+    KVM_ASSIGN_OR_RETURN(auto hp, wire::ParseHostPort(opt.address));
+    ERR_clear_error();
+    ssl_ctx = SSL_CTX_new(TLS_client_method());
+    if (!ssl_ctx) return Status::Internal("TLS: SSL_CTX_new: " + SslErrors());
+    SSL_CTX_set_min_proto_version(ssl_ctx, TLS1_2_VERSION);
+    if (SSL_CTX_load_verify_locations(ssl_ctx, opt.tls_ca.c_str(), nullptr) != 1)
+      return Status::InvalidArgument("tls_ca '" + opt.tls_ca + "': " + SslErrors());
+    SSL_CTX_set_verify(ssl_ctx, SSL_VERIFY_PEER, nullptr);
+    if (opt.tls_cert.empty() != opt.tls_key.empty())
+      return Status::InvalidArgument("tls_cert and tls_key go together");
+    if (!opt.tls_cert.empty()) {
+      if (SSL_CTX_use_certificate_chain_file(ssl_ctx, opt.tls_cert.c_str()) != 1)
+        return Status::InvalidArgument("tls_cert '" + opt.tls_cert + "': " + SslErrors());
+      if (SSL_CTX_use_PrivateKey_file(ssl_ctx, opt.tls_key.c_str(), SSL_FILETYPE_PEM) != 1)
+        return Status::InvalidArgument("tls_key '" + opt.tls_key + "': " + SslErrors());
+      if (SSL_CTX_check_private_key(ssl_ctx) != 1)
+        return Status::InvalidArgument("tls_key '" + opt.tls_key + "' does not match tls_cert '" +
+                                       opt.tls_cert + "'");
+    }
+    ssl = SSL_new(ssl_ctx);
+    if (!ssl || SSL_set_fd(ssl, fd) != 1) return Status::Internal("TLS: SSL_new: " + SslErrors());
+    // The server's name: the host of the address (an IP address against the IP SANs).
+    in6_addr a6;
+    in_addr a4;
+    const std::string& host = hp.first;
+    if (inet_pton(AF_INET, host.c_str(), &a4) == 1 || inet_pton(AF_INET6, host.c_str(), &a6) == 1) {
+      X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host.c_str());
+    } else {
+      SSL_set_tlsext_host_name(ssl, host.c_str());
+      SSL_set1_host(ssl, host.c_str());
+    }
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    for (;;) {
+      ERR_clear_error();
+      const int r = SSL_connect(ssl);
+      if (r == 1) return Status::Ok();
+      const int e = SSL_get_error(ssl, r);
+      if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0) return Status::TimedOut("TLS handshake with " + opt.address + " timed out");
+        pollfd p{fd, short(e == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN), 0};
+        (void)::poll(&p, 1, int(std::min<int64_t>(left, 1000)));
+        continue;
+      }
+      const long v = SSL_get_verify_result(ssl);
+      std::string why = v != X509_V_OK
+                            ? std::string("server certificate: ") + X509_verify_cert_error_string(v)
+                            : SslErrors();
+      if (why.empty()) why = "the server closed the connection";
+      if (why.find("wrong version number") != std::string::npos ||
+          why.find("packet length too long") != std::string::npos)
+        why += " (is the server's control port plaintext?)";
+      return Status::Unavailable("TLS handshake with " + opt.address + " failed: " + why);
+    }
+  }
+
   Status Open() {
     KVM_ASSIGN_OR_RETURN(fd, Dial(opt.address));
     stop = false;
-    Status st = Hello();
+    Status st = opt.tls_ca.empty() ? Status::Ok() : StartTls();
+    if (st.ok()) st = Hello();
     if (!st.ok()) {
       Close();
       return st;

@@ -2,8 +2,10 @@
 
 #include <atomic>
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <chrono>
 #include <thread>
 
@@ -25,19 +27,46 @@ struct AdminServer::Impl {
   std::thread thread;
   std::atomic<bool> stopped{false};
 
-  // One connection: read one request (within the timeout), answer it, close.
-  struct Conn : std::enable_shared_from_this<Conn> {
+  // One connection: (with TLS: the handshake,) read one request (within the timeout), answer it,
+  // close. Stream: beast::tcp_stream, or beast::ssl_stream of one.
+  template <typename Stream>
+  struct Conn : std::enable_shared_from_this<Conn<Stream>> {
+    static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
     Conn(Impl* impl, tcp::socket sock) : impl(impl), stream(std::move(sock)) {}
+    Conn(Impl* impl, tcp::socket sock, std::shared_ptr<asio::ssl::context> ctx)
+        : impl(impl), ctx(ctx), stream(std::move(sock), *ctx) {}
+    void Expire() {
+      beast::get_lowest_layer(stream).expires_after(
+          std::chrono::milliseconds(impl->opt.request_timeout_ms));
+    }
     void Start() {
-      stream.expires_after(std::chrono::milliseconds(impl->opt.request_timeout_ms));
-      http::async_read(stream, buf, req, [self = shared_from_this()](beast::error_code ec, size_t) {
-        if (ec) return;  // timed out, closed or malformed: drop it
-        self->Answer();
-        self->stream.expires_after(std::chrono::milliseconds(self->impl->opt.request_timeout_ms));
-        http::async_write(self->stream, self->res, [self](beast::error_code wec, size_t) {
-          self->stream.socket().shutdown(tcp::socket::shutdown_send, wec);
-        });
-      });
+      Expire();  // the handshake and the request within the timeout
+      if constexpr (kTls) {
+        stream.async_handshake(asio::ssl::stream_base::server,
+                               [self = this->shared_from_this()](beast::error_code ec) {
+                                 if (!ec) self->Read();  // else: not TLS, or refused: drop it
+                               });
+      } else {
+        Read();
+      }
+    }
+    void Read() {
+      http::async_read(stream, buf, req,
+                       [self = this->shared_from_this()](beast::error_code ec, size_t) {
+                         if (ec) return;  // timed out, closed or malformed: drop it
+                         self->Answer();
+                         self->Expire();
+                         http::async_write(self->stream, self->res,
+                                           [self](beast::error_code, size_t) { self->Done(); });
+                       });
+    }
+    void Done() {
+      if constexpr (kTls) {
+        stream.async_shutdown([self = this->shared_from_this()](beast::error_code) {});
+      } else {
+        beast::error_code ec;
+        stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+      }
     }
     void Answer() {
       res.version(req.version());
@@ -72,7 +101,8 @@ struct AdminServer::Impl {
       res.prepare_payload();
     }
     Impl* impl;
-    beast::tcp_stream stream;
+    std::shared_ptr<asio::ssl::context> ctx;  // with TLS: the context of this connection
+    Stream stream;
     beast::flat_buffer buf;
     http::request<http::string_body> req;
     http::response<http::string_body> res;
@@ -88,7 +118,12 @@ struct AdminServer::Impl {
         });
         return;
       }
-      std::make_shared<Conn>(this, std::move(sock))->Start();
+      if (opt.tls)
+        std::make_shared<Conn<beast::ssl_stream<beast::tcp_stream>>>(this, std::move(sock),
+                                                                     opt.tls->Current())
+            ->Start();
+      else
+        std::make_shared<Conn<beast::tcp_stream>>(this, std::move(sock))->Start();
       Accept();
     });
   }

@@ -38,6 +38,16 @@ uint64_t NowNs() {
 
 }  // namespace
 
+bool TokenEquals(std::string_view expected, std::string_view given) {
+  // Time depends on expected.size() only (and on given.size(), which the caller knows anyway).
+  volatile uint8_t diff = expected.size() != given.size();
+  uint8_t acc = 0;
+  for (size_t i = 0; i < expected.size(); ++i)
+    acc |= uint8_t(expected[i]) ^ uint8_t(i < given.size() ? given[i] : 0);
+  diff = diff | acc;
+  return diff == 0;
+}
+
 RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
     : store_(store), opt_(std::move(opt)) {
   RetrievalOptions ro;
@@ -236,11 +246,22 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
     wire::Hello h;
     KVM_RETURN_IF_ERROR(wire::ParseProto(f, &h));
     KVM_RETURN_IF_ERROR(wire::CheckHello(h));
-    for (const auto& t : opt_.tenants) {
-      if (t.name != h.tenant() || t.token != h.auth_token()) continue;
-      if (t.loopback_only && !s.loopback)
-        return Status::PermissionDenied("tenant '" + t.name +
-                                        "' is accepted from loopback addresses only");
+    // The tenant's name is not secret; its token is compared in constant time (TokenEquals), and
+    // every refusal counts (the server slows down the next ones from the same address).
+    s.auth_failed = false;
+    const TenantConfig* found = nullptr;
+    for (const auto& t : opt_.tenants)
+      if (t.name == h.tenant()) found = &t;
+    const bool token_ok = found && TokenEquals(found->token, h.auth_token());
+    if (!token_ok || (found->loopback_only && !s.loopback)) {
+      s.auth_failed = true;
+      if (opt_.metrics) opt_.metrics->CountAuthFailure();
+      if (!token_ok) return Status::Unauthenticated("wrong tenant or token");
+      return Status::PermissionDenied("tenant '" + found->name +
+                                      "' is accepted from loopback addresses only");
+    }
+    {
+      const TenantConfig& t = *found;
       s.authenticated = true;
       s.tenant = t.name;
       s.session_id = next_session_++;
@@ -263,7 +284,6 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       }
       return send(r);
     }
-    return Status::Unauthenticated("wrong tenant or token");
   }
   if (!s.authenticated) return Status::Unauthenticated("send Hello with a valid token first");
   auto ref = [&](uint64_t seq) { return store::SeqRef{s.tenant, seq}; };

@@ -62,6 +62,14 @@ struct Config {
   // For tests only (flag --test-delay-open-ms, not in the config file): sleep this long before
   // opening the store, so that a test can observe the start-up state. Default: 0.
   uint32_t test_delay_open_ms = 0;
+  // TLS on the control plane (--tls-cert/--tls-key; --tls-client-ca: mutual TLS) and on the admin
+  // port (--admin-tls, the same certificate). Paths in the config file are relative to it.
+  server::TlsFiles tls;
+  bool admin_tls = false;
+  // The embedded loopback-only development tenant "dev" when no tenants are configured. false
+  // (--no-dev-tenant): no tenants configured is an error instead. Default: true.
+  bool dev_tenant = true;
+  bool tenants_configured = false;
 };
 
 [[noreturn]] void Usage(const std::string& msg) {
@@ -185,6 +193,11 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "data_plane",
                                  "ucx_error_mode",
                                  "shutdown_delay_ms",
+                                 "tls_cert",
+                                 "tls_key",
+                                 "tls_client_ca",
+                                 "admin_tls",
+                                 "dev_tenant",
                                  "tenants"};
   for (const auto& kv : y) {
     const std::string k = kv.first.as<std::string>();
@@ -211,8 +224,17 @@ void LoadConfig(const std::string& path, Config* c) {
   get("data_plane", &c->data_plane);
   get("ucx_error_mode", &c->ucx_error_mode);
   get("shutdown_delay_ms", &c->shutdown_delay_ms);
-  if (y["tenants"])
+  get("tls_cert", &c->tls.cert);
+  get("tls_key", &c->tls.key);
+  get("tls_client_ca", &c->tls.client_ca);
+  for (std::string* f : {&c->tls.cert, &c->tls.key, &c->tls.client_ca})
+    *f = Resolve(*f, DirOf(path));
+  get("admin_tls", &c->admin_tls);
+  get("dev_tenant", &c->dev_tenant);
+  if (y["tenants"]) {
     c->server.handler.tenants = ParseTenants(y["tenants"], "config " + path + ": ", DirOf(path));
+    c->tenants_configured = true;
+  }
 }
 
 // A tenants file: the config's tenants list, either as the whole document or under `tenants:`.
@@ -228,6 +250,7 @@ void LoadTenantsFile(const std::string& path, Config* c) {
   } else {
     c->server.handler.tenants = ParseTenants(y, prefix, DirOf(path));
   }
+  c->tenants_configured = true;
 }
 
 // Everything the start checks before it opens the store: the values and their ranges.
@@ -244,7 +267,17 @@ void Validate(const Config& c) {
   if (c.server.io_threads == 0) Usage("--io-threads / io_threads: must be at least 1");
   if (c.server.worker_threads == 0) Usage("--worker-threads / worker_threads: must be at least 1");
   if (c.server.max_in_flight == 0) Usage("--max-in-flight / max_in_flight: must be at least 1");
-  if (c.server.handler.tenants.empty()) Usage("tenants: none (no client could authenticate)");
+  if (c.server.handler.tenants.empty())
+    Usage(c.dev_tenant ? "tenants: none (no client could authenticate)"
+                       : "tenants: none configured and the development tenant is off "
+                         "(--no-dev-tenant / dev_tenant: false): give --tenants-file or the "
+                         "config's tenants");
+  if (c.tls.cert.empty() != c.tls.key.empty())
+    Usage("--tls-cert / tls_cert and --tls-key / tls_key go together");
+  if (!c.tls.client_ca.empty() && c.tls.cert.empty())
+    Usage("--tls-client-ca / tls_client_ca needs --tls-cert and --tls-key");
+  if (c.admin_tls && c.tls.cert.empty())
+    Usage("--admin-tls / admin_tls needs --tls-cert and --tls-key (the same certificate)");
 }
 
 // The host tier's size and where it comes from, for --check-config and the start-up lines.
@@ -418,6 +451,17 @@ int main(int argc, char** argv) {
       "ucx-error-mode", po::value<std::string>(),
       "none: keeps shared memory, liveness from heartbeats; peer: UCP_ERR_HANDLING_MODE_PEER (UCX "
       "1.13 then uses TCP only). Default: none")(
+      "tls-cert", po::value<std::string>(),
+      "PEM certificate chain of the control plane: TLS 1.2+ on the control port (needs "
+      "--tls-key). Plaintext clients are refused and counted (kvm_tls_handshake_failures_total)")(
+      "tls-key", po::value<std::string>(), "PEM private key of --tls-cert")(
+      "tls-client-ca", po::value<std::string>(),
+      "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")(
+      "admin-tls", po::bool_switch(),
+      "serve the admin port over HTTPS with --tls-cert (no client certificate asked for)")(
+      "no-dev-tenant", po::bool_switch(),
+      "no embedded development tenant: without --tenants-file or the config's tenants, exit 2 "
+      "instead of serving tenant 'dev' (token 'dev', loopback only)")(
       "shutdown-delay-ms", po::value<uint32_t>(),
       "after SIGTERM/SIGINT keep serving this long with /readyz 503 before draining (probes and "
       "load balancers see the shard leave first); a second signal ends it. Default: 0")(
@@ -443,6 +487,11 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (vm.count("config")) LoadConfig(vm["config"].as<std::string>(), &c);
+  if (vm.count("tls-cert")) c.tls.cert = vm["tls-cert"].as<std::string>();
+  if (vm.count("tls-key")) c.tls.key = vm["tls-key"].as<std::string>();
+  if (vm.count("tls-client-ca")) c.tls.client_ca = vm["tls-client-ca"].as<std::string>();
+  if (vm["admin-tls"].as<bool>()) c.admin_tls = true;
+  if (vm["no-dev-tenant"].as<bool>()) c.dev_tenant = false;
   if (vm.count("tenants-file")) LoadTenantsFile(vm["tenants-file"].as<std::string>(), &c);
   if (vm.count("listen")) c.server.listen = vm["listen"].as<std::string>();
   if (vm.count("admin")) c.admin = vm["admin"].as<std::string>();
@@ -469,7 +518,28 @@ int main(int argc, char** argv) {
     c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))
     c.server.handler.limits.max_frame_bytes = vm["max-frame-bytes"].as<uint64_t>();
+  if (!c.dev_tenant && !c.tenants_configured) c.server.handler.tenants.clear();
   Validate(c);
+  // The TLS files are read (and checked: the key matches the certificate) before anything starts.
+  std::shared_ptr<server::TlsCredentials> control_tls, admin_tls;
+  if (!c.tls.cert.empty()) {
+    auto t = server::TlsCredentials::Load(c.tls);
+    if (!t.ok()) Usage("--tls-cert/--tls-key/--tls-client-ca: " + t.status().message());
+    control_tls = *t;
+    if (c.admin_tls) {
+      auto a = server::TlsCredentials::Load({c.tls.cert, c.tls.key, ""});
+      if (!a.ok()) Usage("--admin-tls: " + a.status().message());
+      admin_tls = *a;
+    }
+  }
+  const std::string tls_line =
+      c.tls.cert.empty()
+          ? "off (plaintext control plane)"
+          : "TLS 1.2+ with " + c.tls.cert +
+                (c.tls.client_ca.empty() ? std::string(", no client certificates")
+                                         : ", client certificates signed by " + c.tls.client_ca) +
+                (c.admin_tls ? "; admin port HTTPS" : "; admin port plain HTTP");
+  c.server.tls = control_tls;
   if (vm["check-config"].as<bool>()) {
     std::string names;
     for (const auto& t : c.server.handler.tenants)
@@ -478,9 +548,9 @@ int main(int argc, char** argv) {
                (t.loopback_only ? ", loopback only)" : ")");
     std::printf(
         "config ok\ncontrol plane %s, admin %s, data dir %s, data plane %s\nhost tier %s\n"
-        "tenants: %s\n",
+        "tenants: %s\ntls: %s\n",
         c.server.listen.c_str(), c.admin.c_str(), c.store.dir.c_str(), c.data_plane.c_str(),
-        DescribeHostTier(c).c_str(), names.c_str());
+        DescribeHostTier(c).c_str(), names.c_str(), tls_line.c_str());
     return 0;
   }
 
@@ -503,6 +573,7 @@ int main(int argc, char** argv) {
   c.server.handler.metrics = &metrics;
   server::AdminOptions ao;
   ao.listen = c.admin;
+  ao.tls = admin_tls;
   ao.readiness = [&] { return life.NotReady(); };
   ao.refresh = [&] {
     metrics.SetReady(life.NotReady().empty());
@@ -570,6 +641,7 @@ int main(int argc, char** argv) {
                                                             : "none (TCP only)");
   std::printf("kvmanager GPU tier: %s\n", (*store)->Stats().gpu_tier.c_str());
   std::printf("kvmanager host tier: %s\n", DescribeHostTier(c).c_str());
+  std::printf("kvmanager tls: %s\n", tls_line.c_str());
   std::fflush(stdout);
 
   // 4. Stop: not ready at once; serve on for the shutdown delay; drain; close.

@@ -69,6 +69,8 @@ struct Metrics::Impl {
   prometheus::Gauge* sequences = nullptr;
   prometheus::Gauge* ready = nullptr;
   prometheus::Gauge* degraded = nullptr;
+  prometheus::Counter* tls_handshake_failures = nullptr;
+  prometheus::Counter* auth_failures = nullptr;
   std::mutex mu;  // the store's cumulative counts at the last refresh
   uint64_t spills = 0, store_promotions = 0, gpu_evictions = 0, gpu_uploads = 0;
 };
@@ -155,6 +157,21 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
                          .Help("1 while the shard runs on a fallback (UCX data plane failed: TCP)")
                          .Register(r)
                          .Add({});
+  impl_->tls_handshake_failures =
+      &prometheus::BuildCounter()
+           .Name("kvm_tls_handshake_failures_total")
+           .Help(
+               "Control-plane connections refused in the TLS handshake (plaintext clients, "
+               "missing or untrusted client certificates, old protocol versions)")
+           .Register(r)
+           .Add({});
+  impl_->auth_failures = &prometheus::BuildCounter()
+                              .Name("kvm_auth_failures_total")
+                              .Help(
+                                  "Hellos refused: unknown tenant, wrong token, or a "
+                                  "loopback-only tenant from another address")
+                              .Register(r)
+                              .Add({});
   auto& er = prometheus::BuildCounter()
                  .Name("kvm_errors_total")
                  .Help("Error replies, by code")
@@ -248,6 +265,8 @@ void Metrics::AddGateChecks(sel::GateOutcome result, double n) {
 }
 void Metrics::SetReady(bool ready) { impl_->ready->Set(ready ? 1 : 0); }
 void Metrics::SetDegraded(bool degraded) { impl_->degraded->Set(degraded ? 1 : 0); }
+void Metrics::CountTlsHandshakeFailure() { impl_->tls_handshake_failures->Increment(); }
+void Metrics::CountAuthFailure() { impl_->auth_failures->Increment(); }
 
 const char* Metrics::OpName(uint16_t t) {
   switch (static_cast<wire::MessageType>(t)) {

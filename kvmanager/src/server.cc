@@ -1,11 +1,15 @@
 #include "kvmanager/server.h"
 
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -13,11 +17,14 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
 
 namespace kvm::server {
 namespace asio = boost::asio;
+namespace ssl = asio::ssl;
 using tcp = asio::ip::tcp;
+using TlsStream = ssl::stream<tcp::socket>;
 
 struct Server::Impl {
   ServerOptions opt;
@@ -37,21 +44,73 @@ struct Server::Impl {
   std::condition_variable sessions_gone;
   std::set<std::shared_ptr<Session>> sessions;
 
+  // Failed Hellos per peer address (AuthDelayMs).
+  struct AuthFailures {
+    uint32_t count = 0;
+    std::chrono::steady_clock::time_point last;
+  };
+  std::mutex auth_mu;
+  std::unordered_map<std::string, AuthFailures> auth_failures;  // GUARDED_BY(auth_mu)
+
+  // Records a failed Hello from `addr`; returns how long its reply waits: base, 2x base, ... up to
+  // the maximum for the failures in a row (forgotten a minute after the last one).
+  uint32_t AuthDelayMs(const std::string& addr) {
+    if (opt.auth_delay_base_ms == 0) return 0;
+    const auto now = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> l(auth_mu);
+    if (auth_failures.size() > 10000)  // bounded: forget the stale addresses, else all
+      for (auto it = auth_failures.begin(); it != auth_failures.end();)
+        it = now - it->second.last > std::chrono::minutes(1) ? auth_failures.erase(it) : ++it;
+    if (auth_failures.size() > 10000) auth_failures.clear();
+    AuthFailures& f = auth_failures[addr];
+    if (now - f.last > std::chrono::minutes(1)) f.count = 0;
+    f.last = now;
+    const uint32_t shift = std::min<uint32_t>(f.count++, 20);
+    return uint32_t(std::min<uint64_t>(uint64_t(opt.auth_delay_base_ms) << shift,
+                                       std::max(opt.auth_delay_max_ms, opt.auth_delay_base_ms)));
+  }
+
   class Session : public std::enable_shared_from_this<Session> {
    public:
-    Session(Impl* srv, tcp::socket sock)
+    Session(Impl* srv, tcp::socket sock, std::shared_ptr<ssl::context> tls)
         : srv_(srv),
-          sock_(std::move(sock)),
+          sock_(srv->io),
           strand_(asio::make_strand(srv->io)),
           timer_(strand_),
-          decoder_(srv->opt.handler.limits) {
+          decoder_(srv->opt.handler.limits),
+          tls_ctx_(std::move(tls)) {
       boost::system::error_code ec;
-      const auto ep = sock_.remote_endpoint(ec);
+      const auto ep = sock.remote_endpoint(ec);
       state_.loopback = !ec && ep.address().is_loopback();
+      if (!ec) {
+        peer_ip_ = ep.address().to_string();
+        peer_ = (ep.address().is_v6() ? "[" + peer_ip_ + "]" : peer_ip_) + ":" +
+                std::to_string(ep.port());
+      }
+      if (tls_ctx_)
+        tls_ = std::make_unique<TlsStream>(std::move(sock), *tls_ctx_);
+      else
+        sock_ = std::move(sock);
     }
     void Start() {
-      Read();
-      Arm();
+      if (!tls_) {
+        Read();
+        Arm();
+        return;
+      }
+      Arm();  // a handshake that never completes is closed like a silent session
+      tls_->async_handshake(
+          ssl::stream_base::server,
+          asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec) {
+            if (self->closed_) return self->Finish();  // timed out (Arm), or stopping
+            if (ec) {
+              self->HandshakeFailed(ec);
+              self->Shutdown();
+              return self->Finish();
+            }
+            self->last_heard_ = std::chrono::steady_clock::now();
+            self->Read();
+          }));
     }
     // Closes after the replies already queued are written (Stop: answered means delivered).
     void Close() {
@@ -63,35 +122,71 @@ struct Server::Impl {
     }
 
    private:
+    tcp::socket& raw() { return tls_ ? tls_->next_layer() : sock_; }
+    // One line per refused handshake (and the counter); the server serves on.
+    void HandshakeFailed(const boost::system::error_code& ec) {
+      if (Metrics* m = srv_->opt.handler.metrics) m->CountTlsHandshakeFailure();
+      std::string why = ec.message();
+      const char* hint = "";
+      if (ec.category() == asio::error::get_ssl_category()) {
+        const int r = ERR_GET_REASON(static_cast<unsigned long>(ec.value()));
+        if (r == SSL_R_WRONG_VERSION_NUMBER || r == SSL_R_HTTP_REQUEST ||
+            r == SSL_R_UNKNOWN_PROTOCOL || r == SSL_R_PACKET_LENGTH_TOO_LONG)
+          hint = " (a plaintext client on the TLS port?)";
+        else if (r == SSL_R_UNSUPPORTED_PROTOCOL || r == SSL_R_NO_PROTOCOLS_AVAILABLE)
+          hint = " (TLS 1.2 or newer only)";
+        else if (r == SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE ||
+                 r == SSL_R_CERTIFICATE_VERIFY_FAILED)
+          hint = " (mutual TLS: a client certificate signed by --tls-client-ca is required)";
+      } else if (ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
+        hint = " (the client closed the connection during the handshake)";
+      }
+      std::fprintf(stderr, "kvmanager: TLS handshake from %s refused: %s%s\n", peer_.c_str(),
+                   why.c_str(), hint);
+    }
+    template <typename Buffer, typename Handler>
+    void ReadSome(const Buffer& b, Handler&& h) {
+      if (tls_)
+        tls_->async_read_some(b, std::forward<Handler>(h));
+      else
+        sock_.async_read_some(b, std::forward<Handler>(h));
+    }
+    template <typename Buffer, typename Handler>
+    void WriteAll(const Buffer& b, Handler&& h) {
+      if (tls_)
+        asio::async_write(*tls_, b, std::forward<Handler>(h));
+      else
+        asio::async_write(sock_, b, std::forward<Handler>(h));
+    }
     struct Job {
       wire::Frame frame;
       std::chrono::steady_clock::time_point arrived;
       RequestClass cls;
     };
     void Read() {
-      sock_.async_read_some(
-          asio::buffer(buf_),
-          asio::bind_executor(strand_, [self = shared_from_this()](boost::system::error_code ec,
-                                                                   size_t n) {
-            if (ec) return self->Finish();
-            self->last_heard_ = std::chrono::steady_clock::now();
-            Status st = self->decoder_.Feed({self->buf_.data(), n});
-            wire::Frame f;
-            while (self->decoder_.Next(&f)) {
-              const RequestClass c = RequestHandler::Classify(f);
-              self->pending_.push_back({std::move(f), std::chrono::steady_clock::now(), c});
-            }
-            self->Pump();
-            if (!st.ok()) {  // a protocol error: answer it, then close this connection only
-              wire::Error e;
-              e.set_code(static_cast<wire::ErrorCode>(st.code()));
-              e.set_message(st.message());
-              self->Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), 0, e),
-                         /*then_close=*/true);
-              return;
-            }
-            self->Read();
-          }));
+      ReadSome(asio::buffer(buf_),
+               asio::bind_executor(strand_, [self = shared_from_this()](
+                                                boost::system::error_code ec, size_t n) {
+                 if (ec) return self->Finish();
+                 self->last_heard_ = std::chrono::steady_clock::now();
+                 Status st = self->decoder_.Feed({self->buf_.data(), n});
+                 wire::Frame f;
+                 while (self->decoder_.Next(&f)) {
+                   const RequestClass c = RequestHandler::Classify(f);
+                   self->pending_.push_back({std::move(f), std::chrono::steady_clock::now(), c});
+                 }
+                 self->Pump();
+                 if (!st.ok()) {  // a protocol error: answer it, then close this connection only
+                   wire::Error e;
+                   e.set_code(static_cast<wire::ErrorCode>(st.code()));
+                   e.set_message(st.message());
+                   self->Send(
+                       wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), 0, e),
+                       /*then_close=*/true);
+                   return;
+                 }
+                 self->Read();
+               }));
     }
     // Liveness: close a session that has been silent (and idle) for session_timeout_ms.
     void Arm() {
@@ -113,8 +208,8 @@ struct Server::Impl {
       closed_ = true;
       timer_.cancel();
       boost::system::error_code ec;
-      sock_.shutdown(tcp::socket::shutdown_both, ec);
-      sock_.close(ec);
+      raw().shutdown(tcp::socket::shutdown_both, ec);
+      raw().close(ec);
     }
     // Once the server is stopping no new request starts: every queued one is answered Unavailable
     // (draining), so no request goes unanswered.
@@ -198,9 +293,20 @@ struct Server::Impl {
       Count(j.cls, +1);
       auto job = std::make_shared<Job>(std::move(j));
       asio::post(*srv_->workers, [self = shared_from_this(), job] {
-        auto done = [self, cls = job->cls](std::vector<uint8_t> reply) {
-          asio::post(self->strand_, [self, cls, reply = std::move(reply)]() mutable {
-            self->Complete(cls, std::move(reply));
+        const bool hello =
+            job->frame.header.type == static_cast<uint16_t>(wire::MessageType::kHello);
+        auto done = [self, cls = job->cls, hello](std::vector<uint8_t> reply) {
+          // A refused Hello is answered late (Impl::AuthDelayMs), on a timer: no thread waits.
+          const uint32_t delay =
+              hello && self->state_.auth_failed ? self->srv_->AuthDelayMs(self->peer_ip_) : 0;
+          asio::post(self->strand_, [self, cls, delay, reply = std::move(reply)]() mutable {
+            if (delay == 0) return self->Complete(cls, std::move(reply));
+            auto t = std::make_shared<asio::steady_timer>(self->strand_,
+                                                          std::chrono::milliseconds(delay));
+            t->async_wait(
+                [self, cls, t, reply = std::move(reply)](boost::system::error_code) mutable {
+                  self->Complete(cls, std::move(reply));
+                });
           });
         };
         // A request that waited (behind this session's earlier ones, or for a worker thread)
@@ -233,18 +339,17 @@ struct Server::Impl {
       if (out_.size() == 1) Write();
     }
     void Write() {
-      asio::async_write(
-          sock_, asio::buffer(out_.front().first),
-          asio::bind_executor(
-              strand_, [self = shared_from_this()](boost::system::error_code ec, size_t) {
-                const bool close = self->out_.front().second;
-                self->out_.pop_front();
-                if (ec || close || (self->closing_ && self->out_.empty() && self->running_ == 0)) {
-                  self->Shutdown();
-                  return self->Finish();
-                }
-                if (!self->out_.empty()) self->Write();
-              }));
+      WriteAll(asio::buffer(out_.front().first),
+               asio::bind_executor(strand_, [self = shared_from_this()](
+                                                boost::system::error_code ec, size_t) {
+                 const bool close = self->out_.front().second;
+                 self->out_.pop_front();
+                 if (ec || close || (self->closing_ && self->out_.empty() && self->running_ == 0)) {
+                   self->Shutdown();
+                   return self->Finish();
+                 }
+                 if (!self->out_.empty()) self->Write();
+               }));
     }
     void Finish() {
       if (!finished_) {
@@ -259,7 +364,8 @@ struct Server::Impl {
     }
 
     Impl* srv_;
-    tcp::socket sock_;
+    tcp::socket sock_;  // plaintext; with TLS the socket is tls_'s next layer
+    std::string peer_ip_, peer_;
     asio::strand<asio::io_context::executor_type> strand_;
     asio::steady_timer timer_;
     std::chrono::steady_clock::time_point last_heard_ = std::chrono::steady_clock::now();
@@ -279,13 +385,16 @@ struct Server::Impl {
     bool barrier_running_ = false;
     bool closing_ = false;
     std::deque<std::pair<std::vector<uint8_t>, bool>> out_;
+    std::shared_ptr<ssl::context> tls_ctx_;  // the context this session's handshake used
+    std::unique_ptr<TlsStream> tls_;
   };
 
   void Accept() {
     acceptor->async_accept([this](boost::system::error_code ec, tcp::socket sock) {
       if (ec) return;                            // closed by Stop
       sock.set_option(tcp::no_delay(true), ec);  // replies are small and latency-bound
-      auto s = std::make_shared<Session>(this, std::move(sock));
+      auto s =
+          std::make_shared<Session>(this, std::move(sock), opt.tls ? opt.tls->Current() : nullptr);
       {
         std::lock_guard<std::mutex> l(sessions_mu);
         sessions.insert(s);

@@ -134,8 +134,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "layers", "q-heads", "kv-heads", "head-dim", "context",
-             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype", "tenant",
-             "token-file"});
+             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype"});
+  vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   bf.insert({"synthetic", "json"});
   std::vector<std::string> args = raw;
   {  // without a budget flag: demo's default, δ* 0.1 with a cap of 1/8 of the context
@@ -219,8 +219,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   std::unique_ptr<server::Server> embedded;
   std::unique_ptr<transport::Transport> service_dp, worker_dp;
   std::string address = f.Str("server", "");
-  if ((f.Has("tenant") || f.Has("token-file")) && !f.Has("server"))
-    throw UsageError("--tenant and --token-file: only with --server");
+  for (const auto& a : kAuthFlags)
+    if (f.Has(a) && !f.Has("server")) throw UsageError("--" + a + ": only with --server");
   client::ConnectOptions co;
   ApplyAuthFlags(f, &co);
   const uint64_t sequence_id =

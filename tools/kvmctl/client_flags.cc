@@ -21,6 +21,13 @@ std::string ReadAuthToken(const std::string& path) {
 void ApplyAuthFlags(const Flags& f, client::ConnectOptions* co) {
   co->tenant = f.Str("tenant", "dev");
   if (auto path = f.Str("token-file")) co->token = ReadAuthToken(*path);
+  if (f.Has("tls-cert") != f.Has("tls-key"))
+    throw UsageError("--tls-cert and --tls-key go together");
+  if (f.Has("tls-cert") && !f.Has("tls-ca"))
+    throw UsageError("--tls-cert/--tls-key: only with --tls-ca (TLS)");
+  co->tls_ca = f.Str("tls-ca", "");
+  co->tls_cert = f.Str("tls-cert", "");
+  co->tls_key = f.Str("tls-key", "");
 }
 
 std::string ShardForSequence(const std::string& server, const std::string& tenant,

@@ -15,9 +15,15 @@ namespace kvm::tools {
 // when the file cannot be read or holds nothing.
 std::string ReadAuthToken(const std::string& path);
 
-// --tenant NAME (default "dev") and --token-file FILE (default: the development token "dev") into
-// `co`. REQUIRES: both flags are among the command's value flags.
+// --tenant NAME (default "dev") and --token-file FILE (default: the development token "dev"), and
+// TLS: --tls-ca FILE (TLS on, the server's certificate verified against it and the address's host)
+// with --tls-cert FILE --tls-key FILE (a client certificate, for mutual TLS) into `co`. UsageError
+// for --tls-cert/--tls-key without --tls-ca or one without the other. REQUIRES: every flag of
+// kAuthFlags is among the command's value flags.
 void ApplyAuthFlags(const Flags& f, client::ConnectOptions* co);
+// The value flags ApplyAuthFlags reads.
+inline const std::set<std::string> kAuthFlags = {"tenant", "token-file", "tls-ca", "tls-cert",
+                                                 "tls-key"};
 
 // The address a single-sequence command connects to for `sequence_id`: `server` itself when it
 // names one shard, else the sequence's owner among the listed shards (rendezvous placement of

@@ -47,11 +47,12 @@ Stat Summarize(const std::vector<double>& v) {
 }  // namespace
 
 int RunDemo(const std::vector<std::string>& args) {
-  const Flags f(args,
-                {"server", "selector", "budget-frac", "target-delta", "max-new", "context",
-                 "offset", "model", "tokenizer", "tokens", "kvmanager", "audit-frac", "tenant",
-                 "token", "token-file", "kv-dtype", "transport"},
-                {"json"});
+  std::set<std::string> vf = {"server",    "selector", "budget-frac", "target-delta",
+                              "max-new",   "context",  "offset",      "model",
+                              "tokenizer", "tokens",   "kvmanager",   "audit-frac",
+                              "token",     "kv-dtype", "transport"};
+  vf.insert(kAuthFlags.begin(), kAuthFlags.end());
+  const Flags f(args, vf, {"json"});
   const bool json = f.Bool("json");
   const std::string name = f.Str("selector", "prhs");
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
@@ -116,6 +117,8 @@ int RunDemo(const std::vector<std::string>& args) {
       (uint64_t(getpid()) << 40);
   LocalService local;
   std::string address = f.Str("server", "");
+  if (!f.Has("server") && (f.Has("tls-ca") || f.Has("tls-cert") || f.Has("tls-key")))
+    throw UsageError("--tls-ca/--tls-cert/--tls-key: only with --server");
   if (!address.empty()) {  // a shard list: the sequence's shard
     address = ShardForSequence(address, co.tenant, sequence_id);
     if (address != *f.Str("server"))

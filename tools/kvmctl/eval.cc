@@ -238,7 +238,8 @@ int RunEval(const std::vector<std::string>& args) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype", "server",
-             "transport", "tenant", "token-file"});
+             "transport"});
+  vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   bf.insert({"generate", "json"});
   Flags f(args, vf, bf);
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
@@ -308,8 +309,9 @@ int RunEval(const std::vector<std::string>& args) {
       return std::fprintf(stderr, "kvmctl eval: %s\n", src.status().ToString().c_str()), 1;
     }
     service = std::move(*src);
-  } else if (f.Has("transport") || f.Has("tenant") || f.Has("token-file")) {
-    throw UsageError("--transport, --tenant and --token-file: only with --server");
+  } else if (f.Has("transport") || f.Has("tenant") || f.Has("token-file") || f.Has("tls-ca") ||
+             f.Has("tls-cert") || f.Has("tls-key")) {
+    throw UsageError("--transport, --tenant, --token-file and --tls-*: only with --server");
   }
   auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"),
                       !f.Bool("json"), service.get());

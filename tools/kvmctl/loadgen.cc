@@ -345,11 +345,12 @@ class Worker {
 };
 
 Config ParseConfig(const std::vector<std::string>& args) {
-  const Flags f(args,
-                {"server", "previous-server", "sequences", "seconds", "tokens", "layers", "q-heads",
-                 "kv-heads", "head-dim", "clients", "deadline-ms", "budget-frac",
-                 "first-sequence-id", "tenant", "token-file", "backoff-ms", "kv-dtype"},
-                {"json", "durable", "keep", "attach"});
+  std::set<std::string> vf = {
+      "server",      "previous-server", "sequences",         "seconds",    "tokens",
+      "layers",      "q-heads",         "kv-heads",          "head-dim",   "clients",
+      "deadline-ms", "budget-frac",     "first-sequence-id", "backoff-ms", "kv-dtype"};
+  vf.insert(kAuthFlags.begin(), kAuthFlags.end());
+  const Flags f(args, vf, {"json", "durable", "keep", "attach"});
   Config c;
   auto list = client::ShardSet::ParseList(f.Required("server"));
   if (!list.ok()) throw UsageError("--server: " + list.status().message());

@@ -61,6 +61,9 @@ struct Options {
   bool json = false;
   int timeout_ms = 2000;
   std::string tenant, token;  // empty: the control check is a TCP connect only
+  // TLS on the control port (--tls-ca, --tls-cert/--tls-key): the check is then a TLS handshake
+  // and Hello (a refused token counts as up without a tenant: the server answered).
+  std::string tls_ca, tls_cert, tls_key;
 };
 
 // ---- Sockets with a deadline ----
@@ -206,6 +209,34 @@ std::string ReplyError(const wire::Frame& f, wire::MessageType want) {
 
 // `up`: the control port accepts a connection; with a tenant, Hello and a Heartbeat are answered.
 bool ProbeControl(const Shard& s, const Options& o, Clock::time_point deadline, std::string* err) {
+  if (!o.tls_ca.empty()) {  // the client library's TLS: handshake, Hello, Heartbeat
+    client::ConnectOptions co;
+    co.address = s.server;
+    co.tenant = o.tenant.empty() ? "dev" : o.tenant;
+    co.token = o.tenant.empty() ? "dev" : o.token;
+    co.client_name = "kvmctl status";
+    co.deadline_ms = uint32_t(std::max(1, MsLeft(deadline)));
+    co.heartbeats = false;
+    co.tls_ca = o.tls_ca;
+    co.tls_cert = o.tls_cert;
+    co.tls_key = o.tls_key;
+    auto c = client::Client::Connect(co);
+    if (!c.ok()) {
+      const StatusCode code = c.status().code();
+      if (o.tenant.empty() &&
+          (code == StatusCode::kUnauthenticated || code == StatusCode::kPermissionDenied))
+        return true;  // no tenant given: the TLS handshake and an answer are the check
+      *err =
+          (code == StatusCode::kUnauthenticated || code == StatusCode::kPermissionDenied ? "Hello: "
+                                                                                         : "") +
+          c.status().ToString();
+      return false;
+    }
+    wire::Heartbeat hb;
+    const Status st = (*c)->Call(wire::MessageType::kHeartbeat, hb).status();
+    if (!st.ok()) *err = "Heartbeat: " + st.ToString();
+    return st.ok();
+  }
   const int fd = Connect(s.server_host, s.server_port, deadline, err);
   if (fd < 0) return false;
   bool ok = true;
@@ -568,7 +599,10 @@ std::vector<std::string> SplitList(const std::string& s) {
 }
 
 Options ParseOptions(const std::vector<std::string>& args) {
-  Flags f(args, {"server", "admin", "tenant", "token-file", "timeout-ms"}, {"watch", "json"});
+  Flags f(
+      args,
+      {"server", "admin", "tenant", "token-file", "timeout-ms", "tls-ca", "tls-cert", "tls-key"},
+      {"watch", "json"});
   Options o;
   o.watch = f.Bool("watch");
   o.json = f.Bool("json");
@@ -610,6 +644,11 @@ Options ParseOptions(const std::vector<std::string>& args) {
     o.tenant = f.Required("tenant");
     o.token = ReadAuthToken(f.Required("token-file"));
   }
+  client::ConnectOptions co;
+  ApplyAuthFlags(f, &co);  // the TLS flags' checks
+  o.tls_ca = co.tls_ca;
+  o.tls_cert = co.tls_cert;
+  o.tls_key = co.tls_key;
   return o;
 }
 

@@ -41,12 +41,19 @@ struct ConnectOptions {
   // The worker's data plane (UCX or in-process; must outlive the Client): its address goes in
   // Hello, and when the service answers with its own, retrieval blocks arrive on it. Null: TCP.
   transport::Transport* data_plane = nullptr;
+  // TLS on the control channel (TLS 1.2+), on when tls_ca is set: the server's certificate must
+  // chain to the PEM CA bundle tls_ca and name the host of `address` (an IP address against the
+  // certificate's IP SANs, a name against its DNS names; the name is also sent as SNI). tls_cert
+  // and tls_key (PEM): the client certificate a server with mutual TLS asks for. The data plane
+  // (UCX) is not encrypted.
+  std::string tls_ca, tls_cert, tls_key;
 };
 
 class Client {
  public:
-  // Connects and says Hello. Unavailable when nothing listens, Unauthenticated / PermissionDenied
-  // for a refused token, FailedPrecondition for another protocol version.
+  // Connects and says Hello. Unavailable when nothing listens or the TLS handshake fails (the
+  // message says why), Unauthenticated / PermissionDenied for a refused token, FailedPrecondition
+  // for another protocol version, InvalidArgument for unreadable TLS files.
   static Result<std::unique_ptr<Client>> Connect(const ConnectOptions& o);
   ~Client();
 

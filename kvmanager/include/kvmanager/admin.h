@@ -20,6 +20,7 @@
 #include <string>
 
 #include "kvmanager/metrics.h"
+#include "kvmanager/tls.h"
 #include "proto/status.h"
 
 namespace kvm::server {
@@ -32,6 +33,9 @@ struct AdminOptions {
   std::function<void()> refresh;        // called before /metrics is served (gauges); may be null
   // Time a connection has to deliver its request and read the reply. Default: 5000 ms.
   uint32_t request_timeout_ms = 5000;
+  // HTTPS (the executable's --admin-tls: the control plane's certificate, no client certificate
+  // asked for, so that probes and scrapers need only the CA). Default: null = plain HTTP.
+  std::shared_ptr<TlsCredentials> tls;
 };
 
 class AdminServer {

@@ -6,10 +6,11 @@
 // when a send failed.
 //
 // Auth: a session's first request must be Hello with the protocol version and a tenant's token
-// (TenantConfig); anything else before it is Unauthenticated. A loopback-only tenant (the embedded
-// default's development tenant) is refused from other addresses. Every sequence is addressed within
-// the session's tenant: another tenant's sequence answers NotFound, so existence does not leak.
-// Every operation of the wire schema: Hello, CreateSequence (with attach), Append, PrefixLookup,
+// (TenantConfig; the token compared in constant time); anything else before it is Unauthenticated,
+// a refused Hello counts in kvm_auth_failures_total. A loopback-only tenant (the embedded default's
+// development tenant) is refused from other addresses. Every sequence is addressed within the
+// session's tenant: another tenant's sequence answers NotFound, so existence does not leak. Every
+// operation of the wire schema: Hello, CreateSequence (with attach), Append, PrefixLookup,
 // Truncate, RetrieveLayer, SetLayerMap and Audit (the RetrievalEngine), ReadBlocks, DeleteSequence,
 // ListSequences, Stats, Heartbeat. A RetrieveLayer reply carries its blocks as the frame payload
 // (the TCP data path) or travels as active messages (the data plane). Classify says how a request
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kvmanager/block_store.h"
@@ -59,11 +61,15 @@ struct HandlerOptions {
 
 struct SessionState {
   bool authenticated = false;
+  bool auth_failed = false;  // the last Hello was refused (the server delays the next reply)
   std::string tenant;
   bool loopback = false;  // the peer's address is a loopback address
   uint64_t session_id = 0;
   uint64_t data_peer = 0;  // the worker's data-plane endpoint (0: none, blocks go over TCP)
 };
+
+// a == b in time that depends on the length of `expected` only (tokens).
+bool TokenEquals(std::string_view expected, std::string_view given);
 
 // How a request is ordered against the other requests of its session.
 struct RequestClass {

@@ -15,7 +15,7 @@
 //   kvm_tier_bytes{tier} / kvm_tier_capacity_bytes{tier}   live sizes
 //   kvm_evictions_total{from,to} / kvm_promotions_total{from,to}
 //   kvm_request_duration_seconds{op}, kvm_errors_total{code}, kvm_sequences, kvm_ready,
-//   kvm_degraded
+//   kvm_degraded, kvm_tls_handshake_failures_total, kvm_auth_failures_total
 #pragma once
 
 #include <cstdint>
@@ -69,6 +69,10 @@ class Metrics {
   // kvm_degraded: 1 while the shard serves on a fallback that costs performance, not correctness
   // (the UCX data plane failed, retrieval blocks go over TCP), else 0. Starts at 0.
   void SetDegraded(bool degraded);
+  // kvm_tls_handshake_failures_total: a connection to a TLS listener refused in the handshake.
+  void CountTlsHandshakeFailure();
+  // kvm_auth_failures_total: a Hello refused (unknown tenant, wrong token, loopback only).
+  void CountAuthFailure();
 
   static const char* OpName(uint16_t message_type);  // "append", "retrieve_layer", ...
 

@@ -17,6 +17,7 @@
 
 #include "kvmanager/block_store.h"
 #include "kvmanager/handler.h"
+#include "kvmanager/tls.h"
 
 namespace kvm::server {
 
@@ -41,6 +42,18 @@ struct ServerOptions {
   // of being refused. Start takes ownership of it (it is closed by Stop, or on a failed Start).
   // Default: -1 = bind `listen`.
   int listen_fd = -1;
+  // TLS on the control plane (kvmanager/tls.h; mutual when it has a client CA): every connection
+  // starts with a TLS handshake (TLS 1.2+). A connection whose handshake fails (a plaintext
+  // client, no or an untrusted client certificate, TLS 1.1) gets one log line on stderr, counts
+  // in kvm_tls_handshake_failures_total (handler.metrics) and is closed; the others are served.
+  // A Reload of the credentials applies to new connections. Default: null = plaintext.
+  std::shared_ptr<TlsCredentials> tls;
+  // A failed Hello from a peer address that failed before is answered after a delay that doubles
+  // with each failure in a row from that address (auth_delay_base_ms, 2x, 4x, ... up to
+  // auth_delay_max_ms; the count forgets an address after a minute without failures). Only that
+  // session waits (a timer, no thread). 0 = no delay. Defaults: 100 and 5000.
+  uint32_t auth_delay_base_ms = 100;
+  uint32_t auth_delay_max_ms = 5000;
   HandlerOptions handler;
 };
 
