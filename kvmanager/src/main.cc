@@ -1,7 +1,8 @@
 // kvmanager: one shard of the service. With no arguments it runs the embedded default: the control
 // plane on 127.0.0.1:7420, RocksDB under ./kvmanager-data, a host tier of min(25% of the memory
 // it may use, 16 GiB) and a loopback-only development tenant "dev" (token "dev"). SIGTERM/SIGINT
-// drain the requests in flight and close RocksDB cleanly.
+// drain the requests in flight and close RocksDB cleanly. With TLS (--tls-cert/--tls-key, mutual
+// with --tls-client-ca) the certificates are reloaded on SIGHUP and when their files change.
 //
 // Start-up order: the control port is bound first, then the admin server starts (/healthz 200,
 // /readyz 503 "opening the store"), then the store opens (RocksDB recovery included) and the
@@ -17,6 +18,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
@@ -331,6 +333,24 @@ Result<int> BindControlPort(const std::string& listen, std::string* bound) {
   return fd;
 }
 
+// What identifies the contents of `files` without reading them: device, inode, size and
+// modification time of each (stat follows symlinks: a Kubernetes Secret's atomic swap of its
+// ..data link shows as a new inode). A file that cannot be stat'ed reads "missing".
+std::string FileStamps(const std::vector<std::string>& files) {
+  std::string out;
+  for (const std::string& f : files) {
+    struct stat st {};
+    if (stat(f.c_str(), &st) != 0) {
+      out += "missing;";
+      continue;
+    }
+    out += std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ":" +
+           std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec) + ";";
+  }
+  return out;
+}
+
 // The shard's life as /readyz, /status and kvm_ready report it. Written by the main thread, read
 // by the admin thread: the flags are atomics, the strings are under `mu`, the store pointer is
 // published once the store is open and stays valid until the admin server has stopped.
@@ -453,7 +473,8 @@ int main(int argc, char** argv) {
       "1.13 then uses TCP only). Default: none")(
       "tls-cert", po::value<std::string>(),
       "PEM certificate chain of the control plane: TLS 1.2+ on the control port (needs "
-      "--tls-key). Plaintext clients are refused and counted (kvm_tls_handshake_failures_total)")(
+      "--tls-key). Plaintext clients are refused and counted (kvm_tls_handshake_failures_total). "
+      "The files are reloaded on SIGHUP and when they change (open sessions keep theirs)")(
       "tls-key", po::value<std::string>(), "PEM private key of --tls-cert")(
       "tls-client-ca", po::value<std::string>(),
       "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")(
@@ -559,6 +580,8 @@ int main(int argc, char** argv) {
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGTERM);
   sigaddset(&sigs, SIGINT);
+  sigset_t stop_sigs = sigs;
+  sigaddset(&sigs, SIGHUP);  // reloads the TLS certificates
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
   // 1. The control port, bound and listening before anything is opened.
@@ -644,9 +667,49 @@ int main(int argc, char** argv) {
   std::printf("kvmanager tls: %s\n", tls_line.c_str());
   std::fflush(stdout);
 
-  // 4. Stop: not ready at once; serve on for the shutdown delay; drain; close.
+  // 4. Serve until SIGTERM/SIGINT. The TLS certificates are reloaded on SIGHUP and when their
+  // files change (checked every second; Kubernetes rewrites a mounted Secret without a signal):
+  // new connections get the new ones, open sessions keep theirs; a failed reload (a half-written
+  // pair, say) keeps the current ones and says why, and the next change tries again.
+  std::vector<std::string> tls_files;
+  for (const std::string* f : {&c.tls.cert, &c.tls.key, &c.tls.client_ca})
+    if (!f->empty()) tls_files.push_back(*f);
+  std::string stamps = FileStamps(tls_files);
+  auto reload = [&](const char* why) {
+    if (!control_tls) {
+      std::fprintf(stderr, "kvmanager: %s: TLS is off, nothing to reload\n", why);
+      return;
+    }
+    Status st = control_tls->Reload();
+    if (st.ok() && admin_tls) st = admin_tls->Reload();
+    if (st.ok())
+      std::fprintf(stderr,
+                   "kvmanager: %s: TLS certificates reloaded (new connections use them, open "
+                   "sessions keep theirs)\n",
+                   why);
+    else
+      std::fprintf(stderr, "kvmanager: %s: TLS reload failed, the current certificates stay: %s\n",
+                   why, st.ToString().c_str());
+  };
   int sig = 0;
-  sigwait(&sigs, &sig);
+  for (;;) {
+    const timespec second{1, 0};
+    sig = sigtimedwait(&sigs, nullptr, &second);
+    if (sig == SIGTERM || sig == SIGINT) break;
+    if (sig == SIGHUP) {
+      stamps = FileStamps(tls_files);
+      reload("SIGHUP");
+      continue;
+    }
+    if (control_tls) {
+      std::string now = FileStamps(tls_files);
+      if (now != stamps) {
+        stamps = std::move(now);
+        reload("TLS files changed");
+      }
+    }
+  }
+  // 5. Stop: not ready at once; serve on for the shutdown delay; drain; close.
   life.draining.store(true);
   metrics.SetReady(false);
   std::fprintf(stderr, "kvmanager: signal %d: not ready; draining%s\n", sig,
@@ -654,7 +717,7 @@ int main(int argc, char** argv) {
   if (c.shutdown_delay_ms) {
     const timespec ts{time_t(c.shutdown_delay_ms / 1000),
                       long(c.shutdown_delay_ms % 1000) * 1000000};
-    if (sigtimedwait(&sigs, nullptr, &ts) > 0)
+    if (sigtimedwait(&stop_sigs, nullptr, &ts) > 0)
       std::fprintf(stderr, "kvmanager: second signal: shutdown delay cut short\n");
   }
   (*srv)->Stop(10000);

@@ -4,7 +4,8 @@
 # tls_client_ca, admin_tls, dev_tenant); a shard with mutual TLS and --admin-tls: /metrics over
 # HTTPS (curl), a plaintext client refused with one log line and counted while a TLS client is
 # served, kvmctl status and kvmctl demo over mutual TLS, a wrong token refused and counted, TLS 1.1
-# refused, --no-dev-tenant.
+# refused, --no-dev-tenant; certificates reloaded when their files change (renamed in, as Kubernetes
+# does) and on SIGHUP while a loadgen session stays open, a bad file keeping the current ones.
 # Usage: security_cli_test.sh KVMANAGER KVMCTL
 set -u
 K=$(realpath "$1"); C=$(realpath "$2"); fail=0
@@ -151,6 +152,50 @@ check "... counted, with its log line" \
 check "the shard still serves TLS clients after all of it" \
   'python3 -c "import json,sys; s=json.load(open(\"after.json\"))[\"shards\"][0]; sys.exit(0 if s[\"up\"] else 1)" && kill -0 $pid'
 
+kill -TERM "$pid"; wait "$pid"; rc=$?; pid=""
+check "SIGTERM: clean stop" '[ $rc -eq 0 ]'
+
+# ---- certificates reloaded when their files change and on SIGHUP, without dropping sessions ----
+mkdir live
+cp certs/server.crt live/tls.crt; cp certs/server.key live/tls.key
+P=$(free_port); A=$(free_port)
+"$K" --listen "127.0.0.1:$P" --admin "127.0.0.1:$A" --data-dir "$dir/data2" --no-gpu \
+  --tenants-file tenants.yaml --tls-cert live/tls.crt --tls-key live/tls.key > out2.txt 2> log2.txt &
+pid=$!
+check "a TLS shard on live/tls.crt started" 'wait_line "listening on" out2.txt || { cat log2.txt; false; }'
+up_with() {  # CA: 0 when kvmctl status over TLS verified against CA finds the shard up
+  "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
+    --tls-ca "$1" --timeout-ms 3000 --json 2> /dev/null |
+    python3 -c "import json,sys; sys.exit(0 if json.load(sys.stdin)['shards'][0]['up'] else 1)"
+}
+check "clients trusting ca are served" 'up_with certs/ca.crt'
+# A session open across the rotation: loadgen over TLS for 6 s.
+"$C" loadgen --server "127.0.0.1:$P" --sequences 2 --seconds 6 --tokens 64 --tenant a \
+  --token-file tokA --tls-ca certs/ca.crt --json > loadgen.json 2> loadgen.err &
+lg=$!
+sleep 1.5
+# As Kubernetes updates a mounted Secret: new files swapped in by rename, no signal.
+cp certs/other-server.crt live/new.crt; cp certs/other-server.key live/new.key
+mv live/new.key live/tls.key; mv live/new.crt live/tls.crt
+check "a change of the files is picked up within 3 s (no signal)" \
+  'for _ in $(seq 30); do grep -q "TLS files changed: TLS certificates reloaded" log2.txt && break; sleep 0.1; done; grep -q "TLS files changed: TLS certificates reloaded" log2.txt || { cat log2.txt; false; }'
+check "new connections get the new certificate (trusted by other-ca, no longer by ca)" \
+  'up_with certs/other-ca.crt && ! up_with certs/ca.crt'
+wait $lg; rc=$?
+check "the session open across the rotation was not dropped (loadgen: exit 0, 0 errors)" \
+  '[ $rc -eq 0 ] && python3 -c "import json,sys; d=json.load(open(\"loadgen.json\")); sys.exit(0 if d[\"errors\"] == 0 and d[\"requests\"] > 0 else 1)" || { cat loadgen.json; tail -3 loadgen.err; false; }'
+# A half-written pair (a certificate that is not PEM): the reload fails, the current one stays.
+failed=$(grep -c "TLS reload failed, the current certificates stay" log2.txt)
+echo garbage > live/tls.crt
+reload_failed() { [ "$(grep -c "TLS reload failed, the current certificates stay" log2.txt)" -gt "$failed" ]; }
+check "a bad certificate file: the reload fails with its reason, the current certificate stays" \
+  'for _ in $(seq 30); do reload_failed && break; sleep 0.1; done; reload_failed && up_with certs/other-ca.crt'
+# SIGHUP: the ca-signed pair back (written in place), then the signal.
+cat certs/server.key > live/tls.key; cat certs/server.crt > live/tls.crt
+kill -HUP "$pid"
+check "SIGHUP reloads (and the shard keeps running)" \
+  'for _ in $(seq 30); do grep -q "SIGHUP: TLS certificates reloaded" log2.txt && break; sleep 0.1; done; grep -q "SIGHUP: TLS certificates reloaded" log2.txt && kill -0 $pid'
+check "after SIGHUP clients trusting ca are served again" 'up_with certs/ca.crt'
 kill -TERM "$pid"; wait "$pid"; rc=$?; pid=""
 check "SIGTERM: clean stop" '[ $rc -eq 0 ]'
 exit $fail
