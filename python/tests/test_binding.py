@@ -249,3 +249,34 @@ def test_shard_list_places_sequences_like_the_cpp_client():
     finally:
         a.stop()
         b.stop()
+
+
+def test_mutual_tls_through_the_python_client(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "security", "make_certs.sh")
+    if not os.path.exists(script) or subprocess.run(["which", "openssl"], capture_output=True).returncode:
+        pytest.skip("no tests/security/make_certs.sh or no openssl")
+    subprocess.run(["bash", script, str(tmp_path)], check=True, capture_output=True)
+    c = {n: str(tmp_path / n) for n in os.listdir(tmp_path)}
+    s = Server(["--tls-cert", c["server.crt"], "--tls-key", c["server.key"],
+                "--tls-client-ca", c["ca.crt"]])
+    try:
+        shape = kvmanager.ModelShape(**SHAPE, dtype="fp16")
+        try:
+            cl = kvmanager.Client(s.address, data_plane="none", deadline_ms=5000, tls_ca=c["ca.crt"],
+                                  tls_cert=c["client.crt"], tls_key=c["client.key"])
+        except kvmanager.Unimplemented:
+            pytest.skip("TLS is not built into the C++ client yet")
+        with cl:
+            cl.create_sequence(1, shape)
+            kv = kv_rows(shape, B)
+            assert cl.append(1, 0, list(range(B)), kv) == B
+            assert np.array_equal(cl.read_blocks(1, 1, 1, [0], values=True)[0], kv[1, 1, 1])
+        for bad in (dict(),  # plaintext to a TLS port
+                    dict(tls_ca=c["ca.crt"], tls_cert=c["other-client.crt"],
+                         tls_key=c["other-client.key"]),  # a client certificate it does not trust
+                    dict(tls_ca=c["other-ca.crt"], tls_cert=c["client.crt"],
+                         tls_key=c["client.key"])):  # a server certificate we do not trust
+            with pytest.raises(kvmanager.Error):
+                kvmanager.Client(s.address, data_plane="none", deadline_ms=2000, **bad).close()
+    finally:
+        s.stop()
