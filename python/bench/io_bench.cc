@@ -18,12 +18,17 @@ using namespace kvm;
 int main(int argc, char** argv) {
   if (argc < 2) return std::fprintf(stderr, "usage: kvm_io_bench HOST:PORT [L H D T chunk]\n"), 2;
   auto arg = [&](int i, uint32_t d) { return argc > i ? uint32_t(std::atoi(argv[i])) : d; };
-  ModelShape shape{.layers = arg(2, 16), .q_heads = arg(3, 8) * 4, .kv_heads = arg(3, 8),
-                   .head_dim = arg(4, 128), .dtype = DType::kF16};
+  ModelShape shape{.layers = arg(2, 16),
+                   .q_heads = arg(3, 8) * 4,
+                   .kv_heads = arg(3, 8),
+                   .head_dim = arg(4, 128),
+                   .dtype = DType::kF16};
   const uint32_t T = arg(5, 1024), chunk = arg(6, 64), B = 16;
   auto c = client::Client::Connect({.address = argv[1], .client_name = "kvm-io-bench"});
   if (!c.ok()) return std::fprintf(stderr, "%s\n", c.status().ToString().c_str()), 1;
-  const uint64_t seq = 0xC0FFEE00ull + uint64_t(std::chrono::steady_clock::now().time_since_epoch().count() & 0xffff);
+  const uint64_t seq =
+      0xC0FFEE00ull +
+      uint64_t(std::chrono::steady_clock::now().time_since_epoch().count() & 0xffff);
   wire::CreateSequence m;
   m.set_sequence_id(seq);
   wire::ToWire(shape, m.mutable_shape());
@@ -44,7 +49,8 @@ int main(int argc, char** argv) {
     if (Status s = (*c)->CallAsync(wire::MessageType::kAppend, a, payload); !s.ok())
       return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
   }
-  if (Status s = (*c)->Flush(); !s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+  if (Status s = (*c)->Flush(); !s.ok())
+    return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
   const double save_s = std::chrono::duration<double>(clk::now() - t0).count();
   const uint64_t save_bytes = uint64_t(payload.size()) * (T / chunk);
   const uint32_t nb = T / B;
@@ -67,9 +73,10 @@ int main(int argc, char** argv) {
       }
   const double load_s = std::chrono::duration<double>(clk::now() - t0).count();
   (void)(*c)->DeleteSequence(seq);
-  std::printf("{\"client\": \"c++\", \"save_bytes\": %llu, \"save_s\": %.4f, \"save_MBps\": %.1f, "
-              "\"load_bytes\": %llu, \"load_s\": %.4f, \"load_MBps\": %.1f}\n",
-              (unsigned long long)save_bytes, save_s, save_bytes / save_s / 1e6,
-              (unsigned long long)load_bytes, load_s, load_bytes / load_s / 1e6);
+  std::printf(
+      "{\"client\": \"c++\", \"save_bytes\": %llu, \"save_s\": %.4f, \"save_MBps\": %.1f, "
+      "\"load_bytes\": %llu, \"load_s\": %.4f, \"load_MBps\": %.1f}\n",
+      (unsigned long long)save_bytes, save_s, save_bytes / save_s / 1e6,
+      (unsigned long long)load_bytes, load_s, load_bytes / load_s / 1e6);
   return 0;
 }

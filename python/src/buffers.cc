@@ -12,18 +12,33 @@ std::string FormatDType(const char* fmt, size_t itemsize) {
   while (*fmt == '@' || *fmt == '=' || *fmt == '<' || *fmt == '!') ++fmt;  // native/little endian
   if (fmt[0] == 0 || fmt[1] != 0) return "?";
   switch (fmt[0]) {
-    case 'e': return "fp16";
-    case 'f': return "fp32";
-    case 'd': return "fp64";
-    case 'B': case 'c': return "u8";
-    case 'b': return "i8";
-    case 'H': return "u16";
-    case 'h': return "i16";
-    case 'I': return "u32";
-    case 'i': return itemsize == 4 ? "i32" : "?";
-    case 'l': case 'q': return itemsize == 8 ? "i64" : "?";
-    case 'L': case 'Q': return itemsize == 8 ? "u64" : "?";
-    default: return "?";
+    case 'e':
+      return "fp16";
+    case 'f':
+      return "fp32";
+    case 'd':
+      return "fp64";
+    case 'B':
+    case 'c':
+      return "u8";
+    case 'b':
+      return "i8";
+    case 'H':
+      return "u16";
+    case 'h':
+      return "i16";
+    case 'I':
+      return "u32";
+    case 'i':
+      return itemsize == 4 ? "i32" : "?";
+    case 'l':
+    case 'q':
+      return itemsize == 8 ? "i64" : "?";
+    case 'L':
+    case 'Q':
+      return itemsize == 8 ? "u64" : "?";
+    default:
+      return "?";
   }
 }
 
@@ -65,7 +80,7 @@ Buffer::Buffer(pyb::handle obj, const char* arg, bool writable) : arg_(arg) {
     if (pyb::hasattr(obj, "device")) {
       pyb::object dev = obj.attr("device");
       std::string type = pyb::hasattr(dev, "type") ? pyb::str(dev.attr("type")).cast<std::string>()
-                                                  : pyb::str(dev).cast<std::string>();
+                                                   : pyb::str(dev).cast<std::string>();
       if (type != "cpu")
         ThrowArg(arg, "a tensor on device '" + type +
                           "': kvmanager reads and writes host memory (pass a CPU tensor)");

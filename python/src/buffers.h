@@ -1,9 +1,9 @@
 // Buffers from Python without copies: anything with the buffer protocol (numpy arrays, bytearray,
 // memoryview) or a duck-typed tensor (torch: data_ptr(), numel(), element_size(), is_contiguous(),
 // dtype, device), so nothing links libtorch. Every buffer is checked here against what the caller
-// needs — C-contiguous, host memory, writable when written, its dtype and its size — and a wrong one
-// is an InvalidArgument (kvmanager.InvalidArgument, a ValueError) naming the argument, before any
-// pointer is used.
+// needs — C-contiguous, host memory, writable when written, its dtype and its size — and a wrong
+// one is an InvalidArgument (kvmanager.InvalidArgument, a ValueError) naming the argument, before
+// any pointer is used.
 #pragma once
 
 #include <pybind11/pybind11.h>

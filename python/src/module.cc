@@ -77,14 +77,19 @@ std::string ReadToken(const std::string& path) {
 template <typename O>
 void SetTls(O& o, const std::optional<std::string>& ca, const std::optional<std::string>& cert,
             const std::optional<std::string>& key) {
-  if constexpr (requires { o.tls_ca; o.tls_cert; o.tls_key; }) {
+  if constexpr (requires {
+                  o.tls_ca;
+                  o.tls_cert;
+                  o.tls_key;
+                }) {
     if (ca) o.tls_ca = *ca;
     if (cert) o.tls_cert = *cert;
     if (key) o.tls_key = *key;
   } else {
     if (ca || cert || key)
-      Throw(Status::Unimplemented("TLS is not built yet (tls_ca/tls_cert/tls_key need the "
-                                  "security issue's client)"));
+      Throw(
+          Status::Unimplemented("TLS is not built yet (tls_ca/tls_cert/tls_key need the "
+                                "security issue's client)"));
   }
 }
 
@@ -104,7 +109,10 @@ std::vector<std::string> ParseAddresses(pyb::handle address) {
 
 pyb::object NewNumpy(const std::string& dtype, std::vector<size_t> dims) {
   pyb::module_ np = pyb::module_::import("numpy");
-  const char* d = dtype == "fp16" ? "float16" : dtype == "fp32" ? "float32" : dtype == "bf16" ? "uint16" : "uint8";
+  const char* d = dtype == "fp16"   ? "float16"
+                  : dtype == "fp32" ? "float32"
+                  : dtype == "bf16" ? "uint16"
+                                    : "uint8";
   return np.attr("empty")(pyb::cast(dims), "dtype"_a = d);
 }
 
@@ -344,8 +352,8 @@ class PyClient {
 
   void Close() {
     if (decoders_ > 0)
-      Throw(Status::FailedPrecondition(
-          "close: " + std::to_string(decoders_) + " SparseDecoder(s) still use this client"));
+      Throw(Status::FailedPrecondition("close: " + std::to_string(decoders_) +
+                                       " SparseDecoder(s) still use this client"));
     pyb::gil_scoped_release r;
     std::lock_guard<std::mutex> l(mu_);
     set_.reset();
@@ -446,8 +454,8 @@ class PyDecoder {
   void Append(uint32_t layer, uint64_t pos, pyb::handle k, pyb::handle v) {
     CheckLayer(layer);
     const uint64_t n = uint64_t(shape_.kv_heads) * shape_.head_dim * 4;
-    const std::string what = "fp32 [kv_heads=" + std::to_string(shape_.kv_heads) + "][head_dim=" +
-                             std::to_string(shape_.head_dim) + "]";
+    const std::string what = "fp32 [kv_heads=" + std::to_string(shape_.kv_heads) +
+                             "][head_dim=" + std::to_string(shape_.head_dim) + "]";
     Buffer kb(k, "k", false), vb(v, "v", false);
     kb.RequireDType(DType::kF32);
     vb.RequireDType(DType::kF32);
@@ -463,8 +471,8 @@ class PyDecoder {
   pyb::object Attend(uint32_t layer, uint64_t pos, pyb::handle q, pyb::object out) {
     CheckLayer(layer);
     const uint64_t n = uint64_t(shape_.q_heads) * shape_.head_dim * 4;
-    const std::string what = "fp32 [q_heads=" + std::to_string(shape_.q_heads) + "][head_dim=" +
-                             std::to_string(shape_.head_dim) + "]";
+    const std::string what = "fp32 [q_heads=" + std::to_string(shape_.q_heads) +
+                             "][head_dim=" + std::to_string(shape_.head_dim) + "]";
     if (out.is_none()) out = NewNumpy("fp32", {size_t(shape_.q_heads), size_t(shape_.head_dim)});
     Buffer qb(q, "q", false), ob(out, "out", true);
     qb.RequireDType(DType::kF32);
@@ -497,20 +505,19 @@ class PyDecoder {
   pyb::dict Totals() {
     const auto& t = src().totals();
     pyb::dict gate;
-    for (sel::GateOutcome o : sel::kGateOutcomes) gate[pyb::str(sel::GateOutcomeName(o))] = t.gate[o];
+    for (sel::GateOutcome o : sel::kGateOutcomes)
+      gate[pyb::str(sel::GateOutcomeName(o))] = t.gate[o];
     gate["target_missed"] = t.gate.target_missed;
-    return pyb::dict("steps"_a = t.steps, "retrievals"_a = t.retrievals,
-                     "round_trips"_a = t.round_trips, "audits"_a = t.audits,
-                     "streamed_bytes"_a = t.streamed_bytes, "local_fill_bytes"_a = t.local_fill_bytes,
-                     "dense_equivalent"_a = t.dense_equivalent, "topk_refetch"_a = t.topk_refetch,
-                     "shared_prefetches"_a = t.shared_prefetches, "reconnects"_a = t.reconnects,
-                     "divergences"_a = t.divergences, "failed_calls"_a = t.failed_calls,
-                     "retrieve_seconds"_a = t.retrieve_seconds,
-                     "attention_seconds"_a = t.attention_seconds,
-                     "attention_layers"_a = t.attention_layers, "gate"_a = gate,
-                     "hot_set_slots"_a = src().hot_set_slots(),
-                     "hot_set_generation"_a = src().hot_set_generation(),
-                     "last_error"_a = src().last_error());
+    return pyb::dict(
+        "steps"_a = t.steps, "retrievals"_a = t.retrievals, "round_trips"_a = t.round_trips,
+        "audits"_a = t.audits, "streamed_bytes"_a = t.streamed_bytes,
+        "local_fill_bytes"_a = t.local_fill_bytes, "dense_equivalent"_a = t.dense_equivalent,
+        "topk_refetch"_a = t.topk_refetch, "shared_prefetches"_a = t.shared_prefetches,
+        "reconnects"_a = t.reconnects, "divergences"_a = t.divergences,
+        "failed_calls"_a = t.failed_calls, "retrieve_seconds"_a = t.retrieve_seconds,
+        "attention_seconds"_a = t.attention_seconds, "attention_layers"_a = t.attention_layers,
+        "gate"_a = gate, "hot_set_slots"_a = src().hot_set_slots(),
+        "hot_set_generation"_a = src().hot_set_generation(), "last_error"_a = src().last_error());
   }
 
   void Call(Status (client::ServiceKvSource::*f)()) {
@@ -543,9 +550,8 @@ PYBIND11_MODULE(_kvmanager, m) {
       if (p) std::rethrow_exception(p);
     } catch (const StatusError& e) {
       pyb::object make = pyb::module_::import("kvmanager._errors").attr("_from_status");
-      pyb::object err =
-          make(uint32_t(e.status.code()), std::string(StatusCodeName(e.status.code())),
-               e.status.message());
+      pyb::object err = make(uint32_t(e.status.code()),
+                             std::string(StatusCodeName(e.status.code())), e.status.message());
       PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
     }
   });
@@ -593,8 +599,8 @@ kvmanager.InvalidArgument (a ValueError) naming the argument.)doc")
            "address"_a, "tenant"_a = "dev", "token_file"_a = pyb::none(), "tls_ca"_a = pyb::none(),
            "tls_cert"_a = pyb::none(), "tls_key"_a = pyb::none(), "data_plane"_a = "ucx",
            "deadline_ms"_a = 30000, "client_name"_a = "kvmanager-python", "heartbeats"_a = true)
-      .def("create_sequence", &PyClient::Create, "sequence_id"_a, "shape"_a,
-           "block_size"_a = 16, "durability"_a = "cache", "attach"_a = false, R"doc(
+      .def("create_sequence", &PyClient::Create, "sequence_id"_a, "shape"_a, "block_size"_a = 16,
+           "durability"_a = "cache", "attach"_a = false, R"doc(
 Creates a storage-only sequence (durability "cache", "durable" or "durable_sync"); with attach=True
 attaches to an existing one of the same shape. Returns its stored length in tokens.)doc")
       .def(
@@ -604,20 +610,22 @@ attaches to an existing one of the same shape. Returns its stored length in toke
           },
           "sequence_id"_a, "shape"_a, "block_size"_a = 16,
           "Attaches to an existing sequence (NotFound when there is none); returns its length.")
-      .def("append", &PyClient::Append, "sequence_id"_a, "start_position"_a, "token_ids"_a,
-           "kv"_a, "decode"_a = false, "wait"_a = true, R"doc(
+      .def("append", &PyClient::Append, "sequence_id"_a, "start_position"_a, "token_ids"_a, "kv"_a,
+           "decode"_a = false, "wait"_a = true, R"doc(
 Appends len(token_ids) tokens from start_position (idempotent by position). kv: the K then V rows,
 [layers][kv_heads][2][n][head_dim] in the sequence's dtype (numpy float16/float32, torch
 float16/bfloat16/float32; read in place, never copied). wait=False returns once the request is
 written (errors come at flush()); else the new length.)doc")
-      .def("flush", &PyClient::Flush, "Waits for every asynchronous append; raises the first error.")
-      .def("prefix_lookup", &PyClient::PrefixLookup, "token_ids"_a, "shape"_a,
-           "block_size"_a = 16, "sequence_id"_a = pyb::none(), R"doc(
+      .def("flush", &PyClient::Flush,
+           "Waits for every asynchronous append; raises the first error.")
+      .def("prefix_lookup", &PyClient::PrefixLookup, "token_ids"_a, "shape"_a, "block_size"_a = 16,
+           "sequence_id"_a = pyb::none(), R"doc(
 How many leading tokens of token_ids the service stores for this shape and block size (whole
 blocks of durable sequences, by content address). Asked of sequence_id's shard (default: the
 first shard): prefixes are shared within a shard.)doc")
       .def("read_blocks", &PyClient::ReadBlocks, "sequence_id"_a, "layer"_a, "kv_head"_a,
-           "block_indices"_a, "values"_a = false, "out"_a = pyb::none(), "block_size"_a = pyb::none(),
+           "block_indices"_a, "values"_a = false, "out"_a = pyb::none(),
+           "block_size"_a = pyb::none(),
            R"doc(
 Reads K (values=False) or V blocks of one (layer, KV head): [n][block_size][head_dim] of the
 sequence's dtype, into `out` (a writable contiguous array or tensor of exactly that size) or a
@@ -678,8 +686,9 @@ the gate reused. Runs the step (as attend) — the CPU kernel's output goes to `
       .def_property_readonly("num_claims", &PyDecoder::NumClaims)
       .def_property_readonly("totals", &PyDecoder::Totals,
                              "Retrievals, round trips, bytes, gate outcomes, retries.")
-      .def("flush", [](PyDecoder& d) { d.Call(&client::ServiceKvSource::Flush); },
-           "Waits for outstanding appends and audits.")
+      .def(
+          "flush", [](PyDecoder& d) { d.Call(&client::ServiceKvSource::Flush); },
+          "Waits for outstanding appends and audits.")
       .def("report_stats", [](PyDecoder& d) { d.Call(&client::ServiceKvSource::ReportStats); })
       .def("reset_hot_set", [](PyDecoder& d) { d.Call(&client::ServiceKvSource::ResetHotSet); })
       .def(
