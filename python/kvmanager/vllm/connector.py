@@ -357,7 +357,10 @@ class KvmanagerConnector(_Base):
             self._blocks[rid] = ids
         if num_external_tokens <= 0:  # the second call of an async load, or no hit
             return
-        src, computed, n = self._seen[rid]
+        seen = self._seen.get(rid)
+        if seen is None or seen[0] is None:  # no hit of ours was offered for this request
+            return
+        src, computed, n = seen
         B = self._geo.block_size
         first = computed // B
         self._pending_loads[rid] = LoadSpec(rid, src, list(range(first, n)), ids[first:n])
