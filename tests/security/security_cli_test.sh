@@ -97,13 +97,12 @@ check "... refused with one clear log line" \
 check "... counted: kvm_tls_handshake_failures_total 1" \
   '[ "$(metric kvm_tls_handshake_failures_total)" = 1 ]'
 
-# kvmctl status over mutual TLS (the admin port is HTTPS here, which status reads over plain HTTP:
-# only `up` is checked).
+# kvmctl status over mutual TLS, the admin port over HTTPS (--admin-tls).
 "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
-  --tls-ca certs/ca.crt --tls-cert certs/client.crt --tls-key certs/client.key --timeout-ms 3000 \
-  --json > tls.json 2> tls.err
-check "kvmctl status --tls-ca --tls-cert --tls-key: the shard is up (TLS handshake, Hello, Heartbeat)" \
-  'python3 -c "import json,sys; s=json.load(open(\"tls.json\"))[\"shards\"][0]; sys.exit(0 if s[\"up\"] else 1)" || cat tls.json'
+  --tls-ca certs/ca.crt --tls-cert certs/client.crt --tls-key certs/client.key --admin-tls \
+  --timeout-ms 3000 --json > tls.json 2> tls.err; rc=$?
+check "kvmctl status --tls-ca --tls-cert --tls-key --admin-tls: exit 0, up (TLS handshake, Hello, Heartbeat) and ready (/readyz, /status, /metrics over HTTPS)" \
+  '[ $rc -eq 0 ] && python3 -c "import json,sys; s=json.load(open(\"tls.json\"))[\"shards\"][0]; sys.exit(0 if s[\"up\"] and s[\"ready\"] and s[\"sequences\"] is not None else 1)" || cat tls.json'
 "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
   --tls-ca certs/ca.crt --timeout-ms 3000 --json > nocert.json 2> /dev/null
 check "kvmctl status over TLS without the client certificate: down" \
@@ -118,6 +117,9 @@ check "kvm_tls_handshake_failures_total 3" '[ "$(metric kvm_tls_handshake_failur
   > /dev/null 2> usage.err; rc=$?
 check "kvmctl status --tls-cert without --tls-ca: usage error" \
   '[ $rc -eq 2 ] && grep -q "only with --tls-ca" usage.err'
+"$C" status --server "127.0.0.1:$P" --admin-tls > /dev/null 2> usage.err; rc=$?
+check "kvmctl status --admin-tls without --tls-ca: usage error" \
+  '[ $rc -eq 2 ] && grep -q "admin-tls: needs --tls-ca" usage.err'
 
 # A wrong token over TLS: Unauthenticated, counted.
 check "kvm_auth_failures_total 0 before" '[ "$(metric kvm_auth_failures_total)" = 0 ]'

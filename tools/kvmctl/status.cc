@@ -3,14 +3,19 @@
 // Per shard, in parallel, each step within --timeout-ms (a shard that does not answer is reported
 // down when its time is up, never waited on longer):
 //   control port  a TCP connect; with --tenant/--token-file also Hello and a Heartbeat answered.
-//                 That is all the control port is used for (`up`).
+//                 That is all the control port is used for (`up`). With --tls-ca over TLS (the
+//                 client library), --tls-cert/--tls-key for mutual TLS.
 //   admin port    GET /readyz (`ready`), /status (version, uptime, degraded, sequences) and
 //                 /metrics (tiers, dropped mass, bandwidth saved), parsed here (prom_text.h).
+//                 --admin-tls: over HTTPS, the certificate verified against --tls-ca.
 // Rates (retrievals/s, errors/s) need two reads of /metrics: the one-shot form reads it twice about
 // 1 s apart; --watch uses consecutive frames. A rate that cannot be computed is null / "-".
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -64,6 +69,7 @@ struct Options {
   // TLS on the control port (--tls-ca, --tls-cert/--tls-key): the check is then a TLS handshake
   // and Hello (a refused token counts as up without a tenant: the server answered).
   std::string tls_ca, tls_cert, tls_key;
+  bool admin_tls = false;  // --admin-tls: the admin port over HTTPS, verified against tls_ca
 };
 
 // ---- Sockets with a deadline ----
@@ -150,21 +156,94 @@ struct HttpReply {
   std::string body;
 };
 
-// GET path over HTTP/1.0 (the admin server closes after each reply).
-std::optional<HttpReply> HttpGet(const Shard& s, const std::string& path,
+// One OpenSSL call on a non-blocking fd, repeated until it is done or the deadline: its result
+// (> 0), 0 at a clean end of the stream, -1 and *err on failure.
+template <typename Op>
+int SslIo(SSL* ssl, int fd, Op op, Clock::time_point deadline, std::string* err) {
+  for (;;) {
+    ERR_clear_error();
+    const int r = op();
+    if (r > 0) return r;
+    const int e = SSL_get_error(ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+      if (!WaitFd(fd, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline, err)) return -1;
+      continue;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    const long v = SSL_get_verify_result(ssl);
+    char buf[256] = "";
+    ERR_error_string_n(ERR_get_error(), buf, sizeof buf);
+    *err = v != X509_V_OK
+               ? std::string("TLS: server certificate: ") + X509_verify_cert_error_string(v)
+               : std::string("TLS: ") + (buf[0] ? buf : "the connection closed");
+    return -1;
+  }
+}
+
+// The request over TLS on the connected fd (--admin-tls): the admin certificate verified against
+// --tls-ca and the admin host (IP SAN or DNS name). Appends the reply to *raw.
+bool HttpsExchange(int fd, const Shard& s, const Options& o, const std::string& req,
+                   std::string* raw, Clock::time_point deadline, std::string* err) {
+  std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx(SSL_CTX_new(TLS_client_method()),
+                                                        SSL_CTX_free);
+  if (!ctx) return *err = "TLS: SSL_CTX_new failed", false;
+  SSL_CTX_set_min_proto_version(ctx.get(), TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx.get(), SSL_OP_IGNORE_UNEXPECTED_EOF);
+  if (SSL_CTX_load_verify_locations(ctx.get(), o.tls_ca.c_str(), nullptr) != 1)
+    return *err = "TLS: cannot read --tls-ca '" + o.tls_ca + "'", false;
+  SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
+  std::unique_ptr<SSL, decltype(&SSL_free)> ssl(SSL_new(ctx.get()), SSL_free);
+  if (!ssl || SSL_set_fd(ssl.get(), fd) != 1) return *err = "TLS: SSL_new failed", false;
+  in6_addr a6;
+  in_addr a4;
+  if (inet_pton(AF_INET, s.admin_host.c_str(), &a4) == 1 ||
+      inet_pton(AF_INET6, s.admin_host.c_str(), &a6) == 1) {
+    X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl.get()), s.admin_host.c_str());
+  } else {
+    SSL_set_tlsext_host_name(ssl.get(), s.admin_host.c_str());
+    SSL_set1_host(ssl.get(), s.admin_host.c_str());
+  }
+  SSL* c = ssl.get();
+  if (SslIo(
+          c, fd, [&] { return SSL_connect(c); }, deadline, err) <= 0)
+    return false;
+  for (size_t off = 0; off < req.size();) {
+    const int w = SslIo(
+        c, fd, [&] { return SSL_write(c, req.data() + off, int(req.size() - off)); }, deadline,
+        err);
+    if (w <= 0) return false;
+    off += size_t(w);
+  }
+  char buf[16384];
+  for (;;) {
+    const int r = SslIo(
+        c, fd, [&] { return SSL_read(c, buf, int(sizeof buf)); }, deadline, err);
+    if (r < 0) return false;
+    if (r == 0) return true;
+    raw->append(buf, size_t(r));
+  }
+}
+
+// GET path over HTTP/1.0 (the admin server closes after each reply); HTTPS with --admin-tls.
+std::optional<HttpReply> HttpGet(const Shard& s, const Options& o, const std::string& path,
                                  Clock::time_point deadline, std::string* err) {
   const int fd = Connect(s.admin_host, s.admin_port, deadline, err);
   if (fd < 0) return std::nullopt;
   const std::string req = "GET " + path + " HTTP/1.0\r\nHost: " + s.admin_host +
                           "\r\nUser-Agent: kvmctl-status\r\nConnection: close\r\n\r\n";
   std::string raw;
-  bool ok = SendAll(fd, req.data(), req.size(), deadline, err);
-  char buf[16384];
-  while (ok) {
-    const ssize_t r = RecvSome(fd, buf, sizeof buf, deadline, err);
-    if (r < 0) ok = false;
-    if (r <= 0) break;
-    raw.append(buf, size_t(r));
+  bool ok = true;
+  if (o.admin_tls) {
+    ok = HttpsExchange(fd, s, o, req, &raw, deadline, err);
+  } else {
+    ok = SendAll(fd, req.data(), req.size(), deadline, err);
+    char buf[16384];
+    while (ok) {
+      const ssize_t r = RecvSome(fd, buf, sizeof buf, deadline, err);
+      if (r < 0) ok = false;
+      if (r <= 0) break;
+      raw.append(buf, size_t(r));
+    }
   }
   close(fd);
   if (!ok) return std::nullopt;
@@ -290,10 +369,11 @@ struct Reading {
 };
 
 // Reads /readyz, /status and /metrics (or only /metrics) into *r.
-void ProbeAdmin(const Shard& s, bool metrics_only, Clock::time_point deadline, Reading* r) {
+void ProbeAdmin(const Shard& s, const Options& o, bool metrics_only, Clock::time_point deadline,
+                Reading* r) {
   std::string err;
   if (!metrics_only) {
-    auto ready = HttpGet(s, "/readyz", deadline, &err);
+    auto ready = HttpGet(s, o, "/readyz", deadline, &err);
     if (!ready) return void(r->admin_error = "/readyz: " + err);
     r->ready = ready->code == 200;
     if (!r->ready) {
@@ -301,7 +381,7 @@ void ProbeAdmin(const Shard& s, bool metrics_only, Clock::time_point deadline, R
       while (!r->not_ready.empty() && r->not_ready.back() == '\n') r->not_ready.pop_back();
       if (r->not_ready.empty()) r->not_ready = "HTTP " + std::to_string(ready->code);
     }
-    auto st = HttpGet(s, "/status", deadline, &err);
+    auto st = HttpGet(s, o, "/status", deadline, &err);
     if (!st) return void(r->admin_error = "/status: " + err);
     r->status = json::parse(st->body, nullptr, /*allow_exceptions=*/false);
     if (st->code != 200 || !r->status.is_object()) {
@@ -310,7 +390,7 @@ void ProbeAdmin(const Shard& s, bool metrics_only, Clock::time_point deadline, R
                       "/status: not a JSON object (HTTP " + std::to_string(st->code) + ")");
     }
   }
-  auto m = HttpGet(s, "/metrics", deadline, &err);
+  auto m = HttpGet(s, o, "/metrics", deadline, &err);
   if (!m) return void(r->admin_error = "/metrics: " + err);
   r->metrics_at = Clock::now();
   if (m->code != 200) return void(r->admin_error = "/metrics: HTTP " + std::to_string(m->code));
@@ -352,7 +432,7 @@ class Prober {
         std::thread control;
         if (!only)
           control = std::thread([&] { r.up = ProbeControl(shard, o, deadline, &r.control_error); });
-        ProbeAdmin(shard, only, deadline, &r);
+        ProbeAdmin(shard, o, only, deadline, &r);
         if (control.joinable()) control.join();
         r.done = true;
         busy->store(false);
@@ -602,7 +682,7 @@ Options ParseOptions(const std::vector<std::string>& args) {
   Flags f(
       args,
       {"server", "admin", "tenant", "token-file", "timeout-ms", "tls-ca", "tls-cert", "tls-key"},
-      {"watch", "json"});
+      {"watch", "json", "admin-tls"});
   Options o;
   o.watch = f.Bool("watch");
   o.json = f.Bool("json");
@@ -649,6 +729,9 @@ Options ParseOptions(const std::vector<std::string>& args) {
   o.tls_ca = co.tls_ca;
   o.tls_cert = co.tls_cert;
   o.tls_key = co.tls_key;
+  o.admin_tls = f.Bool("admin-tls");
+  if (o.admin_tls && o.tls_ca.empty())
+    throw UsageError("--admin-tls: needs --tls-ca (the admin certificate is verified against it)");
   return o;
 }
 
