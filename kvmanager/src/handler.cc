@@ -50,9 +50,16 @@ bool TokenEquals(std::string_view expected, std::string_view given) {
 
 RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
     : store_(store), opt_(std::move(opt)) {
+  tenants_ = std::make_shared<const std::vector<TenantConfig>>(opt_.tenants);
   RetrievalOptions ro;
   ro.max_reply_bytes = opt_.limits.max_frame_bytes / 2;  // room for the header of a big reply
   engine_ = std::make_unique<RetrievalEngine>(store_, ro, opt_.metrics);
+}
+
+void RequestHandler::SetTenants(std::vector<TenantConfig> tenants) {
+  auto t = std::make_shared<const std::vector<TenantConfig>>(std::move(tenants));
+  std::lock_guard<std::mutex> l(tenants_mu_);
+  tenants_ = std::move(t);
 }
 
 void RequestHandler::Close(SessionState& s) {
@@ -250,7 +257,12 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
     // every refusal counts (the server slows down the next ones from the same address).
     s.auth_failed = false;
     const TenantConfig* found = nullptr;
-    for (const auto& t : opt_.tenants)
+    std::shared_ptr<const std::vector<TenantConfig>> tenants;
+    {
+      std::lock_guard<std::mutex> l(tenants_mu_);
+      tenants = tenants_;
+    }
+    for (const auto& t : *tenants)
       if (t.name == h.tenant()) found = &t;
     const bool token_ok = found && TokenEquals(found->token, h.auth_token());
     if (!token_ok || (found->loopback_only && !s.loopback)) {

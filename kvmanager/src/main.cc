@@ -12,8 +12,10 @@
 //
 // Configuration: flags override a YAML --config file (the same names with '_'); --tenants-file
 // replaces the tenants. Tokens come from files (the config, the tenants file or a tenant's
-// token_file), never from the command line. --check-config validates all of it and exits without
-// opening the store or binding a port; --version prints the version and the build's options.
+// token_file), never from the command line; they are re-read on SIGHUP and when one of those files
+// changes (new Hellos use the new tokens, open sessions stay). --check-config validates all of it
+// and exits without opening the store or binding a port; --version prints the version and the
+// build's options.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -37,7 +39,9 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <thread>
+#include <vector>
 
 #include "kvmanager/admin.h"
 #include "kvmanager/block_store.h"
@@ -72,9 +76,17 @@ struct Config {
   // (--no-dev-tenant): no tenants configured is an error instead. Default: true.
   bool dev_tenant = true;
   bool tenants_configured = false;
+  std::vector<std::string> token_files;  // the tenants' token_file paths (watched for rotation)
 };
 
+// A configuration error while the service runs (a reload): thrown by Usage instead of exiting.
+struct ReloadError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+bool g_usage_throws = false;  // main thread only: set while the tenants are reloaded
+
 [[noreturn]] void Usage(const std::string& msg) {
+  if (g_usage_throws) throw ReloadError(msg);
   std::fprintf(stderr, "kvmanager: %s (see --help)\n", msg.c_str());
   std::exit(2);
 }
@@ -131,7 +143,8 @@ void GetScalar(const YAML::Node& map, const char* key, const std::string& field,
 // resolved against base_dir. Exits 2 on an empty list, an unknown or missing field, a duplicate
 // name, an empty or unreadable token.
 std::vector<server::TenantConfig> ParseTenants(const YAML::Node& list, const std::string& prefix,
-                                               const std::string& base_dir) {
+                                               const std::string& base_dir,
+                                               std::vector<std::string>* token_files) {
   auto field = [&](const std::string& sub) { return prefix + "field 'tenants" + sub + "'"; };
   if (!list.IsSequence()) Usage(field("") + " must be a list of {name, token | token_file}");
   if (list.size() == 0) Usage(field("") + " is an empty list (no client could authenticate)");
@@ -155,8 +168,10 @@ std::vector<server::TenantConfig> ParseTenants(const YAML::Node& list, const std
     if (tc.name.empty()) Usage(field(at + ".name") + " is missing");
     if (t["token"] && t["token_file"]) Usage(field(at) + ": give token or token_file, not both");
     if (!t["token"] && !t["token_file"]) Usage(field(at) + ": needs token or token_file");
-    if (t["token_file"])
-      tc.token = ReadTokenFile(Resolve(token_file, base_dir), field(at + ".token_file"));
+    if (t["token_file"]) {
+      token_files->push_back(Resolve(token_file, base_dir));
+      tc.token = ReadTokenFile(token_files->back(), field(at + ".token_file"));
+    }
     if (tc.token.empty()) Usage(field(at + ".token") + " is empty");
     if (!names.insert(tc.name).second)
       Usage(field(at + ".name") + ": tenant '" + tc.name + "' is listed twice");
@@ -234,7 +249,8 @@ void LoadConfig(const std::string& path, Config* c) {
   get("admin_tls", &c->admin_tls);
   get("dev_tenant", &c->dev_tenant);
   if (y["tenants"]) {
-    c->server.handler.tenants = ParseTenants(y["tenants"], "config " + path + ": ", DirOf(path));
+    c->server.handler.tenants =
+        ParseTenants(y["tenants"], "config " + path + ": ", DirOf(path), &c->token_files);
     c->tenants_configured = true;
   }
 }
@@ -248,9 +264,9 @@ void LoadTenantsFile(const std::string& path, Config* c) {
       if (kv.first.as<std::string>() != "tenants")
         Usage(prefix + "unknown field '" + kv.first.as<std::string>() + "' (only 'tenants')");
     if (!y["tenants"]) Usage(prefix + "no 'tenants' list");
-    c->server.handler.tenants = ParseTenants(y["tenants"], prefix, DirOf(path));
+    c->server.handler.tenants = ParseTenants(y["tenants"], prefix, DirOf(path), &c->token_files);
   } else {
-    c->server.handler.tenants = ParseTenants(y, prefix, DirOf(path));
+    c->server.handler.tenants = ParseTenants(y, prefix, DirOf(path), &c->token_files);
   }
   c->tenants_configured = true;
 }
@@ -513,7 +529,10 @@ int main(int argc, char** argv) {
   if (vm.count("tls-client-ca")) c.tls.client_ca = vm["tls-client-ca"].as<std::string>();
   if (vm["admin-tls"].as<bool>()) c.admin_tls = true;
   if (vm["no-dev-tenant"].as<bool>()) c.dev_tenant = false;
-  if (vm.count("tenants-file")) LoadTenantsFile(vm["tenants-file"].as<std::string>(), &c);
+  if (vm.count("tenants-file")) {
+    c.token_files.clear();  // the tenants file replaces the config's tenants
+    LoadTenantsFile(vm["tenants-file"].as<std::string>(), &c);
+  }
   if (vm.count("listen")) c.server.listen = vm["listen"].as<std::string>();
   if (vm.count("admin")) c.admin = vm["admin"].as<std::string>();
   if (vm.count("data-dir")) c.store.dir = vm["data-dir"].as<std::string>();
@@ -667,14 +686,53 @@ int main(int argc, char** argv) {
   std::printf("kvmanager tls: %s\n", tls_line.c_str());
   std::fflush(stdout);
 
-  // 4. Serve until SIGTERM/SIGINT. The TLS certificates are reloaded on SIGHUP and when their
-  // files change (checked every second; Kubernetes rewrites a mounted Secret without a signal):
+  // 4. Serve until SIGTERM/SIGINT. The TLS certificates, and the tenants with their tokens, are
+  // reloaded on SIGHUP and when their files change (checked every second; Kubernetes rewrites a
+  // mounted Secret without a signal):
   // new connections get the new ones, open sessions keep theirs; a failed reload (a half-written
   // pair, say) keeps the current ones and says why, and the next change tries again.
   std::vector<std::string> tls_files;
   for (const std::string* f : {&c.tls.cert, &c.tls.key, &c.tls.client_ca})
     if (!f->empty()) tls_files.push_back(*f);
   std::string stamps = FileStamps(tls_files);
+  // The tenants and their tokens, from the config / tenants file and the token files they name,
+  // re-read the same way (a bad file keeps the current tenants and says why).
+  auto tenant_sources = [&](const std::vector<std::string>& token_files) {
+    std::vector<std::string> f = token_files;
+    if (vm.count("config")) f.push_back(vm["config"].as<std::string>());
+    if (vm.count("tenants-file")) f.push_back(vm["tenants-file"].as<std::string>());
+    return f;
+  };
+  std::vector<std::string> tenant_files =
+      c.tenants_configured ? tenant_sources(c.token_files) : std::vector<std::string>();
+  std::string tenant_stamps = FileStamps(tenant_files);
+  auto reload_tenants = [&](const char* why) {
+    if (!c.tenants_configured) return;  // the embedded development tenant: nothing to re-read
+    Config fresh;
+    g_usage_throws = true;
+    try {
+      if (vm.count("config")) LoadConfig(vm["config"].as<std::string>(), &fresh);
+      if (vm.count("tenants-file")) {
+        fresh.token_files.clear();
+        LoadTenantsFile(vm["tenants-file"].as<std::string>(), &fresh);
+      }
+      if (!fresh.tenants_configured) Usage("the config no longer lists tenants");
+    } catch (const ReloadError& e) {
+      g_usage_throws = false;
+      std::fprintf(stderr, "kvmanager: %s: tenants reload failed, the current tenants stay: %s\n",
+                   why, e.what());
+      return;
+    }
+    g_usage_throws = false;
+    const size_t n = fresh.server.handler.tenants.size();
+    (*srv)->SetTenants(std::move(fresh.server.handler.tenants));
+    tenant_files = tenant_sources(fresh.token_files);
+    tenant_stamps = FileStamps(tenant_files);
+    std::fprintf(stderr,
+                 "kvmanager: %s: tenants reloaded (%zu; new Hellos use them, open sessions "
+                 "stay)\n",
+                 why, n);
+  };
   auto reload = [&](const char* why) {
     if (!control_tls) {
       std::fprintf(stderr, "kvmanager: %s: TLS is off, nothing to reload\n", why);
@@ -698,8 +756,13 @@ int main(int argc, char** argv) {
     if (sig == SIGTERM || sig == SIGINT) break;
     if (sig == SIGHUP) {
       stamps = FileStamps(tls_files);
-      reload("SIGHUP");
+      if (control_tls) reload("SIGHUP");
+      reload_tenants("SIGHUP");
       continue;
+    }
+    if (std::string now = FileStamps(tenant_files); now != tenant_stamps) {
+      tenant_stamps = std::move(now);
+      reload_tenants("tenant files changed");
     }
     if (control_tls) {
       std::string now = FileStamps(tls_files);

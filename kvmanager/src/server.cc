@@ -462,6 +462,10 @@ std::string Server::address() const {
          ":" + std::to_string(ep.port());
 }
 
+void Server::SetTenants(std::vector<TenantConfig> tenants) {
+  impl_->handler->SetTenants(std::move(tenants));
+}
+
 size_t Server::sessions() const {
   std::lock_guard<std::mutex> l(impl_->sessions_mu);
   return impl_->sessions.size();

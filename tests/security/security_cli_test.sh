@@ -5,7 +5,8 @@
 # HTTPS (curl), a plaintext client refused with one log line and counted while a TLS client is
 # served, kvmctl status and kvmctl demo over mutual TLS, a wrong token refused and counted, TLS 1.1
 # refused, --no-dev-tenant; certificates reloaded when their files change (renamed in, as Kubernetes
-# does) and on SIGHUP while a loadgen session stays open, a bad file keeping the current ones.
+# does) and on SIGHUP while a loadgen session stays open, a bad file keeping the current ones; the
+# same for a rotated token file and a broken tenants file.
 # Usage: security_cli_test.sh KVMANAGER KVMCTL
 set -u
 K=$(realpath "$1"); C=$(realpath "$2"); fail=0
@@ -165,8 +166,8 @@ P=$(free_port); A=$(free_port)
   --tenants-file tenants.yaml --tls-cert live/tls.crt --tls-key live/tls.key > out2.txt 2> log2.txt &
 pid=$!
 check "a TLS shard on live/tls.crt started" 'wait_line "listening on" out2.txt || { cat log2.txt; false; }'
-up_with() {  # CA: 0 when kvmctl status over TLS verified against CA finds the shard up
-  "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
+up_with() {  # CA [TOKEN_FILE]: 0 when kvmctl status over TLS verified against CA finds the shard up
+  "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file "${2:-tokA}" \
     --tls-ca "$1" --timeout-ms 3000 --json 2> /dev/null |
     python3 -c "import json,sys; sys.exit(0 if json.load(sys.stdin)['shards'][0]['up'] else 1)"
 }
@@ -198,6 +199,28 @@ kill -HUP "$pid"
 check "SIGHUP reloads (and the shard keeps running)" \
   'for _ in $(seq 30); do grep -q "SIGHUP: TLS certificates reloaded" log2.txt && break; sleep 0.1; done; grep -q "SIGHUP: TLS certificates reloaded" log2.txt && kill -0 $pid'
 check "after SIGHUP clients trusting ca are served again" 'up_with certs/ca.crt'
+
+# ---- tokens rotated: the tenant's token_file renamed over, no signal; a session stays open ----
+cp tokA tokA.old
+"$C" loadgen --server "127.0.0.1:$P" --sequences 2 --seconds 5 --tokens 64 --tenant a \
+  --token-file tokA --tls-ca certs/ca.crt --json > loadgen2.json 2> loadgen2.err &
+lg=$!
+sleep 1.5
+printf 'tokB\n' > tokA.new; mv tokA.new tokA
+check "a rotated token file is picked up within 3 s (no signal)" \
+  'for _ in $(seq 30); do grep -q "tenant files changed: tenants reloaded (1;" log2.txt && break; sleep 0.1; done; grep -q "tenant files changed: tenants reloaded (1;" log2.txt || { cat log2.txt; false; }'
+check "the old token is refused, the new one served" '! up_with certs/ca.crt tokA.old && up_with certs/ca.crt tokA'
+wait $lg; rc=$?
+check "the session authenticated with the old token was not dropped (loadgen: exit 0, 0 errors)" \
+  '[ $rc -eq 0 ] && python3 -c "import json,sys; d=json.load(open(\"loadgen2.json\")); sys.exit(0 if d[\"errors\"] == 0 and d[\"requests\"] > 0 else 1)" || { cat loadgen2.json; tail -3 loadgen2.err; false; }'
+cp tenants.yaml tenants.good
+printf 'tenants:\n  - {name: a}\n' > tenants.yaml
+check "a broken tenants file: the reload fails naming the field, the current tenants stay" \
+  'for _ in $(seq 30); do grep -q "tenants reload failed, the current tenants stay: .*needs token or token_file" log2.txt && break; sleep 0.1; done; grep -q "tenants reload failed" log2.txt && up_with certs/ca.crt tokA'
+cp tenants.good tenants.yaml
+kill -HUP "$pid"
+check "SIGHUP re-reads the tenants too" \
+  'for _ in $(seq 30); do grep -q "SIGHUP: tenants reloaded" log2.txt && break; sleep 0.1; done; grep -q "SIGHUP: tenants reloaded" log2.txt && up_with certs/ca.crt tokA'
 kill -TERM "$pid"; wait "$pid"; rc=$?; pid=""
 check "SIGTERM: clean stop" '[ $rc -eq 0 ]'
 exit $fail

@@ -257,6 +257,22 @@ TEST_F(TlsTest, WrongTokenCountedAndSlowedDown) {
   EXPECT_EQ(Counter(metrics_, "kvm_auth_failures_total"), 5);
 }
 
+TEST_F(TlsTest, RotatedTokensApplyToNewHellosOnly) {
+  StartService(false);
+  auto open = client::Client::Connect(Opts());
+  ASSERT_TRUE(open.ok()) << open.status().ToString();
+  service_->server->SetTenants({{"a", "tokB", false}});
+  auto old_token = client::Client::Connect(Opts());
+  ASSERT_FALSE(old_token.ok());
+  EXPECT_EQ(old_token.status().code(), StatusCode::kUnauthenticated);
+  auto o = Opts();
+  o.token = "tokB";
+  auto rotated = client::Client::Connect(o);
+  ASSERT_TRUE(rotated.ok()) << rotated.status().ToString();
+  RoundTrip(rotated->get(), 4);
+  RoundTrip(open->get(), 5);  // the session authenticated before the rotation stays
+}
+
 TEST_F(TlsTest, AdminOverHttps) {
   server::AdminOptions ao;
   ao.listen = "127.0.0.1:0";

@@ -23,6 +23,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -101,6 +103,9 @@ class RequestHandler {
   static RequestClass Classify(const wire::Frame& f);
   // The session ended: releases its data-plane endpoint.
   void Close(SessionState& s);
+  // Replaces the tenants (rotated tokens) for the Hellos from now on; sessions already
+  // authenticated keep their tenant.
+  void SetTenants(std::vector<TenantConfig> tenants);
 
  private:
   // Replies through `reply` itself only when it returns kDeferred with an OK status.
@@ -121,6 +126,8 @@ class RequestHandler {
   store::BlockStore* store_;
   HandlerOptions opt_;
   std::unique_ptr<RetrievalEngine> engine_;
+  std::mutex tenants_mu_;
+  std::shared_ptr<const std::vector<TenantConfig>> tenants_;  // GUARDED_BY(tenants_mu_)
   uint64_t next_session_ = 1;
 };
 

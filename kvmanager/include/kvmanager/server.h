@@ -66,6 +66,8 @@ class Server {
   uint16_t port() const;
   std::string address() const;  // "host:port" actually bound
   size_t sessions() const;      // open control connections
+  // The tenants for new Hellos (RequestHandler::SetTenants); open sessions stay.
+  void SetTenants(std::vector<TenantConfig> tenants);
   // Stops accepting, waits (up to drain_ms) for the requests in flight, closes every session.
   void Stop(int drain_ms = 5000);
 
