@@ -8,7 +8,7 @@ PKGS=(
   libucx-dev ucx-utils                       # data plane (UCX 1.13)
   librocksdb-dev                             # disk tier
   libboost-dev libboost-system-dev libboost-program-options-dev   # Asio, Beast
-  libssl-dev openssl                         # TLS on the control plane (Asio SSL); tests make certs
+  libssl-dev openssl curl                    # TLS on the control plane (Asio SSL); tests make certs, curl https
   protobuf-compiler libprotobuf-dev          # wire schema
   prometheus-cpp-dev prometheus              # metrics; promtool checks /metrics in tests
   libyaml-cpp-dev nlohmann-json3-dev         # config file, JSON output
