@@ -44,6 +44,35 @@ struct Server::Impl {
   std::condition_variable sessions_gone;
   std::set<std::shared_ptr<Session>> sessions;
 
+  // Refused TLS handshakes are logged one line each, up to kTlsLogLines per 10 s; beyond that they
+  // are only counted (a flood of plaintext connections does not flood the log), and the next line
+  // says how many went unlogged.
+  static constexpr int kTlsLogLines = 20;
+  std::mutex tls_log_mu;
+  std::chrono::steady_clock::time_point tls_log_window;  // GUARDED_BY(tls_log_mu)
+  int tls_logged = 0;                                    // GUARDED_BY(tls_log_mu)
+  uint64_t tls_unlogged = 0;                             // GUARDED_BY(tls_log_mu)
+  void LogTlsFailure(const std::string& line) {
+    std::lock_guard<std::mutex> l(tls_log_mu);
+    const auto now = std::chrono::steady_clock::now();
+    if (now - tls_log_window > std::chrono::seconds(10)) {
+      tls_log_window = now;
+      tls_logged = 0;
+    }
+    if (tls_logged >= kTlsLogLines) {
+      ++tls_unlogged;
+      return;
+    }
+    ++tls_logged;
+    if (tls_unlogged)
+      std::fprintf(stderr,
+                   "kvmanager: %llu more refused TLS handshakes were not logged (at most %d lines "
+                   "per 10 s; kvm_tls_handshake_failures_total counts them all)\n",
+                   static_cast<unsigned long long>(tls_unlogged), kTlsLogLines);
+    tls_unlogged = 0;
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
   // Failed Hellos per peer address (AuthDelayMs).
   struct AuthFailures {
     uint32_t count = 0;
@@ -141,8 +170,7 @@ struct Server::Impl {
       } else if (ec == asio::error::eof || ec == asio::ssl::error::stream_truncated) {
         hint = " (the client closed the connection during the handshake)";
       }
-      std::fprintf(stderr, "kvmanager: TLS handshake from %s refused: %s%s\n", peer_.c_str(),
-                   why.c_str(), hint);
+      srv_->LogTlsFailure("kvmanager: TLS handshake from " + peer_ + " refused: " + why + hint);
     }
     template <typename Buffer, typename Handler>
     void ReadSome(const Buffer& b, Handler&& h) {

@@ -152,9 +152,35 @@ check "... counted, with its log line" \
 "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
   --tls-ca certs/ca.crt --tls-cert certs/client.crt --tls-key certs/client.key --timeout-ms 3000 \
   --json > after.json 2> /dev/null
+up_with_main() {
+  "$C" status --server "127.0.0.1:$P" --admin "127.0.0.1:$A" --tenant a --token-file tokA \
+    --tls-ca certs/ca.crt --tls-cert certs/client.crt --tls-key certs/client.key --timeout-ms 3000 \
+    --json 2> /dev/null |
+    python3 -c "import json,sys; sys.exit(0 if json.load(sys.stdin)['shards'][0]['up'] else 1)"
+}
 check "the shard still serves TLS clients after all of it" \
   'python3 -c "import json,sys; s=json.load(open(\"after.json\"))[\"shards\"][0]; sys.exit(0 if s[\"up\"] else 1)" && kill -0 $pid'
 
+# A flood of 60 plaintext connections: all counted, the log bounded (20 lines per 10 s).
+before=$(metric kvm_tls_handshake_failures_total)
+python3 - "$P" <<'PY'
+import socket, sys
+for _ in range(60):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    s.settimeout(2)
+    try:
+        s.sendall(b"KVM0" + b"\0" * 60)
+        s.recv(100)
+    except OSError:
+        pass
+    s.close()
+PY
+for _ in $(seq 50); do [ "$(metric kvm_tls_handshake_failures_total)" = $((before + 60)) ] && break; sleep 0.1; done
+check "a flood of 60 plaintext connections: all 60 counted" \
+  '[ "$(metric kvm_tls_handshake_failures_total)" = $((before + 60)) ]'
+check "... the log bounded: at most 20 refusal lines" \
+  '[ "$(grep -c "TLS handshake from .* refused" log.txt)" -le 20 ] || tail -3 log.txt'
+check "... and TLS clients are served" 'up_with_main'
 kill -TERM "$pid"; wait "$pid"; rc=$?; pid=""
 check "SIGTERM: clean stop" '[ $rc -eq 0 ]'
 

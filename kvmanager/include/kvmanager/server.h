@@ -44,8 +44,9 @@ struct ServerOptions {
   int listen_fd = -1;
   // TLS on the control plane (kvmanager/tls.h; mutual when it has a client CA): every connection
   // starts with a TLS handshake (TLS 1.2+). A connection whose handshake fails (a plaintext
-  // client, no or an untrusted client certificate, TLS 1.1) gets one log line on stderr, counts
-  // in kvm_tls_handshake_failures_total (handler.metrics) and is closed; the others are served.
+  // client, no or an untrusted client certificate, TLS 1.1) gets one log line on stderr (at most 20
+  // per 10 s, then a count of the unlogged ones), counts in kvm_tls_handshake_failures_total
+  // (handler.metrics) and is closed; the others are served.
   // A Reload of the credentials applies to new connections. Default: null = plaintext.
   std::shared_ptr<TlsCredentials> tls;
   // A failed Hello from a peer address that failed before is answered after a delay that doubles
