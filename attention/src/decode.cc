@@ -68,7 +68,7 @@ Status DecodeParams::Validate() const {
         return Status::InvalidArgument("decode: null block pointer");
       for (uint32_t x = 0; x < r && !any; ++x) any = !mask || mask[i * block_size + x];
     }
-    if (!any)
+    if (!any && !state)
       return Status::InvalidArgument("decode: KV head " + std::to_string(h) + " attends no token");
   }
   return Status::Ok();

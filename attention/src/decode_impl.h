@@ -129,8 +129,12 @@ void DecodeHead(const DecodeParams& p, uint32_t h) {
   }
   for (uint32_t j = 0; j < g; ++j) {
     float* out = p.out + (size_t{h} * g + j) * D;
-    const float inv = 1.0f / dsum[j];
+    const float inv = dsum[j] > 0.f ? 1.0f / dsum[j] : 0.f;  // no key (state mode): out 0
     for (uint32_t d = 0; d < D; ++d) out[d] = o[j][d] * inv;
+    if (p.state) {
+      p.state[(size_t{h} * g + j) * 2] = m[j];
+      p.state[(size_t{h} * g + j) * 2 + 1] = dsum[j];
+    }
   }
 }
 

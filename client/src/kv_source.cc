@@ -8,6 +8,24 @@
 
 namespace kvm::client {
 
+const char* CorrectionName(Correction c) {
+  switch (c) {
+    case Correction::kOff:
+      return "off";
+    case Correction::kAnchors:
+      return "anchors";
+    case Correction::kAlways:
+      return "always";
+  }
+  return "?";
+}
+
+Result<Correction> ParseCorrection(const std::string& name) {
+  for (Correction c : {Correction::kOff, Correction::kAnchors, Correction::kAlways})
+    if (name == CorrectionName(c)) return c;
+  return Status::InvalidArgument("correction: '" + name + "' is not off, anchors or always");
+}
+
 Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& shape,
                                                            uint32_t block_size) {
   KVM_ASSIGN_OR_RETURN(auto layout, BlockLayout::Make(shape, block_size));

@@ -4,10 +4,12 @@
 // bit-identical outputs. The lists are reused across calls (no allocation once warm).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
 #include "attention/decode.h"
+#include "attention/state.h"
 #include "proto/model_shape.h"
 #include "proto/status.h"
 
@@ -33,8 +35,9 @@ class LayerAttention {
   const void** v(uint32_t h) { return v_.data() + size_t{h} * max_; }
   uint16_t* rows(uint32_t h) { return rows_.data() + size_t{h} * max_; }
   void set_count(uint32_t h, uint32_t n) { count_[h] = n; }
-  // q, out: [q_heads][head_dim] fp32.
-  Status Run(const float* q, float* out) const {
+  // q, out: [q_heads][head_dim] fp32. `state` (optional): [q_heads][2], each query head's softmax
+  // state (m, d) over its list; with it a KV head may list no block.
+  Status Run(const float* q, float* out, float* state = nullptr) const {
     attn::DecodeParams p;
     p.q = q;
     p.out = out;
@@ -48,6 +51,7 @@ class LayerAttention {
     p.n_blocks = count_.data();
     p.max_blocks = max_;
     p.rows = rows_.data();
+    p.state = state;
     return attn::DecodeCpu(p);
   }
 
@@ -58,5 +62,20 @@ class LayerAttention {
   std::vector<uint16_t> rows_;
   std::vector<uint32_t> count_;
 };
+
+// Exact correction of one query head: merges the partial attention over the blocks it did not
+// attend — state (m2, d2) and normalised output out2, d2 = 0 when there were none — into its sparse
+// output `out` (state m, d) in place (attn::MergeState). Returns the dropped mass of the sparse
+// selection: the share of the merged normaliser that came from out2's blocks (exact).
+inline double MergeCorrection(float m, float d, float* out, float m2, float d2, const float* out2,
+                              uint32_t D) {
+  if (d2 == 0.f) return 0.0;
+  std::vector<float> o(D), o2(D);
+  for (uint32_t i = 0; i < D; ++i) o[i] = out[i] * d, o2[i] = out2[i] * d2;
+  float M = m, N = d;
+  attn::MergeState(M, N, o.data(), m2, d2, o2.data(), D);
+  for (uint32_t i = 0; i < D; ++i) out[i] = o[i] / N;
+  return double(d2) * std::exp(double(m2) - double(M)) / double(N);
+}
 
 }  // namespace kvm::client

@@ -1,6 +1,7 @@
 #include "client/selector_source.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <string>
 
@@ -26,6 +27,7 @@ Result<std::unique_ptr<SelectorKvSource>> SelectorKvSource::Make(
   s->attended_.resize(shape.kv_heads);
   s->totals_.head_retrievals.assign(size_t{shape.layers} * shape.kv_heads, 0);
   s->att_ = std::make_unique<LayerAttention>();
+  s->rest_ = std::make_unique<LayerAttention>();
   const size_t n = size_t{shape.layers} * shape.kv_heads;
   for (size_t i = 0; i < n; ++i) {
     s->summaries_.emplace_back(block_size, shape.head_dim, /*minmax=*/true);
@@ -80,6 +82,7 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
   const size_t kvb = dense_->layout().kv_block_bytes();
   if (layer == 0) ++totals_.steps;
   att_->Prepare(shape_, B, nb);
+  std::vector<uint8_t> anchored(shape_.kv_heads, 0);
   for (uint32_t h = 0; h < shape_.kv_heads; ++h) {
     const size_t idx = size_t{layer} * shape_.kv_heads + h;
     const attn::HeadKV kv = dense_->View(layer, h, T);
@@ -98,6 +101,7 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
     totals_.retrievals += s.retrieved_heads;
     totals_.head_retrievals[idx] += s.retrieved_heads;
     totals_.anchors += s.anchor ? 1 : 0;
+    anchored[h] = s.anchor || s.retrieved_heads > 0;
     totals_.target_missed += opt_.target_delta > 0 && !s.target_met;
     sel::PlanStep ps;
     KVM_RETURN_IF_ERROR(mirrors_[idx].Plan(s.blocks, T, opt_.geometry,
@@ -125,7 +129,50 @@ Status SelectorKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, fl
     att_->set_count(h, static_cast<uint32_t>(s.blocks.size()));
     attended_[h] = std::move(s.blocks);
   }
-  return att_->Run(q, out);
+  if (correction_ == Correction::kOff) return att_->Run(q, out);
+  // Exact correction: the complement of each corrected head's selection, attended over the local
+  // cache, merged into the sparse output.
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<float> state(size_t{shape_.q_heads} * 2), rest(size_t{shape_.q_heads} * D),
+      rest_state(size_t{shape_.q_heads} * 2);
+  KVM_RETURN_IF_ERROR(att_->Run(q, out, state.data()));
+  rest_->Prepare(shape_, B, nb);
+  std::vector<uint8_t> corrected(shape_.kv_heads, 0);
+  for (uint32_t h = 0; h < shape_.kv_heads; ++h) {
+    uint32_t n = 0;
+    if ((correction_ == Correction::kAlways || anchored[h]) && attended_[h].size() < nb) {
+      corrected[h] = 1;
+      const attn::HeadKV kv = dense_->View(layer, h, T);
+      const std::vector<uint64_t>& sel = attended_[h];
+      size_t i = 0;
+      for (uint64_t b = 0; b < nb; ++b) {
+        if (i < sel.size() && sel[i] == b) {
+          ++i;
+          continue;
+        }
+        rest_->k(h)[n] = kv.k_blocks[b];
+        rest_->v(h)[n] = kv.v_blocks[b];
+        rest_->rows(h)[n++] = static_cast<uint16_t>(b + 1 == nb && T % B ? T % B : B);
+      }
+      ++totals_.corrected;
+      totals_.correction_bytes +=
+          (anchored[h] ? 0 : size_t{g} * D * 4) + sel.size() * 4 + size_t{g} * (2 + D) * 4;
+    }
+    rest_->set_count(h, n);
+  }
+  KVM_RETURN_IF_ERROR(rest_->Run(q, rest.data(), rest_state.data()));
+  const size_t first = claims_.size() - size_t{shape_.q_heads};  // this layer's claims, in order
+  for (uint32_t i = 0; i < shape_.q_heads; ++i) {
+    if (!corrected[i / g]) continue;
+    const double delta =
+        MergeCorrection(state[2 * i], state[2 * i + 1], out + size_t{i} * D, rest_state[2 * i],
+                        rest_state[2 * i + 1], rest.data() + size_t{i} * D, D);
+    claims_[first + i].delta = delta;  // the selection's δ, exact (the output is not affected)
+    claims_[first + i].kind = DeltaKind::kExact;
+  }
+  totals_.correction_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return Status::Ok();
 }
 
 }  // namespace kvm::client

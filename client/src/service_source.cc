@@ -76,6 +76,7 @@ struct ServiceKvSource::Impl {
   std::vector<uint8_t> contact;  // [layer][kv_head]: a retrieval reached it since the last reset
   LayerAttention att;
   std::vector<std::vector<uint64_t>> selection;  // [kv_head]: the blocks attended this layer-step
+  std::vector<uint8_t> retrieved_now;            // [kv_head]: retrieved at this layer-step
 
   // Appends not sent yet: rows [token][layer][kv_head][K,V][D] of tokens [buf_start, ...).
   uint64_t buf_start = 0;
@@ -426,6 +427,40 @@ struct ServiceKvSource::Impl {
     hot->Trim(l, h, std::min(first, std::max(acked, k_held[index(l, h)]) / B));
   }
 
+  // Exact correction: asks the service for the partial attention of `heads` over the blocks they
+  // do not attend at (layer, pos); `rest` gets [heads][group][2 + D] (m, d, out) per query head.
+  Status Correct(uint32_t l, uint64_t pos, const std::vector<uint32_t>& heads, const float* q,
+                 std::vector<float>* rest) {
+    wire::Correct m;
+    m.set_sequence_id(opt.sequence_id);
+    m.set_step(pos);
+    m.set_layer(l);
+    std::vector<uint8_t> payload(heads.size() * g * D * sizeof(float));
+    for (size_t i = 0; i < heads.size(); ++i) {
+      wire::CorrectHead* ch = m.add_heads();
+      ch->set_kv_head(heads[i]);
+      for (uint64_t b : selection[heads[i]]) ch->add_attended(uint32_t(b));
+      std::memcpy(payload.data() + i * g * D * sizeof(float), q + size_t{heads[i]} * g * D,
+                  size_t{g} * D * sizeof(float));
+    }
+    KVM_ASSIGN_OR_RETURN(wire::Frame f, client->Call(wire::MessageType::kCorrect, m, payload));
+    wire::CorrectReply r;
+    KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
+    const size_t want = heads.size() * g * (2 + D) * sizeof(float);
+    if (f.payload.size() != want)
+      return Status::Internal("correct: the reply has " + std::to_string(f.payload.size()) +
+                              " payload bytes, expected " + std::to_string(want));
+    rest->resize(want / sizeof(float));
+    std::memcpy(rest->data(), f.payload.data(), want);
+    ++totals.corrections;
+    ++totals.round_trips;
+    totals.corrected += heads.size();
+    totals.correction_blocks += r.blocks();
+    totals.correction_bytes += 2 * wire::kFrameHeaderBytes + m.ByteSizeLong() + payload.size() +
+                               r.ByteSizeLong() + f.payload.size();
+    return Status::Ok();
+  }
+
   // One attempt at the selections of every KV head of (layer, pos): the gate's local decisions,
   // then one retrieval for the rest. Claims and audits are committed by the caller on success.
   // `alone`: the claims of the heads decided here without the service (reported to it later, as
@@ -436,6 +471,7 @@ struct ServiceKvSource::Impl {
     const sel::Geometry& geo = opt.options.geometry;
     KVM_RETURN_IF_ERROR(client->Poll());  // the acknowledgements that arrived: fewer pending rows
     std::vector<uint32_t> need;
+    retrieved_now.assign(Hkv, 0);
     for (uint32_t h = 0; h < Hkv; ++h) {
       // Keep the window only (a dense layer keeps everything, locally).
       if (!contact[index(l, h)] && !gate->DenseLayer(l)) TrimTail(l, h, geo.WindowFirstBlock(T));
@@ -447,6 +483,7 @@ struct ServiceKvSource::Impl {
         for (uint64_t b = 0; b < hot->local_first(l, h) && local; ++b) local = hot->Holds(l, h, b);
       if (!local) {
         need.push_back(h);
+        retrieved_now[h] = 1;
         continue;
       }
       for (uint32_t j = 0; j < g; ++j) alone->push_back({pos, l, h * g + j, s.delta[j], s.kind});
@@ -569,6 +606,7 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
   const uint64_t T = pos + 1;
   const uint64_t nb = m.layout.BlocksFor(T);
   const bool decode = pos >= m.opt.prefill;
+  size_t layer_claims = m.claims.size(), alone_first = m.claims.size();  // this call's claims
   if (!decode) {  // prefill: every block, from the tail
     if (m.prefill_q) m.prefill_q->Observe(layer, pos, q);
     for (uint32_t h = 0; h < m.Hkv; ++h) sel::AddRange(0, nb, &(m.selection[h] = {}));
@@ -588,9 +626,10 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
       m.diverged = false;
       Status st = m.SelectLayer(layer, pos, q, &new_claims, &alone, &audits);
       if (st.ok()) {
+        layer_claims = m.claims.size();
         m.claims.insert(m.claims.end(), new_claims.begin(), new_claims.end());
+        alone_first = m.claims.size();
         m.claims.insert(m.claims.end(), alone.begin(), alone.end());
-        m.CountAlone(alone);
         for (uint32_t h : audits) m.Audit(layer, pos, h, q);
         break;
       }
@@ -627,8 +666,40 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
     if (decode)
       for (uint64_t b : blocks) m.totals.topk_refetch += b < wf ? 2 * m.bb : 0;
   }
+  // Exact correction: the service's partial attention over what this worker does not hold.
+  std::vector<uint32_t> corr;
+  std::vector<float> rest, state;
+  if (decode && m.opt.correction != Correction::kOff) {
+    for (uint32_t h = 0; h < m.Hkv; ++h)
+      if ((m.opt.correction == Correction::kAlways || m.retrieved_now[h]) &&
+          m.selection[h].size() < nb)
+        corr.push_back(h);
+    if (!corr.empty()) {
+      const auto c0 = std::chrono::steady_clock::now();
+      if (Status st = m.Correct(layer, pos, corr, q, &rest); !st.ok()) {
+        ++m.totals.failed_calls;
+        m.last_error = st.ToString();
+        return st.WithContext("correct");
+      }
+      m.totals.correction_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+      state.resize(size_t{m.Hkv} * m.g * 2);
+    }
+  }
   const auto t0 = std::chrono::steady_clock::now();
-  KVM_RETURN_IF_ERROR(m.att.Run(q, out));
+  KVM_RETURN_IF_ERROR(m.att.Run(q, out, state.empty() ? nullptr : state.data()));
+  for (size_t i = 0; i < corr.size(); ++i)
+    for (uint32_t j = 0; j < m.g; ++j) {
+      const uint32_t qh = corr[i] * m.g + j;
+      const float* r = rest.data() + (i * m.g + j) * (2 + m.D);
+      const double delta = MergeCorrection(state[2 * qh], state[2 * qh + 1], out + size_t{qh} * m.D,
+                                           r[0], r[1], r + 2, m.D);
+      for (size_t c = layer_claims; c < m.claims.size(); ++c)  // the claim becomes the exact δ
+        if (m.claims[c].q_head == qh)
+          m.claims[c].delta = delta, m.claims[c].kind = DeltaKind::kExact;
+    }
+  if (decode)
+    m.CountAlone(std::vector<ClaimRecord>(m.claims.begin() + alone_first, m.claims.end()));
   if (decode) {
     m.totals.attention_seconds +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -203,6 +203,8 @@ RequestClass RequestHandler::Classify(const wire::Frame& f) {
       return seq(wire::RetrieveLayer(), RequestClass::kOvertake);
     case MessageType::kAudit:
       return seq(wire::Audit(), RequestClass::kOvertake);
+    case MessageType::kCorrect:  // reads stored blocks only: may overtake the step's Append
+      return seq(wire::Correct(), RequestClass::kOvertake);
     default:
       return {RequestClass::kFree};
   }
@@ -469,6 +471,14 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
         opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp,
                                      CarriedRowBytes(ref(m.sequence_id()), m));
       return send(r);
+    }
+    case MessageType::kCorrect: {
+      wire::Correct m;
+      KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
+      wire::CorrectReply r;
+      std::vector<uint8_t> states;
+      KVM_RETURN_IF_ERROR(engine_->Correct(ref(m.sequence_id()), m, f.payload, &r, &states));
+      return send(r, states);
     }
     default:
       return Status::InvalidArgument("unexpected message type");

@@ -30,9 +30,9 @@ enum Move { kHostDisk, kDiskHost, kGpuHost, kHostGpu, kMoves };
 constexpr std::pair<const char*, const char*> kMoveNames[] = {
     {"host", "disk"}, {"disk", "host"}, {"gpu", "host"}, {"host", "gpu"}};
 const std::vector<std::string> kOps = {
-    "hello",          "create",        "append",   "prefix_lookup", "truncate",
-    "retrieve_layer", "set_layer_map", "audit",    "read_blocks",   "delete",
-    "list",           "stats",         "heartbeat"};
+    "hello",          "create",        "append",    "prefix_lookup", "truncate",
+    "retrieve_layer", "set_layer_map", "audit",     "read_blocks",   "delete",
+    "list",           "stats",         "heartbeat", "correct"};
 
 int KindIndex(DeltaKind k) {
   for (int i = 0; i < 3; ++i)
@@ -296,6 +296,8 @@ const char* Metrics::OpName(uint16_t t) {
       return "stats";
     case wire::MessageType::kHeartbeat:
       return "heartbeat";
+    case wire::MessageType::kCorrect:
+      return "correct";
     default:
       return "?";
   }

@@ -7,6 +7,7 @@
 #include <limits>
 #include <map>
 
+#include "attention/decode.h"
 #include "kvmanager/metrics.h"
 #include "proto/half.h"
 #include "proto/kvm.pb.h"
@@ -471,6 +472,88 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
             metrics_->ObserveDelta(q->sel.name, DeltaKind::kAudit, d, q->sel.options.target_delta));
     }
   }
+  return Status::Ok();
+}
+
+Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
+                                std::span<const uint8_t> payload, wire::CorrectReply* reply,
+                                std::vector<uint8_t>* out) {
+  KVM_ASSIGN_OR_RETURN(const store::SeqInfo info, store_->Info(s));
+  const ModelShape& shape = info.shape;
+  const uint32_t B = info.block_size, g = shape.group_size(), D = shape.head_dim;
+  std::vector<uint32_t> heads;
+  for (const wire::CorrectHead& h : m.heads()) heads.push_back(h.kv_head());
+  KVM_RETURN_IF_ERROR(wire::ValidateQueries(m.layer(), heads, shape, 0, payload.size()));
+  if (m.step() >= info.length + opt_.max_pending_tokens + 1)
+    return Status::InvalidArgument("correct: step " + std::to_string(m.step()) + " is past the " +
+                                   std::to_string(info.length) + " stored tokens");
+  const uint64_t T = m.step() + 1, nb = (T + B - 1) / B;
+  const size_t bb = size_t{B} * D * DTypeSize(shape.dtype);
+  const float* q = reinterpret_cast<const float*>(payload.data());
+  out->assign(heads.size() * g * (2 + D) * sizeof(float), 0);
+  float* o = reinterpret_cast<float*>(out->data());
+  std::vector<uint64_t> left;  // the complement of one head's attended blocks
+  std::vector<uint8_t> kv;     // its K blocks, then its V blocks
+  uint64_t total = 0;
+  for (size_t i = 0; i < heads.size(); ++i) {
+    const auto& att = m.heads(int(i)).attended();
+    left.clear();
+    uint64_t next = 0;
+    for (int j = 0; j < att.size(); ++j) {
+      if (att[j] >= nb || (j > 0 && att[j] <= att[j - 1]))
+        return Status::InvalidArgument("correct: KV head " + std::to_string(heads[i]) +
+                                       ": attended blocks must be ascending and below " +
+                                       std::to_string(nb));
+      for (; next < att[j]; ++next) left.push_back(next);
+      next = uint64_t{att[j]} + 1;
+    }
+    for (; next < nb; ++next) left.push_back(next);
+    float* st = o + i * g * (2 + D);
+    if (left.empty()) {  // nothing left out: an empty state per query head
+      for (uint32_t j = 0; j < g; ++j) st[j * (2 + D)] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    if (std::min(T, (left.back() + 1) * B) > info.length)
+      return Status::FailedPrecondition("correct: block " + std::to_string(left.back()) +
+                                        " is not stored yet (" + std::to_string(info.length) +
+                                        " tokens stored); the worker must attend its tail");
+    kv.resize(2 * left.size() * bb);
+    KVM_RETURN_IF_ERROR(
+        store_->ReadBlocks(s, m.layer(), heads[i], false, left, {kv.data(), left.size() * bb}));
+    KVM_RETURN_IF_ERROR(store_->ReadBlocks(s, m.layer(), heads[i], true, left,
+                                           {kv.data() + left.size() * bb, left.size() * bb}));
+    std::vector<const void*> kp(left.size()), vp(left.size());
+    std::vector<uint16_t> rows(left.size());
+    for (size_t b = 0; b < left.size(); ++b) {
+      kp[b] = kv.data() + b * bb;
+      vp[b] = kv.data() + (left.size() + b) * bb;
+      rows[b] = static_cast<uint16_t>(std::min<uint64_t>(B, T - left[b] * B));
+    }
+    std::vector<float> res(size_t{g} * D), state(size_t{g} * 2);
+    attn::DecodeParams p;
+    p.q = q + i * g * D;
+    p.out = res.data();
+    p.kv_heads = 1;
+    p.group = g;
+    p.head_dim = D;
+    p.block_size = B;
+    p.dtype = shape.dtype;
+    p.k_blocks = kp.data();
+    p.v_blocks = vp.data();
+    const uint32_t n = static_cast<uint32_t>(left.size());
+    p.n_blocks = &n;
+    p.max_blocks = n;
+    p.rows = rows.data();
+    p.state = state.data();
+    KVM_RETURN_IF_ERROR(attn::DecodeCpu(p));
+    for (uint32_t j = 0; j < g; ++j) {
+      st[j * (2 + D)] = state[2 * j];
+      st[j * (2 + D) + 1] = state[2 * j + 1];
+      std::memcpy(st + j * (2 + D) + 2, res.data() + size_t{j} * D, D * sizeof(float));
+    }
+    total += left.size();
+  }
+  reply->set_blocks(total);
   return Status::Ok();
 }
 

@@ -35,7 +35,8 @@ constexpr const char* kRequestNames[] = {"?",
                                          "DeleteSequence",
                                          "ListSequences",
                                          "Stats",
-                                         "Heartbeat"};
+                                         "Heartbeat",
+                                         "Correct"};
 constexpr const char* kReplyNames[] = {"?",
                                        "HelloReply",
                                        "CreateSequenceReply",
@@ -49,7 +50,8 @@ constexpr const char* kReplyNames[] = {"?",
                                        "DeleteSequenceReply",
                                        "ListSequencesReply",
                                        "StatsReply",
-                                       "HeartbeatReply"};
+                                       "HeartbeatReply",
+                                       "CorrectReply"};
 static_assert(std::size(kRequestNames) == kMaxRequestType + 1);
 static_assert(std::size(kReplyNames) == kMaxRequestType + 1);
 }  // namespace

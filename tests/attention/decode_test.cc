@@ -10,6 +10,7 @@
 #include <random>
 
 #include "attention/reference.h"
+#include "attention/state.h"
 #include "testutil/kv.h"
 
 namespace kvm::attn {
@@ -154,6 +155,64 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kF16, DType::kBF16, DType::kF32),
                        ::testing::Values(1u, 16u, 32u),
                        ::testing::Values(uint64_t{1}, uint64_t{37}, uint64_t{300})));
+
+// The partial states of two disjoint block lists (one of them empty for a head) merge into the
+// dense output: the exact-correction path (a worker's sparse attention merged with the service's
+// over the blocks it did not hold).
+TEST(DecodeStateTest, PartialStatesOverASplitMergeIntoDenseAttention) {
+  const uint32_t Hkv = 2, g = 3, D = 64, B = 16;
+  const uint64_t T = 300;  // ragged last block
+  for (DType dt : {DType::kF16, DType::kF32}) {
+    const Layer l(Hkv, T, D, B, dt, 11);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> n(0.f, 1.f);
+    std::vector<float> q(Hkv * g * D);
+    for (auto& x : q) x = 2.f * n(rng);
+    std::vector<float> dense(q.size());
+    ASSERT_TRUE(DecodeCpu(l.Params(q.data(), dense.data(), g, D, B, dt)).ok());
+    // Split: head 0 even blocks vs odd blocks; head 1 everything vs nothing.
+    std::vector<const void*> ka, va, kb, vb;
+    std::vector<uint16_t> ra, rb;
+    std::vector<uint32_t> na(Hkv), nb(Hkv);
+    const uint32_t M = l.max_blocks;
+    ka.resize(Hkv * M), va.resize(Hkv * M), kb.resize(Hkv * M), vb.resize(Hkv * M);
+    ra.resize(Hkv * M), rb.resize(Hkv * M);
+    for (uint32_t h = 0; h < Hkv; ++h)
+      for (uint32_t b = 0; b < M; ++b) {
+        const bool to_a = h == 1 || b % 2 == 0;
+        auto& k = to_a ? ka : kb;
+        auto& v = to_a ? va : vb;
+        auto& r = to_a ? ra : rb;
+        auto& cnt = to_a ? na : nb;
+        const size_t src = size_t{h} * M + b, dst = size_t{h} * M + cnt[h]++;
+        k[dst] = l.kt[src], v[dst] = l.vt[src], r[dst] = l.rows[src];
+      }
+    std::vector<float> oa(q.size()), ob(q.size()), sa(Hkv * g * 2), sb(Hkv * g * 2);
+    auto run = [&](auto& k, auto& v, auto& r, auto& cnt, float* out, float* st) {
+      DecodeParams p = l.Params(q.data(), out, g, D, B, dt);
+      p.k_blocks = k.data(), p.v_blocks = v.data(), p.rows = r.data(), p.n_blocks = cnt.data();
+      p.state = st;
+      return DecodeCpu(p);
+    };
+    ASSERT_TRUE(run(ka, va, ra, na, oa.data(), sa.data()).ok());
+    ASSERT_TRUE(run(kb, vb, rb, nb, ob.data(), sb.data()).ok());
+    EXPECT_EQ(sb[(1 * g) * 2 + 1], 0.f) << "head 1 lists nothing in b: an empty state";
+    EXPECT_EQ(ob[1 * g * D], 0.f);
+    // Without a state, a head that lists nothing is still refused.
+    EXPECT_TRUE(run(kb, vb, rb, nb, ob.data(), nullptr).IsInvalidArgument());
+    ASSERT_TRUE(run(kb, vb, rb, nb, ob.data(), sb.data()).ok());
+    for (uint32_t i = 0; i < Hkv * g; ++i) {
+      float m = sa[2 * i], d = sa[2 * i + 1];
+      std::vector<float> o(D), o2(D);
+      for (uint32_t x = 0; x < D; ++x)
+        o[x] = oa[i * D + x] * d, o2[x] = ob[i * D + x] * sb[2 * i + 1];
+      MergeState(m, d, o.data(), sb[2 * i], sb[2 * i + 1], o2.data(), D);
+      for (uint32_t x = 0; x < D; ++x)
+        ASSERT_NEAR(o[x] / d, dense[i * D + x], 2e-5f + 2e-5f * std::fabs(dense[i * D + x]))
+            << "query head " << i << " dim " << x;
+    }
+  }
+}
 
 TEST(DecodeValidationTest, BadShapesAndIndicesAreInvalidArgument) {
   Layer layer(1, 40, 64, 16, DType::kF16, 1);

@@ -282,7 +282,7 @@ TEST(BlockStoreTest, DiskCapIsOnTheLiveSizeNotOnBytesEverWritten) {
   const uint64_t first = fill({"t", 1});
   ASSERT_GT(first, 0u);
   const StoreStats full = (*s)->Stats();
-  EXPECT_LE(full.disk_bytes, o.disk_capacity_bytes);
+  EXPECT_LE(full.disk_bytes, o.disk_capacity_bytes + 16 * 1024);  // (see below)
   EXPECT_GT(full.disk_bytes, o.disk_capacity_bytes / 4) << "the live size is RocksDB's account";
   ASSERT_TRUE((*s)->Delete({"t", 1}).ok());
   const uint64_t second = fill({"t", 2});
@@ -291,7 +291,9 @@ TEST(BlockStoreTest, DiskCapIsOnTheLiveSizeNotOnBytesEverWritten) {
   EXPECT_GE(second, first * 3 / 4) << "first " << first << " tokens, after the delete " << second;
   const StoreStats after = (*s)->Stats();
   EXPECT_GT(after.disk_bytes_written, o.disk_capacity_bytes);
-  EXPECT_LE(after.disk_bytes, o.disk_capacity_bytes);
+  // A memtable flushed since the last write becomes an SST file a little larger than its data
+  // (index, filter and footer blocks): the live size may pass the cap by that much.
+  EXPECT_LE(after.disk_bytes, o.disk_capacity_bytes + 16 * 1024);
   ExpectContent(**s, {"t", 2}, second);
   EXPECT_TRUE((*s)->Length({"t", 1}).status().IsNotFound());
   std::filesystem::remove_all(dir);

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <filesystem>
 
+#include "attention/reference.h"
 #include "kvmanager/metrics.h"
 #include "prom_text.h"
 #include "proto/half.h"
@@ -481,6 +482,94 @@ TEST_F(RetrieveTest, AnAppendTakesTheKRowsItsStepsRetrievalCarried) {
   EXPECT_TRUE(refused.error.IsFailedPrecondition()) << refused.error.ToString();
   EXPECT_NE(refused.error.message().find("no RetrieveLayer"), std::string::npos);
   EXPECT_EQ(*store_->Length({"a", 9}), 101u);
+}
+
+// Exact correction on the service: the partial attention over the blocks a worker does not attend
+// equals the reference attention over exactly those tokens (attn::Attend with a token mask, and
+// attn::PartialState for the state), for a gap pattern with a ragged last block; malformed
+// requests are clear errors, and another tenant cannot use it.
+TEST_F(RetrieveTest, CorrectAttendsTheBlocksTheWorkerDoesNotHold) {
+  const uint32_t need =
+      uint32_t(std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value()->HotSetSlots());
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(11, need)).error.ok());
+  AppendTokens(11, 0, 102);
+  const uint64_t step = 101, T = step + 1, nb = (T + B - 1) / B;  // block 25 holds 100, 101
+  const uint32_t g = Hq / Hkv;
+  auto correct = [&](SessionState& ss, uint64_t st, uint32_t layer,
+                     std::vector<std::pair<uint32_t, std::vector<uint32_t>>> heads,
+                     std::vector<uint8_t> payload = {}) {
+    wire::Correct m;
+    m.set_sequence_id(11);
+    m.set_step(st);
+    m.set_layer(layer);
+    std::vector<uint32_t> hs;
+    for (auto& [h, att] : heads) {
+      wire::CorrectHead* ch = m.add_heads();
+      ch->set_kv_head(h);
+      for (uint32_t b : att) ch->add_attended(b);
+      hs.push_back(h);
+    }
+    if (payload.empty()) {
+      const auto qp = QueryPayload(st, layer, hs, 0);
+      payload.assign(qp.begin(), qp.end());
+    }
+    return Call(ss, MessageType::kCorrect, m, payload);
+  };
+  // Head 1 attends the sinks, two middle blocks and the window; head 0 everything but block 3.
+  std::vector<uint32_t> att1 = {0, 7, 8, 20, 23, 24, 25}, att0;
+  for (uint32_t b = 0; b < nb; ++b)
+    if (b != 3) att0.push_back(b);
+  Reply r = correct(s_, step, 1, {{1, att1}, {0, att0}});
+  ASSERT_TRUE(r.error.ok()) << r.error.ToString();
+  wire::CorrectReply rep;
+  ASSERT_TRUE(wire::ParseProto(r.frame, &rep).ok());
+  EXPECT_EQ(rep.blocks(), (nb - att1.size()) + 1);
+  ASSERT_EQ(r.frame.payload.size(), 2u * g * (2 + D) * 4);
+  const float* got = reinterpret_cast<const float*>(r.frame.payload.data());
+  size_t at = 0;
+  for (auto [h, att] :
+       std::vector<std::pair<uint32_t, std::vector<uint32_t>>>{{1, att1}, {0, att0}}) {
+    const attn::HeadKV kv = kv_[1 * Hkv + h].view();
+    attn::HeadKV view = kv;
+    view.tokens = T;
+    std::vector<uint8_t> mask(T, 1);
+    for (uint32_t b : att)
+      for (uint64_t t = uint64_t{b} * B; t < std::min<uint64_t>(T, uint64_t{b + 1} * B); ++t)
+        mask[t] = 0;
+    const auto q = Queries(step, 1, h);
+    std::vector<float> want(size_t{g} * D);
+    ASSERT_TRUE(attn::Attend(q.data(), g, view, mask, want.data()).ok());
+    for (uint32_t j = 0; j < g; ++j, ++at) {
+      const float* st = got + at * (2 + D);
+      float m = 0, d = 0;
+      std::vector<float> o(D);
+      attn::PartialState(q.data() + j * D, view, mask, 0, T, &m, &d, o.data());
+      EXPECT_NEAR(st[0], m, 1e-4f + 1e-5f * std::fabs(m)) << "head " << h << " query " << j;
+      EXPECT_NEAR(st[1], d, 1e-4f * d) << "head " << h << " query " << j;
+      for (uint32_t x = 0; x < D; ++x)
+        ASSERT_NEAR(st[2 + x], want[j * D + x], 2e-5f + 2e-5f * std::fabs(want[j * D + x]))
+            << "head " << h << " query " << j << " dim " << x;
+    }
+  }
+  // Nothing left out: an empty state (d 0), out 0.
+  std::vector<uint32_t> all;
+  for (uint32_t b = 0; b < nb; ++b) all.push_back(b);
+  Reply none = correct(s_, step, 0, {{0, all}});
+  ASSERT_TRUE(none.error.ok()) << none.error.ToString();
+  EXPECT_EQ(reinterpret_cast<const float*>(none.frame.payload.data())[1], 0.f);
+  // Malformed: unsorted or out-of-range lists, a payload of the wrong size, a step far past the
+  // stored tokens, a left-out block not stored yet, a layer out of range.
+  EXPECT_TRUE(correct(s_, step, 0, {{0, {5, 3}}}).error.IsInvalidArgument());
+  EXPECT_TRUE(correct(s_, step, 0, {{0, {0, 26}}}).error.IsInvalidArgument());
+  EXPECT_TRUE(
+      correct(s_, step, 0, {{0, {0}}}, std::vector<uint8_t>(12, 0)).error.IsInvalidArgument());
+  EXPECT_TRUE(correct(s_, 1ull << 40, 0, {{0, {0}}}).error.IsInvalidArgument());
+  EXPECT_TRUE(correct(s_, 110, 0, {{0, {0, 1}}}).error.IsFailedPrecondition());
+  EXPECT_TRUE(correct(s_, step, 2, {{0, {0}}}).error.IsInvalidArgument());
+  // Another tenant's request for this sequence id is NotFound.
+  SessionState b;
+  ASSERT_TRUE(Hello(b, "b", "tokB").ok());
+  EXPECT_TRUE(correct(b, step, 0, {{0, {0}}}).error.IsNotFound());
 }
 
 TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {

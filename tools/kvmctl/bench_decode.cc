@@ -134,7 +134,7 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "layers", "q-heads", "kv-heads", "head-dim", "context",
-             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype"});
+             "steps", "selector", "transport", "server", "kvmanager", "kv-dtype", "correction"});
   vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   bf.insert({"synthetic", "json"});
   std::vector<std::string> args = raw;
@@ -202,6 +202,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   w.steps = steps;
   const sel::SelectorOptions o = ParseSelectorOptions(f, name, context, w.shape);
   const bool progress = !f.Bool("json");
+  auto correction = client::ParseCorrection(f.Str("correction", "off"));
+  if (!correction.ok()) throw UsageError("--" + correction.status().message());
 
   // In-process.
   auto selector = (*entry)->make(o, w.shape, max_context);
@@ -209,8 +211,10 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   auto local = client::SelectorKvSource::Make(w.shape, o.geometry.block_size, std::move(*selector),
                                               o, context, max_context);
   if (!local.ok()) return Fail(local.status());
+  (*local)->set_correction(*correction);
   auto in_process = w.Run(local->get(), progress, "in-process");
   if (!in_process.ok()) return Fail(in_process.status());
+  const double local_correction_s = (*local)->totals().correction_seconds;
   local->reset();
 
   // Through the service: its own kvmanager on free loopback ports, embedded (inproc), or --server.
@@ -269,6 +273,7 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   sso.selector = name;
   sso.options = o;
   sso.prefill = context;
+  sso.correction = *correction;
   auto remote = client::ServiceKvSource::Make(conn->get(), w.shape, sso);
   if (!remote.ok()) return Fail(remote.status());
   // Bytes from the worker during the decode: everything it writes after the prefill is flushed.
@@ -328,7 +333,9 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         "\"streamed_bytes_per_step\": %s, \"transport\": \"%s\", \"synthetic\": %s, "
         "\"selector\": \"%s\", \"context\": %llu, \"steps\": %llu, \"layers\": %u, \"q_heads\": "
         "%u, \"kv_heads\": %u, \"head_dim\": %u, \"kv_dtype\": \"%s\", \"target_delta\": %s, "
-        "\"budget_tokens\": %llu, \"max_resident_tokens\": %llu}\n",
+        "\"budget_tokens\": %llu, \"max_resident_tokens\": %llu, \"correction\": \"%s\", "
+        "\"correction_bytes_per_step\": %s, \"correction_ms_per_step\": %s, "
+        "\"in_process_correction_ms_per_step\": %s}\n",
         Num(in_tps).c_str(), Num(svc_tps).c_str(), Num(svc_tps / in_tps).c_str(), identical.c_str(),
         same_outputs ? "true" : "false", Num(double(t.round_trips) / double(steps)).c_str(),
         Num(Percentile(service->step_ms, 0.5)).c_str(),
@@ -339,7 +346,11 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         synthetic ? "true" : "false", name.c_str(), (unsigned long long)context,
         (unsigned long long)steps, w.shape.layers, w.shape.q_heads, w.shape.kv_heads,
         w.shape.head_dim, DTypeName(*dtype), Num(o.target_delta).c_str(),
-        (unsigned long long)o.budget_tokens, (unsigned long long)o.max_resident_tokens);
+        (unsigned long long)o.budget_tokens, (unsigned long long)o.max_resident_tokens,
+        client::CorrectionName(*correction),
+        Num(double(t.correction_bytes) / double(steps)).c_str(),
+        Num(1e3 * t.correction_seconds / double(steps)).c_str(),
+        Num(1e3 * local_correction_s / double(steps)).c_str());
   } else {
     std::printf("bench decode%s: %s, context %llu, %llu steps, L %u Hq %u Hkv %u D %u %s\n",
                 synthetic ? " (synthetic)" : "", name.c_str(), (unsigned long long)context,

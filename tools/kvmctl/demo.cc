@@ -50,11 +50,13 @@ int RunDemo(const std::vector<std::string>& args) {
   std::set<std::string> vf = {"server",    "selector", "budget-frac", "target-delta",
                               "max-new",   "context",  "offset",      "model",
                               "tokenizer", "tokens",   "kvmanager",   "audit-frac",
-                              "token",     "kv-dtype", "transport"};
+                              "token",     "kv-dtype", "transport",   "correction"};
   vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   const Flags f(args, vf, {"json"});
   const bool json = f.Bool("json");
   const std::string name = f.Str("selector", "prhs");
+  auto correction = client::ParseCorrection(f.Str("correction", "off"));
+  if (!correction.ok()) throw UsageError("--" + correction.status().message());
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tok_path = PathOrDefault(f, "tokenizer", "models/austen/tokenizer.model");
   const std::string text_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
@@ -154,6 +156,7 @@ int RunDemo(const std::vector<std::string>& args) {
   so.selector = name;
   so.options = o;
   so.prefill = context;
+  so.correction = *correction;
   so.audit_fraction = f.Double("audit-frac", 0.05, 0.0, 1.0);
   auto src = client::ServiceKvSource::Make(conn->get(), shape, so);
   if (!src.ok())
@@ -265,7 +268,8 @@ int RunDemo(const std::vector<std::string>& args) {
         "\"streamed_bytes\": %llu, \"dense_offload_bytes\": %llu, "
         "\"topk_refetch_bytes\": %llu, \"streamed_over_dense\": %s, \"tokens_per_second\": %s, "
         "\"prefill_seconds\": %s, \"retrieve_wait_seconds\": %s, \"local_fill_bytes\": %llu, "
-        "\"transport\": \"%s\", \"data_plane_lanes\": \"%s\", "
+        "\"transport\": \"%s\", \"data_plane_lanes\": \"%s\", \"correction\": \"%s\", "
+        "\"correction_bytes\": %llu, \"correction_ms_per_step\": %s, "
         "\"text\": \"%s\"}\n",
         out.size(), (unsigned long long)context, name.c_str(), Num(o.target_delta).c_str(),
         Num(all.mean).c_str(), Num(all.p99).c_str(), kinds.c_str(), byk.c_str(),
@@ -278,6 +282,8 @@ int RunDemo(const std::vector<std::string>& args) {
         Num(t.dense_equivalent ? double(t.streamed_bytes) / double(t.dense_equivalent) : 0).c_str(),
         Num(tps).c_str(), Num(prefill_s).c_str(), Num(t.retrieve_seconds).c_str(),
         (unsigned long long)t.local_fill_bytes, transport_used.c_str(), JsonEscape(lanes).c_str(),
+        client::CorrectionName(*correction), (unsigned long long)t.correction_bytes,
+        Num(t.steps ? 1e3 * t.correction_seconds / double(t.steps) : NAN).c_str(),
         JsonEscape((*tok)->Decode(out)).c_str());
     return 0;
   }

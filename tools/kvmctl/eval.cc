@@ -44,7 +44,8 @@ uint32_t Argmax(const std::vector<float>& v) {
 Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& shape,
                             const std::string& name, const sel::SelectorOptions& o,
                             const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
-                            bool generate, bool progress, client::SparseKvSource* external) {
+                            bool generate, bool progress, client::SparseKvSource* external,
+                            client::Correction correction) {
   const uint32_t B = o.geometry.block_size;
   const auto& cfg = model.config();
   if (ids.size() < context + steps + 1)
@@ -75,6 +76,7 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
     KVM_ASSIGN_OR_RETURN(auto selector, entry->make(o, shape, cfg.seq_len));
     KVM_ASSIGN_OR_RETURN(out.sparse, client::SelectorKvSource::Make(shape, B, std::move(selector),
                                                                     o, context, cfg.seq_len));
+    out.sparse->set_correction(correction);
     KVM_ASSIGN_OR_RETURN(out.measured, client::MeasuredKvSource::Make(out.sparse.get(), shape, o,
                                                                       context, entry->forced));
     sparse_kv = out.measured.get();
@@ -129,6 +131,8 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
     out.agree += Argmax(ld) == Argmax(ls);
     out.nll_dense -= LogSoftmaxAt(ld, truth);
     out.nll_sparse -= LogSoftmaxAt(ls, truth);
+    for (size_t v = 0; v < ld.size(); ++v)
+      out.max_logit_diff = std::max(out.max_logit_diff, double(std::fabs(ld[v] - ls[v])));
     out.dense_argmax.push_back(Argmax(ld));
     out.sparse_argmax.push_back(Argmax(ls));
     next = generate ? Argmax(ls) : truth;
@@ -238,13 +242,17 @@ int RunEval(const std::vector<std::string>& args) {
   std::set<std::string> vf(kSelectorValueFlags.begin(), kSelectorValueFlags.end()),
       bf(kSelectorBoolFlags.begin(), kSelectorBoolFlags.end());
   vf.insert({"model", "tokens", "offset", "context", "steps", "selector", "kv-dtype", "server",
-             "transport"});
+             "transport", "correction"});
   vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   bf.insert({"generate", "json"});
   Flags f(args, vf, bf);
   const std::string model_path = PathOrDefault(f, "model", "models/austen/model.bin");
   const std::string tokens_path = PathOrDefault(f, "tokens", "models/austen/heldout.u16");
   const std::string name = f.Required("selector");
+  auto correction = client::ParseCorrection(f.Str("correction", "off"));
+  if (!correction.ok()) throw UsageError("--" + correction.status().message());
+  if (*correction != client::Correction::kOff && name == "dense")
+    throw UsageError("--correction: needs a sparse selector");
   if (name != "dense" && !sel::FindSelector(name).ok())
     throw UsageError("--selector: '" + name + "' is not one of dense|" + sel::SelectorNames());
   auto model = client::LlamaModel::Load(model_path);
@@ -303,6 +311,7 @@ int RunEval(const std::vector<std::string>& args) {
     so.selector = name;
     so.options = o;
     so.prefill = context;
+    so.correction = *correction;
     auto src = client::ServiceKvSource::Make(conn.get(), shape, so);
     if (!src.ok()) {
       if (src.status().IsInvalidArgument()) throw UsageError(src.status().message());
@@ -314,7 +323,7 @@ int RunEval(const std::vector<std::string>& args) {
     throw UsageError("--transport, --tenant, --token-file and --tls-*: only with --server");
   }
   auto run = EvalCore(**model, shape, name, o, window, context, steps, f.Bool("generate"),
-                      !f.Bool("json"), service.get());
+                      !f.Bool("json"), service.get(), *correction);
   if (run.ok() && service) {
     if (Status st = service->Flush(); !st.ok()) run = st;
     (void)service->Delete();
@@ -489,6 +498,20 @@ int RunEval(const std::vector<std::string>& args) {
     kv("retrieval_overhead", Num(retrieval));
     kv("attended_fraction", Num(attended));
     kv("streamed_bytes_fraction", streamed_frac);
+    kv("streamed_bytes", Num(streamed));
+    kv("dense_offload_bytes", Num(dense_eq));
+    // Exact correction: its bytes (whole run: queries, attended lists and states, both ways
+    // through the service; what the same requests would carry in-process) and time per step.
+    const uint64_t corr_bytes = tot ? tot->correction_bytes : stot ? stot->correction_bytes : 0;
+    const double corr_s = tot ? tot->correction_seconds : stot ? stot->correction_seconds : 0;
+    const uint64_t corrected = tot ? tot->corrected : stot ? stot->corrected : 0;
+    kv("correction", str(client::CorrectionName(*correction)));
+    kv("correction_bytes", std::to_string(corr_bytes));
+    kv("correction_ms_per_step", Num(1e3 * corr_s / double(steps)));
+    kv("corrected_fraction", rate(corrected, selections));
+    kv("wire_bytes_fraction",
+       dense_eq > 0 ? Num((streamed + double(corr_bytes)) / dense_eq) : null);
+    kv("max_logit_diff", Num(r.max_logit_diff));
     kv("topk_refetch_bytes_fraction", refetch_frac);
     kv("dense_layers", std::to_string(dense_layers));
     kv("worker_memory_bytes", Num(mem));
@@ -551,6 +574,13 @@ int RunEval(const std::vector<std::string>& args) {
                 retrieval, attended, streamed_frac.c_str());
     std::printf("  dense layers %u, worker memory %.0f bytes (%.4f of dense)\n", dense_layers, mem,
                 mem / mem_dense);
+    if (*correction != client::Correction::kOff)
+      std::printf("  correction %s: %llu bytes, max |logit - dense| %.3g\n",
+                  client::CorrectionName(*correction),
+                  (unsigned long long)(tot    ? tot->correction_bytes
+                                       : stot ? stot->correction_bytes
+                                              : 0),
+                  r.max_logit_diff);
     std::printf("  top-1 agreement %.4f", double(agree) / steps);
     if (!gen)
       std::printf(", nll dense %.4f sparse %.4f, perplexity ratio %.4f", nll_d, nll_s,

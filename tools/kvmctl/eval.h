@@ -21,6 +21,7 @@ struct EvalOutput {
   uint64_t agree = 0;                                 // steps whose argmax agreed
   double nll_dense = 0, nll_sparse = 0;               // mean over steps, of ids[p + 1]
   std::vector<uint32_t> dense_argmax, sparse_argmax;  // per decode step
+  double max_logit_diff = 0;                          // max |sparse − dense logit| over the steps
   double seconds = 0;
 };
 
@@ -33,7 +34,8 @@ Result<EvalOutput> EvalCore(const client::LlamaModel& model, const ModelShape& s
                             const std::string& name, const sel::SelectorOptions& o,
                             const std::vector<uint32_t>& ids, uint64_t context, uint64_t steps,
                             bool generate, bool progress,
-                            client::SparseKvSource* external = nullptr);
+                            client::SparseKvSource* external = nullptr,
+                            client::Correction correction = client::Correction::kOff);
 
 class Flags;
 // The selector options of eval-like commands from their flags (--budget, --budget-frac,

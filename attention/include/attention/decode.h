@@ -36,8 +36,13 @@ struct DecodeParams {
   const uint16_t* rows =
       nullptr;  // [kv_heads * max_blocks] valid rows of each listed block (1..B); null = all B
   const uint8_t* mask =
-      nullptr;           // [kv_heads * max_blocks][block_size] 0/1 per row; null = all valid rows
-  float scale = 0.0f;    // 0 → 1/sqrt(head_dim)
+      nullptr;         // [kv_heads * max_blocks][block_size] 0/1 per row; null = all valid rows
+  float scale = 0.0f;  // 0 → 1/sqrt(head_dim)
+  // Optional (CPU paths): [kv_heads][group][2], each query head's softmax state (m, d) over the
+  // listed keys (attention/state.h, m in scaled-logit units), so that a caller can merge this
+  // partial attention with another over disjoint keys (o = out · d). With it a KV head may list no
+  // key at all: its out is 0 and its state empty (m = −inf, d = 0).
+  float* state = nullptr;
   uint32_t threads = 1;  // CPU: threads over KV heads (1 = the calling thread)
 
   // InvalidArgument for unsupported sizes, missing pointers, a row count out of range, or a KV head

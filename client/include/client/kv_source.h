@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "attention/reference.h"
@@ -22,6 +23,17 @@
 namespace kvm::client {
 
 class LayerAttention;  // client/src/layer_attention.h
+
+// Exact correction (README "Exact correction"): the attention over the blocks a sparse source did
+// not attend is computed where they are (the local cache in-process, the service through it) and
+// merged with the source's own (attention/state.h), so the output is dense attention and the
+// selection's dropped mass δ is known exactly. kOff: none; kAnchors: for the (layer, KV head)s
+// that re-anchored at the step (their queries travel anyway); kAlways: every decode step and layer
+// (through the service, one round trip per layer).
+enum class Correction : uint32_t { kOff = 0, kAnchors = 1, kAlways = 2 };
+const char* CorrectionName(Correction c);  // "off", "anchors", "always"
+// InvalidArgument naming the choices.
+Result<Correction> ParseCorrection(const std::string& name);
 
 class KvSource {
  public:

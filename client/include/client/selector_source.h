@@ -30,6 +30,12 @@ struct SourceTotals {
   std::vector<uint64_t> head_retrievals;  // [layer][kv_head]: query heads scored there
   uint64_t target_missed = 0;             // target mode: selections whose claim says δ* was missed
   sel::PlanBytes bytes;                   // streamed, local fill, dense-equivalent, top-k refetch
+  // Exact correction: (step, layer, KV head)s corrected, the bytes the same correction would move
+  // through the service (queries unless the head re-anchored, its attended list, the states), and
+  // the time the complement's attention took.
+  uint64_t corrected = 0;
+  uint64_t correction_bytes = 0;
+  double correction_seconds = 0;
 };
 
 class SelectorKvSource : public SparseKvSource {
@@ -46,6 +52,9 @@ class SelectorKvSource : public SparseKvSource {
   const std::vector<std::vector<uint64_t>>& attended() const override { return attended_; }
   const std::vector<ClaimRecord>& claims() const override { return claims_; }
 
+  // Exact correction (kv_source.h): the output becomes dense attention over the local cache and
+  // the corrected heads' claims the exact δ of their selection. Default: off.
+  void set_correction(Correction c) { correction_ = c; }
   const SourceTotals& totals() const { return totals_; }
   // The selector's gate outcomes (all zero for a selector without a gate).
   sel::GateCounts gate_counts() const;
@@ -69,7 +78,8 @@ class SelectorKvSource : public SparseKvSource {
   std::vector<std::vector<uint64_t>> attended_;
   std::vector<ClaimRecord> claims_;
   SourceTotals totals_;
-  std::unique_ptr<LayerAttention> att_;
+  std::unique_ptr<LayerAttention> att_, rest_;  // the selection; the complement (correction)
+  Correction correction_ = Correction::kOff;
 };
 
 }  // namespace kvm::client

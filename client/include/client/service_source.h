@@ -55,12 +55,16 @@ struct ServiceSourceOptions {
   double audit_fraction = 0.0;  // of reuse steps (per layer and group), sampled deterministically
   bool durable = false;         // durability mode of the sequence (default: cache)
   bool attach = false;          // attach to an existing sequence instead of creating it
+  // Exact correction (kv_source.h): a Correct request per decode (step, layer) that needs it (every
+  // one with kAlways; those that retrieved with kAnchors), the service attending the blocks the
+  // worker does not hold. Default: off.
+  Correction correction = Correction::kOff;
 };
 
 struct ServiceTotals {
   uint64_t steps = 0;           // decode steps (per layer 0)
   uint64_t retrievals = 0;      // query heads the service scored (selectors.md §0.3)
-  uint64_t round_trips = 0;     // RetrieveLayer requests
+  uint64_t round_trips = 0;     // RetrieveLayer and Correct requests (on the critical path)
   uint64_t audits = 0;          // query heads audited
   uint64_t streamed_bytes = 0;  // block payload bytes received (K and V)
   uint64_t local_fill_bytes = 0;
@@ -74,6 +78,13 @@ struct ServiceTotals {
   double retrieve_seconds = 0;     // wall time waiting for retrieval replies
   double attention_seconds = 0;    // decode attention (the fast kernel), wall time
   uint64_t attention_layers = 0;   // decode (step, layer) attentions timed
+  // Exact correction: (step, layer, KV head)s corrected, Correct requests, the bytes of their
+  // frames both ways, the wall time they took, and the blocks the service attended for them.
+  uint64_t corrected = 0;
+  uint64_t corrections = 0;
+  uint64_t correction_bytes = 0;
+  double correction_seconds = 0;
+  uint64_t correction_blocks = 0;
 };
 
 class ServiceKvSource : public SparseKvSource {

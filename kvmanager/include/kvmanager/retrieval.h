@@ -42,6 +42,8 @@ class RetrieveLayer;
 class RetrieveLayerReply;
 class Audit;
 class AuditReply;
+class Correct;
+class CorrectReply;
 class WorkerStats;
 }  // namespace kvm::wire
 
@@ -70,6 +72,13 @@ class RetrievalEngine {
   // δ of the worker's current resident set for the given queries (kind audit).
   Status Audit(const store::SeqRef& s, const wire::Audit& m, std::span<const uint8_t> payload,
                wire::AuditReply* reply);
+  // Exact correction: the partial attention (softmax state and output) of each listed KV head's
+  // query group over the blocks of [0, step + 1) its `attended` list leaves out, read from the
+  // store, into `out` as fp32 [heads][group][2 + head_dim] (wire::Correct). Needs no selector
+  // state. InvalidArgument for a malformed request (naming what), FailedPrecondition when a block
+  // left out is not stored yet.
+  Status Correct(const store::SeqRef& s, const wire::Correct& m, std::span<const uint8_t> payload,
+                 wire::CorrectReply* reply, std::vector<uint8_t>* out);
   // The K rows of token `pos` that RetrieveLayers carried for the (layer * kv_heads + kv_head)
   // entries `which`, into rows[i * row_bytes]. FailedPrecondition naming the first one it lacks.
   Status TakeKRows(const store::SeqRef& s, uint64_t pos, std::span<const uint32_t> which,

@@ -51,10 +51,11 @@ enum class MessageType : uint16_t {
   kListSequences = 11,
   kStats = 12,
   kHeartbeat = 13,
+  kCorrect = 14,    // exact correction: attention over the blocks the worker does not hold
   kError = 0x7fff,  // an error reply (wire::Error header) to any request
 };
 inline constexpr uint16_t kReplyBit = 0x8000;
-inline constexpr uint16_t kMaxRequestType = 13;
+inline constexpr uint16_t kMaxRequestType = 14;
 
 bool IsKnownType(uint16_t type);             // a request, its reply, or kError
 const char* MessageTypeName(uint16_t type);  // e.g. "Append", "AppendReply", "?"
