@@ -456,6 +456,7 @@ struct ServiceKvSource::Impl {
     ++totals.round_trips;
     totals.corrected += heads.size();
     totals.correction_blocks += r.blocks();
+    totals.correction_service_seconds += r.service_seconds();
     totals.correction_bytes += 2 * wire::kFrameHeaderBytes + m.ByteSizeLong() + payload.size() +
                                r.ByteSizeLong() + f.payload.size();
     return Status::Ok();

@@ -1,6 +1,7 @@
 #include "kvmanager/retrieval.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -478,6 +479,7 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
 Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
                                 std::span<const uint8_t> payload, wire::CorrectReply* reply,
                                 std::vector<uint8_t>* out) {
+  const auto t0 = std::chrono::steady_clock::now();
   KVM_ASSIGN_OR_RETURN(const store::SeqInfo info, store_->Info(s));
   const ModelShape& shape = info.shape;
   const uint32_t B = info.block_size, g = shape.group_size(), D = shape.head_dim;
@@ -554,6 +556,8 @@ Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
     total += left.size();
   }
   reply->set_blocks(total);
+  reply->set_service_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   return Status::Ok();
 }
 

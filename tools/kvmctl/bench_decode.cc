@@ -335,7 +335,7 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         "%u, \"kv_heads\": %u, \"head_dim\": %u, \"kv_dtype\": \"%s\", \"target_delta\": %s, "
         "\"budget_tokens\": %llu, \"max_resident_tokens\": %llu, \"correction\": \"%s\", "
         "\"correction_bytes_per_step\": %s, \"correction_ms_per_step\": %s, "
-        "\"in_process_correction_ms_per_step\": %s}\n",
+        "\"in_process_correction_ms_per_step\": %s, \"correction_service_ms_per_step\": %s}\n",
         Num(in_tps).c_str(), Num(svc_tps).c_str(), Num(svc_tps / in_tps).c_str(), identical.c_str(),
         same_outputs ? "true" : "false", Num(double(t.round_trips) / double(steps)).c_str(),
         Num(Percentile(service->step_ms, 0.5)).c_str(),
@@ -350,7 +350,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         client::CorrectionName(*correction),
         Num(double(t.correction_bytes) / double(steps)).c_str(),
         Num(1e3 * t.correction_seconds / double(steps)).c_str(),
-        Num(1e3 * local_correction_s / double(steps)).c_str());
+        Num(1e3 * local_correction_s / double(steps)).c_str(),
+        Num(1e3 * t.correction_service_seconds / double(steps)).c_str());
   } else {
     std::printf("bench decode%s: %s, context %llu, %llu steps, L %u Hq %u Hkv %u D %u %s\n",
                 synthetic ? " (synthetic)" : "", name.c_str(), (unsigned long long)context,

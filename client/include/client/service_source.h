@@ -84,6 +84,7 @@ struct ServiceTotals {
   uint64_t corrections = 0;
   uint64_t correction_bytes = 0;
   double correction_seconds = 0;
+  double correction_service_seconds = 0;  // of it, the service's compute (its replies say)
   uint64_t correction_blocks = 0;
 };
 
