@@ -317,9 +317,25 @@ struct ServiceKvSource::Impl {
   // One RetrieveLayer for the KV heads `hs` of layer l; applies every selection of the reply to the
   // hot set and the gate. A selection that does not fit the hot set, or whose digest differs from
   // the service's, sets `diverged`.
+  // A reply may send blocks below the window from the store, and a correction attends them there:
+  // the appends holding them must have landed, or a request that overtook them (protocol 2) would
+  // find them missing. In steady decode only the newest token or two are unacknowledged, inside the
+  // window, so this waits only after a large batch (the prefill's last) or behind a lagging append.
+  Status AwaitStoredBelowWindow(uint64_t T) {
+    const uint64_t need = opt.options.geometry.WindowFirstBlock(T) * B;
+    if (acked >= need) return Status::Ok();
+    KVM_RETURN_IF_ERROR(client->Flush());
+    if (!append_error.ok()) return std::exchange(append_error, Status::Ok());
+    if (acked < need)
+      return Status::Internal("the service acknowledged " + std::to_string(acked) +
+                              " tokens after a flush, " + std::to_string(need) + " needed");
+    return Status::Ok();
+  }
+
   Status Retrieve(uint32_t l, uint64_t pos, const std::vector<uint32_t>& hs, const float* q,
                   std::vector<ClaimRecord>* new_claims) {
     const uint64_t T = pos + 1;
+    KVM_RETURN_IF_ERROR(AwaitStoredBelowWindow(T));
     wire::RetrieveLayer m;
     m.set_hot_set_generation(generation);
     KVM_ASSIGN_OR_RETURN(const std::vector<uint8_t> payload_out, Query(&m, l, pos, hs, q));
@@ -431,6 +447,7 @@ struct ServiceKvSource::Impl {
   // do not attend at (layer, pos); `rest` gets [heads][group][2 + D] (m, d, out) per query head.
   Status Correct(uint32_t l, uint64_t pos, const std::vector<uint32_t>& heads, const float* q,
                  std::vector<float>* rest) {
+    KVM_RETURN_IF_ERROR(AwaitStoredBelowWindow(pos + 1));
     wire::Correct m;
     m.set_sequence_id(opt.sequence_id);
     m.set_step(pos);
@@ -695,9 +712,14 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
       const float* r = rest.data() + (i * m.g + j) * (2 + m.D);
       const double delta = MergeCorrection(state[2 * qh], state[2 * qh + 1], out + size_t{qh} * m.D,
                                            r[0], r[1], r + 2, m.D);
-      for (size_t c = layer_claims; c < m.claims.size(); ++c)  // the claim becomes the exact δ
-        if (m.claims[c].q_head == qh)
-          m.claims[c].delta = delta, m.claims[c].kind = DeltaKind::kExact;
+      // The claim of (pos, layer, qh) becomes the exact δ. Audit replies of earlier steps may have
+      // landed in this range meanwhile (callbacks run inside the calls above): they stay as they
+      // are.
+      for (size_t c = layer_claims; c < m.claims.size(); ++c) {
+        ClaimRecord& cr = m.claims[c];
+        if (cr.q_head == qh && cr.step == pos && cr.layer == layer && cr.kind != DeltaKind::kAudit)
+          cr.delta = delta, cr.kind = DeltaKind::kExact;
+      }
     }
   if (decode)
     m.CountAlone(std::vector<ClaimRecord>(m.claims.begin() + alone_first, m.claims.end()));
