@@ -133,6 +133,7 @@ struct Seq {
   // A durable append is writing its WAL batch outside the store's lock: other appends, truncate and
   // delete of this sequence wait for it (`written`); readers see the state before it.
   bool writing = false;
+  bool values_read = false;              // SetValuesRead: V is not demoted before K
   std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
   void InitSums() {
     sums.clear();
@@ -354,7 +355,8 @@ struct BlockStore::Impl {
     return a->Allocate();
   }
   // Demotes host blocks of `bytes` until at most `target` slots are used: never-selected first, V
-  // before K, then least recently selected, then oldest; the sink and window blocks stay.
+  // before K (unless the sequence's values are read as often: SetValuesRead), then least recently
+  // selected, then oldest; the sink and window blocks stay.
   Status Evict(size_t bytes, uint32_t target) {
     struct Cand {
       bool selected, values;
@@ -372,8 +374,8 @@ struct BlockStore::Impl {
         const uint64_t idx = std::get<2>(lk);
         if (loc.slot < 0 || idx < sinks || idx + window >= full)
           continue;  // pinned or not resident
-        cands.push_back(
-            {loc.selected > 0, std::get<3>(lk), loc.last_selected, loc.host_since, &q, lk});
+        cands.push_back({loc.selected > 0, std::get<3>(lk) && !q.values_read, loc.last_selected,
+                         loc.host_since, &q, lk});
       }
     }
     std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
@@ -804,6 +806,13 @@ Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_hea
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   impl_->Mark(*q, layer, kv_head, blocks);
   q->last_access = impl_->Now();
+  return Status::Ok();
+}
+
+Status BlockStore::SetValuesRead(const SeqRef& s) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
+  q->values_read = true;
   return Status::Ok();
 }
 

@@ -492,6 +492,7 @@ Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
   const uint64_t T = m.step() + 1, nb = (T + B - 1) / B;
   const size_t bb = size_t{B} * D * DTypeSize(shape.dtype);
   const float* q = reinterpret_cast<const float*>(payload.data());
+  KVM_RETURN_IF_ERROR(store_->SetValuesRead(s));  // V is read here as much as K: keep it as long
   out->assign(heads.size() * g * (2 + D) * sizeof(float), 0);
   float* o = reinterpret_cast<float*>(out->data());
   std::vector<uint64_t> left;  // the complement of one head's attended blocks

@@ -427,6 +427,42 @@ TEST(BlockStoreTest, EvictionPrefersNeverSelectedKeepsSinksAndWindowPromoteBring
   ExpectContent(**s, r, 8 * kB);  // byte-identical after demotions and promotions
   std::filesystem::remove_all(dir);
 }
+// A sequence whose values are read as often as its keys (exact correction) no longer has its V
+// demoted before its K: under the same pressure its K blocks go too, oldest first, and some V
+// stays.
+TEST(BlockStoreTest, ValuesReadSequencesDoNotLoseVBeforeK) {
+  auto run = [](bool values_read, size_t* k_out, size_t* v_out) {
+    const std::string dir = TempDir();
+    StoreOptions o{dir, 32 * kBlock};
+    o.pinned_sink_tokens = kB;
+    o.pinned_window_tokens = kB;
+    auto s = BlockStore::Open(o);
+    ASSERT_TRUE(s.ok());
+    const SeqRef r{"t", 31};
+    ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kCache).ok());
+    if (values_read) ASSERT_TRUE((*s)->SetValuesRead(r).ok());
+    ASSERT_TRUE(AppendRange(**s, r, 0, 8 * kB).ok());  // blocks 0..7: evictions happen
+    *k_out = *v_out = 0;
+    for (uint32_t l = 0; l < kShape.layers; ++l)
+      for (uint32_t h = 0; h < kShape.kv_heads; ++h)
+        for (uint64_t b = 1; b < 7; ++b) {
+          *k_out += !*(*s)->InHostTier(r, {l, h, b}, false);
+          *v_out += !*(*s)->InHostTier(r, {l, h, b}, true);
+        }
+    ExpectContent(**s, r, 8 * kB);
+    std::filesystem::remove_all(dir);
+  };
+  const size_t middle = 6u * kShape.layers * kShape.kv_heads;  // blocks 1..6 of every head
+  size_t k = 0, v = 0, k2 = 0, v2 = 0;
+  run(false, &k, &v);
+  EXPECT_EQ(v, middle) << "by default every middle V block goes before any K block";
+  EXPECT_LT(k, middle);
+  run(true, &k2, &v2);
+  EXPECT_EQ(k2 + v2, k + v) << "the same pressure";
+  EXPECT_LT(v2, middle) << "some V stays once the values are read";
+  EXPECT_GT(k2, k) << "and K goes in its place";
+  EXPECT_TRUE(BlockStore::Open({TempDir(), 1 << 20}).value()->SetValuesRead({"t", 9}).IsNotFound());
+}
 }  // namespace
 }  // namespace kvm::store
 

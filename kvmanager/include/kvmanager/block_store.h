@@ -117,6 +117,10 @@ class BlockStore {
   Status ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // The retrieval engine reports each selection (selection recency and frequency drive eviction).
+  // The sequence's values are read as often as its keys (exact correction attends the blocks the
+  // worker does not hold, K and V, every step): from now on eviction no longer demotes its V blocks
+  // before its K blocks. Idempotent.
+  Status SetValuesRead(const SeqRef& s);
   Status MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                       std::span<const uint64_t> blocks);
   // Makes sure the K and V of these full blocks are in the host tier (a plan's blocks before they
