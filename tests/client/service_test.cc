@@ -360,7 +360,8 @@ TEST(ServiceRetryTest, ALostConnectionIsRetriedOnceThenTheErrorReachesTheCaller)
   so.prefill = 256;
   so.durable = true;
   auto src = std::move(ServiceKvSource::Make(conn.get(), model->Shape(DType::kF16), so)).value();
-  { Status dst = Decode(*model, ids, src.get(), 256, 4); ASSERT_TRUE(dst.ok()) << dst.ToString(); }
+  const Status decoded = Decode(*model, ids, src.get(), 256, 4);
+  ASSERT_TRUE(decoded.ok()) << decoded.ToString();
   ASSERT_TRUE(src->Flush().ok());
   // Restart the service on the same port: the next call reconnects once and goes on.
   svc.second->Stop();
