@@ -166,6 +166,7 @@ Status GpuTier::ScoreLocked(const Key& key, const KeyLayout& layout, uint64_t st
     KVM_RETURN_IF_ERROR(dev_->ToDevice(dk + first * bb, host.data(), host.size()));
     buf.synced = stored;
     stats_.uploaded_bytes += host.size();
+    stats_.uploaded_blocks += n;
   }
   if (!pending.empty()) {  // overwrites rows past `stored`: they are re-uploaded next time
     buf.synced = std::min(buf.synced, stored);

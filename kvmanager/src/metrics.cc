@@ -218,7 +218,7 @@ void Metrics::RefreshStore(const store::StoreStats& st, uint64_t disk_capacity) 
   add(impl_->evictions[kHostDisk], st.spills, &impl_->spills);
   add(impl_->promotions[kDiskHost], st.promotions, &impl_->store_promotions);
   add(impl_->evictions[kGpuHost], st.gpu.evictions, &impl_->gpu_evictions);
-  add(impl_->promotions[kHostGpu], st.gpu.uploaded_bytes, &impl_->gpu_uploads);
+  add(impl_->promotions[kHostGpu], st.gpu.uploaded_blocks, &impl_->gpu_uploads);
 }
 Status Metrics::ObserveDelta(const std::string& selector, DeltaKind kind, double delta,
                              double target) {

@@ -308,6 +308,7 @@ TEST_F(RetrieveOnGpuTierTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTh
   // Each stored key block went up once, plus the re-sent partial blocks as appends filled them.
   EXPECT_GE(st.gpu.uploaded_bytes, uint64_t{L} * Hkv * (239 / B) * B * D * 2);
   EXPECT_LE(st.gpu.uploaded_bytes, uint64_t{L} * Hkv * (239 / B + 6) * B * D * 2);
+  EXPECT_EQ(st.gpu.uploaded_blocks * B * D * 2, st.gpu.uploaded_bytes);  // whole key blocks
 }
 
 void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {

@@ -67,9 +67,10 @@ struct GpuTierStats {
   uint64_t capacity_bytes = 0, used_bytes = 0;  // used: key buffers + scoring scratch
   uint64_t buffers = 0;                         // (sequence, layer, KV head) buffers
   uint64_t uploaded_bytes = 0;                  // host/disk → device
-  uint64_t evictions = 0;                       // buffers evicted to make room
-  uint64_t scored = 0;                          // scoring calls that ran on the device
-  uint64_t refused = 0;                         // calls answered "full" or failed (caller: CPU)
+  uint64_t uploaded_blocks = 0;  // key blocks uploaded (a partial block again when re-sent)
+  uint64_t evictions = 0;        // buffers evicted to make room
+  uint64_t scored = 0;           // scoring calls that ran on the device
+  uint64_t refused = 0;          // calls answered "full" or failed (caller: CPU)
   std::string last_error;
 };
 
