@@ -5,6 +5,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "kvmanager/metrics.h"
 #include "proto/kvm.pb.h"
@@ -337,20 +338,27 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       std::vector<uint8_t> full;  // K once: the rows that step's RetrieveLayers carried put back
       if (m.k_from_retrieval_size() > 0) KVM_RETURN_IF_ERROR(RestoreKRows(s, m, f.payload, &full));
       const store::SeqRef sr = ref(m.sequence_id());
-      KVM_ASSIGN_OR_RETURN(const store::SeqInfo info, store_->Info(sr));
+      // Dense-equivalent bytes (DESIGN.md §8) need the length before the append: only for the
+      // decode appends of a handler that exports metrics (no extra store lookup otherwise).
+      std::optional<store::SeqInfo> before;
+      if (opt_.metrics && m.decode()) {
+        KVM_ASSIGN_OR_RETURN(before, store_->Info(sr));
+      }
       KVM_ASSIGN_OR_RETURN(uint64_t len, store_->Append(sr, m.start_position(), tokens,
                                                         m.k_from_retrieval_size() > 0
                                                             ? std::span<const uint8_t>(full)
                                                             : std::span<const uint8_t>(f.payload)));
       if (opt_.metrics) {
         opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp, double(f.payload.size()));
-        // Dense-equivalent bytes (DESIGN.md §8) of the decode steps this append added: a dense
-        // offload moves all T = position + 1 tokens of every layer and KV head at each of them.
-        if (m.decode()) {
-          const double per_token = 2.0 * info.shape.layers * info.shape.kv_heads *
-                                   info.shape.head_dim * DTypeSize(info.shape.dtype);
-          for (uint64_t p = std::max(m.start_position(), info.length); p < len; ++p)
-            opt_.metrics->AddDenseEquivalentBytes(per_token * double(p + 1));
+        // A dense offload moves all T = p + 1 tokens of every layer and KV head at each new decode
+        // position p in [a, len): Σ (p + 1) = (len (len + 1) − a (a + 1)) / 2 tokens.
+        if (before) {
+          const ModelShape& sh = before->shape;
+          const double per_token =
+              2.0 * sh.layers * sh.kv_heads * sh.head_dim * DTypeSize(sh.dtype);
+          const double a = double(std::max(m.start_position(), before->length)), b = double(len);
+          if (b > a)
+            opt_.metrics->AddDenseEquivalentBytes(per_token * (b * (b + 1) - a * (a + 1)) / 2);
         }
       }
       ReportStats(sr, m.has_stats() ? &m.stats() : nullptr);

@@ -26,6 +26,18 @@ namespace {
 
 using wire::MessageType;
 
+// Encodes one request frame, feeds it to `handler` and returns the bytes it answered with.
+std::vector<uint8_t> HandleFrame(RequestHandler& handler, SessionState& s, uint64_t id,
+                                 MessageType t, const google::protobuf::MessageLite& m,
+                                 std::span<const uint8_t> payload) {
+  const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), id, m, payload);
+  wire::FrameDecoder dec;
+  wire::Frame in;
+  EXPECT_TRUE(dec.Feed(bytes).ok());
+  EXPECT_TRUE(dec.Next(&in));
+  return handler.Handle(s, in);
+}
+
 struct Reply {
   uint16_t type = 0;
   wire::Frame frame;
@@ -53,12 +65,7 @@ class HandlerTest : public ::testing::Test {
   }
   Reply Call(SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
              std::span<const uint8_t> payload = {}) {
-    const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++id_, m, payload);
-    wire::FrameDecoder dec;
-    wire::Frame in;
-    EXPECT_TRUE(dec.Feed(bytes).ok());
-    EXPECT_TRUE(dec.Next(&in));
-    return Decode(handler_->Handle(s, in));
+    return Decode(HandleFrame(*handler_, s, ++id_, t, m, payload));
   }
   Reply Decode(const std::vector<uint8_t>& bytes) {
     wire::FrameDecoder dec;
@@ -659,12 +666,7 @@ TEST_P(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   uint64_t rid = 0;
   auto handle = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
                     std::span<const uint8_t> payload = {}) {
-    const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++rid, m, payload);
-    wire::FrameDecoder dec;
-    wire::Frame in;
-    EXPECT_TRUE(dec.Feed(bytes).ok());
-    EXPECT_TRUE(dec.Next(&in));
-    return handler.Handle(s, in);
+    return HandleFrame(handler, s, ++rid, t, m, payload);
   };
   auto call = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
                   std::span<const uint8_t> payload = {}) {
@@ -814,12 +816,7 @@ TEST(HandlerDataPlaneFailureTest, AFailedBlockSendIsAnErrorReplyAtOnce) {
   uint64_t rid = 0;
   auto handle = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
                     std::span<const uint8_t> payload = {}) {
-    const auto bytes = wire::EncodeFrame(static_cast<uint16_t>(t), ++rid, m, payload);
-    wire::FrameDecoder dec;
-    wire::Frame in;
-    EXPECT_TRUE(dec.Feed(bytes).ok());
-    EXPECT_TRUE(dec.Next(&in));
-    return handler.Handle(s, in);
+    return HandleFrame(handler, s, ++rid, t, m, payload);
   };
   SessionState s;
   wire::Hello h;
