@@ -15,97 +15,10 @@
 #include "kvmanager/host_arena.h"
 #include "proto/half.h"
 #include "rocks_status.h"
+#include "store_format.h"
 
 namespace kvm::store {
 namespace {
-
-// ---- encoding ----
-void PutBe(std::string* s, uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
-}
-uint64_t GetBe(const char* p, int bytes) {
-  uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = (v << 8) | static_cast<uint8_t>(p[i]);
-  return v;
-}
-uint64_t Checksum(const char* p, size_t n) {
-  uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < n; ++i) h = (h ^ static_cast<uint8_t>(p[i])) * 1099511628211ull;
-  return h;
-}
-std::string Seal(std::string v) {
-  PutBe(&v, Checksum(v.data(), v.size()), 8);
-  return v;
-}
-// The payload of a sealed value, or Corruption.
-Result<std::string> Unseal(const std::string& v, const std::string& what) {
-  if (v.size() < 8 || GetBe(v.data() + v.size() - 8, 8) != Checksum(v.data(), v.size() - 8))
-    return Status::Corruption(what + ": checksum mismatch");
-  return v.substr(0, v.size() - 8);
-}
-std::string SeqPrefix(const SeqRef& s) {
-  std::string k = s.tenant;
-  k.push_back('\0');
-  PutBe(&k, s.id, 8);
-  return k;
-}
-// A cache sequence's spilled block (per sequence; removed at open: cache sequences do not survive).
-std::string BlockKey(const SeqRef& s, const BlockId& b, bool values) {
-  std::string k = "S" + SeqPrefix(s);
-  PutBe(&k, b.layer, 4);
-  PutBe(&k, b.kv_head, 4);
-  PutBe(&k, b.index, 8);
-  k.push_back(values ? 'V' : 'K');
-  return k;
-}
-// Content address of a full block (DESIGN.md §5): a hash chain over the token ids, seeded with
-// (tenant, fingerprint, dtype, block size) and mixed with (layer, KV head). 128 bits.
-struct Addr {
-  uint64_t a = 0, b = 0;
-  bool operator<(const Addr& o) const { return a < o.a || (a == o.a && b < o.b); }
-  bool operator==(const Addr& o) const = default;
-};
-uint64_t Mix(uint64_t x) {  // splitmix64 finalizer
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-Addr LayoutSeed(const std::string& tenant, const ModelShape& shape, uint32_t B) {
-  Addr s{0x6a09e667f3bcc908ull, 0xbb67ae8584caa73bull};
-  for (char c : tenant)
-    s = {Mix(s.a ^ static_cast<uint8_t>(c)),
-         Mix(s.b + static_cast<uint8_t>(c) * 0x9e3779b97f4a7c15ull)};
-  for (uint64_t v : {shape.fingerprint, uint64_t(shape.dtype), uint64_t{B}, uint64_t{shape.layers},
-                     uint64_t{shape.kv_heads}, uint64_t{shape.head_dim}})
-    s = {Mix(s.a ^ v), Mix(s.b + v * 0x9e3779b97f4a7c15ull)};
-  return s;
-}
-// The chain value after block b, from the one after block b − 1 (Addr{} before block 0).
-Addr ChainNext(Addr prev, const uint32_t* tokens, uint32_t B) {
-  for (uint32_t i = 0; i < B; ++i)
-    prev = {Mix(prev.a ^ (tokens[i] + 0x1000193ull)),
-            Mix(prev.b + (tokens[i] + 1ull) * 0xc2b2ae3d27d4eb4full)};
-  return prev;
-}
-Addr BlockAddr(const Addr& seed, const Addr& chain, uint32_t layer, uint32_t kv_head) {
-  const uint64_t lh = (uint64_t{layer} << 32) | kv_head;
-  return {Mix(seed.a ^ chain.a ^ Mix(lh)), Mix(seed.b + chain.b + Mix(lh ^ 0x5555555555555555ull))};
-}
-std::string ContentKey(const Addr& a, bool values) {
-  std::string k = "C";
-  PutBe(&k, a.a, 8);
-  PutBe(&k, a.b, 8);
-  k.push_back(values ? 'V' : 'K');
-  return k;
-}
-
-std::string PosKey(const SeqRef& s, uint64_t pos) {
-  std::string k = SeqPrefix(s);
-  PutBe(&k, pos, 8);
-  return k;
-}
 
 struct BlockLoc {
   int64_t slot = -1;           // host arena slot, or -1
@@ -157,18 +70,7 @@ struct Seq {
 };
 
 std::string EncodeMeta(const Seq& q) {
-  std::string m;
-  PutBe(&m, q.shape.layers, 4);
-  PutBe(&m, q.shape.q_heads, 4);
-  PutBe(&m, q.shape.kv_heads, 4);
-  PutBe(&m, q.shape.head_dim, 4);
-  PutBe(&m, static_cast<uint32_t>(q.shape.dtype), 4);
-  PutBe(&m, q.shape.fingerprint, 8);
-  PutBe(&m, q.B, 4);
-  PutBe(&m, static_cast<uint8_t>(q.dur), 1);
-  PutBe(&m, q.length, 8);
-  PutBe(&m, static_cast<uint64_t>(q.lease_ms), 8);
-  return Seal(m);
+  return EncodeMeta(SeqMeta{q.shape, q.B, q.dur, q.length, q.lease_ms});
 }
 
 }  // namespace
@@ -455,9 +357,9 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
   rocksdb::DBOptions dbo;
   dbo.create_if_missing = true;
   dbo.create_missing_column_families = true;
+  if (o.env) dbo.env = o.env;
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
-  for (const char* n : {"default", "meta", "blocks", "tail", "tokens"})
-    cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
+  for (const char* n : kColumnFamilies) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
   rocksdb::DB* db = nullptr;
   KVM_RETURN_IF_ERROR(
       FromRocks(rocksdb::DB::Open(dbo, o.dir, cfs, &impl->cf, &db), "open " + o.dir));
@@ -465,26 +367,16 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
   // Recover durable sequences: metadata, then the tail rows; full blocks stay on disk until read.
   std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), impl->meta()));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    const std::string key = it->key().ToString();
-    const size_t z = key.find('\0');
-    if (z == std::string::npos || key.size() != z + 9)
-      return Status::Corruption("store: bad metadata key");
-    KVM_ASSIGN_OR_RETURN(std::string m, Unseal(it->value().ToString(), "sequence metadata"));
-    if (m.size() != 49) return Status::Corruption("store: bad metadata size");
+    KVM_ASSIGN_OR_RETURN(const SeqRef ref, DecodeSeqPrefix(it->key().ToString()));
+    KVM_ASSIGN_OR_RETURN(const SeqMeta meta, DecodeMeta(it->value().ToString()));
     Seq q;
-    q.ref = SeqRef{key.substr(0, z), GetBe(key.data() + z + 1, 8)};
-    q.shape = ModelShape{static_cast<uint32_t>(GetBe(m.data(), 4)),
-                         static_cast<uint32_t>(GetBe(m.data() + 4, 4)),
-                         static_cast<uint32_t>(GetBe(m.data() + 8, 4)),
-                         static_cast<uint32_t>(GetBe(m.data() + 12, 4)),
-                         static_cast<DType>(GetBe(m.data() + 16, 4)),
-                         GetBe(m.data() + 20, 8)};
-    q.B = static_cast<uint32_t>(GetBe(m.data() + 28, 4));
-    q.dur = static_cast<Durability>(GetBe(m.data() + 32, 1));
-    q.length = GetBe(m.data() + 33, 8);
-    q.lease_ms = static_cast<int64_t>(GetBe(m.data() + 41, 8));
+    q.ref = ref;
+    q.shape = meta.shape;
+    q.B = meta.block_size;
+    q.dur = meta.durability;
+    q.length = meta.length;
+    q.lease_ms = meta.lease_ms;
     q.last_access = impl->Now();
-    KVM_RETURN_IF_ERROR(q.shape.Validate());
     q.seed = LayoutSeed(q.ref.tenant, q.shape, q.B);
     q.tail.assign(size_t{q.shape.layers} * q.shape.kv_heads * 2 * q.block_bytes(), 0);
     const uint64_t full = q.length / q.B;

@@ -28,6 +28,10 @@
 #include "proto/status.h"
 #include "selector/selection.h"
 
+namespace rocksdb {
+class Env;
+}
+
 namespace kvm::store {
 
 enum class Durability : uint8_t { kCache = 1, kDurable = 2 };
@@ -51,6 +55,9 @@ struct StoreOptions {
   uint64_t gpu_capacity_bytes = 0;  // 0 = 40% of the device's free memory at open
   // The device of the GPU tier; default: the CUDA device. Tests pass a host-memory double.
   std::function<Result<std::unique_ptr<Device>>()> gpu_device;
+  // The RocksDB environment (file system); default: the process's. Tests and the fuzzer pass an
+  // in-memory one (rocksdb::NewMemEnv) or one that injects failures. Must outlive the store.
+  rocksdb::Env* env = nullptr;
   // Tests only: runs before each durable append's WAL write, outside the store's lock (a latch).
   std::function<void()> test_before_write;
 };
