@@ -64,6 +64,7 @@ struct Seq {
   }
   size_t row_bytes() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
   size_t block_bytes() const { return row_bytes() * B; }
+  uint64_t token_bytes() const { return uint64_t{shape.layers} * shape.kv_heads * 2 * row_bytes(); }
   uint8_t* tail_row(uint32_t l, uint32_t h, bool v, uint32_t r) {
     return tail.data() + ((((size_t{l} * shape.kv_heads + h) * 2 + v) * B) + r) * row_bytes();
   }
@@ -95,12 +96,26 @@ struct BlockStore::Impl {
   StoreStats stats;
   std::map<Addr, uint32_t>
       refs;  // content address → sequences referencing it (durable full blocks)
+  std::map<std::string, TenantQuota> quotas;
+  std::map<std::string, TenantUsage> usage;
   // Layouts seen per tenant (for mismatch errors): fingerprint, dtype, block size, layers, kv
   // heads, head dim.
   std::map<std::string,
            std::set<std::tuple<uint64_t, uint32_t, uint32_t, uint32_t, uint32_t, uint32_t>>>
       layouts;
 
+  // NoSpace when the tenant of `q` cannot store `bytes` more (its max_stored_bytes).
+  Status CheckBytesQuota(const std::string& tenant, uint64_t bytes) const {
+    auto it = quotas.find(tenant);
+    if (it == quotas.end() || it->second.max_stored_bytes == 0) return Status::Ok();
+    auto u = usage.find(tenant);
+    const uint64_t used = u == usage.end() ? 0 : u->second.stored_bytes;
+    if (used + bytes <= it->second.max_stored_bytes) return Status::Ok();
+    return Status::NoSpace(
+        "tenant '" + tenant +
+        "' is over its quota max_stored_bytes=" + std::to_string(it->second.max_stored_bytes) +
+        ": " + std::to_string(used) + " bytes stored, the request adds " + std::to_string(bytes));
+  }
   int64_t Now() const {
     if (opt.now_ms) return opt.now_ms();
     return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -416,6 +431,9 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
           }
     }
     q.uid = impl->next_uid++;
+    TenantUsage& use = impl->usage[q.ref.tenant];
+    ++use.sequences;
+    use.stored_bytes += q.length * q.token_bytes();
     Seq& placed = impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
     placed.InitSums();  // summaries rebuilt from K (full blocks from disk, then the tail)
     std::vector<uint8_t> blk(placed.block_bytes());
@@ -470,6 +488,12 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
     return Status::InvalidArgument("tenant must be non-empty and contain no NUL");
   std::lock_guard<std::mutex> l(impl_->mu);
   if (impl_->Find(s)) return Status::AlreadyExists("sequence " + std::to_string(s.id) + " exists");
+  if (auto it = impl_->quotas.find(s.tenant);
+      it != impl_->quotas.end() && it->second.max_sequences > 0 &&
+      impl_->usage[s.tenant].sequences >= it->second.max_sequences)
+    return Status::NoSpace("tenant '" + s.tenant + "' is at its quota max_sequences=" +
+                           std::to_string(it->second.max_sequences) + ": " +
+                           std::to_string(impl_->usage[s.tenant].sequences) + " sequences stored");
   Seq q;
   q.ref = s;
   q.shape = shape;
@@ -488,6 +512,7 @@ Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t blo
     KVM_RETURN_IF_ERROR(impl_->Write(q, &b));
   }
   impl_->seqs[{s.tenant, s.id}] = std::move(q);
+  ++impl_->usage[s.tenant].sequences;
   return Status::Ok();
 }
 
@@ -544,6 +569,18 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   }
   q->last_access = impl_->Now();
   if (end <= old_len) return old_len;  // a pure retry
+  // The new bytes count against the tenant's quota from here (a concurrent append of the same
+  // tenant sees them while this one writes); given back if the append fails.
+  const uint64_t added = (end - old_len) * q->token_bytes();
+  KVM_RETURN_IF_ERROR(impl_->CheckBytesQuota(s.tenant, added));
+  impl_->usage[s.tenant].stored_bytes += added;
+  struct GiveBack {
+    uint64_t* bytes;
+    uint64_t n;
+    ~GiveBack() {
+      if (bytes) *bytes -= n;
+    }
+  } give_back{&impl_->usage[s.tenant].stored_bytes, added};
   // Content addresses of the completed blocks: the hash chain over their token ids.
   std::vector<Addr> new_chain;
   for (uint64_t idx : completed) {
@@ -626,6 +663,7 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h) q->Summarize(l, h, p, row(p - start, l, h, false));
   for (uint64_t p = old_len; p < end; ++p) q->tokens.push_back(tokens[p - start]);
+  give_back.bytes = nullptr;  // committed
   q->length = end;
   q->pin_end = 0;
   return end;
@@ -824,6 +862,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   }
   if (impl_->gpu) impl_->gpu->Truncate(q->uid, length);
   q->chain.resize(std::min<size_t>(q->chain.size(), keep_full));
+  impl_->usage[s.tenant].stored_bytes -= (q->length - length) * q->token_bytes();
   q->tail = std::move(tail);
   q->length = length;
   q->tokens.resize(length);
@@ -860,6 +899,9 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   deleted_since_reclaim = true;
   Release(released);
   if (gpu) gpu->Drop(q->uid);
+  TenantUsage& use = usage[s.tenant];
+  --use.sequences;
+  use.stored_bytes -= q->length * q->token_bytes();
   impl_->seqs.erase({s.tenant, s.id});
   return Status::Ok();
 }
@@ -933,6 +975,17 @@ StoreStats BlockStore::Stats() const {
     st.gpu_tier = "absent: " + impl_->gpu_absent;
   }
   return st;
+}
+
+void BlockStore::SetQuotas(std::map<std::string, TenantQuota> quotas) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->quotas = std::move(quotas);
+}
+
+TenantUsage BlockStore::Usage(const std::string& tenant) const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  auto it = impl_->usage.find(tenant);
+  return it == impl_->usage.end() ? TenantUsage{} : it->second;
 }
 
 Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, bool values,

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -73,6 +74,18 @@ struct SeqInfo {
   uint32_t block_size = 0;
   uint64_t length = 0;
   Durability durability = Durability::kDurable;
+};
+
+// A tenant's limits in the store (0 = none). Over one, Create or Append answers NoSpace naming the
+// quota and the tenant's current use; nothing of the request is stored.
+struct TenantQuota {
+  uint64_t max_sequences = 0;
+  uint64_t max_stored_bytes = 0;  // K and V of every token of its sequences (shared blocks count
+                                  // for each sequence that holds them)
+};
+struct TenantUsage {
+  uint64_t sequences = 0;
+  uint64_t stored_bytes = 0;
 };
 
 struct StoreStats {
@@ -151,6 +164,9 @@ class BlockStore {
   Status Truncate(const SeqRef& s, uint64_t length);
   Status Delete(const SeqRef& s);
   StoreStats Stats() const;
+  // Replaces every tenant's quota (a tenant not named has none).
+  void SetQuotas(std::map<std::string, TenantQuota> quotas);
+  TenantUsage Usage(const std::string& tenant) const;
 
   // Tests: the raw RocksDB value of a block record (for corruption tests), replaced by `value`.
   Status ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, bool values,
