@@ -96,6 +96,7 @@ struct BlockStore::Impl {
   StoreStats stats;
   std::map<Addr, uint32_t>
       refs;  // content address → sequences referencing it (durable full blocks)
+  std::map<Addr, uint32_t> cache_refs;  // the same for cache sequences' full blocks
   std::map<std::string, TenantQuota> quotas;
   std::map<std::string, TenantUsage> usage;
   // Layouts seen per tenant (for mismatch errors): fingerprint, dtype, block size, layers, kv
@@ -131,17 +132,22 @@ struct BlockStore::Impl {
     return q.dur == Durability::kDurable ? ContentKey(q.addr(l, h, idx), v)
                                          : BlockKey(q.ref, {l, h, idx}, v);
   }
-  // Drops the references of full blocks [from, to) of a durable sequence; records reaching 0 are
-  // deleted.
+  // The content index of q's durability: durable full blocks (their records on disk are shared)
+  // or cache full blocks (shared in the host tier). Address → sequences holding it.
+  std::map<Addr, uint32_t>& Refs(const Seq& q) {
+    return q.dur == Durability::kDurable ? refs : cache_refs;
+  }
+  // Drops the references of full blocks [from, to) of a sequence (to Release once the batch is
+  // written); a durable record whose last reference goes is deleted through `b`.
   void Unref(const Seq& q, uint64_t from, uint64_t to, rocksdb::WriteBatch* b,
              std::vector<Addr>* released) {
-    if (q.dur != Durability::kDurable) return;
+    const bool durable = q.dur == Durability::kDurable;
     for (uint64_t idx = from; idx < to; ++idx)
       for (uint32_t l = 0; l < q.shape.layers; ++l)
         for (uint32_t h = 0; h < q.shape.kv_heads; ++h) {
           const Addr a = q.addr(l, h, idx);
           auto it = refs.find(a);
-          if (it != refs.end() && it->second == 1) {
+          if (durable && it != refs.end() && it->second == 1) {
             b->Delete(blocks(), ContentKey(a, false));
             b->Delete(blocks(), ContentKey(a, true));
           }
@@ -163,12 +169,30 @@ struct BlockStore::Impl {
         it->second.last_selected = t;
       }
   }
-  void Release(const std::vector<Addr>& released) {
+  void Release(const Seq& q, const std::vector<Addr>& released) {
+    auto& index = Refs(q);
     for (const Addr& a : released) {
-      auto it = refs.find(a);
-      if (it != refs.end() && --it->second == 0) refs.erase(it);
+      auto it = index.find(a);
+      if (it != index.end() && --it->second == 0) index.erase(it);
     }
   }
+  // The content chain of the longest prefix of `tokens` (whole blocks) that some sequence of this
+  // tenant and layout stores, durable or cache (what PrefixLookup counts and Create attaches).
+  std::vector<Addr> StoredChain(const Addr& seed, std::span<const uint32_t> tokens,
+                                uint32_t B) const {
+    std::vector<Addr> chain;
+    for (uint64_t b = 0; (b + 1) * B <= tokens.size(); ++b) {
+      const Addr next = ChainNext(b ? chain.back() : Addr{}, tokens.data() + b * B, B);
+      const Addr a = BlockAddr(seed, next, 0, 0);
+      if (!refs.count(a) && !cache_refs.count(a)) break;
+      chain.push_back(next);
+    }
+    return chain;
+  }
+  Result<Seq> NewSeq(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d,
+                     int64_t lease_ms);
+  Status CreateLocked(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d,
+                      int64_t lease_ms, std::span<const uint32_t> prefix, uint64_t* attached);
 
   ~Impl() {
     for (size_t i = 1; i < cf.size(); ++i) db->DestroyColumnFamilyHandle(cf[i]);
@@ -479,40 +503,178 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
   return std::unique_ptr<BlockStore>(new BlockStore(std::move(impl)));
 }
 
-Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
-                          Durability d, int64_t lease_ms) {
+Result<Seq> BlockStore::Impl::NewSeq(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
+                                     Durability d, int64_t lease_ms) {
   KVM_RETURN_IF_ERROR(shape.Validate());
   if (block_size == 0 || block_size > kMaxBlockSize)
     return Status::InvalidArgument("block_size out of range");
   if (s.tenant.empty() || s.tenant.find('\0') != std::string::npos)
     return Status::InvalidArgument("tenant must be non-empty and contain no NUL");
-  std::lock_guard<std::mutex> l(impl_->mu);
-  if (impl_->Find(s)) return Status::AlreadyExists("sequence " + std::to_string(s.id) + " exists");
-  if (auto it = impl_->quotas.find(s.tenant);
-      it != impl_->quotas.end() && it->second.max_sequences > 0 &&
-      impl_->usage[s.tenant].sequences >= it->second.max_sequences)
+  if (d != Durability::kDurable && d != Durability::kCache)
+    return Status::InvalidArgument("durability must be cache or durable");
+  if (Find(s)) return Status::AlreadyExists("sequence " + std::to_string(s.id) + " exists");
+  if (auto it = quotas.find(s.tenant); it != quotas.end() && it->second.max_sequences > 0 &&
+                                       usage[s.tenant].sequences >= it->second.max_sequences)
     return Status::NoSpace("tenant '" + s.tenant + "' is at its quota max_sequences=" +
                            std::to_string(it->second.max_sequences) + ": " +
-                           std::to_string(impl_->usage[s.tenant].sequences) + " sequences stored");
+                           std::to_string(usage[s.tenant].sequences) + " sequences stored");
   Seq q;
   q.ref = s;
   q.shape = shape;
   q.B = block_size;
   q.dur = d;
   q.lease_ms = std::max<int64_t>(0, lease_ms);
-  q.last_access = impl_->Now();
+  q.last_access = Now();
   q.seed = LayoutSeed(s.tenant, shape, block_size);
   q.tail.assign(size_t{shape.layers} * shape.kv_heads * 2 * q.block_bytes(), 0);
   q.InitSums();
-  q.uid = impl_->next_uid++;
-  impl_->layouts[s.tenant].insert(Impl::Layout(shape, block_size));
-  if (d == Durability::kDurable) {
-    rocksdb::WriteBatch b;
-    b.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(q));
-    KVM_RETURN_IF_ERROR(impl_->Write(q, &b));
+  return q;
+}
+
+Status BlockStore::Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
+                          Durability d, int64_t lease_ms) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  uint64_t attached = 0;
+  return impl_->CreateLocked(s, shape, block_size, d, lease_ms, {}, &attached);
+}
+
+Result<uint64_t> BlockStore::CreateFromPrefix(const SeqRef& s, const ModelShape& shape,
+                                              uint32_t block_size, Durability d, int64_t lease_ms,
+                                              std::span<const uint32_t> tokens) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  uint64_t attached = 0;
+  KVM_RETURN_IF_ERROR(impl_->CreateLocked(s, shape, block_size, d, lease_ms, tokens, &attached));
+  return attached;
+}
+
+Status BlockStore::Impl::CreateLocked(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
+                                      Durability d, int64_t lease_ms,
+                                      std::span<const uint32_t> prefix, uint64_t* attached) {
+  KVM_ASSIGN_OR_RETURN(Seq q, NewSeq(s, shape, block_size, d, lease_ms));
+  const uint32_t B = block_size, L = shape.layers, H = shape.kv_heads;
+  const bool durable = d == Durability::kDurable;
+  // The holder: the sequence sharing the longest run of this prefix's content chain (it holds
+  // every block of that run: the chain of block b hashes the tokens of blocks 0..b).
+  const std::vector<Addr> chain = StoredChain(q.seed, prefix, B);
+  const Seq* src = nullptr;
+  uint64_t m = 0;
+  for (const auto& [key, o] : seqs) {
+    if (!(o.seed == q.seed) || o.writing) continue;
+    uint64_t k = 0;
+    while (k < chain.size() && k < o.chain.size() && o.chain[k] == chain[k]) ++k;
+    if (k > m) m = k, src = &o;
   }
-  impl_->seqs[{s.tenant, s.id}] = std::move(q);
-  ++impl_->usage[s.tenant].sequences;
+  KVM_RETURN_IF_ERROR(CheckBytesQuota(s.tenant, m * B * q.token_bytes()));
+  rocksdb::WriteBatch batch;
+  // The attached blocks: a host slot the holder has is shared (one more holder: no copy); a block
+  // only on disk is read from there only where this sequence needs its own copy (a durable
+  // sequence whose block exists only in a cache sequence, or a cache sequence: into a host slot
+  // of its own, else its own spill record).
+  struct Attached {
+    LocKey lk;
+    int64_t slot = -1;
+    bool on_disk = false;
+  };
+  std::vector<Attached> plan;
+  auto undo = [&] {
+    for (const Attached& a : plan)
+      if (a.slot >= 0) Arena(q.block_bytes())->Free(static_cast<uint32_t>(a.slot));
+  };
+  std::vector<uint8_t> buf(q.block_bytes());
+  for (uint64_t b = 0; b < m; ++b)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (bool v : {false, true}) {
+          const LocKey lk{l, h, b, v};
+          auto it = src->blocks.find(lk);
+          if (it == src->blocks.end()) {
+            undo();
+            return Status::Internal("attach: the holder's block index is missing");
+          }
+          Attached a{lk};
+          const bool record = durable && refs.count(BlockAddr(q.seed, chain[b], l, h));
+          if (it->second.slot >= 0) {
+            a.slot = it->second.slot;
+            Arena(q.block_bytes())->Share(static_cast<uint32_t>(a.slot));
+            plan.push_back(a);
+            if (!durable || record) {
+              plan.back().on_disk = record;
+              continue;
+            }
+            std::memcpy(buf.data(), Arena(q.block_bytes())->slot(static_cast<uint32_t>(a.slot)),
+                        buf.size());
+          } else {
+            std::string raw;
+            Status st = FromRocks(
+                db->Get(rocksdb::ReadOptions(), blocks(), DiskKey(*src, lk), &raw), "rocksdb get");
+            Result<std::string> data =
+                st.ok() ? Unseal(raw, "block " + std::to_string(b)) : Result<std::string>(st);
+            if (!data.ok() || data->size() != buf.size()) {
+              undo();
+              return data.ok() ? Status::Corruption("block " + std::to_string(b) + ": wrong size")
+                               : data.status();
+            }
+            std::memcpy(buf.data(), data->data(), buf.size());
+            plan.push_back(a);
+            if (record) {
+              plan.back().on_disk = true;
+              continue;
+            }
+            if (!durable) {  // a host slot of its own, else its own spill record
+              Result<uint32_t> slot = HostSlot(q.block_bytes());
+              if (slot.ok()) {
+                std::memcpy(Arena(q.block_bytes())->slot(*slot), buf.data(), buf.size());
+                plan.back().slot = *slot;
+                continue;
+              }
+            }
+          }
+          const std::string key = durable ? ContentKey(BlockAddr(q.seed, chain[b], l, h), v)
+                                          : BlockKey(s, {l, h, b}, v);
+          batch.Put(blocks(), key,
+                    Seal(std::string(reinterpret_cast<const char*>(buf.data()), buf.size())));
+          plan.back().on_disk = true;
+        }
+  q.length = m * B;
+  q.chain.assign(chain.begin(), chain.begin() + static_cast<ptrdiff_t>(m));
+  if (src)
+    q.tokens.assign(src->tokens.begin(), src->tokens.begin() + static_cast<ptrdiff_t>(m * B));
+  if (durable) {
+    batch.Put(meta(), SeqPrefix(s), EncodeMeta(q));
+    for (uint64_t b = 0; b < m; ++b) {
+      std::string ids;
+      for (uint64_t t = b * B; t < (b + 1) * B; ++t) PutBe(&ids, q.tokens[t], 4);
+      batch.Put(toks(), PosKey(s, b), Seal(ids));
+    }
+  }
+  if (batch.Count() > 0) {
+    if (Status st = Write(q, &batch); !st.ok()) {
+      undo();
+      return st;
+    }
+  }
+  // Commit.
+  for (const Attached& a : plan) {
+    BlockLoc& loc = q.blocks[a.lk];
+    loc.slot = a.slot;
+    loc.on_disk = a.on_disk;
+    if (a.slot >= 0) loc.host_since = ++tick;
+  }
+  for (uint64_t b = 0; b < m; ++b)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h) ++Refs(q)[q.addr(l, h, b)];
+  if (src)
+    for (size_t i = 0; i < q.sums.size(); ++i) {  // the holder's summaries, cut at the prefix
+      q.sums[i] = src->sums[i];
+      q.sums[i].Truncate(m * B);
+    }
+  q.uid = next_uid++;
+  layouts[s.tenant].insert(Layout(shape, block_size));
+  TenantUsage& use = usage[s.tenant];
+  ++use.sequences;
+  use.stored_bytes += q.length * q.token_bytes();
+  seqs[{s.tenant, s.id}] = std::move(q);
+  *attached = m * B;
   return Status::Ok();
 }
 
@@ -631,10 +793,9 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   // Commit: references and chain, completed blocks to the host tier (assembled before the tail rows
   // are overwritten), then the new rows enter the tail.
   q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
-  if (durable)
-    for (uint64_t idx : completed)
-      for (uint32_t l = 0; l < L; ++l)
-        for (uint32_t h = 0; h < H; ++h) ++impl_->refs[q->addr(l, h, idx)];
+  for (uint64_t idx : completed)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h) ++impl_->Refs(*q)[q->addr(l, h, idx)];
   std::vector<uint8_t> blk(size_t{B} * rb);
   q->pin_end = end;
   for (uint64_t idx : completed)
@@ -853,7 +1014,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
     if (q->blocks[k].on_disk && !durable) batch.Delete(impl_->blocks(), impl_->DiskKey(*q, k));
   if (batch.Count() > 0) KVM_RETURN_IF_ERROR(impl_->Write(*q, &batch, /*frees=*/true));
   impl_->deleted_since_reclaim = true;
-  impl_->Release(released);
+  impl_->Release(*q, released);
   for (const auto& k : drop) {
     auto it = q->blocks.find(k);
     if (it->second.slot >= 0)
@@ -897,7 +1058,7 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   KVM_RETURN_IF_ERROR(
       FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
   deleted_since_reclaim = true;
-  Release(released);
+  Release(*q, released);
   if (gpu) gpu->Drop(q->uid);
   TenantUsage& use = usage[s.tenant];
   --use.sequences;
@@ -914,15 +1075,7 @@ Result<uint64_t> BlockStore::PrefixLookup(const std::string& tenant, const Model
     return Status::InvalidArgument("block_size out of range");
   std::lock_guard<std::mutex> l(impl_->mu);
   auto matched = [&](const ModelShape& sh, uint32_t B) {
-    const Addr seed = LayoutSeed(tenant, sh, B);
-    Addr chain;
-    uint64_t n = 0;
-    for (uint64_t b = 0; (b + 1) * B <= tokens.size(); ++b) {
-      chain = ChainNext(chain, tokens.data() + b * B, B);
-      if (!impl_->refs.count(BlockAddr(seed, chain, 0, 0))) break;
-      n = (b + 1) * B;
-    }
-    return n;
+    return impl_->StoredChain(LayoutSeed(tenant, sh, B), tokens, B).size() * B;
   };
   const uint64_t n = matched(shape, block_size);
   if (n == 0 && tokens.size() >= block_size) {  // stored under another model or layout? an error
@@ -941,6 +1094,13 @@ Result<uint64_t> BlockStore::PrefixLookup(const std::string& tenant, const Model
       }
   }
   return n;
+}
+
+Status BlockStore::Touch(const SeqRef& s) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
+  q->last_access = impl_->Now();
+  return Status::Ok();
 }
 
 Result<uint64_t> BlockStore::ExpireLeases() {
@@ -967,6 +1127,7 @@ StoreStats BlockStore::Stats() const {
   st.sequences = impl_->seqs.size();
   st.disk_bytes = impl_->LiveDiskBytes();
   for (auto& [a, n] : impl_->refs) st.shared_blocks += n > 1;
+  for (auto& [a, n] : impl_->cache_refs) st.shared_blocks += n > 1;
   if (impl_->gpu) {
     st.gpu = impl_->gpu->Stats();
     st.gpu_tier = st.gpu.device + ": " + std::to_string(st.gpu.used_bytes >> 20) + " of " +

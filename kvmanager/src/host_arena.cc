@@ -41,6 +41,7 @@ Result<std::unique_ptr<HostArena>> HostArena::Make(size_t capacity_bytes, size_t
 HostArena::HostArena(uint8_t* base, size_t bytes, size_t slot_bytes, uint32_t capacity)
     : base_(base), bytes_(bytes), slot_bytes_(slot_bytes), capacity_(capacity) {
   free_.reserve(capacity);
+  refs_.assign(capacity, 0);
   for (uint32_t s = capacity; s > 0; --s) free_.push_back(s - 1);  // lowest slots first
 }
 
@@ -55,12 +56,23 @@ Result<uint32_t> HostArena::Allocate() {
     return Status::NoSpace("host tier full (" + std::to_string(capacity_) + " slots)");
   const uint32_t s = free_.back();
   free_.pop_back();
+  refs_[s] = 1;
   return s;
+}
+
+void HostArena::Share(uint32_t slot) {
+  std::lock_guard<std::mutex> l(mu_);
+  ++refs_[slot];
 }
 
 void HostArena::Free(uint32_t slot) {
   std::lock_guard<std::mutex> l(mu_);
-  free_.push_back(slot);
+  if (refs_[slot] > 0 && --refs_[slot] == 0) free_.push_back(slot);
+}
+
+uint32_t HostArena::refs(uint32_t slot) const {
+  std::lock_guard<std::mutex> l(mu_);
+  return refs_[slot];
 }
 
 uint32_t HostArena::used() const {

@@ -367,6 +367,144 @@ TEST(BlockStoreTest, PrefixSharingAcrossSequencesAndRefcountsAfterRestart) {
   std::filesystem::remove_all(dir);
 }
 
+// A new request's sequence made from a stored prefix: the blocks are attached by content address
+// (host slots and durable records shared, nothing copied), byte-identical, independent of the
+// holder afterwards, and durable across a restart.
+TEST(BlockStoreTest, CreateFromStoredPrefixSharesTheHoldersBlocks) {
+  const std::string dir = TempDir();
+  const SeqRef a{"t", 1}, b{"t", 2}, other{"u", 3};
+  std::vector<uint32_t> want = Tokens(0, 36);  // 2 blocks in common with a, then different
+  want.push_back(999999);
+  const size_t per_block = size_t{kShape.layers} * kShape.kv_heads * 2;  // host slots per index
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Create(a, kShape, kB, Durability::kDurable).ok());
+    ASSERT_TRUE(AppendRange(**s, a, 0, 40).ok());  // 2 full blocks + 8 tokens
+    const uint64_t used = (*s)->Stats().host_slots_used;
+    EXPECT_EQ(used, 2 * per_block);
+    auto n = (*s)->CreateFromPrefix(b, kShape, kB, Durability::kDurable, 0, want);
+    ASSERT_TRUE(n.ok()) << n.status().ToString();
+    EXPECT_EQ(*n, 32u);
+    EXPECT_EQ(*(*s)->Length(b), 32u);
+    EXPECT_EQ((*s)->Stats().host_slots_used, used);  // shared, not copied
+    EXPECT_EQ((*s)->Stats().shared_blocks, 2 * size_t{kShape.layers} * kShape.kv_heads);
+    ExpectContent(**s, b, 32, /*gen=*/1);
+    // Another tenant never attaches them; an AlreadyExists sequence is refused and unchanged.
+    EXPECT_EQ(*(*s)->CreateFromPrefix(other, kShape, kB, Durability::kDurable, 0, want), 0u);
+    EXPECT_TRUE((*s)->CreateFromPrefix(a, kShape, kB, Durability::kDurable, 0, want)
+                    .status()
+                    .IsAlreadyExists());
+    // b goes on with tokens of its own; a's blocks are unchanged.
+    ASSERT_TRUE(AppendRange(**s, b, 32, 20, /*gen=*/1).ok());
+    ExpectContent(**s, b, 52, 1);
+    ExpectContent(**s, a, 40, 1);
+    ASSERT_TRUE((*s)->Delete(a).ok());  // the holder goes: b keeps its blocks
+    ExpectContent(**s, b, 52, 1);
+  }
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    EXPECT_EQ(*(*s)->Length(b), 52u);
+    ExpectContent(**s, b, 52, 1);
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 64)), 48u);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Cache sequences share prefixes too (in the host tier), and a durable sequence attaching blocks
+// that only a cache sequence holds writes them: they survive the restart the cache one does not.
+TEST(BlockStoreTest, CacheSequencesSharePrefixesAndDurableAttachKeepsThem) {
+  const std::string dir = TempDir();
+  const SeqRef c{"t", 5}, c2{"t", 6}, d{"t", 7};
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Create(c, kShape, kB, Durability::kCache).ok());
+    ASSERT_TRUE(AppendRange(**s, c, 0, 50).ok());  // 3 full blocks + 2
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 50)), 48u);
+    const uint64_t used = (*s)->Stats().host_slots_used;
+    EXPECT_EQ(*(*s)->CreateFromPrefix(c2, kShape, kB, Durability::kCache, 0, Tokens(0, 50)), 48u);
+    EXPECT_EQ((*s)->Stats().host_slots_used, used);
+    ExpectContent(**s, c2, 48, /*gen=*/5);
+    EXPECT_EQ(*(*s)->CreateFromPrefix(d, kShape, kB, Durability::kDurable, 0, Tokens(0, 40)), 32u);
+    ExpectContent(**s, d, 32, 5);
+    ASSERT_TRUE((*s)->Delete(c).ok());
+    ExpectContent(**s, c2, 48, 5);
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 50)), 48u);  // c2 holds them
+    ASSERT_TRUE((*s)->Delete(c2).ok());
+    EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 50)), 32u);  // d's two blocks
+    EXPECT_EQ((*s)->Stats().host_slots_used,
+              2 * size_t{kShape.layers} * kShape.kv_heads * 2);  // slots freed with the last
+  }
+  {
+    auto s = BlockStore::Open({dir, 1 << 20});
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    ExpectContent(**s, d, 32, 5);
+    EXPECT_TRUE((*s)->Length(c2).status().IsNotFound());
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// The holder's blocks only on disk (a small host tier): the new sequence still gets them intact.
+TEST(BlockStoreTest, CreateFromPrefixOfSpilledBlocks) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 24 * kBlock};  // 24 slots: 3 block indices of (2 layers x 2 heads x K,V)
+  o.pinned_sink_tokens = 0;
+  o.pinned_window_tokens = 0;
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef c{"t", 8}, c2{"t", 9}, d{"t", 10};
+  ASSERT_TRUE((*s)->Create(c, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendRange(**s, c, 0, 96).ok());  // 6 blocks: half of them spilled
+  EXPECT_GT((*s)->Stats().spills, 0u);
+  EXPECT_EQ(*(*s)->CreateFromPrefix(c2, kShape, kB, Durability::kCache, 0, Tokens(0, 96)), 96u);
+  ExpectContent(**s, c2, 96, /*gen=*/8);
+  EXPECT_EQ(*(*s)->CreateFromPrefix(d, kShape, kB, Durability::kDurable, 0, Tokens(0, 96)), 96u);
+  ASSERT_TRUE((*s)->Delete(c).ok());
+  ASSERT_TRUE((*s)->Delete(c2).ok());
+  ExpectContent(**s, d, 96, 8);
+  std::filesystem::remove_all(dir);
+}
+
+// Quotas: a tenant at max_sequences or max_stored_bytes is refused with the quota and its use in
+// the message, nothing of the request stored; another tenant is not affected.
+TEST(BlockStoreTest, TenantQuotasRefuseWithTheirNameAndUse) {
+  const std::string dir = TempDir();
+  auto s = BlockStore::Open({dir, 1 << 20});
+  ASSERT_TRUE(s.ok());
+  const uint64_t token_bytes = size_t{kShape.layers} * kShape.kv_heads * 2 * kRow;
+  (*s)->SetQuotas({{"t", TenantQuota{2, 40 * token_bytes}}});
+  ASSERT_TRUE((*s)->Create({"t", 1}, kShape, kB, Durability::kDurable).ok());
+  ASSERT_TRUE((*s)->Create({"t", 2}, kShape, kB, Durability::kCache).ok());
+  Status st = (*s)->Create({"t", 3}, kShape, kB, Durability::kDurable);
+  EXPECT_TRUE(st.IsNoSpace()) << st.ToString();
+  EXPECT_NE(st.message().find("max_sequences=2: 2 sequences"), std::string::npos) << st.message();
+  EXPECT_TRUE((*s)->Length({"t", 3}).status().IsNotFound());
+  ASSERT_TRUE(AppendRange(**s, {"t", 1}, 0, 30).ok());
+  st = AppendRange(**s, {"t", 2}, 0, 11).status();
+  EXPECT_TRUE(st.IsNoSpace()) << st.ToString();
+  EXPECT_NE(st.message().find("max_stored_bytes=" + std::to_string(40 * token_bytes)),
+            std::string::npos)
+      << st.message();
+  EXPECT_EQ(*(*s)->Length({"t", 2}), 0u);
+  ASSERT_TRUE(AppendRange(**s, {"t", 2}, 0, 10).ok());  // exactly at the quota
+  EXPECT_EQ((*s)->Usage("t").stored_bytes, 40 * token_bytes);
+  EXPECT_EQ((*s)->Usage("t").sequences, 2u);
+  // A prefix attach counts its bytes too.
+  ASSERT_TRUE((*s)->Truncate({"t", 1}, 16).ok());
+  ASSERT_TRUE((*s)->Delete({"t", 2}).ok());
+  EXPECT_EQ((*s)->Usage("t").stored_bytes, 16 * token_bytes);
+  EXPECT_EQ(*(*s)->CreateFromPrefix({"t", 4}, kShape, kB, Durability::kDurable, 0, Tokens(0, 16)),
+            16u);
+  EXPECT_EQ((*s)->Usage("t").stored_bytes, 32 * token_bytes);
+  // Another tenant has no quota.
+  for (uint64_t id = 1; id <= 4; ++id)
+    ASSERT_TRUE((*s)->Create({"u", id}, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendRange(**s, {"u", 1}, 0, 64).ok());
+  std::filesystem::remove_all(dir);
+}
+
 TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   const std::string dir = TempDir();
   int64_t now = 0;
@@ -385,6 +523,19 @@ TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
   EXPECT_TRUE((*s)->Length(leased).status().IsNotFound());
   EXPECT_TRUE((*s)->Length(forever).ok());
+  // A heartbeat (Touch) renews a lease as an access does; the expired one's blocks are no longer
+  // found by prefix.
+  ASSERT_TRUE((*s)->CreateFromPrefix({"t", 22}, kShape, kB, Durability::kCache, 1000, {}).ok());
+  ASSERT_TRUE(AppendRange(**s, {"t", 22}, 0, 16).ok());
+  now = 2600;
+  ASSERT_TRUE((*s)->Touch({"t", 22}).ok());
+  now = 3500;
+  EXPECT_EQ(*(*s)->ExpireLeases(), 0u);
+  EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 16)), 16u);
+  now = 3700;
+  EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
+  EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 16)), 0u);
+  EXPECT_TRUE((*s)->Touch({"t", 22}).IsNotFound());
   std::filesystem::remove_all(dir);
 }
 

@@ -97,7 +97,7 @@ struct StoreStats {
   uint64_t disk_bytes_written = 0;  // ever written (this process)
   uint64_t disk_bytes =
       0;  // live: RocksDB's SST files and memtables (what disk_capacity_bytes caps)
-  uint64_t shared_blocks = 0;  // durable block records referenced by more than one sequence
+  uint64_t shared_blocks = 0;  // full blocks (content addresses) held by more than one sequence
   std::string gpu_tier;        // "<device>: used/capacity" or "absent: <why>"
   GpuTierStats gpu;            // zero when absent
   std::string host_pinning;    // "pinned (cudaHostRegister)" or "not pinned: <why>"
@@ -110,11 +110,24 @@ class BlockStore {
   ~BlockStore();
 
   // AlreadyExists; InvalidArgument for a bad shape, block size or tenant name.
-  // lease_ms > 0: the sequence expires after that long without an access.
+  // lease_ms > 0: the sequence expires after that long without an access (ExpireLeases deletes
+  // it; every operation on it and Touch renew the lease).
   Status Create(const SeqRef& s, const ModelShape& shape, uint32_t block_size, Durability d,
                 int64_t lease_ms = 0);
-  // How many leading tokens of `tokens` are stored (whole blocks) for this tenant, model and
-  // layout.
+  // Create, with the longest stored prefix of `tokens` (whole blocks, exactly what PrefixLookup
+  // counts) already in the new sequence: its blocks are attached by content address from the
+  // sequence that holds them, durable or cache — no copy where the storage allows it (a durable
+  // block's record on disk and a block's host slot are shared); a copy only where the new
+  // sequence needs one of its own (a durable sequence attaching blocks only a cache sequence
+  // holds writes their records; a cache sequence attaching blocks that are only on disk reads
+  // them into the host tier). Returns the attached length (a multiple of block_size; 0: none).
+  Result<uint64_t> CreateFromPrefix(const SeqRef& s, const ModelShape& shape, uint32_t block_size,
+                                    Durability d, int64_t lease_ms,
+                                    std::span<const uint32_t> tokens);
+  // Renews the sequence's lease (a heartbeat of its worker). NotFound when it does not exist.
+  Status Touch(const SeqRef& s);
+  // How many leading tokens of `tokens` are stored (whole blocks, by durable or cache sequences)
+  // for this tenant, model and layout.
   Result<uint64_t> PrefixLookup(const std::string& tenant, const ModelShape& shape,
                                 uint32_t block_size, std::span<const uint32_t> tokens) const;
   // Deletes every sequence whose lease ran out; returns how many.

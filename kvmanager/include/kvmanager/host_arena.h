@@ -1,6 +1,7 @@
 // HostArena: the host tier's memory — one large anonymous mapping, carved into fixed-size block
 // slots by a slab allocator, so that UCX can register it once; page-locked with cudaHostRegister
-// when a CUDA device exists. Thread-safe.
+// when a CUDA device exists. A slot may be shared (a block that several sequences hold by content
+// address): each holder frees it once, and it returns to the free list with the last. Thread-safe.
 #pragma once
 
 #include <cstddef>
@@ -26,9 +27,13 @@ class HostArena {
   HostArena(const HostArena&) = delete;
   HostArena& operator=(const HostArena&) = delete;
 
-  // A free slot, or NoSpace when every slot is in use.
+  // A free slot (one holder), or NoSpace when every slot is in use.
   Result<uint32_t> Allocate();
+  // One more holder of an allocated slot.
+  void Share(uint32_t slot);
+  // One holder fewer; the slot is free when none is left.
   void Free(uint32_t slot);
+  uint32_t refs(uint32_t slot) const;
   uint8_t* slot(uint32_t s) const { return base_ + size_t{s} * slot_bytes_; }
   void* base() const { return base_; }
   size_t bytes() const { return bytes_; }
@@ -48,6 +53,7 @@ class HostArena {
   std::string pinning_;
   mutable std::mutex mu_;
   std::vector<uint32_t> free_;  // guarded by mu_
+  std::vector<uint32_t> refs_;  // holders per slot; guarded by mu_
 };
 
 }  // namespace kvm::store
