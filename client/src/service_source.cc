@@ -791,6 +791,7 @@ const ServiceTotals& ServiceKvSource::totals() const {
 uint32_t ServiceKvSource::hot_set_slots() const { return impl_->slots; }
 uint64_t ServiceKvSource::hot_set_generation() const { return impl_->generation; }
 const std::string& ServiceKvSource::last_error() const { return impl_->last_error; }
+const HotSet& ServiceKvSource::hot_set() const { return *impl_->hot; }
 HotSet& ServiceKvSource::hot_set_for_testing() { return *impl_->hot; }
 
 }  // namespace kvm::client

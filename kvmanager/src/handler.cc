@@ -63,9 +63,42 @@ void RequestHandler::SetTenants(std::vector<TenantConfig> tenants) {
   tenants_ = std::move(t);
 }
 
-void RequestHandler::Close(SessionState& s) {
+std::map<std::string, store::TenantQuota> StoreQuotas(const std::vector<TenantConfig>& tenants) {
+  std::map<std::string, store::TenantQuota> q;
+  for (const TenantConfig& t : tenants)
+    if (t.max_sequences || t.max_stored_bytes) q[t.name] = {t.max_sequences, t.max_stored_bytes};
+  return q;
+}
+
+void RequestHandler::ClosePeer(SessionState& s) {
   if (s.data_peer && opt_.data_plane) opt_.data_plane->Disconnect(s.data_peer);
   s.data_peer = 0;
+}
+
+void RequestHandler::Close(SessionState& s) {
+  ClosePeer(s);
+  if (s.connection_of.empty()) return;
+  std::lock_guard<std::mutex> l(connections_mu_);
+  auto it = connections_.find(s.connection_of);
+  if (it != connections_.end() && --it->second == 0) connections_.erase(it);
+  s.connection_of.clear();
+}
+
+Status RequestHandler::TakeConnection(SessionState& s, const TenantConfig& t) {
+  if (s.connection_of == t.name) return Status::Ok();  // a second Hello as the same tenant
+  std::lock_guard<std::mutex> l(connections_mu_);
+  uint32_t& n = connections_[t.name];
+  if (t.max_connections && n >= t.max_connections)  // n >= 1: the entry existed
+    return Status::Busy(
+        "tenant '" + t.name + "' is at its max_connections limit: " + std::to_string(n) +
+        " sessions open (max_connections " + std::to_string(t.max_connections) + ")");
+  ++n;
+  if (!s.connection_of.empty()) {
+    auto it = connections_.find(s.connection_of);
+    if (it != connections_.end() && --it->second == 0) connections_.erase(it);
+  }
+  s.connection_of = t.name;
+  return Status::Ok();
 }
 
 void RequestHandler::SendParts(const SessionState& s, uint64_t request_id,
@@ -277,6 +310,10 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
     }
     {
       const TenantConfig& t = *found;
+      if (Status limit = TakeConnection(s, t); !limit.ok()) {
+        if (opt_.metrics) opt_.metrics->CountConnectionRefused(ConnectionLimit::kPerTenant);
+        return limit;
+      }
       s.authenticated = true;
       s.tenant = t.name;
       s.session_id = next_session_++;
@@ -286,7 +323,7 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       r.set_max_frame_bytes(opt_.limits.max_frame_bytes);
       r.set_session_id(s.session_id);
       r.set_heartbeat_interval_ms(opt_.heartbeat_interval_ms);
-      Close(s);  // a second Hello replaces the session's data-plane endpoint
+      ClosePeer(s);  // a second Hello replaces the session's data-plane endpoint
       if (opt_.data_plane && !h.ucx_worker_address().empty()) {
         const std::string& a = h.ucx_worker_address();
         auto peer =
@@ -308,6 +345,9 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       KVM_ASSIGN_OR_RETURN(ModelShape shape, wire::FromWire(m.shape()));
       const store::SeqRef sr = ref(m.sequence_id());
+      if (m.attach() && (m.prefix_token_ids_size() > 0 || m.lease_ms() > 0))
+        return Status::InvalidArgument(
+            "attach takes the sequence as stored: no prefix_token_ids or lease_ms");
       if (m.attach()) {  // an existing sequence of the same shape and layout
         KVM_ASSIGN_OR_RETURN(store::SeqInfo info, store_->Info(sr));
         if (!(info.shape == shape) || info.block_size != m.block_size())
@@ -316,7 +356,17 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
               info.shape.ToString() + " B " + std::to_string(info.block_size) +
               ", the request says " + shape.ToString() + " B " + std::to_string(m.block_size()));
       } else {
-        KVM_RETURN_IF_ERROR(store_->Create(sr, shape, m.block_size(), FromWire(m.durability())));
+        constexpr uint64_t kMaxLeaseMs = uint64_t{365} * 24 * 3600 * 1000;
+        if (m.lease_ms() > kMaxLeaseMs)
+          return Status::InvalidArgument("lease_ms " + std::to_string(m.lease_ms()) +
+                                         " is over a year");
+        const std::vector<uint32_t> prefix(m.prefix_token_ids().begin(),
+                                           m.prefix_token_ids().end());
+        KVM_RETURN_IF_ERROR(store_
+                                ->CreateFromPrefix(sr, shape, m.block_size(),
+                                                   FromWire(m.durability()),
+                                                   static_cast<int64_t>(m.lease_ms()), prefix)
+                                .status());
       }
       if (m.has_selector()) {
         Status st = engine_->Configure(sr, m.selector(), m.hot_set_slots());
@@ -440,6 +490,8 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       for (const wire::WorkerStats& w : m.stats()) ReportStats(ref(w.sequence_id()), &w);
       wire::HeartbeatReply r;
+      for (uint64_t id : m.renew_sequences())
+        if (store_->Touch(ref(id)).IsNotFound()) r.add_not_found(id);
       r.set_server_time_ns(NowNs());
       return send(r);
     }

@@ -21,6 +21,7 @@
 
 #include "buffers.h"
 #include "client/client.h"
+#include "client/hot_set.h"
 #include "client/service_source.h"
 #include "client/shards.h"
 #include "proto/kvm.pb.h"
@@ -166,13 +167,17 @@ class PyClient {
   }
 
   uint64_t Create(uint64_t seq, const ModelShape& shape, uint32_t block_size,
-                  const std::string& durability, bool attach) {
+                  const std::string& durability, bool attach,
+                  std::optional<std::vector<uint32_t>> prefix_tokens, uint64_t lease_ms) {
     wire::CreateSequence m;
     m.set_sequence_id(seq);
     wire::ToWire(shape, m.mutable_shape());
     m.set_block_size(block_size);
     m.set_durability(ParseDurability(durability));
     m.set_attach(attach);
+    if (prefix_tokens)
+      m.mutable_prefix_token_ids()->Add(prefix_tokens->begin(), prefix_tokens->end());
+    m.set_lease_ms(lease_ms);
     uint64_t len;
     {
       pyb::gil_scoped_release r;
@@ -185,6 +190,23 @@ class PyClient {
     }
     shapes_[seq] = {shape, block_size};
     return len;
+  }
+
+  // Renews the leases of these sequences (a Heartbeat to each one's shard); the ids that no longer
+  // exist.
+  std::vector<uint64_t> Renew(const std::vector<uint64_t>& seqs) {
+    std::map<size_t, wire::Heartbeat> per_shard;
+    for (uint64_t id : seqs) per_shard[set().ShardFor(id)].add_renew_sequences(id);
+    std::vector<uint64_t> gone;
+    pyb::gil_scoped_release r;
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [shard, h] : per_shard) {
+      wire::Frame f = Value(Conn(shard)->Call(wire::MessageType::kHeartbeat, h));
+      wire::HeartbeatReply rep;
+      Check(wire::ParseProto(f, &rep));
+      gone.insert(gone.end(), rep.not_found().begin(), rep.not_found().end());
+    }
+    return gone;
   }
 
   std::optional<uint64_t> Append(uint64_t seq, uint64_t start, std::vector<uint32_t> tokens,
@@ -491,6 +513,59 @@ class PyDecoder {
 
   std::vector<std::vector<uint64_t>> Attended() { return src().attended(); }
 
+  // The slot table of a step: per KV head, the attended blocks (ascending) as (block, slot) —
+  // slot: where the hot set holds it, or None: the worker's local tail (its recent blocks).
+  pyb::list Select(uint32_t layer, uint64_t pos, pyb::handle q, pyb::object out) {
+    Attend(layer, pos, q, out);
+    const client::HotSet& hs = src().hot_set();
+    pyb::list heads;
+    const auto& att = src().attended();
+    for (uint32_t h = 0; h < att.size(); ++h) {
+      pyb::list blocks;
+      for (uint64_t b : att[h]) {
+        uint32_t slot = 0;
+        if (hs.LocalBlock(layer, h, b, false) == nullptr && hs.FindSlot(layer, h, b, &slot))
+          blocks.append(pyb::make_tuple(b, slot));
+        else
+          blocks.append(pyb::make_tuple(b, pyb::none()));
+      }
+      heads.append(blocks);
+    }
+    return heads;
+  }
+
+  // One resident block's K (or V) rows, [block_size][head_dim] of the dtype, copied into `out` (or
+  // a new array): from hot-set slot `slot`, or from the local tail when slot is None.
+  pyb::object Block(uint32_t layer, uint32_t kv_head, uint64_t block, std::optional<uint32_t> slot,
+                    bool values, pyb::object out) {
+    CheckLayer(layer);
+    if (kv_head >= shape_.kv_heads) ThrowArg("kv_head", "out of range");
+    const client::HotSet& hs = src().hot_set();
+    const uint32_t B = hs.layout().block_size();
+    const size_t bb = size_t{B} * shape_.head_dim * DTypeSize(shape_.dtype);
+    const uint8_t* from = nullptr;
+    if (slot) {
+      if (*slot >= hs.slots())
+        ThrowArg("slot", "out of range (" + std::to_string(hs.slots()) + " slots)");
+      uint32_t held = 0;
+      if (!hs.FindSlot(layer, kv_head, block, &held) || held != *slot)
+        Throw(Status::NotFound("block " + std::to_string(block) + " is not in slot " +
+                               std::to_string(*slot)));
+      from = hs.SlotData(layer, kv_head, *slot) + (values ? bb : 0);
+    } else {
+      from = hs.LocalBlock(layer, kv_head, block, values);
+      if (!from)
+        Throw(Status::NotFound("block " + std::to_string(block) + " is not in the local tail"));
+    }
+    if (out.is_none())
+      out = NewNumpy(DTypeName(shape_.dtype), {size_t(B), size_t(shape_.head_dim)});
+    Buffer ob(out, "out", true);
+    ob.RequireDType(shape_.dtype);
+    ob.RequireBytes(bb, "[block_size][head_dim]");
+    std::memcpy(ob.data(), from, bb);
+    return out;
+  }
+
   pyb::list Claims(size_t from) {
     pyb::list out;
     const auto& cl = src().claims();
@@ -600,13 +675,21 @@ kvmanager.InvalidArgument (a ValueError) naming the argument.)doc")
            "tls_cert"_a = pyb::none(), "tls_key"_a = pyb::none(), "data_plane"_a = "ucx",
            "deadline_ms"_a = 30000, "client_name"_a = "kvmanager-python", "heartbeats"_a = true)
       .def("create_sequence", &PyClient::Create, "sequence_id"_a, "shape"_a, "block_size"_a = 16,
-           "durability"_a = "cache", "attach"_a = false, R"doc(
+           "durability"_a = "cache", "attach"_a = false, "prefix_tokens"_a = pyb::none(),
+           "lease_ms"_a = 0, R"doc(
 Creates a storage-only sequence (durability "cache", "durable" or "durable_sync"); with attach=True
-attaches to an existing one of the same shape. Returns its stored length in tokens.)doc")
+attaches to an existing one of the same shape. prefix_tokens: a new request's prompt — the
+sequence starts with the longest prefix of it that the service already stores (whole blocks, what
+prefix_lookup counts), shared by content address, not copied. lease_ms > 0: the service deletes the
+sequence after that long without use (any call on it, or renew()). Returns its length in tokens
+(with prefix_tokens: how many were attached).)doc")
+      .def("renew", &PyClient::Renew, "sequence_ids"_a, R"doc(
+Renews the leases of these sequences (one heartbeat per shard); returns the ids that no longer
+exist (expired or deleted).)doc")
       .def(
           "attach",
           [](PyClient& c, uint64_t seq, const ModelShape& shape, uint32_t b) {
-            return c.Create(seq, shape, b, "cache", true);
+            return c.Create(seq, shape, b, "cache", true, std::nullopt, 0);
           },
           "sequence_id"_a, "shape"_a, "block_size"_a = 16,
           "Attaches to an existing sequence (NotFound when there is none); returns its length.")
@@ -670,15 +753,16 @@ q and the result: fp32 [q_heads][head_dim].)doc")
            "The new token's post-RoPE K and V of one layer, fp32 [kv_heads][head_dim].")
       .def("attend", &PyDecoder::Attend, "layer"_a, "pos"_a, "q"_a, "out"_a = pyb::none(),
            "Attention of the token at `pos` over [0, pos]; into `out` or a new numpy array.")
-      .def(
-          "select",
-          [](PyDecoder& d, uint32_t layer, uint64_t pos, pyb::handle q, pyb::object out) {
-            d.Attend(layer, pos, q, out);
-            return d.Attended();
-          },
-          "layer"_a, "pos"_a, "q"_a, "out"_a = pyb::none(), R"doc(
-The blocks (ascending, per KV head) resident for this query: the selection the service chose or
-the gate reused. Runs the step (as attend) — the CPU kernel's output goes to `out` when given.)doc")
+      .def("select", &PyDecoder::Select, "layer"_a, "pos"_a, "q"_a, "out"_a = pyb::none(), R"doc(
+The slot table of this query's step: per KV head, the resident blocks (ascending: the selection the
+service chose or the gate reused) as (block, slot) — slot in the hot set, or None for a block of
+the worker's local tail. Runs the step (as attend: the CPU kernel's output goes to `out` when
+given); a caller whose own kernel attends reads each block with block().)doc")
+      .def("block", &PyDecoder::Block, "layer"_a, "kv_head"_a, "block"_a, "slot"_a,
+           "values"_a = false, "out"_a = pyb::none(), R"doc(
+One resident block's K (values=False) or V rows, [block_size][head_dim] of the sequence's dtype,
+copied into `out` or a new array: from hot-set slot `slot` as select() named it, or from the local
+tail (slot None). NotFound when that slot or the tail does not hold the block.)doc")
       .def_property_readonly("attended", &PyDecoder::Attended,
                              "The blocks each KV head attended at the last decode attend.")
       .def("claims", &PyDecoder::Claims, "start"_a = 0,

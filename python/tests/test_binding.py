@@ -78,6 +78,65 @@ def test_every_operation_round_trips(server):
     assert c.closed
 
 
+@pytest.mark.parametrize("holder,new", [("durable", "durable"), ("cache", "cache"),
+                                        ("cache", "durable"), ("durable", "cache")])
+def test_create_from_a_stored_prefix(server, holder, new):
+    """A new request's sequence starts with the stored prefix of its prompt: whole blocks only,
+    byte-identical to the holder's, and its own after the holder is gone."""
+    shape = kvmanager.ModelShape(**SHAPE, dtype="fp16")
+    base = {"durable": 100, "cache": 200}[holder] + {"durable": 0, "cache": 10}[new]
+    prompt = list(range(5000 + base, 5000 + base + 40))
+    kv = kv_rows(shape, 40, seed=base)
+    with client(server) as c:
+        c.create_sequence(base, shape, block_size=B, durability=holder)
+        assert c.append(base, 0, prompt, kv) == 40
+        asked = prompt[:36] + [1]  # shares 2 whole blocks, then differs
+        assert c.prefix_lookup(asked, shape, block_size=B) == 32
+        assert c.create_sequence(base + 1, shape, block_size=B, durability=new,
+                                 prefix_tokens=asked) == 32
+        c.delete_sequence(base)
+        for layer in range(shape.layers):
+            for h in range(shape.kv_heads):
+                for values in (False, True):
+                    got = c.read_blocks(base + 1, layer=layer, kv_head=h, block_indices=[0, 1],
+                                        values=values)
+                    assert np.array_equal(got.reshape(-1, shape.head_dim),
+                                          kv[layer, h, int(values), :32])
+        # It goes on with its own tokens; nothing stored matches a foreign prompt.
+        assert c.append(base + 1, 32, asked[32:], kv_rows(shape, 5, seed=9)) == 37
+        assert c.create_sequence(base + 2, shape, block_size=B, durability=new,
+                                 prefix_tokens=[7] * 40) == 0
+        with pytest.raises(kvmanager.InvalidArgument):
+            c.create_sequence(base + 1, shape, block_size=B, attach=True, prefix_tokens=asked)
+
+
+def test_leases_expire_unless_renewed(server):
+    """A sequence created with a lease is deleted by the service once unused for that long; use or
+    renew() keeps it; its blocks stay findable by prefix until then."""
+    shape = kvmanager.ModelShape(**SHAPE, dtype="fp16")
+    prompt = list(range(9000, 9032))
+    with client(server) as c:
+        c.create_sequence(61, shape, block_size=B, durability="durable", lease_ms=1500)
+        c.create_sequence(62, shape, block_size=B, durability="cache", lease_ms=1500)
+        c.create_sequence(63, shape, block_size=B, durability="cache")  # no lease
+        c.append(61, 0, prompt, kv_rows(shape, 32))
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:  # renewed well within the lease, several times over
+            assert c.renew([61]) == []
+            time.sleep(0.2)
+        assert c.prefix_lookup(prompt, shape, block_size=B) == 32
+        ids = lambda: {s["sequence_id"] for s in c.list_sequences()}
+        assert {61, 63} <= ids()
+        deadline = time.monotonic() + 30
+        while 61 in ids() and time.monotonic() < deadline:  # now left alone: it expires
+            time.sleep(0.2)
+        assert ids().isdisjoint({61, 62}) and 63 in ids()
+        assert c.prefix_lookup(prompt, shape, block_size=B) == 0
+        assert c.renew([61, 63]) == [61]
+        with pytest.raises(kvmanager.InvalidArgument):
+            c.create_sequence(64, shape, block_size=B, lease_ms=400 * 24 * 3600 * 1000)
+
+
 def test_torch_tensors_in_place(server):
     torch = pytest.importorskip("torch")
     for dtype, tdt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):

@@ -50,9 +50,34 @@ def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_f
                                       prefill=CONTEXT)
         out = torch.empty(cfg.n_heads, cfg.head_dim)
 
+        group = cfg.n_heads // cfg.n_kv_heads
+        slot_checks, from_slots = [], [0]
+
         def attend(layer, pos, q, k, v):
             dec.append(layer, pos, k.contiguous(), v.contiguous())
-            return dec.attend(layer, pos, q.contiguous(), out=out).clone()
+            if pos < CONTEXT:
+                return dec.attend(layer, pos, q.contiguous(), out=out).clone()
+            # A decode step through the slot table, as a backend with its own kernel would: the
+            # resident blocks read from their hot-set slots (or the local tail) and attended here
+            # give the decoder's own output.
+            table = dec.select(layer, pos, q.contiguous(), out=out)
+            from_slots[0] += sum(slot is not None for head in table for _, slot in head)
+            assert [[b for b, _ in head] for head in table] == dec.attended
+            T, qn = pos + 1, q.numpy().astype(np.float64)
+            mine = np.zeros_like(qn)
+            for h, head in enumerate(table):
+                ks, vs = [], []
+                for b, slot in head:
+                    rows = min(B, T - b * B)
+                    ks.append(dec.block(layer, h, b, slot)[:rows].astype(np.float64))
+                    vs.append(dec.block(layer, h, b, slot, values=True)[:rows].astype(np.float64))
+                kk, vv = np.concatenate(ks), np.concatenate(vs)
+                for j in range(h * group, (h + 1) * group):
+                    z = kk @ qn[j] / np.sqrt(cfg.head_dim)
+                    w = np.exp(z - z.max())
+                    mine[j] = (w / w.sum()) @ vv
+            slot_checks.append(float(np.abs(mine - out.numpy()).max()))
+            return out.clone()
 
         sparse, dense = model.decoder(attend), model.decoder()
         for p in range(CONTEXT):
@@ -81,6 +106,8 @@ def test_generates_what_kvmctl_eval_generates(server, kvmctl, selector, budget_f
     assert totals["streamed_bytes"] > 0
     assert sum(totals["gate"][k] for k in totals["gate"] if k != "target_missed") > 0
     assert claims and all(len(c) == 5 for c in claims)
+    assert len(slot_checks) == STEPS * cfg.n_layers and max(slot_checks) < 1e-4, max(slot_checks)
+    assert from_slots[0] > 0  # blocks the service sent, not only the local tail
     assert {c[4] for c in claims} <= {"exact", "bound", "audit", "unknown"}
 
 

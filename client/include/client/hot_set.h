@@ -64,6 +64,14 @@ class HotSet {
   bool Holds(uint32_t layer, uint32_t kv_head, uint64_t block) const {
     return tables_[Index(layer, kv_head)].Contains(block);
   }
+  // The slot holding `block` of (layer, kv_head); false when no slot does.
+  bool FindSlot(uint32_t layer, uint32_t kv_head, uint64_t block, uint32_t* slot) const {
+    return tables_[Index(layer, kv_head)].Find(block, slot);
+  }
+  // One slot's K block (its V block follows), read-only.
+  const uint8_t* SlotData(uint32_t layer, uint32_t kv_head, uint32_t slot) const {
+    return SlotOf(layer, kv_head, slot);
+  }
   // A resident set from the slot table: its blocks (the plan keeps exactly the resident blocks
   // before the window in slots) + those of `window` at or after window_first and below nb,
   // ascending.

@@ -119,6 +119,9 @@ class ServiceKvSource : public SparseKvSource {
   // The last error a retry resolved or a failed call returned ("" when none).
   const std::string& last_error() const;
   // The hot set itself, for tests that make it diverge from the service's mirror.
+  // The worker's hot set: its slot table and slot buffer (a caller whose own kernel attends reads
+  // the resident blocks there: HotSet::SlotOf, SlotData, LocalBlock).
+  const HotSet& hot_set() const;
   HotSet& hot_set_for_testing();
 
   struct Impl;
