@@ -760,6 +760,13 @@ int main(int argc, char** argv) {
       reload_tenants("SIGHUP");
       continue;
     }
+    // Leases (CreateSequence.lease_ms): sequences unused for longer are deleted, once a second.
+    if (auto expired = (*store)->ExpireLeases(); !expired.ok())
+      std::fprintf(stderr, "kvmanager: lease expiry failed: %s\n",
+                   expired.status().ToString().c_str());
+    else if (*expired > 0)
+      std::fprintf(stderr, "kvmanager: %llu sequence(s) deleted: their leases ran out\n",
+                   static_cast<unsigned long long>(*expired));
     if (std::string now = FileStamps(tenant_files); now != tenant_stamps) {
       tenant_stamps = std::move(now);
       reload_tenants("tenant files changed");
