@@ -7,6 +7,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <tuple>
@@ -14,6 +15,7 @@
 
 #include "kvmanager/host_arena.h"
 #include "proto/half.h"
+#include "rocks_logger.h"
 #include "rocks_status.h"
 #include "store_format.h"
 
@@ -397,6 +399,11 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
   dbo.create_if_missing = true;
   dbo.create_missing_column_families = true;
   if (o.env) dbo.env = o.env;
+  if (!o.env) {  // RocksDB's LOG through a logger that a full disk cannot abort (rocks_logger.h)
+    std::error_code ec;
+    std::filesystem::create_directories(o.dir, ec);
+    dbo.info_log = StdioRocksLogger::Open(o.dir + "/LOG");
+  }
   std::vector<rocksdb::ColumnFamilyDescriptor> cfs;
   for (const char* n : kColumnFamilies) cfs.emplace_back(n, rocksdb::ColumnFamilyOptions());
   rocksdb::DB* db = nullptr;

@@ -49,6 +49,7 @@
 #include "kvmanager/memory_limits.h"
 #include "kvmanager/metrics.h"
 #include "kvmanager/server.h"
+#include "kvmanager/store_verify.h"
 #include "transport/transport.h"
 
 namespace po = boost::program_options;
@@ -449,8 +450,13 @@ int main(int argc, char** argv) {
       "check-config", po::bool_switch(),
       "validate the flags, the config file and the tenants (files read, token files included), "
       "print 'config ok' and exit 0; a bad value names its field and exits 2. Opens no store and "
-      "binds no port")("listen", po::value<std::string>(),
-                       "control plane HOST:PORT; port 0 picks a free one. Default: 127.0.0.1:7420")(
+      "binds no port")(
+      "verify-store", po::value<std::string>(),
+      "check the store in DIR offline (the service must not be running on it): every durable "
+      "sequence's metadata, tokens, tail and block records, the content chain and the references; "
+      "prints a one-line summary and exits 0, or one line per problem and exits 1")(
+      "listen", po::value<std::string>(),
+      "control plane HOST:PORT; port 0 picks a free one. Default: 127.0.0.1:7420")(
       "admin", po::value<std::string>(),
       "admin HTTP HOST:PORT (/metrics /healthz /readyz /status); port 0 picks one. Default: "
       "127.0.0.1:7421")("data-dir", po::value<std::string>(),
@@ -522,6 +528,19 @@ int main(int argc, char** argv) {
   if (vm.count("version")) {
     PrintVersion();
     return 0;
+  }
+  if (vm.count("verify-store")) {
+    const std::string dir = vm["verify-store"].as<std::string>();
+    auto r = store::VerifyStore(dir);
+    if (!r.ok())
+      return std::fprintf(stderr, "kvmanager: verify-store %s: %s\n", dir.c_str(),
+                          r.status().ToString().c_str()),
+             1;
+    for (const std::string& p : r->problems) std::printf("%s\n", p.c_str());
+    std::printf("verify-store %s: %s: %s\n", dir.c_str(),
+                r->ok() ? "ok" : (std::to_string(r->problems.size()) + " problems").c_str(),
+                r->Summary().c_str());
+    return r->ok() ? 0 : 1;
   }
   if (vm.count("config")) LoadConfig(vm["config"].as<std::string>(), &c);
   if (vm.count("tls-cert")) c.tls.cert = vm["tls-cert"].as<std::string>();
