@@ -105,7 +105,7 @@ class FakeVllm:
         """A request without a hit, its prompt computed in chunks (chunked prefill)."""
         req = NS(request_id=rid, prompt_token_ids=prompt, num_tokens=len(prompt),
                  num_computed_tokens=0)
-        assert self.sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert lookup(self, req) == (0, False)
         blocks, ids = self.alloc(len(prompt))
         self.sched.update_state_after_alloc(req, blocks, 0)
         done = 0
@@ -142,9 +142,20 @@ class FakeVllm:
             w.shutdown()
 
 
+def lookup(fv, req, computed=0, timeout=10):
+    """get_num_new_matched_tokens, asked again while it answers (None, True) (async_lookup)."""
+    t0 = time.time()
+    hit = fv.sched.get_num_new_matched_tokens(req, computed)
+    while hit[0] is None and time.time() - t0 < timeout:
+        assert hit == (None, True)
+        time.sleep(0.01)
+        hit = fv.sched.get_num_new_matched_tokens(req, computed)
+    return hit
+
+
 def load_request(fv, rid, prompt):
     req = NS(request_id=rid, prompt_token_ids=prompt, num_tokens=len(prompt), num_computed_tokens=0)
-    hit = fv.sched.get_num_new_matched_tokens(req, 0)
+    hit = lookup(fv, req)
     assert fv.sched.get_num_new_matched_tokens(req, 0) == hit  # idempotent
     blocks, ids = fv.alloc(len(prompt))
     fv.sched.update_state_after_alloc(req, blocks, hit[0])
@@ -198,6 +209,76 @@ def test_prefix_saved_then_loaded_byte_identical(server, layout):
         assert fv.sched.get_num_new_matched_tokens(req4, 0) == (0, False)
         stats = [w.get_kv_connector_stats() for w in fv.workers]
         assert stats[0].data["saved_tokens"] == 70 and stats[0].data["loaded_blocks"] == 3
+    finally:
+        fv.shutdown()
+
+
+def test_async_lookup_answers_none_until_done_then_the_same(server):
+    fv = FakeVllm(server.address, async_lookup=True)
+    try:
+        p1 = [(11 * i + 5) % 500 for i in range(70)]
+        fv.prefill("a-1", p1)  # its lookup went through (None, True) first
+        req = NS(request_id="a-2", prompt_token_ids=p1[:52] + [1, 2], num_tokens=54,
+                 num_computed_tokens=0)
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the service holds the lookup: it is pending
+        try:
+            for _ in range(3):
+                assert fv.sched.get_num_new_matched_tokens(req, 0) == (None, True)
+                time.sleep(0.05)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert lookup(fv, req) == (48, True)
+        assert fv.sched.get_num_new_matched_tokens(req, 0) == (48, True)  # idempotent once done
+        miss = NS(request_id="a-3", prompt_token_ids=list(range(40)), num_tokens=40,
+                  num_computed_tokens=0)
+        assert lookup(fv, miss) == (0, False)  # the async flag is False with a count of 0
+    finally:
+        fv.shutdown()
+
+
+def test_saves_attach_the_stored_prefix_instead_of_sending_it(server):
+    """A second vLLM (its scheduler's index empty: no load) saving a prompt that shares 3 blocks
+    with one stored by the first: the service attaches them and only the rest travels."""
+    first = FakeVllm(server.address)
+    try:
+        p1 = [(13 * i + 7) % 500 for i in range(70)]
+        first.prefill("s-1", p1)
+    finally:
+        first.shutdown()
+    second = FakeVllm(server.address)
+    try:
+        p2 = p1[:50] + [499 - i for i in range(32)]  # 3 full blocks shared, 82 tokens
+        second.prefill("s-2", p2)
+        st = second.workers[0].get_kv_connector_stats().data
+        assert st["attached_tokens"] == 48 and st["saved_tokens"] == len(p2) - 48
+        with kvmanager.Client(server.address, data_plane="none") as c:
+            seq = kc.sequence_id("s-2", 0)
+            shape = second.workers[0]._geo.shape()
+            assert c.prefix_lookup(p2, shape, block_size=B, sequence_id=seq) == 80
+            for li in range(L):  # the attached blocks hold what s-2's own KV would be
+                for h in range(second.heads):
+                    got = c.read_blocks(seq, li, h, [0, 1, 2, 3, 4], values=False)
+                    want = torch.stack([token_kv(p2, p, li, second.heads, 0)[0][h]
+                                        for p in range(80)])
+                    assert torch.equal(torch.from_numpy(got).reshape(80, D), want)
+    finally:
+        second.shutdown()
+
+
+def test_a_finished_requests_blocks_expire_with_its_lease(server):
+    fv = FakeVllm(server.address, lease_ms=800)
+    try:
+        p1 = [(17 * i + 1) % 500 for i in range(40)]
+        fv.prefill("l-1", p1)
+        shape = fv.workers[0]._geo.shape()
+        with kvmanager.Client(server.address, data_plane="none") as c:
+            assert c.prefix_lookup(p1, shape, block_size=B) == 32  # findable after it finished
+            t0 = time.time()
+            while c.prefix_lookup(p1, shape, block_size=B) and time.time() - t0 < 20:
+                time.sleep(0.1)
+            assert c.prefix_lookup(p1, shape, block_size=B) == 0  # the service expired it
+        req = NS(request_id="l-2", prompt_token_ids=p1, num_tokens=40, num_computed_tokens=0)
+        assert lookup(fv, req) == (0, False)  # the scheduler's index is not believed
     finally:
         fv.shutdown()
 

@@ -19,20 +19,22 @@ What it does (mode "offload"):
   new rows; it needs no new wire message and keeps a step's tokens atomic on the service.
 * Prefix hits. A durable sequence's full blocks are content-addressed on the service
   (``Client.prefix_lookup``). The scheduler keeps an index of the prompts it saw finish (chain
-  hashes of their full blocks -> the request whose sequence holds them) and answers
-  ``get_num_new_matched_tokens`` with the full blocks that both the index and the service's prefix
-  lookup vouch for (every rank's fingerprint), so only blocks actually stored count. The worker then
-  reads those blocks of the earlier request's sequence (ReadBlocks) straight into a staging block
-  and scatters them into the paged blocks vLLM allocated, asynchronously (a thread; the request
-  waits in WAITING_FOR_REMOTE_KVS), with a deadline: on expiry or any failure the request is still
-  reported finished and its blocks are reported as load errors in the same pass.
-
-What the service does not offer yet (the issue's "what the service must offer first"): creating a
-sequence from a stored prefix without a copy, prefix sharing for cache-mode sequences, and leases
-that keep a finished request's blocks findable for a while. So the index lives in the scheduler's
-memory (lost on restart: no hits, never wrong ones), prefixes are read from the sequence that
-stored them, and the saved sequences stay until deleted (``max_sequences`` bounds how many the
-scheduler keeps; the oldest are deleted).
+  hashes of their full blocks -> the request whose sequence holds them, which also names the shard
+  to ask) and answers ``get_num_new_matched_tokens`` with the full blocks that both the index and
+  the service's prefix lookup vouch for (every rank's fingerprint), so only blocks actually stored
+  count. With ``async_lookup`` the lookup runs on a thread: ``(None, True)`` until it answered.
+  The worker then reads those blocks of the earlier request's sequence (ReadBlocks) straight into a
+  staging block and scatters them into the paged blocks vLLM allocated, asynchronously (a thread;
+  the request waits in WAITING_FOR_REMOTE_KVS), with a deadline: on expiry or any failure the
+  request is still reported finished and its blocks are reported as load errors in the same pass.
+* No re-upload of a stored prefix. A request's sequence is created from its prompt
+  (``CreateSequence.prefix_token_ids``): the service attaches the blocks it already stores by
+  content address (shared, not copied) and the worker sends only the tokens after them.
+* Retention by lease. Each sequence is created with ``lease_ms`` (default 10 minutes): the service
+  deletes it once unused for that long, so a finished request's blocks stay findable for a while
+  and then go, with no client left to delete them. ``max_sequences`` still bounds how many finished
+  requests the scheduler keeps in its index (the oldest are deleted at once). The index lives in
+  the scheduler's memory (lost on restart: no hits, never wrong ones).
 
 Sparse decoding is not done here: vLLM's base API never hands the connector a layer's query. An
 attention backend that wants it calls ``kvmanager.SparseDecoder`` itself (README).
@@ -280,6 +282,10 @@ class KvmanagerConnector(_Base):
             raise ValueError("kv_connector_extra_config.address is required (HOST:PORT or a list)")
         self._deadline_ms = int(ex.get("deadline_ms", 5000))
         self._load_deadline_s = float(ex.get("load_deadline_ms", 4 * self._deadline_ms)) / 1000
+        self._lease_ms = int(ex.get("lease_ms", 600000))
+        if self._lease_ms < 0:
+            raise ValueError(f"kv_connector_extra_config.lease_ms: {self._lease_ms} (>= 0; 0: no lease)")
+        self._async_lookup = bool(ex.get("async_lookup", False))
         self._geo = _geometry(vllm_config, ex)
         self._client = kvmanager.Client(
             ex["address"], tenant=ex.get("tenant", "dev"), token_file=ex.get("token_file"),
@@ -287,7 +293,8 @@ class KvmanagerConnector(_Base):
             data_plane=ex.get("data_plane", "none"), deadline_ms=self._deadline_ms,
             client_name="vllm-" + ("scheduler" if role_v == 0 else f"worker-{self._geo.rank}"))
         self._stats = {"saved_tokens": 0, "saved_bytes": 0, "loaded_blocks": 0, "loaded_bytes": 0,
-                       "load_errors": 0, "save_seconds": 0.0, "load_seconds": 0.0}
+                       "load_errors": 0, "save_seconds": 0.0, "load_seconds": 0.0,
+                       "attached_tokens": 0}
         if role_v == 0:
             self._index = {}        # chain hash of a full block -> (request id, block index)
             self._seen = {}         # req id -> (prompt tokens, computed when looked up, hit)
@@ -297,6 +304,9 @@ class KvmanagerConnector(_Base):
             self._stored = []       # request ids with sequences, oldest first
             self._prompt_cache = {}  # req id -> prompt tokens (while it runs)
             self._max_sequences = int(ex.get("max_sequences", 1024))
+            self._lookups = {}      # req id -> Future of (src, blocks) (async_lookup)
+            self._lookup_pool = (ThreadPoolExecutor(1, thread_name_prefix="kvm-lookup")
+                                 if self._async_lookup else None)
         else:
             self._layers = {}       # layer name -> PagedLayout
             self._order = []        # layer names, in registration order (= layer index)
@@ -337,7 +347,16 @@ class KvmanagerConnector(_Base):
         tokens = self._prompt(request)
         B = self._geo.block_size
         try:
-            src, n = self._lookup(tokens)
+            if self._async_lookup:  # answered once its thread is done; the same answer after
+                fut = self._lookups.get(request.request_id)
+                if fut is None:
+                    self._lookups[request.request_id] = fut = self._lookup_pool.submit(
+                        self._lookup, tokens)
+                if not fut.done():
+                    return None, True
+                src, n = fut.result()
+            else:
+                src, n = self._lookup(tokens)
         except kvmanager.Error as e:  # a service that cannot answer: no hit
             log.warning("kvmanager prefix lookup failed: %s", e)
             return 0, False
@@ -401,6 +420,8 @@ class KvmanagerConnector(_Base):
         rid = request.request_id
         prompt = self._prompt_cache.pop(rid, None)
         saved = self._saved.pop(rid, 0)
+        if self._async_lookup:
+            self._lookups.pop(rid, None)
         self._seen.pop(rid, None)
         self._blocks.pop(rid, None)
         if prompt:
@@ -532,16 +553,24 @@ class KvmanagerConnector(_Base):
         try:
             for rid, (spec, buf) in self._staging.items():
                 seq = sequence_id(rid, g.rank)
+                skip = 0  # leading tokens the service already has (attached or stored)
                 if rid not in self._created:
-                    try:
-                        self._client.create_sequence(seq, g.shape(), block_size=g.block_size,
-                                                     durability="durable")
-                    except kvmanager.AlreadyExists:
-                        self._client.attach(seq, g.shape(), block_size=g.block_size)
+                    try:  # a stored prefix of the prompt is attached, not sent again
+                        have = self._client.create_sequence(
+                            seq, g.shape(), block_size=g.block_size, durability="durable",
+                            prefix_tokens=spec.token_ids if spec.start == 0 else None,
+                            lease_ms=self._lease_ms)
+                        self._stats["attached_tokens"] += have
+                    except kvmanager.AlreadyExists:  # a restarted worker
+                        have = self._client.attach(seq, g.shape(), block_size=g.block_size)
+                    skip = max(0, min(len(spec.token_ids), have - spec.start))
                     self._created.add(rid)
-                self._client.append(seq, spec.start, spec.token_ids, buf, wait=False)
-                self._stats["saved_tokens"] += len(spec.token_ids)
-                self._stats["saved_bytes"] += buf.numel() * buf.element_size()
+                if skip < len(spec.token_ids):
+                    part = buf if skip == 0 else buf[:, :, :, skip:].contiguous()
+                    self._client.append(seq, spec.start + skip, spec.token_ids[skip:], part,
+                                        wait=False)
+                    self._stats["saved_tokens"] += len(spec.token_ids) - skip
+                    self._stats["saved_bytes"] += part.numel() * part.element_size()
             self._client.flush()
         except kvmanager.Error as e:  # a save that failed only loses future prefix hits
             log.warning("kvmanager: save failed: %s", e)
@@ -614,6 +643,8 @@ class KvmanagerConnector(_Base):
     def shutdown(self):
         if self._role_v == 1:
             self._pool.shutdown(wait=True)
+        elif self._lookup_pool is not None:
+            self._lookup_pool.shutdown(wait=True)
         self._client.close()
 
 
