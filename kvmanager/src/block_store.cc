@@ -797,14 +797,14 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     KVM_RETURN_IF_ERROR(FromRocks(ws, "rocksdb write"));
     impl_->stats.disk_bytes_written += batch.GetDataSize();
   }
-  // Commit: references and chain, completed blocks to the host tier (assembled before the tail rows
-  // are overwritten), then the new rows enter the tail.
-  q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
-  for (uint64_t idx : completed)
-    for (uint32_t l = 0; l < L; ++l)
-      for (uint32_t h = 0; h < H; ++h) ++impl_->Refs(*q)[q->addr(l, h, idx)];
+  // The completed blocks (assembled before the tail rows are overwritten) enter the host tier, each
+  // an eviction candidate once placed; a cache block with no host room goes to a spill record. All
+  // of them are written before the chain, the references and the tail move: if that write fails,
+  // the blocks are dropped again and the sequence is as it was.
   std::vector<uint8_t> blk(size_t{B} * rb);
-  q->pin_end = end;
+  rocksdb::WriteBatch spill;
+  std::vector<LocKey> spilled;
+  q->pin_end = end;  // the window pin follows the append while it takes slots
   for (uint64_t idx : completed)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h)
@@ -814,13 +814,30 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
           const LocKey lkey{l, h, idx, v != 0};
           q->blocks[lkey].on_disk = durable;
           if (impl_->PutHost(*q, lkey, blk.data()).ok() || durable) continue;
-          rocksdb::WriteBatch b;  // a cache block with no host room: spill it straight to disk
-          b.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v != 0),
-                Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
-          KVM_RETURN_IF_ERROR(impl_->Write(*q, &b));
-          q->blocks[lkey].on_disk = true;
-          ++impl_->stats.spills;
+          spill.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v != 0),
+                    Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
+          spilled.push_back(lkey);
         }
+  if (spill.Count() > 0) {
+    if (Status st = impl_->Write(*q, &spill); !st.ok()) {
+      rocksdb::WriteBatch undo;  // spill records an eviction wrote meanwhile (best effort: the
+                                 // index forgets them either way, and open removes them)
+      for (uint64_t idx : completed)
+        for (uint32_t l = 0; l < L; ++l)
+          for (uint32_t h = 0; h < H; ++h)
+            for (bool v : {false, true}) impl_->DropBlock(*q, {l, h, idx, v}, &undo);
+      if (undo.Count() > 0) (void)impl_->db->Write(impl_->Wopt(*q), &undo);
+      q->pin_end = 0;
+      return st;
+    }
+    for (const LocKey& k : spilled) q->blocks[k].on_disk = true;
+    impl_->stats.spills += spilled.size();
+  }
+  // Commit: references and chain, then the new rows enter the tail.
+  q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
+  for (uint64_t idx : completed)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h) ++impl_->Refs(*q)[q->addr(l, h, idx)];
   for (uint64_t p = old_len; p < end; ++p)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h)

@@ -505,6 +505,36 @@ TEST(BlockStoreTest, TenantQuotasRefuseWithTheirNameAndUse) {
   std::filesystem::remove_all(dir);
 }
 
+// An append that fails midway leaves nothing of itself behind: a cache block with no host room
+// (every slot pinned) must be spilled, the disk refuses the write, and the sequence is exactly as
+// before — length, content, content chain (prefix lookups), slots, pinned window — and goes on.
+TEST(BlockStoreTest, AFailedAppendLeavesTheSequenceAsItWas) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 8 * kBlock};  // 8 slots: one block index of (2 layers x 2 heads x K,V)
+  o.pinned_window_tokens = 1000;    // nothing can be demoted
+  o.disk_capacity_bytes = 1;        // and nothing can be spilled
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef c{"t", 1};
+  ASSERT_TRUE((*s)->Create(c, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendRange(**s, c, 0, 20).ok());
+  const StoreStats before = (*s)->Stats();
+  Status st = AppendRange(**s, c, 20, 16).status();  // completes block 1: no slot, no disk
+  EXPECT_TRUE(st.IsNoSpace()) << st.ToString();
+  EXPECT_EQ(*(*s)->Length(c), 20u);
+  EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 48)), 16u);  // the chain did not move
+  EXPECT_EQ((*s)->Stats().host_slots_used, before.host_slots_used);
+  EXPECT_EQ((*s)->Stats().spills, before.spills);
+  EXPECT_EQ((*s)->Usage("t").stored_bytes, 20 * size_t{kShape.layers} * kShape.kv_heads * 2 * kRow);
+  ExpectContent(**s, c, 20);
+  ASSERT_TRUE(AppendRange(**s, c, 20, 8).ok());  // a partial block needs no slot: it goes on
+  ExpectContent(**s, c, 28);
+  ASSERT_TRUE((*s)->Truncate(c, 16).ok());
+  ASSERT_TRUE(AppendRange(**s, c, 16, 12).ok());
+  ExpectContent(**s, c, 28);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   const std::string dir = TempDir();
   int64_t now = 0;
