@@ -277,31 +277,31 @@ INSTANTIATE_TEST_SUITE_P(Budgets, InjectedFullDiskTest,
 // A real tmpfs of 2 MiB (root only): filled with durable appends until the kernel says ENOSPC.
 TEST(TmpfsFullDiskTest, RealTinyFileSystemFillsThenRecovers) {
   if (geteuid() != 0) GTEST_SKIP() << "not root: cannot mount a tmpfs";
-  const std::string mnt = TempDir();
-  if (mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=2m") != 0) {
-    std::filesystem::remove_all(mnt);
-    GTEST_SKIP() << "mount -t tmpfs failed: " << std::strerror(errno);
-  }
-  const std::string dir = mnt + "/store";
-  {
-    auto st = BlockStore::Open(Options(dir, nullptr));
-    ASSERT_TRUE(st.ok()) << st.status().ToString();
-    for (uint64_t seq = 1; seq <= kSeqs; ++seq)
-      ASSERT_TRUE((*st)->Create({"t", seq}, kShape, kB, Durability::kDurable).ok());
-    std::map<uint64_t, uint64_t> acked;
-    const Status full = AppendUntilFull(**st, &acked, 100000);
-    ASSERT_FALSE(full.ok()) << "2 MiB never filled";
-    EXPECT_TRUE(full.IsNoSpace()) << full.ToString();
-    uint64_t total = 0;
-    for (auto& [seq, n] : acked) total += n;
-    EXPECT_GT(total, 1000u);  // a few hundred appends fit before the disk filled
-    ExpectRecovers(dir, nullptr, std::move(*st), acked, [&] {
-      ASSERT_EQ(mount("tmpfs", mnt.c_str(), "tmpfs", MS_REMOUNT, "size=64m"), 0)
-          << std::strerror(errno);
-    });
-  }
-  EXPECT_EQ(umount2(mnt.c_str(), MNT_DETACH), 0) << std::strerror(errno);
-  std::filesystem::remove_all(mnt);
+  struct Mount {  // unmounted and removed however the test ends
+    std::string dir = TempDir();
+    bool mounted = mount("tmpfs", dir.c_str(), "tmpfs", 0, "size=2m") == 0;
+    ~Mount() {
+      if (mounted) umount2(dir.c_str(), MNT_DETACH);
+      std::filesystem::remove_all(dir);
+    }
+  } mnt;
+  if (!mnt.mounted) GTEST_SKIP() << "mount -t tmpfs failed: " << std::strerror(errno);
+  const std::string dir = mnt.dir + "/store";
+  auto st = BlockStore::Open(Options(dir, nullptr));
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  for (uint64_t seq = 1; seq <= kSeqs; ++seq)
+    ASSERT_TRUE((*st)->Create({"t", seq}, kShape, kB, Durability::kDurable).ok());
+  std::map<uint64_t, uint64_t> acked;
+  const Status full = AppendUntilFull(**st, &acked, 100000);
+  ASSERT_FALSE(full.ok()) << "2 MiB never filled";
+  EXPECT_TRUE(full.IsNoSpace()) << full.ToString();
+  uint64_t total = 0;
+  for (auto& [seq, n] : acked) total += n;
+  EXPECT_GT(total, 1000u);  // a few hundred appends fit before the disk filled
+  ExpectRecovers(dir, nullptr, std::move(*st), acked, [&] {
+    ASSERT_EQ(mount("tmpfs", mnt.dir.c_str(), "tmpfs", MS_REMOUNT, "size=64m"), 0)
+        << std::strerror(errno);
+  });
 }
 
 }  // namespace
