@@ -759,6 +759,25 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
         idx == 0 ? Addr{} : (idx - 1 < q->chain.size() ? q->chain[idx - 1] : new_chain.back());
     new_chain.push_back(ChainNext(prev, ids.data(), B));
   }
+  // Shared addresses this append relies on without writing them (another sequence stored that
+  // prefix block): held by a reference of their own while the write runs outside the lock, so a
+  // delete or truncate of that sequence meanwhile cannot remove the records. Given back when the
+  // append fails (the records go if nothing else holds them) or when it commits.
+  std::vector<Addr> reserved;
+  auto unreserve = [&](bool failed) {
+    rocksdb::WriteBatch gone;
+    for (const Addr& a : reserved) {
+      auto it = impl_->refs.find(a);
+      if (it == impl_->refs.end() || --it->second > 0) continue;
+      impl_->refs.erase(it);
+      if (failed) {
+        gone.Delete(impl_->blocks(), ContentKey(a, false));
+        gone.Delete(impl_->blocks(), ContentKey(a, true));
+      }
+    }
+    if (gone.Count() > 0) (void)impl_->db->Write(rocksdb::WriteOptions(), &gone);
+    reserved.clear();
+  };
   if (durable) {
     for (size_t ci = 0; ci < completed.size();
          ++ci) {  // block records replace the block's tail records
@@ -767,7 +786,11 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
       for (uint32_t l = 0; l < L; ++l)
         for (uint32_t h = 0; h < H; ++h) {
           const Addr a = BlockAddr(q->seed, new_chain[ci], l, h);
-          if (impl_->refs.count(a)) continue;  // another sequence stored this prefix block: shared
+          if (auto it = impl_->refs.find(a); it != impl_->refs.end()) {  // shared: not rewritten
+            ++it->second;
+            reserved.push_back(a);
+            continue;
+          }
           for (int v = 0; v < 2; ++v) {
             blk.clear();
             for (uint32_t r = 0; r < B; ++r)
@@ -785,7 +808,10 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
     // The WAL write runs outside the store's lock (RocksDB's group commit orders concurrent
     // writers): retrievals of this and every other sequence go on meanwhile.
-    KVM_RETURN_IF_ERROR(impl_->CheckDiskRoom(batch));
+    if (Status room = impl_->CheckDiskRoom(batch); !room.ok()) {
+      unreserve(true);
+      return room;
+    }
     const rocksdb::WriteOptions wo = impl_->Wopt(*q);
     q->writing = true;
     lk.unlock();
@@ -794,7 +820,10 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     lk.lock();
     q->writing = false;
     impl_->written.notify_all();
-    KVM_RETURN_IF_ERROR(FromRocks(ws, "rocksdb write"));
+    if (!ws.ok()) {
+      unreserve(true);
+      return FromRocks(ws, "rocksdb write");
+    }
     impl_->stats.disk_bytes_written += batch.GetDataSize();
   }
   // The completed blocks (assembled before the tail rows are overwritten) enter the host tier, each
@@ -833,7 +862,9 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     for (const LocKey& k : spilled) q->blocks[k].on_disk = true;
     impl_->stats.spills += spilled.size();
   }
-  // Commit: references and chain, then the new rows enter the tail.
+  // Commit: references (the reserved ones become this sequence's) and chain, then the new rows
+  // enter the tail.
+  unreserve(false);
   q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
   for (uint64_t idx : completed)
     for (uint32_t l = 0; l < L; ++l)
@@ -913,6 +944,75 @@ Status BlockStore::Impl::ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bo
     }
   }
   return Status::Ok();
+}
+
+PinnedBlocks& PinnedBlocks::operator=(PinnedBlocks&& o) noexcept {
+  if (this != &o) {
+    Release();
+    arena_ = o.arena_;
+    slots_ = std::move(o.slots_);
+    k_ = std::move(o.k_);
+    v_ = std::move(o.v_);
+    rows_ = std::move(o.rows_);
+    copies_ = std::move(o.copies_);
+    o.arena_ = nullptr;
+    o.slots_.clear();
+  }
+  return *this;
+}
+
+void PinnedBlocks::Release() {
+  if (arena_)
+    for (uint32_t slot : slots_) arena_->Free(slot);
+  slots_.clear();
+  k_.clear();
+  v_.clear();
+  rows_.clear();
+  copies_.clear();
+  arena_ = nullptr;
+}
+
+Result<PinnedBlocks> BlockStore::Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                                     std::span<const uint64_t> blocks) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
+  q->last_access = impl_->Now();
+  const size_t bb = q->block_bytes();
+  const uint64_t full = q->length / q->B;
+  PinnedBlocks pin;
+  pin.arena_ = impl_->Arena(bb);
+  for (uint64_t b : blocks) {
+    if (b > full || (b == full && q->length % q->B == 0))
+      return Status::OutOfRange("block " + std::to_string(b) + " is past the end (length " +
+                                std::to_string(q->length) + ")");
+    pin.rows_.push_back(static_cast<uint16_t>(std::min<uint64_t>(q->B, q->length - b * q->B)));
+    for (bool v : {false, true}) {
+      auto& ptrs = v ? pin.v_ : pin.k_;
+      if (b == full) {  // the partial block: a copy (appends change it)
+        pin.copies_.emplace_back(bb, 0);
+        std::memcpy(pin.copies_.back().data(), q->tail_row(layer, kv_head, v, 0),
+                    size_t{pin.rows_.back()} * q->row_bytes());
+        ptrs.push_back(pin.copies_.back().data());
+        continue;
+      }
+      auto it = q->blocks.find({layer, kv_head, b, v});
+      if (it == q->blocks.end()) return Status::Internal("block index missing");
+      if (it->second.slot < 0) {  // on disk: promoted (or, with no host room, a copy)
+        pin.copies_.emplace_back(bb);
+        KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, it->first, pin.copies_.back().data()));
+        if (it->second.slot < 0) {
+          ptrs.push_back(pin.copies_.back().data());
+          continue;
+        }
+        pin.copies_.pop_back();
+      }
+      const uint32_t slot = static_cast<uint32_t>(it->second.slot);
+      pin.arena_->Share(slot);
+      pin.slots_.push_back(slot);
+      ptrs.push_back(pin.arena_->slot(slot));
+    }
+  }
+  return pin;
 }
 
 Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_head,

@@ -65,6 +65,16 @@ struct RetrievalEngine::Seq {
     }
     while (held.size() > kMaxHeldRows) held.erase(held.begin());
     *from = std::min(length, first_query);
+    // Every row of [from, first_query) must be held: find a missing one before sizing anything
+    // by T (a step far past the stored tokens claims rows nobody sent). At most held.size() + 1
+    // lookups.
+    for (uint64_t t = *from; t < first_query; ++t)
+      if (!held.count(t))
+        return Status::FailedPrecondition(
+            "step " + std::to_string(T - 1) + " needs the K row of token " + std::to_string(t) +
+            " of layer " + std::to_string(layer) + " KV head " + std::to_string(h) +
+            ": the store holds " + std::to_string(length) +
+            " tokens and no query carried it (append first, or send it as a pending row)");
     out->resize((T - *from) * rb);
     for (uint64_t t = *from; t < T; ++t) {
       const uint8_t* r = nullptr;
@@ -490,13 +500,11 @@ Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
     return Status::InvalidArgument("correct: step " + std::to_string(m.step()) + " is past the " +
                                    std::to_string(info.length) + " stored tokens");
   const uint64_t T = m.step() + 1, nb = (T + B - 1) / B;
-  const size_t bb = size_t{B} * D * DTypeSize(shape.dtype);
   const float* q = reinterpret_cast<const float*>(payload.data());
   KVM_RETURN_IF_ERROR(store_->SetValuesRead(s));  // V is read here as much as K: keep it as long
   out->assign(heads.size() * g * (2 + D) * sizeof(float), 0);
   float* o = reinterpret_cast<float*>(out->data());
   std::vector<uint64_t> left;  // the complement of one head's attended blocks
-  std::vector<uint8_t> kv;     // its K blocks, then its V blocks
   uint64_t total = 0;
   for (size_t i = 0; i < heads.size(); ++i) {
     const auto& att = m.heads(int(i)).attended();
@@ -520,18 +528,11 @@ Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
       return Status::FailedPrecondition("correct: block " + std::to_string(left.back()) +
                                         " is not stored yet (" + std::to_string(info.length) +
                                         " tokens stored); the worker must attend its tail");
-    kv.resize(2 * left.size() * bb);
-    KVM_RETURN_IF_ERROR(
-        store_->ReadBlocks(s, m.layer(), heads[i], false, left, {kv.data(), left.size() * bb}));
-    KVM_RETURN_IF_ERROR(store_->ReadBlocks(s, m.layer(), heads[i], true, left,
-                                           {kv.data() + left.size() * bb, left.size() * bb}));
-    std::vector<const void*> kp(left.size()), vp(left.size());
+    // Attended in place: the complement's K and V held in their host-tier slots, not copied.
+    KVM_ASSIGN_OR_RETURN(const store::PinnedBlocks pin, store_->Pin(s, m.layer(), heads[i], left));
     std::vector<uint16_t> rows(left.size());
-    for (size_t b = 0; b < left.size(); ++b) {
-      kp[b] = kv.data() + b * bb;
-      vp[b] = kv.data() + (left.size() + b) * bb;
-      rows[b] = static_cast<uint16_t>(std::min<uint64_t>(B, T - left[b] * B));
-    }
+    for (size_t b = 0; b < left.size(); ++b)
+      rows[b] = static_cast<uint16_t>(std::min<uint64_t>(pin.rows()[b], T - left[b] * B));
     std::vector<float> res(size_t{g} * D), state(size_t{g} * 2);
     attn::DecodeParams p;
     p.q = q + i * g * D;
@@ -541,8 +542,8 @@ Status RetrievalEngine::Correct(const store::SeqRef& s, const wire::Correct& m,
     p.head_dim = D;
     p.block_size = B;
     p.dtype = shape.dtype;
-    p.k_blocks = kp.data();
-    p.v_blocks = vp.data();
+    p.k_blocks = pin.k();
+    p.v_blocks = pin.v();
     const uint32_t n = static_cast<uint32_t>(left.size());
     p.n_blocks = &n;
     p.max_blocks = n;

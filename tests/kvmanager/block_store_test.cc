@@ -10,8 +10,10 @@
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -532,6 +534,101 @@ TEST(BlockStoreTest, AFailedAppendLeavesTheSequenceAsItWas) {
   ASSERT_TRUE((*s)->Truncate(c, 16).ok());
   ASSERT_TRUE(AppendRange(**s, c, 16, 12).ok());
   ExpectContent(**s, c, 28);
+  std::filesystem::remove_all(dir);
+}
+
+// Pinned blocks are read in place (their host slots) and stay valid and unchanged while the
+// sequence is evicted, truncated, deleted and its slots wanted by others; the partial block is a
+// copy; blocks only on disk are promoted first.
+TEST(BlockStoreTest, PinnedBlocksStayValidThroughEvictionTruncateAndDelete) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 32 * kBlock};  // 32 slots: 4 block indices of (2 layers x 2 heads x K,V)
+  o.pinned_sink_tokens = 0;
+  o.pinned_window_tokens = 0;
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef a{"t", 1}, other{"t", 2};
+  ASSERT_TRUE((*s)->Create(a, kShape, kB, Durability::kDurable).ok());
+  ASSERT_TRUE(AppendRange(**s, a, 0, 88).ok());  // 5 full blocks (one index on disk) + 8 rows
+  const std::vector<uint64_t> blocks{0, 1, 2, 3, 4, 5};
+  auto pin = (*s)->Pin(a, 1, 1, blocks);
+  ASSERT_TRUE(pin.ok()) << pin.status().ToString();
+  ASSERT_EQ(pin->size(), 6u);
+  EXPECT_EQ(pin->in_place(), 10u);  // K and V of the 5 full blocks; the partial one is a copy
+  EXPECT_EQ(pin->rows()[5], 8u);
+  auto check = [&](const char* when) {
+    for (size_t i = 0; i < blocks.size(); ++i)
+      for (int v = 0; v < 2; ++v) {
+        const uint8_t* p = static_cast<const uint8_t*>(v ? pin->v()[i] : pin->k()[i]);
+        for (uint32_t r = 0; r < pin->rows()[i]; ++r)
+          for (size_t j = 0; j < kRow; ++j)
+            ASSERT_EQ(p[r * kRow + j], Byte(1, blocks[i] * kB + r, 1, 1, v, j))
+                << when << ": block " << blocks[i] << " row " << r;
+      }
+  };
+  check("pinned");
+  ASSERT_TRUE((*s)->Truncate(a, 40).ok());
+  ASSERT_TRUE((*s)->Create(other, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendRange(**s, other, 0, 64).ok());  // wants every slot: evicts a's blocks
+  check("after truncate and eviction");
+  ASSERT_TRUE((*s)->Delete(a).ok());
+  ASSERT_TRUE(AppendRange(**s, other, 64, 64).ok());
+  check("after delete");
+  ExpectContent(**s, other, 128);  // the pinned slots were never handed out twice
+  const uint64_t used = (*s)->Stats().host_slots_used;
+  pin->Release();
+  EXPECT_EQ((*s)->Stats().host_slots_used, used - 10);  // the last holds went with the pin
+  EXPECT_TRUE((*s)->Pin(other, 0, 0, std::vector<uint64_t>{8}).status().IsOutOfRange());
+  std::filesystem::remove_all(dir);
+}
+
+// An append that shares a block another sequence stored (it does not write the record again) while
+// that sequence is deleted during its WAL write: the records stay, the append's sequence reads
+// them, and so does the store reopened.
+TEST(BlockStoreTest, ASharedBlockSurvivesItsHoldersDeleteDuringTheWrite) {
+  const std::string dir = TempDir();
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold = false, held = false, go = false;
+  StoreOptions o{dir, 1 << 20};
+  o.test_before_write = [&] {
+    std::unique_lock<std::mutex> l(mu);
+    if (!hold) return;
+    held = true;
+    cv.notify_all();
+    cv.wait(l, [&] { return go; });
+  };
+  const SeqRef x{"t", 1}, y{"t", 2};
+  {
+    auto s = BlockStore::Open(o);
+    ASSERT_TRUE(s.ok());
+    ASSERT_TRUE((*s)->Create(x, kShape, kB, Durability::kDurable).ok());
+    ASSERT_TRUE((*s)->Create(y, kShape, kB, Durability::kDurable).ok());
+    ASSERT_TRUE(AppendRange(**s, x, 0, 16, /*gen=*/1).ok());
+    {
+      std::lock_guard<std::mutex> l(mu);
+      hold = true;
+    }
+    Result<uint64_t> appended = Status::Internal("not run");
+    std::thread t([&] { appended = AppendRange(**s, y, 0, 20, /*gen=*/1); });
+    {
+      std::unique_lock<std::mutex> l(mu);
+      cv.wait(l, [&] { return held; });
+      hold = false;
+    }
+    ASSERT_TRUE((*s)->Delete(x).ok());  // while y's write (which relies on x's block 0) is held
+    {
+      std::lock_guard<std::mutex> l(mu);
+      go = true;
+    }
+    cv.notify_all();
+    t.join();
+    ASSERT_TRUE(appended.ok()) << appended.status().ToString();
+    ExpectContent(**s, y, 20, 1);
+  }
+  auto s = BlockStore::Open({dir, 1 << 20});
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  ExpectContent(**s, y, 20, 1);
   std::filesystem::remove_all(dir);
 }
 

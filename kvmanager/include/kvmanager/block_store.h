@@ -103,6 +103,41 @@ struct StoreStats {
   std::string host_pinning;    // "pinned (cudaHostRegister)" or "not pinned: <why>"
 };
 
+class HostArena;
+
+// Blocks of one (layer, KV head) held in place for reading outside the store's lock: each full
+// block's K and V host-tier slots are shared while this lives (HostArena::Share), so eviction,
+// truncate and delete of the sequence drop only their own hold and the bytes stay valid until this
+// one goes. The partial last block is copied (appends change it), as is a full block the host tier
+// has no room for. Move-only; must not outlive its BlockStore.
+class PinnedBlocks {
+ public:
+  PinnedBlocks() = default;
+  PinnedBlocks(PinnedBlocks&& o) noexcept { *this = std::move(o); }
+  PinnedBlocks& operator=(PinnedBlocks&& o) noexcept;
+  PinnedBlocks(const PinnedBlocks&) = delete;
+  PinnedBlocks& operator=(const PinnedBlocks&) = delete;
+  ~PinnedBlocks() { Release(); }
+
+  size_t size() const { return k_.size(); }
+  // Block i's K (V) rows, [block_size][head_dim] of the sequence's dtype; rows(i) of them valid.
+  const void* const* k() const { return k_.data(); }
+  const void* const* v() const { return v_.data(); }
+  const uint16_t* rows() const { return rows_.data(); }
+  // How many of the blocks' K and V were read in place (not copied).
+  size_t in_place() const { return slots_.size(); }
+  void Release();
+
+ private:
+  friend class BlockStore;
+  HostArena* arena_ = nullptr;
+  std::vector<uint32_t> slots_;  // the holds to give back
+  std::vector<const void*> k_, v_;
+  std::vector<uint16_t> rows_;
+  std::vector<std::vector<uint8_t>>
+      copies_;  // the partial block and any block not in the host tier
+};
+
 class BlockStore {
  public:
   // Opens (creating) the store and recovers every durable sequence.
@@ -149,6 +184,11 @@ class BlockStore {
   // out[i * block bytes, (i + 1) * block bytes).
   Status ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
+  // Holds these blocks of (layer, kv_head) in place (PinnedBlocks): full blocks promoted to the
+  // host tier first where they are only on disk; the partial last block copied. OutOfRange past
+  // the end, InvalidArgument for a bad layer or head.
+  Result<PinnedBlocks> Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
+                           std::span<const uint64_t> blocks);
   // The retrieval engine reports each selection (selection recency and frequency drive eviction).
   // The sequence's values are read as often as its keys (exact correction attends the blocks the
   // worker does not hold, K and V, every step): from now on eviction no longer demotes its V blocks
