@@ -443,10 +443,19 @@ struct ServiceKvSource::Impl {
     hot->Trim(l, h, std::min(first, std::max(acked, k_held[index(l, h)]) / B));
   }
 
-  // Exact correction: asks the service for the partial attention of `heads` over the blocks they
-  // do not attend at (layer, pos); `rest` gets [heads][group][2 + D] (m, d, out) per query head.
-  Status Correct(uint32_t l, uint64_t pos, const std::vector<uint32_t>& heads, const float* q,
-                 std::vector<float>* rest) {
+  // Exact correction, in two halves so that the worker's own sparse attention runs while the
+  // service computes: SendCorrect asks for the partial attention of `heads` over the blocks they
+  // do not attend at (layer, pos); FinishCorrect waits for it, `rest` gets [heads][group][2 + D]
+  // (m, d, out) per query head. The reply lands in shared state (a late one after a failure
+  // harms nothing).
+  struct PendingCorrect {
+    bool done = false;
+    Result<wire::Frame> reply = Status::Internal("no reply yet");
+    size_t request_bytes = 0, heads = 0;
+  };
+  Result<std::shared_ptr<PendingCorrect>> SendCorrect(uint32_t l, uint64_t pos,
+                                                      const std::vector<uint32_t>& heads,
+                                                      const float* q) {
     KVM_RETURN_IF_ERROR(AwaitStoredBelowWindow(pos + 1));
     wire::Correct m;
     m.set_sequence_id(opt.sequence_id);
@@ -460,10 +469,22 @@ struct ServiceKvSource::Impl {
       std::memcpy(payload.data() + i * g * D * sizeof(float), q + size_t{heads[i]} * g * D,
                   size_t{g} * D * sizeof(float));
     }
-    KVM_ASSIGN_OR_RETURN(wire::Frame f, client->Call(wire::MessageType::kCorrect, m, payload));
+    auto p = std::make_shared<PendingCorrect>();
+    p->request_bytes = wire::kFrameHeaderBytes + m.ByteSizeLong() + payload.size();
+    p->heads = heads.size();
+    KVM_RETURN_IF_ERROR(client->CallAsync(wire::MessageType::kCorrect, m, payload,
+                                          [p](const Result<wire::Frame>& r) {
+                                            p->reply = r;
+                                            p->done = true;
+                                          }));
+    return p;
+  }
+  Status FinishCorrect(PendingCorrect& p, std::vector<float>* rest) {
+    KVM_RETURN_IF_ERROR(client->Await([&p] { return p.done; }));
+    KVM_ASSIGN_OR_RETURN(const wire::Frame& f, p.reply);
     wire::CorrectReply r;
     KVM_RETURN_IF_ERROR(wire::ParseProto(f, &r));
-    const size_t want = heads.size() * g * (2 + D) * sizeof(float);
+    const size_t want = p.heads * g * (2 + D) * sizeof(float);
     if (f.payload.size() != want)
       return Status::Internal("correct: the reply has " + std::to_string(f.payload.size()) +
                               " payload bytes, expected " + std::to_string(want));
@@ -471,11 +492,11 @@ struct ServiceKvSource::Impl {
     std::memcpy(rest->data(), f.payload.data(), want);
     ++totals.corrections;
     ++totals.round_trips;
-    totals.corrected += heads.size();
+    totals.corrected += p.heads;
     totals.correction_blocks += r.blocks();
     totals.correction_service_seconds += r.service_seconds();
-    totals.correction_bytes += 2 * wire::kFrameHeaderBytes + m.ByteSizeLong() + payload.size() +
-                               r.ByteSizeLong() + f.payload.size();
+    totals.correction_bytes +=
+        p.request_bytes + wire::kFrameHeaderBytes + r.ByteSizeLong() + f.payload.size();
     return Status::Ok();
   }
 
@@ -692,20 +713,34 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
       if ((m.opt.correction == Correction::kAlways || m.retrieved_now[h]) &&
           m.selection[h].size() < nb)
         corr.push_back(h);
-    if (!corr.empty()) {
-      const auto c0 = std::chrono::steady_clock::now();
-      if (Status st = m.Correct(layer, pos, corr, q, &rest); !st.ok()) {
-        ++m.totals.failed_calls;
-        m.last_error = st.ToString();
-        return st.WithContext("correct");
-      }
-      m.totals.correction_seconds +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
-      state.resize(size_t{m.Hkv} * m.g * 2);
-    }
+  }
+  // The correction's request goes out first; the local sparse attention runs while the service
+  // attends the complement; then its state is awaited (correction_seconds: the step's time spent
+  // on the correction beyond its own attention — sending, and waiting for what is left).
+  std::shared_ptr<Impl::PendingCorrect> pending;
+  auto failed = [&m](const Status& st) {
+    ++m.totals.failed_calls;
+    m.last_error = st.ToString();
+    return st.WithContext("correct");
+  };
+  if (!corr.empty()) {
+    const auto c0 = std::chrono::steady_clock::now();
+    auto sent = m.SendCorrect(layer, pos, corr, q);
+    if (!sent.ok()) return failed(sent.status());
+    pending = std::move(*sent);
+    m.totals.correction_seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
+    state.resize(size_t{m.Hkv} * m.g * 2);
   }
   const auto t0 = std::chrono::steady_clock::now();
   KVM_RETURN_IF_ERROR(m.att.Run(q, out, state.empty() ? nullptr : state.data()));
+  double waited = 0;  // in FinishCorrect: not attention time
+  if (pending) {
+    const auto c1 = std::chrono::steady_clock::now();
+    if (Status st = m.FinishCorrect(*pending, &rest); !st.ok()) return failed(st);
+    waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - c1).count();
+    m.totals.correction_seconds += waited;
+  }
   for (size_t i = 0; i < corr.size(); ++i)
     for (uint32_t j = 0; j < m.g; ++j) {
       const uint32_t qh = corr[i] * m.g + j;
@@ -725,7 +760,7 @@ Status ServiceKvSource::Attend(uint32_t layer, uint64_t pos, const float* q, flo
     m.CountAlone(std::vector<ClaimRecord>(m.claims.begin() + alone_first, m.claims.end()));
   if (decode) {
     m.totals.attention_seconds +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() - waited;
     ++m.totals.attention_layers;
   }
   return Status::Ok();
