@@ -139,10 +139,11 @@ void GetScalar(const YAML::Node& map, const char* key, const std::string& field,
   }
 }
 
-// A tenants list [{name, token | token_file, loopback_only}]. Messages start with `prefix` ("config
-// F: ") and name the field ("field 'tenants[1].token_file'"); relative token_file paths are
-// resolved against base_dir. Exits 2 on an empty list, an unknown or missing field, a duplicate
-// name, an empty or unreadable token.
+// A tenants list [{name, token | token_file, loopback_only, max_sequences, max_stored_bytes,
+// max_in_flight, max_connections}] (the quotas and limits in plain numbers, 0 = none). Messages
+// start with `prefix` ("config F: ") and name the field ("field 'tenants[1].token_file'");
+// relative token_file paths are resolved against base_dir. Exits 2 on an empty list, an unknown or
+// missing field, a duplicate name, an empty or unreadable token, a quota that is not a number.
 std::vector<server::TenantConfig> ParseTenants(const YAML::Node& list, const std::string& prefix,
                                                const std::string& base_dir,
                                                std::vector<std::string>* token_files) {
@@ -157,8 +158,13 @@ std::vector<server::TenantConfig> ParseTenants(const YAML::Node& list, const std
     if (!t.IsMap()) Usage(field(at) + " must be a map {name, token | token_file, loopback_only}");
     for (const auto& kv : t) {
       const std::string k = kv.first.as<std::string>();
-      if (k != "name" && k != "token" && k != "token_file" && k != "loopback_only")
-        Usage(field(at) + ": unknown field '" + k + "' (name, token, token_file, loopback_only)");
+      static const char* kFields[] = {"name",          "token",          "token_file",
+                                      "loopback_only", "max_sequences",  "max_stored_bytes",
+                                      "max_in_flight", "max_connections"};
+      if (std::find(std::begin(kFields), std::end(kFields), k) == std::end(kFields))
+        Usage(field(at) + ": unknown field '" + k +
+              "' (name, token, token_file, loopback_only, max_sequences, max_stored_bytes, "
+              "max_in_flight, max_connections)");
     }
     server::TenantConfig tc;
     std::string token_file;
@@ -166,6 +172,10 @@ std::vector<server::TenantConfig> ParseTenants(const YAML::Node& list, const std
     GetScalar(t, "token", field(at + ".token"), &tc.token);
     GetScalar(t, "token_file", field(at + ".token_file"), &token_file);
     GetScalar(t, "loopback_only", field(at + ".loopback_only"), &tc.loopback_only);
+    GetScalar(t, "max_sequences", field(at + ".max_sequences"), &tc.max_sequences);
+    GetScalar(t, "max_stored_bytes", field(at + ".max_stored_bytes"), &tc.max_stored_bytes);
+    GetScalar(t, "max_in_flight", field(at + ".max_in_flight"), &tc.max_in_flight);
+    GetScalar(t, "max_connections", field(at + ".max_connections"), &tc.max_connections);
     if (tc.name.empty()) Usage(field(at + ".name") + " is missing");
     if (t["token"] && t["token_file"]) Usage(field(at) + ": give token or token_file, not both");
     if (!t["token"] && !t["token_file"]) Usage(field(at) + ": needs token or token_file");
@@ -208,6 +218,10 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "max_frame_bytes",
                                  "session_timeout_ms",
                                  "request_deadline_ms",
+                                 "max_connections_per_address",
+                                 "frame_read_timeout_ms",
+                                 "max_session_send_queue_bytes",
+                                 "max_session_queued",
                                  "data_plane",
                                  "ucx_error_mode",
                                  "shutdown_delay_ms",
@@ -239,6 +253,10 @@ void LoadConfig(const std::string& path, Config* c) {
   get("max_frame_bytes", &c->server.handler.limits.max_frame_bytes);
   get("session_timeout_ms", &c->server.session_timeout_ms);
   get("request_deadline_ms", &c->server.request_deadline_ms);
+  get("max_connections_per_address", &c->server.max_connections_per_address);
+  get("frame_read_timeout_ms", &c->server.frame_read_timeout_ms);
+  get("max_session_send_queue_bytes", &c->server.max_session_send_queue_bytes);
+  get("max_session_queued", &c->server.max_session_queued);
   get("data_plane", &c->data_plane);
   get("ucx_error_mode", &c->ucx_error_mode);
   get("shutdown_delay_ms", &c->shutdown_delay_ms);
@@ -463,9 +481,11 @@ int main(int argc, char** argv) {
                         "RocksDB directory. Default: ./kvmanager-data")(
       "config", po::value<std::string>(), "YAML config file (flags override it)")(
       "tenants-file", po::value<std::string>(),
-      "YAML file with the tenants list [{name, token | token_file, loopback_only}] (bare or under "
-      "'tenants:'); replaces the config's tenants and the development tenant. A token_file is read "
-      "with its trailing newline stripped; relative paths are relative to the file naming them")(
+      "YAML file with the tenants list [{name, token | token_file, loopback_only, max_sequences, "
+      "max_stored_bytes, max_in_flight, max_connections}] (bare or under 'tenants:'; quotas in "
+      "bytes or counts, 0 = none); replaces the config's tenants and the development tenant. A "
+      "token_file is read with its trailing newline stripped; relative paths are relative to the "
+      "file naming them")(
       "host-capacity-bytes", po::value<uint64_t>(),
       "host tier size. Default: min(25% of the memory it may use, 16 GiB): MemAvailable, or the "
       "cgroup v2 memory.max (a container's memory limit) when that is lower")(
@@ -487,6 +507,17 @@ int main(int argc, char** argv) {
       "close a session silent (no request, no heartbeat) this long; 0 = never. Default: 10000")(
       "request-deadline-ms", po::value<uint32_t>(),
       "answer TimedOut, without running it, a request queued this long; 0 = none. Default: 30000")(
+      "max-connections-per-address", po::value<uint32_t>(),
+      "open control connections from one IP address; the next gets an Error frame (Busy) and is "
+      "closed (kvm_connections_refused_total{limit=\"per_address\"}); 0 = none. Default: 64")(
+      "frame-read-timeout-ms", po::value<uint32_t>(),
+      "a frame must arrive whole this long after its first byte, else TimedOut and the connection "
+      "closes (a client trickling bytes); 0 = none. Default: 10000")(
+      "max-session-send-queue-bytes", po::value<uint64_t>(),
+      "unsent reply bytes one session may queue (one reply always fits); over it the session is "
+      "closed (a client that does not read its replies). Default: 268435456 (256 MiB)")(
+      "max-session-queued", po::value<uint32_t>(),
+      "requests of one session received and not yet started; beyond: Busy. Default: 1024")(
       "data-plane", po::value<std::string>(),
       "ucx: retrieval blocks as UCX active messages to workers that offer a UCX address; none: "
       "in reply frames over TCP only. Default: ucx")(
@@ -575,6 +606,14 @@ int main(int argc, char** argv) {
     c.server.request_deadline_ms = vm["request-deadline-ms"].as<uint32_t>();
   if (vm.count("session-timeout-ms"))
     c.server.session_timeout_ms = vm["session-timeout-ms"].as<uint32_t>();
+  if (vm.count("max-connections-per-address"))
+    c.server.max_connections_per_address = vm["max-connections-per-address"].as<uint32_t>();
+  if (vm.count("frame-read-timeout-ms"))
+    c.server.frame_read_timeout_ms = vm["frame-read-timeout-ms"].as<uint32_t>();
+  if (vm.count("max-session-send-queue-bytes"))
+    c.server.max_session_send_queue_bytes = vm["max-session-send-queue-bytes"].as<uint64_t>();
+  if (vm.count("max-session-queued"))
+    c.server.max_session_queued = vm["max-session-queued"].as<uint32_t>();
   if (vm.count("max-frame-bytes"))
     c.server.handler.limits.max_frame_bytes = vm["max-frame-bytes"].as<uint64_t>();
   if (!c.dev_tenant && !c.tenants_configured) c.server.handler.tenants.clear();
@@ -601,15 +640,27 @@ int main(int argc, char** argv) {
   c.server.tls = control_tls;
   if (vm["check-config"].as<bool>()) {
     std::string names;
-    for (const auto& t : c.server.handler.tenants)
+    for (const auto& t : c.server.handler.tenants) {
+      std::string limits;
+      for (const auto& [key, v] :
+           {std::pair<const char*, uint64_t>{"max_sequences", t.max_sequences},
+            {"max_stored_bytes", t.max_stored_bytes},
+            {"max_in_flight", t.max_in_flight},
+            {"max_connections", t.max_connections}})
+        if (v) limits += std::string(", ") + key + " " + std::to_string(v);
       names += (names.empty() ? "" : ", ") + t.name + " (token of " +
                std::to_string(t.token.size()) + " bytes" +
-               (t.loopback_only ? ", loopback only)" : ")");
+               (t.loopback_only ? ", loopback only" : "") + limits + ")";
+    }
     std::printf(
         "config ok\ncontrol plane %s, admin %s, data dir %s, data plane %s\nhost tier %s\n"
-        "tenants: %s\ntls: %s\n",
+        "tenants: %s\ntls: %s\nlimits: max_connections_per_address %u, frame_read_timeout_ms %u, "
+        "max_session_send_queue_bytes %llu, max_session_queued %u (0 = none)\n",
         c.server.listen.c_str(), c.admin.c_str(), c.store.dir.c_str(), c.data_plane.c_str(),
-        DescribeHostTier(c).c_str(), names.c_str(), tls_line.c_str());
+        DescribeHostTier(c).c_str(), names.c_str(), tls_line.c_str(),
+        c.server.max_connections_per_address, c.server.frame_read_timeout_ms,
+        static_cast<unsigned long long>(c.server.max_session_send_queue_bytes),
+        c.server.max_session_queued);
     return 0;
   }
 
@@ -667,6 +718,7 @@ int main(int argc, char** argv) {
     return std::fprintf(stderr, "kvmanager: %s\n", store.status().ToString().c_str()), 1;
   }
   life.store.store(store->get());
+  (*store)->SetQuotas(server::StoreQuotas(c.server.handler.tenants));  // the tenants' quotas
   std::unique_ptr<transport::Transport> data_plane;
   std::string data_plane_name = "none";
   if (c.data_plane == "ucx") {
@@ -744,12 +796,13 @@ int main(int argc, char** argv) {
     }
     g_usage_throws = false;
     const size_t n = fresh.server.handler.tenants.size();
+    (*store)->SetQuotas(server::StoreQuotas(fresh.server.handler.tenants));
     (*srv)->SetTenants(std::move(fresh.server.handler.tenants));
     tenant_files = tenant_sources(fresh.token_files);
     tenant_stamps = FileStamps(tenant_files);
     std::fprintf(stderr,
-                 "kvmanager: %s: tenants reloaded (%zu; new Hellos use them, open sessions "
-                 "stay)\n",
+                 "kvmanager: %s: tenants reloaded (%zu; new Hellos use their tokens, open sessions "
+                 "stay; quotas and limits apply from now on)\n",
                  why, n);
   };
   auto reload = [&](const char* why) {

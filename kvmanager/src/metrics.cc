@@ -71,6 +71,8 @@ struct Metrics::Impl {
   prometheus::Gauge* degraded = nullptr;
   prometheus::Counter* tls_handshake_failures = nullptr;
   prometheus::Counter* auth_failures = nullptr;
+  std::array<prometheus::Counter*, 2> connections_refused{};  // [ConnectionLimit]
+  std::array<prometheus::Counter*, 2> sessions_closed{};      // [CloseReason]
   std::mutex mu;  // the store's cumulative counts at the last refresh
   uint64_t spills = 0, store_promotions = 0, gpu_evictions = 0, gpu_uploads = 0;
 };
@@ -172,6 +174,27 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
                                   "loopback-only tenant from another address")
                               .Register(r)
                               .Add({});
+  auto& cr = prometheus::BuildCounter()
+                 .Name("kvm_connections_refused_total")
+                 .Help(
+                     "Connections refused with Busy at a limit: per_address "
+                     "(max_connections_per_address, at accept), per_tenant (a tenant's "
+                     "max_connections, at Hello)")
+                 .Register(r);
+  impl_->connections_refused[size_t(ConnectionLimit::kPerAddress)] =
+      &cr.Add({{"limit", "per_address"}});
+  impl_->connections_refused[size_t(ConnectionLimit::kPerTenant)] =
+      &cr.Add({{"limit", "per_tenant"}});
+  auto& sc = prometheus::BuildCounter()
+                 .Name("kvm_sessions_closed_total")
+                 .Help(
+                     "Sessions closed at a limit: frame_timeout (a frame not complete within "
+                     "frame_read_timeout_ms), send_queue (unsent replies over "
+                     "max_session_send_queue_bytes)")
+                 .Register(r);
+  impl_->sessions_closed[size_t(CloseReason::kFrameTimeout)] =
+      &sc.Add({{"reason", "frame_timeout"}});
+  impl_->sessions_closed[size_t(CloseReason::kSendQueue)] = &sc.Add({{"reason", "send_queue"}});
   auto& er = prometheus::BuildCounter()
                  .Name("kvm_errors_total")
                  .Help("Error replies, by code")
@@ -267,6 +290,12 @@ void Metrics::SetReady(bool ready) { impl_->ready->Set(ready ? 1 : 0); }
 void Metrics::SetDegraded(bool degraded) { impl_->degraded->Set(degraded ? 1 : 0); }
 void Metrics::CountTlsHandshakeFailure() { impl_->tls_handshake_failures->Increment(); }
 void Metrics::CountAuthFailure() { impl_->auth_failures->Increment(); }
+void Metrics::CountConnectionRefused(ConnectionLimit limit) {
+  impl_->connections_refused[size_t(limit)]->Increment();
+}
+void Metrics::CountSessionClosed(CloseReason reason) {
+  impl_->sessions_closed[size_t(reason)]->Increment();
+}
 
 const char* Metrics::OpName(uint16_t t) {
   switch (static_cast<wire::MessageType>(t)) {

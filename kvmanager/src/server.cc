@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <boost/asio.hpp>
 #include <boost/asio/ssl.hpp>
@@ -43,6 +44,78 @@ struct Server::Impl {
   std::mutex sessions_mu;
   std::condition_variable sessions_gone;
   std::set<std::shared_ptr<Session>> sessions;
+  std::unordered_map<std::string, uint32_t> per_address;  // GUARDED_BY(sessions_mu): open, by IP
+  std::unique_ptr<asio::steady_timer> accept_retry;       // an accept that failed (EMFILE, ...)
+
+  // The requests of one tenant (all its sessions) received and not yet answered, against its
+  // TenantConfig::max_in_flight. Shared with the requests that hold a place (they release it).
+  struct TenantLoad {
+    explicit TenantLoad(std::string n) : name(std::move(n)) {}
+    const std::string name;
+    std::atomic<uint32_t> max{0};  // 0 = none
+    std::atomic<int64_t> in_flight{0};
+  };
+  std::mutex loads_mu;
+  std::unordered_map<std::string, std::shared_ptr<TenantLoad>> loads;  // GUARDED_BY(loads_mu)
+  std::shared_ptr<TenantLoad> LoadOf(const std::string& tenant) {
+    std::lock_guard<std::mutex> l(loads_mu);
+    auto& p = loads[tenant];
+    if (!p) p = std::make_shared<TenantLoad>(tenant);
+    return p;
+  }
+  // The tenants' max_in_flight (from now on; the counts stay). A tenant no longer listed has none.
+  void SetTenantLimits(const std::vector<TenantConfig>& tenants) {
+    std::lock_guard<std::mutex> l(loads_mu);
+    for (auto& [name, p] : loads) p->max = 0;
+    for (const TenantConfig& t : tenants) {
+      auto& p = loads[t.name];
+      if (!p) p = std::make_shared<TenantLoad>(t.name);
+      p->max = t.max_in_flight;
+    }
+  }
+  // Takes a place of `load`'s tenant; Busy naming the quota and the count when it is at it.
+  static Status TakePlace(TenantLoad& load) {
+    const uint32_t max = load.max.load();
+    const int64_t n = load.in_flight.fetch_add(1);
+    if (max == 0 || n < int64_t(max)) return Status::Ok();
+    load.in_flight.fetch_sub(1);
+    return Status::Busy("tenant '" + load.name +
+                        "' is at its max_in_flight quota: " + std::to_string(n) +
+                        " requests queued or running (max_in_flight " + std::to_string(max) + ")");
+  }
+
+  // Connections refused at accept (kRefused: per address) and sessions closed at a limit
+  // (kClosed: send queue, frame deadline): one log line each, up to kTlsLogLines per 10 s and
+  // kind, like the TLS refusals (a flood of one kind does not hide the other), then only counted.
+  enum LimitLog { kRefused, kClosed };
+  struct LimitLogState {
+    std::chrono::steady_clock::time_point window;
+    int logged = 0;
+    uint64_t unlogged = 0;
+  };
+  std::mutex limit_log_mu;
+  std::array<LimitLogState, 2> limit_log;  // GUARDED_BY(limit_log_mu)
+  void LogLimit(LimitLog kind, const std::string& line) {
+    std::lock_guard<std::mutex> l(limit_log_mu);
+    LimitLogState& st = limit_log[kind];
+    const auto now = std::chrono::steady_clock::now();
+    if (now - st.window > std::chrono::seconds(10)) {
+      st.window = now;
+      st.logged = 0;
+    }
+    if (st.logged >= kTlsLogLines) {
+      ++st.unlogged;
+      return;
+    }
+    ++st.logged;
+    if (st.unlogged)
+      std::fprintf(stderr, "kvmanager: %llu more %s were not logged (at most %d lines per 10 s)\n",
+                   static_cast<unsigned long long>(st.unlogged),
+                   kind == kRefused ? "refused connections" : "sessions closed at a limit",
+                   kTlsLogLines);
+    st.unlogged = 0;
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
 
   // Refused TLS handshakes are logged one line each, up to kTlsLogLines per 10 s; beyond that they
   // are only counted (a flood of plaintext connections does not flood the log), and the next line
@@ -101,12 +174,18 @@ struct Server::Impl {
 
   class Session : public std::enable_shared_from_this<Session> {
    public:
-    Session(Impl* srv, tcp::socket sock, std::shared_ptr<ssl::context> tls)
+    // `refusal`: not served; the client gets an Error frame (Busy) with it, then the connection
+    // closes. `counted`: the session holds a place of its address (released by Finish).
+    Session(Impl* srv, tcp::socket sock, std::shared_ptr<ssl::context> tls, std::string refusal,
+            bool counted)
         : srv_(srv),
           sock_(srv->io),
           strand_(asio::make_strand(srv->io)),
           timer_(strand_),
+          frame_timer_(strand_),
           decoder_(srv->opt.handler.limits),
+          refusal_(std::move(refusal)),
+          address_held_(counted),
           tls_ctx_(std::move(tls)) {
       boost::system::error_code ec;
       const auto ep = sock.remote_endpoint(ec);
@@ -121,10 +200,14 @@ struct Server::Impl {
       else
         sock_ = std::move(sock);
     }
+    ~Session() {
+      for (Job& j : pending_) Release(j);
+    }
     void Start() {
       if (!tls_) {
-        Read();
         Arm();
+        if (!refusal_.empty()) return Refuse();
+        Read();
         return;
       }
       Arm();  // a handshake that never completes is closed like a silent session
@@ -138,6 +221,7 @@ struct Server::Impl {
               return self->Finish();
             }
             self->last_heard_ = std::chrono::steady_clock::now();
+            if (!self->refusal_.empty()) return self->Refuse();
             self->Read();
           }));
     }
@@ -190,20 +274,33 @@ struct Server::Impl {
       wire::Frame frame;
       std::chrono::steady_clock::time_point arrived;
       RequestClass cls;
+      std::shared_ptr<TenantLoad> load;  // the place it holds in its tenant's max_in_flight
     };
+    // Gives back the tenant place `j` holds.
+    static void Release(Job& j) {
+      if (j.load) j.load->in_flight.fetch_sub(1);
+      j.load.reset();
+    }
+    static size_t Bytes(const Job& j) { return j.frame.proto.size() + j.frame.payload.size(); }
     void Read() {
       ReadSome(asio::buffer(buf_),
                asio::bind_executor(strand_, [self = shared_from_this()](
                                                 boost::system::error_code ec, size_t n) {
-                 if (ec) return self->Finish();
+                 if (ec) {
+                   if (self->ending_) self->Shutdown();
+                   return self->Finish();
+                 }
+                 if (self->closed_) return;
+                 if (self->ending_) return self->Read();  // closing at a limit: dropped
                  self->last_heard_ = std::chrono::steady_clock::now();
                  Status st = self->decoder_.Feed({self->buf_.data(), n});
                  wire::Frame f;
                  while (self->decoder_.Next(&f)) {
-                   const RequestClass c = RequestHandler::Classify(f);
-                   self->pending_.push_back({std::move(f), std::chrono::steady_clock::now(), c});
+                   ++self->frames_;
+                   self->Admit(std::move(f));
                  }
                  self->Pump();
+                 if (self->closed_) return;  // its replies overflowed the send queue
                  if (!st.ok()) {  // a protocol error: answer it, then close this connection only
                    wire::Error e;
                    e.set_code(static_cast<wire::ErrorCode>(st.code()));
@@ -213,8 +310,133 @@ struct Server::Impl {
                        /*then_close=*/true);
                    return;
                  }
+                 if (self->QueueFull()) {  // TCP pushes back until Pump has started enough
+                   self->paused_ = true;
+                   self->UnwatchFrame();
+                   return;
+                 }
+                 self->WatchFrame();
                  self->Read();
                }));
+    }
+    // Queues a received request, or answers it Busy at once: the session's queue is full, or its
+    // tenant is at its max_in_flight (the request holds a place of it until it is answered).
+    void Admit(wire::Frame f) {
+      if (closed_) return;
+      const uint64_t id = f.header.request_id;
+      const uint32_t max_queued = std::max(1u, srv_->opt.max_session_queued);
+      if (pending_.size() >= max_queued)
+        return Busy(id, Status::Busy("session has " + std::to_string(pending_.size()) +
+                                     " requests queued, not started (max_session_queued " +
+                                     std::to_string(max_queued) + ")"));
+      std::shared_ptr<TenantLoad> load;
+      if (load_) {
+        if (Status st = TakePlace(*load_); !st.ok()) return Busy(id, st);
+        load = load_;
+      }
+      const RequestClass c = RequestHandler::Classify(f);
+      pending_.push_back({std::move(f), std::chrono::steady_clock::now(), c, std::move(load)});
+      pending_bytes_ += Bytes(pending_.back());
+    }
+    void Busy(uint64_t id, const Status& st) {
+      if (Metrics* m = srv_->opt.handler.metrics) m->CountError(st.code());
+      wire::Error e;
+      e.set_code(static_cast<wire::ErrorCode>(st.code()));
+      e.set_message(st.message());
+      Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), id, e), false);
+    }
+    // The queued requests hold more than a frame's worth: reading waits.
+    bool QueueFull() const { return pending_bytes_ > srv_->opt.handler.limits.max_frame_bytes; }
+    // The session's tenant (for max_in_flight) once a Hello has succeeded. Called after a barrier
+    // (Hello is one) completed: no request that writes state_ runs then.
+    void RefreshTenant() {
+      if (!state_.authenticated) return load_.reset();
+      if (!load_ || load_->name != state_.tenant) load_ = srv_->LoadOf(state_.tenant);
+    }
+    // The frame read deadline: armed when a frame's first bytes arrived, re-armed for each new
+    // frame, off while no frame is in progress (or reading is paused).
+    void WatchFrame() {
+      const uint32_t ms = srv_->opt.frame_read_timeout_ms;
+      if (ms == 0) return;
+      if (decoder_.buffered() == 0) return UnwatchFrame();
+      if (frame_watched_ && watched_frame_ == frames_) return;  // the same frame: its deadline runs
+      frame_watched_ = true;
+      watched_frame_ = frames_;
+      const uint64_t arm = ++frame_arm_;
+      frame_timer_.expires_after(std::chrono::milliseconds(ms));
+      frame_timer_.async_wait([self = shared_from_this(), arm, ms](boost::system::error_code ec) {
+        if (ec || self->closed_ || arm != self->frame_arm_) return;
+        const std::string why = "a frame did not complete within frame_read_timeout_ms " +
+                                std::to_string(ms) + " (" +
+                                std::to_string(self->decoder_.buffered()) + " bytes of it came)";
+        self->srv_->LogLimit(kClosed,
+                             "kvmanager: closed the connection from " + self->peer_ + ": " + why);
+        if (Metrics* m = self->srv_->opt.handler.metrics)
+          m->CountSessionClosed(CloseReason::kFrameTimeout);
+        self->CloseWith(Status::TimedOut(why));
+      });
+    }
+    void UnwatchFrame() {
+      if (!frame_watched_) return;
+      frame_watched_ = false;
+      ++frame_arm_;
+      frame_timer_.cancel();
+    }
+    // Answers `st` (an Error frame, id 0) and closes: once it is written the write side is shut
+    // (the client reads the error, then EOF) and what the client still sends is read and dropped
+    // until it closes, for at most three seconds in all.
+    void CloseWith(const Status& st) {
+      ending_ = true;
+      DropPending();
+      wire::Error e;
+      e.set_code(static_cast<wire::ErrorCode>(st.code()));
+      e.set_message(st.message());
+      Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), 0, e), false);
+      ForceCloseAfter(3000);
+    }
+    void ForceCloseAfter(uint32_t ms) {
+      frame_watched_ = false;
+      const uint64_t arm = ++frame_arm_;
+      frame_timer_.expires_after(std::chrono::milliseconds(ms));
+      frame_timer_.async_wait([self = shared_from_this(), arm](boost::system::error_code ec) {
+        if (ec || self->closed_ || arm != self->frame_arm_) return;
+        self->Shutdown();
+        self->Finish();
+      });
+    }
+    // A refused connection (refusal_): the Error frame, then the write side closed and what the
+    // client sent read and dropped until it closes (so that it reads the error rather than a
+    // reset), for at most two seconds.
+    void Refuse() {
+      refusing_ = true;
+      wire::Error e;
+      e.set_code(wire::ERR_BUSY);
+      e.set_message(refusal_);
+      Send(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError), 0, e), false);
+    }
+    void DrainThenClose() {
+      boost::system::error_code ig;
+      raw().shutdown(tcp::socket::shutdown_send, ig);
+      ForceCloseAfter(2000);
+      Drain();
+    }
+    void Drain() {
+      ReadSome(asio::buffer(buf_),
+               asio::bind_executor(
+                   strand_, [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                     if (self->closed_) return self->Finish();
+                     if (ec) {
+                       self->Shutdown();
+                       return self->Finish();
+                     }
+                     self->Drain();
+                   }));
+    }
+    // The requests received and not started are dropped (the session is closing at a limit).
+    void DropPending() {
+      for (Job& j : pending_) Release(j);
+      pending_.clear();
+      pending_bytes_ = 0;
     }
     // Liveness: close a session that has been silent (and idle) for session_timeout_ms.
     void Arm() {
@@ -235,6 +457,7 @@ struct Server::Impl {
     void Shutdown() {
       closed_ = true;
       timer_.cancel();
+      frame_timer_.cancel();
       boost::system::error_code ec;
       raw().shutdown(tcp::socket::shutdown_both, ec);
       raw().close(ec);
@@ -242,7 +465,11 @@ struct Server::Impl {
     // Once the server is stopping no new request starts: every queued one is answered Unavailable
     // (draining), so no request goes unanswered.
     void AnswerDraining() {
-      for (const Job& j : pending_) {
+      std::deque<Job> jobs;
+      jobs.swap(pending_);
+      pending_bytes_ = 0;
+      for (Job& j : jobs) {
+        Release(j);
         wire::Error e;
         e.set_code(wire::ERR_UNAVAILABLE);
         e.set_message("draining: the server is shutting down");
@@ -250,15 +477,15 @@ struct Server::Impl {
                                j.frame.header.request_id, e),
              false);
       }
-      pending_.clear();
     }
     // Starts every queued request its ordering class allows (handler.h RequestClass): the changes
     // of a sequence in order, its retrievals beside its Appends, barriers alone, heartbeats at
     // once. Replies go out as requests finish; the client matches them by request id.
     void Pump() {
       if (srv_->stopping) return AnswerDraining();
-      std::unordered_map<uint64_t, uint8_t> ahead;  // per sequence, of what waits before: 1 any,
-                                                    // 2 a change other than an Append
+      if (closed_ || ending_) return DropPending();  // nobody to answer
+      std::unordered_map<uint64_t, uint8_t> ahead;   // per sequence, of what waits before: 1 any,
+                                                     // 2 a change other than an Append
       bool barrier_ahead = false;
       for (auto it = pending_.begin();
            it != pending_.end() && !barrier_running_ &&
@@ -287,6 +514,7 @@ struct Server::Impl {
         if (start) {
           Job j = std::move(*it);
           it = pending_.erase(it);
+          pending_bytes_ -= Bytes(j);
           Launch(std::move(j));
           continue;
         }
@@ -294,6 +522,11 @@ struct Server::Impl {
         if (c.kind == RequestClass::kSequence || c.kind == RequestClass::kOvertake)
           ahead[c.sequence] |= 1 | (c.kind == RequestClass::kSequence && !c.append ? 2 : 0);
         ++it;
+      }
+      if (paused_ && !closed_ && !QueueFull()) {  // room again: read on
+        paused_ = false;
+        WatchFrame();
+        Read();
       }
     }
     void Count(const RequestClass& c, int d) {
@@ -308,8 +541,13 @@ struct Server::Impl {
     }
     // Runs one request on the worker pool; its reply comes back to the strand (Complete).
     void Launch(Job j) {
+      if (!j.load && load_) {  // received before its session's Hello had succeeded
+        if (Status st = TakePlace(*load_); !st.ok()) return Busy(j.frame.header.request_id, st);
+        j.load = load_;
+      }
       if (srv_->in_flight.fetch_add(1) >= srv_->opt.max_in_flight) {
         srv_->in_flight.fetch_sub(1);
+        Release(j);
         wire::Error e;
         e.set_code(wire::ERR_BUSY);
         e.set_message("server busy: too many requests in flight");
@@ -323,17 +561,17 @@ struct Server::Impl {
       asio::post(*srv_->workers, [self = shared_from_this(), job] {
         const bool hello =
             job->frame.header.type == static_cast<uint16_t>(wire::MessageType::kHello);
-        auto done = [self, cls = job->cls, hello](std::vector<uint8_t> reply) {
+        auto done = [self, cls = job->cls, hello, load = job->load](std::vector<uint8_t> reply) {
           // A refused Hello is answered late (Impl::AuthDelayMs), on a timer: no thread waits.
           const uint32_t delay =
               hello && self->state_.auth_failed ? self->srv_->AuthDelayMs(self->peer_ip_) : 0;
-          asio::post(self->strand_, [self, cls, delay, reply = std::move(reply)]() mutable {
-            if (delay == 0) return self->Complete(cls, std::move(reply));
+          asio::post(self->strand_, [self, cls, delay, load, reply = std::move(reply)]() mutable {
+            if (delay == 0) return self->Complete(cls, load, std::move(reply));
             auto t = std::make_shared<asio::steady_timer>(self->strand_,
                                                           std::chrono::milliseconds(delay));
             t->async_wait(
-                [self, cls, t, reply = std::move(reply)](boost::system::error_code) mutable {
-                  self->Complete(cls, std::move(reply));
+                [self, cls, t, load, reply = std::move(reply)](boost::system::error_code) mutable {
+                  self->Complete(cls, load, std::move(reply));
                 });
           });
         };
@@ -351,11 +589,23 @@ struct Server::Impl {
           return done(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
                                         job->frame.header.request_id, e));
         }
-        self->srv_->handler->Handle(self->state_, job->frame, std::move(done));
+        // An exception (bad_alloc, say) fails its request, never the server.
+        try {
+          self->srv_->handler->Handle(self->state_, job->frame, done);
+        } catch (const std::exception& ex) {
+          wire::Error e;
+          e.set_code(wire::ERR_INTERNAL);
+          e.set_message(std::string("request failed: ") + ex.what());
+          done(wire::EncodeFrame(static_cast<uint16_t>(wire::MessageType::kError),
+                                 job->frame.header.request_id, e));
+        }
       });
     }
-    void Complete(const RequestClass& c, std::vector<uint8_t> reply) {
+    void Complete(const RequestClass& c, const std::shared_ptr<TenantLoad>& load,
+                  std::vector<uint8_t> reply) {
       Count(c, -1);
+      if (load) load->in_flight.fetch_sub(1);
+      if (c.kind == RequestClass::kBarrier) RefreshTenant();
       if (finished_ && running_ == 0) srv_->handler->Close(state_);
       if (!reply.empty()) Send(std::move(reply), false);
       if (srv_->in_flight.fetch_sub(1) == 1) srv_->idle.notify_all();
@@ -363,15 +613,44 @@ struct Server::Impl {
       Pump();
     }
     void Send(std::vector<uint8_t> bytes, bool then_close) {
+      if (closed_) return;  // the connection is gone: nothing to write to
+      out_bytes_ += bytes.size();
       out_.push_back({std::move(bytes), then_close});
+      if (out_.size() > 1 && out_bytes_ > srv_->opt.max_session_send_queue_bytes)
+        return SendQueueFull();
       if (out_.size() == 1) Write();
+    }
+    // The client does not take its replies: close the session, free what it queued (the write in
+    // flight keeps its buffer until it fails).
+    void SendQueueFull() {
+      srv_->LogLimit(kClosed,
+                     "kvmanager: closed the session of " + peer_ +
+                         (state_.authenticated && load_ ? " (tenant '" + load_->name + "')" : "") +
+                         ": its unsent replies hold " + std::to_string(out_bytes_) +
+                         " bytes, over max_session_send_queue_bytes " +
+                         std::to_string(srv_->opt.max_session_send_queue_bytes) +
+                         " (a client that does not read its replies?)");
+      if (Metrics* m = srv_->opt.handler.metrics) m->CountSessionClosed(CloseReason::kSendQueue);
+      DropPending();
+      out_.erase(out_.begin() + 1, out_.end());
+      out_bytes_ = out_.front().first.size();
+      Shutdown();
+      Finish();
     }
     void Write() {
       WriteAll(asio::buffer(out_.front().first),
                asio::bind_executor(strand_, [self = shared_from_this()](
                                                 boost::system::error_code ec, size_t) {
                  const bool close = self->out_.front().second;
+                 self->out_bytes_ -= self->out_.front().first.size();
                  self->out_.pop_front();
+                 if (!ec && self->refusing_ && self->out_.empty() && !self->closed_)
+                   return self->DrainThenClose();
+                 if (!ec && self->ending_ && self->out_.empty() && !self->closed_) {
+                   boost::system::error_code ig;  // the Read loop drops the rest (CloseWith)
+                   self->raw().shutdown(tcp::socket::shutdown_send, ig);
+                   return;
+                 }
                  if (ec || close || (self->closing_ && self->out_.empty() && self->running_ == 0)) {
                    self->Shutdown();
                    return self->Finish();
@@ -387,6 +666,11 @@ struct Server::Impl {
         if (running_ == 0) srv_->handler->Close(state_);
       }
       std::lock_guard<std::mutex> l(srv_->sessions_mu);
+      if (address_held_) {  // its place among its address's connections
+        address_held_ = false;
+        auto it = srv_->per_address.find(peer_ip_);
+        if (it != srv_->per_address.end() && --it->second == 0) srv_->per_address.erase(it);
+      }
       srv_->sessions.erase(shared_from_this());
       if (srv_->sessions.empty()) srv_->sessions_gone.notify_all();
     }
@@ -396,10 +680,22 @@ struct Server::Impl {
     std::string peer_ip_, peer_;
     asio::strand<asio::io_context::executor_type> strand_;
     asio::steady_timer timer_;
+    asio::steady_timer frame_timer_;  // the frame read deadline; the last second of a close
+    uint64_t frame_arm_ = 0;          // the timer's current wait (older ones are stale)
+    bool frame_watched_ = false;
+    uint64_t frames_ = 0, watched_frame_ = 0;  // frames received; the one the deadline is for
+    bool refusing_ = false;
+    bool ending_ = false;  // closing at a limit (CloseWith): what arrives is dropped
+    bool paused_ = false;  // reading waits for the queue (QueueFull)
+    size_t pending_bytes_ = 0;
+    uint64_t out_bytes_ = 0;
+    std::shared_ptr<TenantLoad> load_;  // the authenticated tenant's
     std::chrono::steady_clock::time_point last_heard_ = std::chrono::steady_clock::now();
     bool closed_ = false;
     bool finished_ = false;
     wire::FrameDecoder decoder_;
+    const std::string refusal_;
+    bool address_held_;
     SessionState state_;
     std::array<uint8_t, 64 * 1024> buf_;
     std::deque<Job> pending_;  // received, not started
@@ -419,10 +715,42 @@ struct Server::Impl {
 
   void Accept() {
     acceptor->async_accept([this](boost::system::error_code ec, tcp::socket sock) {
-      if (ec) return;                            // closed by Stop
+      if (ec) {
+        if (stopping || !acceptor->is_open() || ec == asio::error::operation_aborted)
+          return;  // closed by Stop
+        // Out of descriptors (a connection flood) or the like: the listener stays; try again.
+        accept_retry = std::make_unique<asio::steady_timer>(io, std::chrono::milliseconds(50));
+        accept_retry->async_wait([this](boost::system::error_code e) {
+          if (!e && !stopping) Accept();
+        });
+        return;
+      }
       sock.set_option(tcp::no_delay(true), ec);  // replies are small and latency-bound
-      auto s =
-          std::make_shared<Session>(this, std::move(sock), opt.tls ? opt.tls->Current() : nullptr);
+      const auto ep = sock.remote_endpoint(ec);
+      const std::string ip = ec ? std::string() : ep.address().to_string();
+      std::string refusal;
+      bool counted = false;
+      {
+        std::lock_guard<std::mutex> l(sessions_mu);
+        const uint32_t max = opt.max_connections_per_address;
+        if (max && !ip.empty()) {
+          uint32_t& n = per_address[ip];
+          if (n >= max)
+            refusal = "too many connections from " + ip + ": " + std::to_string(n) +
+                      " open (max_connections_per_address " + std::to_string(max) + ")";
+          else
+            counted = ++n > 0;
+        }
+      }
+      if (!refusal.empty()) {
+        if (Metrics* m = opt.handler.metrics) {
+          m->CountConnectionRefused(ConnectionLimit::kPerAddress);
+          m->CountError(StatusCode::kBusy);
+        }
+        LogLimit(kRefused, "kvmanager: refused a connection: " + refusal);
+      }
+      auto s = std::make_shared<Session>(this, std::move(sock),
+                                         opt.tls ? opt.tls->Current() : nullptr, refusal, counted);
       {
         std::lock_guard<std::mutex> l(sessions_mu);
         sessions.insert(s);
@@ -465,6 +793,7 @@ Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& o, store::Blo
     if (ec) return Status::Unavailable("cannot listen on " + o.listen + ": " + ec.message());
   }
   impl->handler = std::make_unique<RequestHandler>(store, o.handler);
+  impl->SetTenantLimits(o.handler.tenants);
   impl->workers = std::make_unique<asio::thread_pool>(std::max(1u, o.worker_threads));
   impl->Accept();
   for (uint32_t i = 0; i < std::max(1u, o.io_threads); ++i)
@@ -491,6 +820,7 @@ std::string Server::address() const {
 }
 
 void Server::SetTenants(std::vector<TenantConfig> tenants) {
+  impl_->SetTenantLimits(tenants);
   impl_->handler->SetTenants(std::move(tenants));
 }
 

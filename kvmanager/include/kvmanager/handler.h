@@ -21,8 +21,10 @@
 // Thread-safe if the BlockStore is (it is); a SessionState belongs to one connection.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -48,7 +50,21 @@ struct TenantConfig {
   std::string name;
   std::string token;
   bool loopback_only = false;  // accepted only from 127.0.0.0/8 and ::1
+  // Quotas, 0 = none. The store's (BlockStore::SetQuotas, StoreQuotas below): sequences held and
+  // K/V bytes stored; over one, Create / Append answer NoSpace naming it and the current use.
+  uint64_t max_sequences = 0;
+  uint64_t max_stored_bytes = 0;
+  // The server's: requests of this tenant (all its sessions together) received and not yet
+  // answered; one beyond it is answered Busy at once, naming the quota and the current count, so a
+  // flooding tenant holds at most this many of the worker pool's places. Default: 0 = none.
+  uint32_t max_in_flight = 0;
+  // Sessions authenticated as this tenant at once; a Hello beyond it is answered Busy naming the
+  // limit (the connection stays open, unauthenticated). Default: 0 = none.
+  uint32_t max_connections = 0;
 };
+
+// The store's quotas of `tenants` (those with a max_sequences or max_stored_bytes).
+std::map<std::string, store::TenantQuota> StoreQuotas(const std::vector<TenantConfig>& tenants);
 
 struct HandlerOptions {
   std::vector<TenantConfig> tenants;
@@ -68,6 +84,8 @@ struct SessionState {
   bool loopback = false;  // the peer's address is a loopback address
   uint64_t session_id = 0;
   uint64_t data_peer = 0;  // the worker's data-plane endpoint (0: none, blocks go over TCP)
+  // The tenant whose max_connections place this session holds ("" none; released by Close).
+  std::string connection_of;
 };
 
 // a == b in time that depends on the length of `expected` only (tokens).
@@ -101,7 +119,8 @@ class RequestHandler {
   // The ordering class of a request (decodes its protobuf header; a frame that does not parse is
   // kFree: Handle answers it with the parse error).
   static RequestClass Classify(const wire::Frame& f);
-  // The session ended: releases its data-plane endpoint.
+  // The session ended: releases its data-plane endpoint and its place in its tenant's
+  // max_connections. Idempotent.
   void Close(SessionState& s);
   // Replaces the tenants (rotated tokens) for the Hellos from now on; sessions already
   // authenticated keep their tenant.
@@ -123,12 +142,19 @@ class RequestHandler {
   // The full Append payload from one that left out the K rows named in k_from_retrieval.
   Status RestoreKRows(const SessionState& s, const wire::Append& m, std::span<const uint8_t> in,
                       std::vector<uint8_t>* out);
+  // Releases the session's data-plane endpoint (a second Hello replaces it).
+  void ClosePeer(SessionState& s);
+  // Moves the session's max_connections place to tenant `t`; Busy naming the limit when `t` is at
+  // it (the session keeps what it held).
+  Status TakeConnection(SessionState& s, const TenantConfig& t);
   store::BlockStore* store_;
   HandlerOptions opt_;
   std::unique_ptr<RetrievalEngine> engine_;
   std::mutex tenants_mu_;
   std::shared_ptr<const std::vector<TenantConfig>> tenants_;  // GUARDED_BY(tenants_mu_)
-  uint64_t next_session_ = 1;
+  std::atomic<uint64_t> next_session_{1};  // Hellos of several sessions run at once
+  std::mutex connections_mu_;
+  std::map<std::string, uint32_t> connections_;  // GUARDED_BY(connections_mu_): sessions per tenant
 };
 
 }  // namespace kvm::server

@@ -15,7 +15,8 @@
 //   kvm_tier_bytes{tier} / kvm_tier_capacity_bytes{tier}   live sizes
 //   kvm_evictions_total{from,to} / kvm_promotions_total{from,to}
 //   kvm_request_duration_seconds{op}, kvm_errors_total{code}, kvm_sequences, kvm_ready,
-//   kvm_degraded, kvm_tls_handshake_failures_total, kvm_auth_failures_total
+//   kvm_degraded, kvm_tls_handshake_failures_total, kvm_auth_failures_total,
+//   kvm_connections_refused_total{limit}, kvm_sessions_closed_total{reason}
 #pragma once
 
 #include <cstdint>
@@ -36,6 +37,11 @@ namespace kvm::server {
 enum class Direction { kToWorker, kFromWorker };
 enum class Link { kUcx, kInproc, kTcp };  // the `transport` label
 enum class Tier { kGpu, kHost, kDisk };
+// The `limit` label: max_connections_per_address (at accept), a tenant's max_connections (Hello).
+enum class ConnectionLimit { kPerAddress, kPerTenant };
+// The `reason` label: a frame not complete within frame_read_timeout_ms; unsent replies over
+// max_session_send_queue_bytes.
+enum class CloseReason { kFrameTimeout, kSendQueue };
 // "ucx", "inproc" (a data plane's name) or "tcp"; InvalidArgument otherwise.
 Result<Link> LinkFromName(const std::string& name);
 
@@ -73,6 +79,11 @@ class Metrics {
   void CountTlsHandshakeFailure();
   // kvm_auth_failures_total: a Hello refused (unknown tenant, wrong token, loopback only).
   void CountAuthFailure();
+  // kvm_connections_refused_total{limit=per_address|per_tenant}: a connection refused (Busy) at a
+  // connection limit.
+  void CountConnectionRefused(ConnectionLimit limit);
+  // kvm_sessions_closed_total{reason=frame_timeout|send_queue}: a session closed at a limit.
+  void CountSessionClosed(CloseReason reason);
 
   static const char* OpName(uint16_t message_type);  // "append", "retrieve_layer", ...
 

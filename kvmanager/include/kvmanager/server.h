@@ -6,7 +6,10 @@
 // accepting, drains the requests in flight and joins the threads. A session silent for longer than
 // session_timeout_ms (heartbeats keep it alive) is closed. Deadlines: the client stops waiting and
 // reports TimedOut (client/); a request that waited past request_deadline_ms before it could start
-// is answered TimedOut here without running.
+// is answered TimedOut here without running. Limits against hostile clients (per address, per
+// tenant: TenantConfig max_in_flight and max_connections; frame read deadline; bounded queues) are
+// in ServerOptions; a tenant over its max_in_flight is answered Busy at once, so it cannot starve
+// another tenant's requests.
 //
 // Thread-safe: Start/Stop/port from any thread.
 #pragma once
@@ -55,6 +58,23 @@ struct ServerOptions {
   // session waits (a timer, no thread). 0 = no delay. Defaults: 100 and 5000.
   uint32_t auth_delay_base_ms = 100;
   uint32_t auth_delay_max_ms = 5000;
+  // ---- hostile clients (every limit names itself and the current count in its message) ----
+  // Open connections from one peer IP address; the next one gets an Error frame (Busy, after the
+  // TLS handshake on a TLS listener) and is closed, counted in
+  // kvm_connections_refused_total{limit="per_address"}. 0 = none. Default: 64.
+  uint32_t max_connections_per_address = 64;
+  // A frame whose first byte arrived must be complete this long after: a client that trickles a
+  // header (or a claimed payload) byte by byte gets an Error frame (TimedOut) and is closed. 0 =
+  // none. Trade-off: the slowest link a max_frame_bytes frame may take. Default: 10000.
+  uint32_t frame_read_timeout_ms = 10000;
+  // Reply bytes queued for one session and not yet taken by its socket. A session over it (a
+  // client that pipelines requests and never reads the replies) is closed and its queued requests
+  // dropped; one reply is always allowed, whatever its size. Default: 256 MiB.
+  uint64_t max_session_send_queue_bytes = 256ull << 20;
+  // Requests of one session received and not yet started (behind max_session_in_flight); one
+  // beyond it is answered Busy at once. Reading from the session pauses (TCP pushes back) while
+  // its queued requests hold more than max_frame_bytes. Default: 1024.
+  uint32_t max_session_queued = 1024;
   HandlerOptions handler;
 };
 
@@ -67,7 +87,8 @@ class Server {
   uint16_t port() const;
   std::string address() const;  // "host:port" actually bound
   size_t sessions() const;      // open control connections
-  // The tenants for new Hellos (RequestHandler::SetTenants); open sessions stay.
+  // The tenants for new Hellos (RequestHandler::SetTenants); open sessions stay, and the tenants'
+  // max_in_flight apply to their next requests. (The store's quotas are BlockStore::SetQuotas.)
   void SetTenants(std::vector<TenantConfig> tenants);
   // Stops accepting, waits (up to drain_ms) for the requests in flight, closes every session.
   void Stop(int drain_ms = 5000);
