@@ -635,6 +635,244 @@ TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
   EXPECT_TRUE(Call(s_, MessageType::kCreateSequence, at).error.IsFailedPrecondition());
 }
 
+// ---- Isolation (issue 20): a tenant reaches nothing of another's, and learns nothing of it ----
+
+// Every operation that names a sequence, sent by tenant b with the id of tenant a's sequence, is
+// NotFound (never "exists but forbidden"), and a's sequence is byte-identical afterwards: every K
+// and V block of every layer and KV head, its length, its retrievals.
+TEST_F(RetrieveTest, AnotherTenantsSequenceIdIsNotFoundForEveryOperationAndChangesNothing) {
+  const uint32_t need =
+      uint32_t(std::move(sel::PrhsSelector::Make(opt_, shape, kT)).value()->HotSetSlots());
+  const uint64_t id = 21, T = 50, nb = (T + B - 1) / B;
+  ASSERT_TRUE(Call(s_, MessageType::kCreateSequence, CreateWith(id, need)).error.ok());
+  AppendTokens(id, 0, T);
+  ASSERT_TRUE(Retrieve(id, T - 1, 0, {0, 1}, 0).error.ok());
+  // Everything a holds: the payload of ReadBlocks for every (layer, KV head, K|V), and its length.
+  auto snapshot = [&](SessionState& s) {
+    std::vector<std::vector<uint8_t>> out;
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < Hkv; ++h)
+        for (bool values : {false, true}) {
+          wire::ReadBlocks rb;
+          rb.set_sequence_id(id);
+          rb.set_layer(l);
+          rb.set_kv_head(h);
+          rb.set_values(values);
+          for (uint64_t b = 0; b < nb; ++b) rb.add_block_indices(b);
+          Reply r = Call(s, MessageType::kReadBlocks, rb);
+          EXPECT_TRUE(r.error.ok()) << r.error.ToString();
+          out.push_back(r.frame.payload);
+        }
+    wire::ListSequencesReply lr;
+    Reply list = Call(s, MessageType::kListSequences, wire::ListSequences());
+    EXPECT_TRUE(wire::ParseProto(list.frame, &lr).ok());
+    std::vector<uint8_t> lengths;
+    for (const auto& si : lr.sequences()) {
+      lengths.push_back(uint8_t(si.sequence_id()));
+      lengths.push_back(uint8_t(si.length()));
+    }
+    out.push_back(lengths);
+    return out;
+  };
+  const auto before = snapshot(s_);
+  ASSERT_EQ(before.back(), (std::vector<uint8_t>{uint8_t(id), uint8_t(T)}));
+  for (size_t i = 0; i + 1 < before.size(); ++i) ASSERT_EQ(before[i].size(), nb * B * D * 2);
+
+  SessionState b;
+  ASSERT_TRUE(Hello(b, "b", "tokB").ok());
+  std::vector<std::pair<std::string, Status>> got;
+  auto expect = [&](const char* what, const Reply& r) { got.emplace_back(what, r.error); };
+  {  // Append: the next step, and an overwrite of the first tokens
+    for (uint64_t start : {T, uint64_t{0}}) {
+      wire::Append a;
+      a.set_sequence_id(id);
+      a.set_start_position(start);
+      a.add_token_ids(1);
+      std::vector<uint8_t> payload(wire::AppendPayloadBytes(shape, 1), 0x5a);
+      expect(start ? "Append" : "Append at 0", Call(b, MessageType::kAppend, a, payload));
+    }
+  }
+  {
+    wire::ReadBlocks rb;
+    rb.set_sequence_id(id);
+    rb.add_block_indices(0);
+    expect("ReadBlocks", Call(b, MessageType::kReadBlocks, rb));
+  }
+  {
+    wire::Truncate t;
+    t.set_sequence_id(id);
+    t.set_length(4);
+    expect("Truncate", Call(b, MessageType::kTruncate, t));
+  }
+  {
+    wire::RetrieveLayer m;
+    m.set_sequence_id(id);
+    m.set_step(T - 1);
+    m.add_kv_heads(0);
+    expect("RetrieveLayer",
+           Call(b, MessageType::kRetrieveLayer, m, QueryPayload(T - 1, 0, {0}, 0)));
+  }
+  {
+    wire::SetLayerMap lm;
+    lm.set_sequence_id(id);
+    lm.add_source_layer(0);
+    lm.add_source_layer(0);
+    expect("SetLayerMap", Call(b, MessageType::kSetLayerMap, lm));
+  }
+  {
+    wire::Audit au;
+    au.set_sequence_id(id);
+    au.set_step(T - 1);
+    au.add_kv_heads(0);
+    expect("Audit", Call(b, MessageType::kAudit, au, QueryPayload(T - 1, 0, {0}, 0)));
+  }
+  {
+    wire::Correct m;
+    m.set_sequence_id(id);
+    m.set_step(T - 1);
+    m.add_heads()->set_kv_head(0);
+    m.mutable_heads(0)->add_attended(0);
+    expect("Correct", Call(b, MessageType::kCorrect, m, QueryPayload(T - 1, 0, {0}, 0)));
+  }
+  {
+    wire::CreateSequence at = CreateWith(id, need);
+    at.set_attach(true);
+    expect("CreateSequence attach", Call(b, MessageType::kCreateSequence, at));
+  }
+  {
+    wire::DeleteSequence del;
+    del.set_sequence_id(id);
+    expect("DeleteSequence", Call(b, MessageType::kDeleteSequence, del));
+  }
+  ASSERT_EQ(got.size(), 10u);
+  for (const auto& [what, st] : got) EXPECT_TRUE(st.IsNotFound()) << what << ": " << st.ToString();
+  // b's own ListSequences is empty; a's sequence is byte-identical and still serves a.
+  wire::ListSequencesReply lb;
+  ASSERT_TRUE(
+      wire::ParseProto(Call(b, MessageType::kListSequences, wire::ListSequences()).frame, &lb)
+          .ok());
+  EXPECT_EQ(lb.sequences_size(), 0);
+  EXPECT_EQ(snapshot(s_), before);
+  EXPECT_TRUE(Retrieve(id, T - 1, 1, {0, 1}, 0).error.ok());
+  // The same id in b's own namespace is b's own sequence: creating and deleting it leaves a's.
+  ASSERT_TRUE(Call(b, MessageType::kCreateSequence, CreateWith(id, need)).error.ok());
+  wire::DeleteSequence del;
+  del.set_sequence_id(id);
+  ASSERT_TRUE(Call(b, MessageType::kDeleteSequence, del).error.ok());
+  EXPECT_EQ(snapshot(s_), before);
+}
+
+// Content addresses are seeded with the server-verified tenant: b's lookup of a's stored prefix
+// matches nothing, and the same tokens stored by b are b's own (a's lookup is unchanged).
+TEST_F(HandlerTest, PrefixLookupNeverMatchesAnotherTenantsBlocks) {
+  SessionState a, b;
+  ASSERT_TRUE(Hello(a, "a", "tokA").ok());
+  ASSERT_TRUE(Hello(b, "b", "tokB").ok());
+  const ModelShape shape{2, 4, 2, 32, DType::kF16, 1};
+  const uint32_t n = 12;  // three full blocks of 4
+  auto store_tokens = [&](SessionState& s, uint64_t seq) {
+    ASSERT_TRUE(Call(s, MessageType::kCreateSequence, Create(seq)).error.ok());
+    wire::Append ap;
+    ap.set_sequence_id(seq);
+    for (uint32_t t = 0; t < n; ++t) ap.add_token_ids(500 + t);
+    std::vector<uint8_t> payload(wire::AppendPayloadBytes(shape, n), uint8_t(seq));
+    ASSERT_TRUE(Call(s, MessageType::kAppend, ap, payload).error.ok());
+  };
+  auto lookup = [&](SessionState& s) -> uint64_t {
+    wire::PrefixLookup m;
+    wire::ToWire(shape, m.mutable_shape());
+    m.set_block_size(4);
+    for (uint32_t t = 0; t < n; ++t) m.add_token_ids(500 + t);
+    Reply r = Call(s, MessageType::kPrefixLookup, m);
+    EXPECT_TRUE(r.error.ok()) << r.error.ToString();
+    wire::PrefixLookupReply rep;
+    EXPECT_TRUE(wire::ParseProto(r.frame, &rep).ok());
+    return rep.matched_tokens();
+  };
+  store_tokens(a, 1);
+  EXPECT_EQ(lookup(a), n);  // the oracle: a's own blocks are found
+  EXPECT_EQ(lookup(b), 0u);
+  store_tokens(b, 2);
+  EXPECT_EQ(lookup(b), n);
+  // Neither shares the other's blocks: each reads back its own bytes.
+  wire::ReadBlocks rb;
+  rb.set_sequence_id(1);
+  rb.add_block_indices(0);
+  Reply ra = Call(a, MessageType::kReadBlocks, rb);
+  ASSERT_TRUE(ra.error.ok());
+  EXPECT_EQ(ra.frame.payload, std::vector<uint8_t>(ra.frame.payload.size(), 1));
+  rb.set_sequence_id(2);
+  Reply rbb = Call(b, MessageType::kReadBlocks, rb);
+  ASSERT_TRUE(rbb.error.ok());
+  EXPECT_EQ(rbb.frame.payload, std::vector<uint8_t>(rbb.frame.payload.size(), 2));
+  wire::DeleteSequence del;
+  del.set_sequence_id(2);
+  ASSERT_TRUE(Call(b, MessageType::kDeleteSequence, del).error.ok());
+  EXPECT_EQ(lookup(a), n);
+  EXPECT_EQ(lookup(b), 0u);
+}
+
+// A client cannot choose its tenant without that tenant's token: another tenant's token (or an
+// unknown tenant's name) is refused, and a refused Hello leaves the session as it was.
+TEST_F(HandlerTest, HelloWithAnotherTenantsTokenIsRefused) {
+  SessionState s;
+  EXPECT_TRUE(Hello(s, "a", "tokB").IsUnauthenticated());
+  EXPECT_TRUE(Hello(s, "b", "tokA").IsUnauthenticated());
+  EXPECT_TRUE(Hello(s, "c", "tokA").IsUnauthenticated());
+  EXPECT_TRUE(Hello(s, "a", "tokA\n").IsUnauthenticated());  // a near miss is a miss
+  EXPECT_TRUE(Hello(s, "a", "tok").IsUnauthenticated());
+  EXPECT_FALSE(s.authenticated);
+  EXPECT_TRUE(Call(s, MessageType::kCreateSequence, Create(3)).error.IsUnauthenticated());
+  // Authenticated as b, a Hello naming a with b's token does not make the session a's.
+  ASSERT_TRUE(Hello(s, "b", "tokB").ok());
+  ASSERT_TRUE(Call(s, MessageType::kCreateSequence, Create(3)).error.ok());
+  EXPECT_TRUE(Hello(s, "a", "tokB").IsUnauthenticated());
+  EXPECT_EQ(s.tenant, "b");
+  SessionState a;
+  ASSERT_TRUE(Hello(a, "a", "tokA").ok());
+  wire::ListSequencesReply la;
+  ASSERT_TRUE(
+      wire::ParseProto(Call(a, MessageType::kListSequences, wire::ListSequences()).frame, &la)
+          .ok());
+  EXPECT_EQ(la.sequences_size(), 0);  // b's sequence 3 is b's
+}
+
+// A tenant's max_connections: the Hello past it is Busy naming the limit and the count; a second
+// Hello of a session takes no second place; Close gives the place back (once).
+TEST_F(HandlerTest, HelloPastATenantsMaxConnectionsIsBusyNamingTheLimit) {
+  HandlerOptions o;
+  TenantConfig c{"c", "tokC", false};
+  c.max_connections = 2;
+  o.tenants = {c, {"d", "tokD", false}};
+  RequestHandler h(store_, o);
+  auto hello = [&](SessionState& s, const std::string& tenant, const std::string& token) {
+    wire::Hello m;
+    m.set_protocol_version(wire::kProtocolVersion);
+    m.set_tenant(tenant);
+    m.set_auth_token(token);
+    ++id_;
+    return Decode(HandleFrame(h, s, id_, MessageType::kHello, m, {})).error;
+  };
+  SessionState s1, s2, s3, s4;
+  ASSERT_TRUE(hello(s1, "c", "tokC").ok());
+  ASSERT_TRUE(hello(s2, "c", "tokC").ok());
+  ASSERT_TRUE(hello(s1, "c", "tokC").ok());  // the same session again: still two places
+  const Status busy = hello(s3, "c", "tokC");
+  EXPECT_TRUE(busy.IsBusy()) << busy.ToString();
+  EXPECT_NE(busy.message().find("max_connections 2"), std::string::npos) << busy.ToString();
+  EXPECT_NE(busy.message().find("2 sessions open"), std::string::npos) << busy.ToString();
+  EXPECT_FALSE(s3.authenticated);
+  EXPECT_TRUE(hello(s3, "d", "tokD").ok());  // another tenant has no such limit
+  h.Close(s1);
+  h.Close(s1);  // idempotent: gives back one place only
+  SessionState s5;
+  EXPECT_TRUE(hello(s4, "c", "tokC").ok());
+  EXPECT_TRUE(hello(s5, "c", "tokC").IsBusy());
+  // A session that moves to another tenant gives its place back.
+  EXPECT_TRUE(hello(s2, "d", "tokD").ok());
+  EXPECT_TRUE(hello(s5, "c", "tokC").ok());
+}
+
 }  // namespace
 }  // namespace kvm::server
 
