@@ -26,6 +26,13 @@ Result<Correction> ParseCorrection(const std::string& name) {
   return Status::InvalidArgument("correction: '" + name + "' is not off, anchors or always");
 }
 
+Status CheckCorrection(const sel::SelectorOptions& o, Correction c) {
+  if (o.prhs.reuse_while_fits && c != Correction::kAlways)
+    return Status::InvalidArgument(
+        "reuse_while_fits needs correction 'always': without it a reuse has no δ bound");
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<DenseKvSource>> DenseKvSource::Make(const ModelShape& shape,
                                                            uint32_t block_size) {
   KVM_ASSIGN_OR_RETURN(auto layout, BlockLayout::Make(shape, block_size));

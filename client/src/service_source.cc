@@ -559,6 +559,7 @@ Result<std::unique_ptr<ServiceKvSource>> ServiceKvSource::Make(Client* client,
                                                                const ModelShape& shape,
                                                                const ServiceSourceOptions& o) {
   if (!client) return Status::InvalidArgument("service source: no client");
+  KVM_RETURN_IF_ERROR(CheckCorrection(o.options, o.correction));
   KVM_ASSIGN_OR_RETURN(const sel::SelectorEntry* entry, sel::FindSelector(o.selector));
   if (!entry->caps.served)
     return Status::InvalidArgument(

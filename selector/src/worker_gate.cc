@@ -65,6 +65,19 @@ bool WorkerGate::Reuse(const Head& hd, uint32_t layer, uint32_t kv_head, const f
   const AnchorRecord& a = hd.anchor;
   if (!q || !a.valid || step < a.step) return false;
   const PrhsOptions& p = opt_.prhs;
+  if (p.reuse_while_fits) {  // exact correction: the set stays while it fits, δ not bounded
+    std::vector<uint64_t> blocks = a.resident;
+    const uint64_t nb = opt_.geometry.Blocks(step + 1);
+    AddRange(0, opt_.geometry.SinkBlocks(step + 1), &blocks);
+    AddRange(std::min(opt_.geometry.WindowFirstBlock(a.step + 1), nb), nb, &blocks);
+    if (blocks.size() > slots_) return false;
+    *out = Selection{};
+    out->blocks = std::move(blocks);
+    out->delta.assign(shape_.group_size(), std::numeric_limits<double>::quiet_NaN());
+    out->kind = DeltaKind::kUnknown;
+    out->target_met = opt_.target_delta <= 0;
+    return true;
+  }
   if (step - a.step >= opt_.MaxClusterSteps()) return false;
   if (a.reuse_steps != 0 && step - a.step >= a.reuse_steps) return false;  // measured horizon
   // Target mode: a head whose anchor met δ* is reused while its bound stays ≤ δ*; a head whose

@@ -66,6 +66,7 @@ struct Case {
   std::string name;
   std::string path;  // "inprocess", or the service over "tcp", "inproc", "ucx"
   Correction mode;
+  bool reuse_while_fits = false;  // sel::PrhsOptions: no re-anchoring while the set fits
 };
 
 std::unique_ptr<transport::Transport> MakeTransport(const std::string& kind, bool service) {
@@ -92,6 +93,7 @@ TEST_P(CorrectionTest, TheCorrectedOutputIsDenseAttentionAndItsDeltaIsExact) {
   sel::SelectorOptions o;  // budget 1/8 at block size 16: most of the context is not attended
   o.geometry = {16, 4, 16};
   o.budget_tokens = context / 8;
+  o.prhs.reuse_while_fits = c.reuse_while_fits;
 
   std::unique_ptr<SelectorKvSource> local;
   std::unique_ptr<transport::Transport> service_dp, worker_dp;
@@ -178,9 +180,34 @@ TEST_P(CorrectionTest, TheCorrectedOutputIsDenseAttentionAndItsDeltaIsExact) {
       EXPECT_EQ(t.corrected, steps * shape.layers * shape.kv_heads);
     else
       EXPECT_LT(t.corrected, steps * shape.layers * shape.kv_heads);
+    std::printf("%s: %llu retrievals, %llu reuse, %llu streamed bytes\n", c.name.c_str(),
+                (unsigned long long)t.retrievals,
+                (unsigned long long)t.gate[sel::GateOutcome::kReuse],
+                (unsigned long long)t.streamed_bytes);
+    if (c.reuse_while_fits)  // one anchor per (layer, KV head) and then only reuse: it fits
+      EXPECT_EQ(t.gate[sel::GateOutcome::kRetrieve], uint64_t{shape.layers} * shape.kv_heads);
   } else {
     EXPECT_GT(local->totals().corrected, 0u);
   }
+}
+
+// reuse_while_fits drops the δ bound from reuse: it is refused unless every step is corrected.
+TEST(CorrectionOptionsTest, ReuseWhileFitsNeedsCorrectionAlways) {
+  sel::SelectorOptions o;
+  o.prhs.reuse_while_fits = true;
+  EXPECT_TRUE(CheckCorrection(o, Correction::kOff).IsInvalidArgument());
+  EXPECT_TRUE(CheckCorrection(o, Correction::kAnchors).IsInvalidArgument());
+  EXPECT_TRUE(CheckCorrection(o, Correction::kAlways).ok());
+  testutil::TestService service{server::ServerOptions{}};
+  auto conn = Client::Connect({.address = service.server->address()});
+  ASSERT_TRUE(conn.ok());
+  ServiceSourceOptions sso;
+  sso.selector = "prhs";
+  sso.options = o;
+  const ModelShape shape{2, 4, 2, 32, DType::kF16, 1};
+  Status st = ServiceKvSource::Make(conn->get(), shape, sso).status();
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_NE(st.message().find("reuse_while_fits"), std::string::npos);
 }
 
 // The logits of a run whose every attention is corrected follow the dense run's: max |Δlogit| ≤
@@ -229,7 +256,8 @@ std::vector<Case> Cases() {
                          {"inprocess_anchors", "inprocess", Correction::kAnchors},
                          {"tcp_always", "tcp", Correction::kAlways},
                          {"tcp_anchors", "tcp", Correction::kAnchors},
-                         {"inproc_always", "inproc", Correction::kAlways}};
+                         {"inproc_always", "inproc", Correction::kAlways},
+                         {"tcp_always_reuse_while_fits", "tcp", Correction::kAlways, true}};
   if (!std::getenv("KVM_TEST_ONE_TRANSPORT"))
     v.push_back({"ucx_always", "ucx", Correction::kAlways});
   return v;

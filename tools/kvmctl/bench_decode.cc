@@ -204,6 +204,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
   const bool progress = !f.Bool("json");
   auto correction = client::ParseCorrection(f.Str("correction", "off"));
   if (!correction.ok()) throw UsageError("--" + correction.status().message());
+  if (Status st = client::CheckCorrection(o, *correction); !st.ok())
+    throw UsageError("--reuse-while-fits: " + st.message());
 
   // In-process.
   auto selector = (*entry)->make(o, w.shape, max_context);
@@ -335,7 +337,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         "%u, \"kv_heads\": %u, \"head_dim\": %u, \"kv_dtype\": \"%s\", \"target_delta\": %s, "
         "\"budget_tokens\": %llu, \"max_resident_tokens\": %llu, \"correction\": \"%s\", "
         "\"correction_bytes_per_step\": %s, \"correction_ms_per_step\": %s, "
-        "\"in_process_correction_ms_per_step\": %s, \"correction_service_ms_per_step\": %s}\n",
+        "\"in_process_correction_ms_per_step\": %s, \"correction_service_ms_per_step\": %s, "
+        "\"reuse_while_fits\": %s}\n",
         Num(in_tps).c_str(), Num(svc_tps).c_str(), Num(svc_tps / in_tps).c_str(), identical.c_str(),
         same_outputs ? "true" : "false", Num(double(t.round_trips) / double(steps)).c_str(),
         Num(Percentile(service->step_ms, 0.5)).c_str(),
@@ -351,7 +354,8 @@ int RunBenchDecode(const std::vector<std::string>& raw) {
         Num(double(t.correction_bytes) / double(steps)).c_str(),
         Num(1e3 * t.correction_seconds / double(steps)).c_str(),
         Num(1e3 * local_correction_s / double(steps)).c_str(),
-        Num(1e3 * t.correction_service_seconds / double(steps)).c_str());
+        Num(1e3 * t.correction_service_seconds / double(steps)).c_str(),
+        o.prhs.reuse_while_fits ? "true" : "false");
   } else {
     std::printf("bench decode%s: %s, context %llu, %llu steps, L %u Hq %u Hkv %u D %u %s\n",
                 synthetic ? " (synthetic)" : "", name.c_str(), (unsigned long long)context,

@@ -166,7 +166,7 @@ const std::vector<std::string> kSelectorValueFlags = {"budget",
                                                       "hshare-shared-kv-heads",
                                                       "hshare-shared-layers"};
 const std::vector<std::string> kSelectorBoolFlags = {"layer-sharing", "psaw", "no-bound-gate",
-                                                     "no-cap-reuse"};
+                                                     "no-cap-reuse", "reuse-while-fits"};
 
 sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& name, uint64_t context,
                                           const ModelShape& shape) {
@@ -208,6 +208,7 @@ sel::SelectorOptions ParseSelectorOptions(const Flags& f, const std::string& nam
       static_cast<uint32_t>(f.Int("max-cluster", o.prhs.max_cluster_steps, 0, 1 << 20));
   o.prhs.reuse_regret = f.Double("reuse-regret", o.prhs.reuse_regret, 0.0, 1.0);
   o.prhs.cap_reuse = !f.Bool("no-cap-reuse");
+  o.prhs.reuse_while_fits = f.Bool("reuse-while-fits");
   const std::string bound = f.Str("bound", "split");
   if (bound == "norm")
     o.prhs.bound = sel::BoundForm::kNorm;
@@ -279,6 +280,8 @@ int RunEval(const std::vector<std::string>& args) {
 
   const ModelShape shape = (*model)->Shape(*dtype);
   const sel::SelectorOptions o = ParseSelectorOptions(f, name, context, shape);
+  if (Status st = client::CheckCorrection(o, *correction); !st.ok())
+    throw UsageError("--reuse-while-fits: " + st.message());
   const uint32_t B = o.geometry.block_size;
   std::vector<uint32_t> window(ids->begin() + static_cast<ptrdiff_t>(offset),
                                ids->begin() + static_cast<ptrdiff_t>(offset + context + steps + 1));
@@ -528,6 +531,7 @@ int RunEval(const std::vector<std::string>& args) {
     kv("bound_gate", o.prhs.use_bound_gate ? "true" : "false");
     kv("reuse_regret", Num(o.prhs.reuse_regret));
     kv("cap_reuse", o.prhs.cap_reuse ? "true" : "false");
+    kv("reuse_while_fits", o.prhs.reuse_while_fits ? "true" : "false");
     kv("bound_form", str(bound_name));
     kv("hshare_query_share", std::to_string(o.hshare.query_share));
     kv("hshare_shared_kv_heads", std::to_string(o.hshare.shared_kv_heads));

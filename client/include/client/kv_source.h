@@ -19,6 +19,7 @@
 #include "attention/reference.h"
 #include "proto/model_shape.h"
 #include "proto/status.h"
+#include "selector/options.h"
 
 namespace kvm::client {
 
@@ -34,6 +35,9 @@ enum class Correction : uint32_t { kOff = 0, kAnchors = 1, kAlways = 2 };
 const char* CorrectionName(Correction c);  // "off", "anchors", "always"
 // InvalidArgument naming the choices.
 Result<Correction> ParseCorrection(const std::string& name);
+// InvalidArgument for selector options that need another correction mode (reuse_while_fits, whose
+// reuse has no δ bound, needs kAlways).
+Status CheckCorrection(const sel::SelectorOptions& o, Correction c);
 
 class KvSource {
  public:

@@ -59,6 +59,12 @@ struct PrhsOptions {
   // cosine gate and the horizon, without a bound limit (true), or its group re-anchors at every
   // step (false). Trade-off: far fewer retrievals for a few points of within-target. Default: true.
   bool cap_reuse = true;
+  // Reuse an anchor's set for as long as it fits the hot set, with no cosine, bound, horizon or
+  // cluster limit (δ unknown): for exact correction at every step (client/ Correction::kAlways),
+  // where the selection no longer decides the output, only how much the service attends, so
+  // re-anchoring only costs round trips and streamed blocks. Refused without that correction.
+  // Default: false.
+  bool reuse_while_fits = false;
   bool psaw = false;  // PSAW truncation. Default: off (with exact anchors it only trades δ for
                       // nothing at a fixed budget).
   uint32_t psaw_start_layer = 0;  // l_s; 0 = N/2.
