@@ -973,7 +973,7 @@ void PinnedBlocks::Release() {
 }
 
 Result<PinnedBlocks> BlockStore::Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
-                                     std::span<const uint64_t> blocks) {
+                                     std::span<const uint64_t> blocks, bool keys_only) {
   std::lock_guard<std::mutex> l(impl_->mu);
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
   q->last_access = impl_->Now();
@@ -987,6 +987,7 @@ Result<PinnedBlocks> BlockStore::Pin(const SeqRef& s, uint32_t layer, uint32_t k
                                 std::to_string(q->length) + ")");
     pin.rows_.push_back(static_cast<uint16_t>(std::min<uint64_t>(q->B, q->length - b * q->B)));
     for (bool v : {false, true}) {
+      if (v && keys_only) break;
       auto& ptrs = v ? pin.v_ : pin.k_;
       if (b == full) {  // the partial block: a copy (appends change it)
         pin.copies_.emplace_back(bb, 0);

@@ -109,8 +109,9 @@ struct Head {
   const uint8_t* pending_rows;
 
   sel::HeadSummaries sums{1, 1};  // LoadSummaries
-  bool has_keys = false;          // LoadKeys: kv over k
-  std::vector<uint8_t> k;         // [blocks][B][D] of dtype
+  bool has_keys = false;          // LoadKeys: kv over the pinned blocks and k
+  store::PinnedBlocks pinned;     // the full stored blocks, in place
+  std::vector<uint8_t> k;         // the rest: [blocks][B][D] of dtype
   std::vector<const void*> ptr;
   attn::HeadKV kv;
 
@@ -130,21 +131,26 @@ struct Head {
     return Status::Ok();
   }
 
-  // The keys, read out of the store.
+  // The keys: the full stored blocks where they lie (pinned in the host tier), the rest — the
+  // stored rows of a partial block, then the query's pending rows — assembled here.
   Status LoadKeys() {
     const size_t bb = row() * B;
-    const uint64_t nb = (T + B - 1) / B, stored_blocks = (stored() + B - 1) / B;
-    k.assign(nb * bb, 0);
-    std::vector<uint64_t> ids(stored_blocks);
-    for (uint64_t b = 0; b < stored_blocks; ++b) ids[b] = b;
-    KVM_RETURN_IF_ERROR(
-        store->ReadBlocks(s, layer, h, /*values=*/false, ids, {k.data(), stored_blocks * bb}));
-    // Rows at or past `stored` come from the query (the store may hold more rows in that block).
-    if (stored() % B)
-      std::memset(k.data() + stored() * row(), 0, (stored_blocks * B - stored()) * row());
-    if (pending) std::memcpy(k.data() + stored() * row(), pending_rows, size_t{pending} * row());
+    const uint64_t nb = (T + B - 1) / B, full = stored() / B;
+    std::vector<uint64_t> ids(full);
+    for (uint64_t b = 0; b < full; ++b) ids[b] = b;
+    KVM_ASSIGN_OR_RETURN(pinned, store->Pin(s, layer, h, ids, /*keys_only=*/true));
+    k.assign((nb - full) * bb, 0);
+    if (stored() % B) {  // rows past `stored` come from the query (the store may hold more)
+      const uint64_t b = full;
+      KVM_RETURN_IF_ERROR(
+          store->ReadBlocks(s, layer, h, /*values=*/false, {&b, 1}, {k.data(), bb}));
+      std::memset(k.data() + (stored() % B) * row(), 0, bb - (stored() % B) * row());
+    }
+    if (pending)
+      std::memcpy(k.data() + (stored() - full * B) * row(), pending_rows, size_t{pending} * row());
     ptr.resize(nb);
-    for (uint64_t b = 0; b < nb; ++b) ptr[b] = k.data() + b * bb;
+    for (uint64_t b = 0; b < nb; ++b)
+      ptr[b] = b < full ? pinned.k()[b] : static_cast<const void*>(k.data() + (b - full) * bb);
     kv = attn::HeadKV{ptr.data(),     ptr.data(), static_cast<uint32_t>(nb), T, B,
                       shape.head_dim, shape.dtype};
     has_keys = true;

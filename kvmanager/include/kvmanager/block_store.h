@@ -120,7 +120,8 @@ class PinnedBlocks {
   ~PinnedBlocks() { Release(); }
 
   size_t size() const { return k_.size(); }
-  // Block i's K (V) rows, [block_size][head_dim] of the sequence's dtype; rows(i) of them valid.
+  // Block i's K (V: empty when pinned keys only) rows, [block_size][head_dim] of the sequence's
+  // dtype; rows(i) of them valid.
   const void* const* k() const { return k_.data(); }
   const void* const* v() const { return v_.data(); }
   const uint16_t* rows() const { return rows_.data(); }
@@ -184,11 +185,11 @@ class BlockStore {
   // out[i * block bytes, (i + 1) * block bytes).
   Status ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
-  // Holds these blocks of (layer, kv_head) in place (PinnedBlocks): full blocks promoted to the
-  // host tier first where they are only on disk; the partial last block copied. OutOfRange past
-  // the end, InvalidArgument for a bad layer or head.
+  // Holds these blocks of (layer, kv_head) in place (PinnedBlocks): their K, and V unless
+  // keys_only; full blocks promoted to the host tier first where they are only on disk; the
+  // partial last block copied. OutOfRange past the end, InvalidArgument for a bad layer or head.
   Result<PinnedBlocks> Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
-                           std::span<const uint64_t> blocks);
+                           std::span<const uint64_t> blocks, bool keys_only = false);
   // The retrieval engine reports each selection (selection recency and frequency drive eviction).
   // The sequence's values are read as often as its keys (exact correction attends the blocks the
   // worker does not hold, K and V, every step): from now on eviction no longer demotes its V blocks
