@@ -109,6 +109,7 @@ struct Head {
   const uint8_t* pending_rows;
 
   sel::HeadSummaries sums{1, 1};  // LoadSummaries
+  bool channel_bounds = false;    // the selector reads the summaries' channel min/max
   bool has_keys = false;          // LoadKeys: kv over the pinned blocks and k
   store::PinnedBlocks pinned;     // the full stored blocks, in place
   std::vector<uint8_t> k;         // the rest: [blocks][B][D] of dtype
@@ -120,8 +121,9 @@ struct Head {
 
   // The store's key summaries plus the pending rows.
   Status LoadSummaries() {
-    KVM_RETURN_IF_ERROR(
-        store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) { sums = hs; }));
+    KVM_RETURN_IF_ERROR(store->WithSummaries(s, layer, h, [&](const sel::HeadSummaries& hs) {
+      sums = channel_bounds ? hs : hs.NormsOnly();
+    }));
     sums.Truncate(std::min(sums.tokens(), stored()));
     std::vector<float> f(shape.head_dim);
     for (uint64_t t = stored(); t < T; ++t) {
@@ -342,6 +344,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   const uint64_t T = m.step() + 1;
   const uint32_t g = shape.group_size(), D = shape.head_dim;
   sel::WorkerGate* gate = q->selector->gate();
+  const auto entry = sel::FindSelector(q->sel.name);
+  const bool channel_bounds = !entry.ok() || (*entry)->caps.channel_bounds;
   reply->set_layer(m.layer());
   reply->set_hot_set_generation(q->generation);
   reply->set_part(0);
@@ -422,6 +426,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     KVM_RETURN_IF_ERROR(q->TailRows(m.layer(), h, in.length, T, m.pending_tokens(),
                                     in.pending + i * in.pending_stride, &rows, &from));
     Head hd{store_, s, shape, q->B, m.layer(), h, T, static_cast<uint32_t>(T - from), rows.data()};
+    hd.channel_bounds = channel_bounds;
     KVM_RETURN_IF_ERROR(hd.LoadSummaries());
     // A selector that takes scores asks for them only when it needs them (not for a short
     // context); the others read the keys.

@@ -29,6 +29,9 @@ struct SelectorCaps {
   bool observes_attention = false;
   // Needs a per-model calibration file (HShare's label channels).
   bool needs_calibration = false;
+  // Reads the per-channel key min/max of the block summaries (Quest's page bound); the others
+  // read only the block max norms, so the service copies only those per retrieval.
+  bool channel_bounds = false;
 };
 
 // Which blocks the same-size oracle comparison forces (selectors.md §0.7): the ones the selector

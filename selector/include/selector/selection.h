@@ -68,6 +68,15 @@ class HeadSummaries {
   // Drops everything from token `length` on (truncate). Block maxima of a cut block are recomputed
   // by the caller re-appending its remaining rows; here they are reset conservatively.
   void Truncate(uint64_t length);
+  // A copy without the per-channel min/max (tokens, block and running max norms only): what every
+  // reader but a channel-bound one needs, at 1/(2·head_dim + 1) of the size.
+  HeadSummaries NormsOnly() const {
+    HeadSummaries h(B_, D_, false);
+    h.tokens_ = tokens_;
+    h.running_max_ = running_max_;
+    h.max_norm_ = max_norm_;
+    return h;
+  }
 
  private:
   uint32_t B_, D_;
