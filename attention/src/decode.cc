@@ -1,5 +1,7 @@
 #include "attention/decode.h"
 
+#include <cpuid.h>
+
 #include <string>
 #include <thread>
 #include <vector>
@@ -15,9 +17,14 @@ void DecodeOne(const DecodeParams& p, uint32_t h);
 namespace {
 using HeadFn = void (*)(const DecodeParams&, uint32_t);
 
+bool HaveF16c() {  // CPUID.1:ECX (clang 14's __builtin_cpu_supports does not know "f16c")
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 bool HaveAvx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HaveF16c();
   return ok;
 }
 
