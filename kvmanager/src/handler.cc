@@ -367,6 +367,9 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
                                                    FromWire(m.durability()),
                                                    static_cast<int64_t>(m.lease_ms()), prefix)
                                 .status());
+        // A new sequence has no selector state but what this request configures: not that of an
+        // earlier one of this id whose lease ran out (the store deleted it without the engine).
+        engine_->Forget(sr);
       }
       if (m.has_selector()) {
         Status st = engine_->Configure(sr, m.selector(), m.hot_set_slots());
