@@ -48,8 +48,8 @@ for t in "${targets[@]}"; do
   echo "fuzz: $t: $execs executions in ${took} s ($((execs / (took > 0 ? took : 1))) exec/s)," \
     "corpus $before -> $after inputs"
   grep -hE "^==[0-9]+==ERROR|^SUMMARY|runtime error|handler_fuzzer:|frame_fuzzer:" "$work/log" | head -20 || true
-  if ls "$work"/artifacts/crash-* "$work"/artifacts/leak-* "$work"/artifacts/timeout-* \
-    "$work"/artifacts/oom-* >/dev/null 2>&1; then
+  if [ -n "$(find "$work/artifacts" -type f \( -name 'crash-*' -o -name 'leak-*' -o -name 'timeout-*' \
+    -o -name 'oom-*' \) | head -1)" ]; then
     echo "fuzz: $t: crash found:" "$work"/artifacts/* >&2
     failed=1
     [ -z "${FUZZ_KEEP:-}" ] && cp -r "$work/artifacts" "fuzz-artifacts-$t" &&

@@ -150,7 +150,7 @@ class InProcess : public Transport {
             st = Status::InvalidArgument("placement exceeds the data");
             break;
           }
-          std::memcpy(s.ptr, m.data.data() + off, s.len);
+          if (s.len) std::memcpy(s.ptr, m.data.data() + off, s.len);  // no blocks: data() null
           off += s.len;
         }
         if (st.ok() && off != m.data.size())
