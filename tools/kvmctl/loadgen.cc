@@ -15,6 +15,11 @@
 // waits a back-off and resumes the way a worker that lost its connection would: it re-attaches at
 // the length its shard stored, rolled back to a block boundary before its window (the worker keeps
 // the window locally), re-sends the tokens since then and decodes on.
+//
+// --steps N bounds the work instead of the time: each sequence decodes N steps and stops, and the
+// run ends when all have (or --seconds is up); they are deleted once all are done, so runs store
+// the same bytes at their peak whatever the machine's speed (bench/soak.sh compares the service's
+// RSS from one such run to the next).
 #include <signal.h>
 #include <unistd.h>
 
@@ -54,7 +59,7 @@ double Ms(Clock::duration d) { return std::chrono::duration<double, std::milli>(
 struct Config {
   std::vector<std::string> shards, previous;
   client::ConnectOptions connect;
-  uint64_t sequences = 0, first_id = 0, tokens = 0;
+  uint64_t sequences = 0, first_id = 0, tokens = 0, steps = 0;  // steps: per sequence, 0 = any
   double seconds = 0;
   uint32_t clients = 1, backoff_ms = 100;
   ModelShape shape;
@@ -88,6 +93,7 @@ struct Seq {
   client::Client* client = nullptr;
   std::unique_ptr<client::ServiceKvSource> src;
   uint64_t pos = 0;      // the position being decoded (or the length to bring the service to)
+  uint64_t decoded = 0;  // decode steps completed in the run window
   uint32_t layer = 0;    // the next layer of that step
   bool ready = false;    // src decodes at pos
   bool exists = false;   // the sequence is on `shard` (created there, at least in part)
@@ -103,9 +109,10 @@ class Worker {
   Worker(const Config& c, std::vector<uint64_t> ids, ThreadStats* stats)
       : c_(c), stats_(stats), ids_(std::move(ids)) {}
 
-  // Runs setup, waits for `go`, decodes until `stop_at` (or a signal), then cleans up.
+  // Runs setup, waits for `go`, decodes until `stop_at` (or a signal, or every sequence decoded
+  // --steps), counts itself in `finished`, then cleans up.
   void Run(const std::atomic<bool>& go, const std::atomic<int64_t>& stop_at_ns,
-           std::atomic<uint32_t>& setup_done) {
+           std::atomic<uint32_t>& setup_done, std::atomic<uint32_t>& finished) {
     client::ShardOptions so;
     so.shards = c_.shards;
     so.previous = c_.previous;
@@ -114,6 +121,7 @@ class Worker {
     auto set = client::ShardSet::Make(so);
     if (!set.ok()) {  // validated by the caller already
       setup_done++;
+      finished++;
       return;
     }
     shards_ = std::move(*set);
@@ -143,10 +151,12 @@ class Worker {
     while (!go && !g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     in_window_ = true;
     while (!g_stop && Clock::now().time_since_epoch().count() < stop_at_ns.load()) {
-      bool any = false;
+      bool any = false, all_done = true;
       Clock::time_point soonest = Clock::time_point::max();
       for (Seq& s : seqs_) {
         if (g_stop || Clock::now().time_since_epoch().count() >= stop_at_ns.load()) break;
+        if (c_.steps && s.decoded >= c_.steps) continue;
+        all_done = false;
         const auto now = Clock::now();
         if (now < s.next_try) {
           soonest = std::min(soonest, s.next_try);
@@ -159,6 +169,7 @@ class Worker {
           for (uint32_t l = 0; l < c_.shape.layers && s.ready; ++l) Step(s);  // one decode step
         }
       }
+      if (all_done) break;
       if (!any && soonest != Clock::time_point::max()) {
         const auto until = std::min(soonest, Clock::time_point(Clock::duration(stop_at_ns.load())));
         std::this_thread::sleep_until(until);
@@ -166,6 +177,11 @@ class Worker {
     }
     in_window_ = false;
     stats_->window_end = Clock::now();
+    finished++;
+    // With --steps the sequences are deleted once every client is done, so the run's peak holds
+    // all of them at their full length: the same bytes from one run to the next.
+    while (c_.steps && finished.load() < c_.clients && !g_stop)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
     Cleanup();
   }
 
@@ -319,6 +335,7 @@ class Worker {
     if (++s.layer == c_.shape.layers) {
       s.layer = 0;
       ++s.pos;
+      ++s.decoded;
       ++stats_->steps;
     }
   }
@@ -348,7 +365,8 @@ Config ParseConfig(const std::vector<std::string>& args) {
   std::set<std::string> vf = {
       "server",      "previous-server", "sequences",         "seconds",    "tokens",
       "layers",      "q-heads",         "kv-heads",          "head-dim",   "clients",
-      "deadline-ms", "budget-frac",     "first-sequence-id", "backoff-ms", "kv-dtype"};
+      "deadline-ms", "budget-frac",     "first-sequence-id", "backoff-ms", "kv-dtype",
+      "steps"};
   vf.insert(kAuthFlags.begin(), kAuthFlags.end());
   const Flags f(args, vf, {"json", "durable", "keep", "attach"});
   Config c;
@@ -365,6 +383,7 @@ Config ParseConfig(const std::vector<std::string>& args) {
   c.sequences = uint64_t(f.Int("sequences", 0, 1, 1 << 20));
   c.seconds = f.Double("seconds", 0, 0, 1e7);
   c.tokens = uint64_t(f.Int("tokens", 512, 1, 1 << 22));
+  c.steps = uint64_t(f.Int("steps", 0, 0, 1 << 30));
   const std::string dt = f.Str("kv-dtype", "fp16");
   const DType dtype = dt == "fp32"   ? DType::kF32
                       : dt == "bf16" ? DType::kBF16
@@ -428,13 +447,13 @@ int RunLoadgen(const std::vector<std::string>& args) {
 
   std::atomic<bool> go{false};
   std::atomic<int64_t> stop_at{INT64_MAX};
-  std::atomic<uint32_t> setup_done{0};
+  std::atomic<uint32_t> setup_done{0}, finished{0};
   std::vector<std::unique_ptr<Worker>> workers;
   std::vector<std::thread> threads;
   const auto t_setup = Clock::now();
   for (uint32_t t = 0; t < c.clients; ++t) {
     workers.push_back(std::make_unique<Worker>(c, ids[t], stats[t].get()));
-    threads.emplace_back([&, t] { workers[t]->Run(go, stop_at, setup_done); });
+    threads.emplace_back([&, t] { workers[t]->Run(go, stop_at, setup_done, finished); });
   }
   auto sum = [&](auto member) {
     uint64_t n = 0;
@@ -469,9 +488,12 @@ int RunLoadgen(const std::vector<std::string>& args) {
                setup_seconds);
   uint64_t last_requests = 0;
   last = t0;
-  while (!g_stop && Clock::now().time_since_epoch().count() < stop_at.load()) {
-    std::this_thread::sleep_until(std::min(last + std::chrono::seconds(1),
-                                           Clock::time_point(Clock::duration(stop_at.load()))));
+  while (!g_stop && Clock::now().time_since_epoch().count() < stop_at.load() &&
+         finished.load() < c.clients) {
+    const auto until = std::min(last + std::chrono::seconds(1),
+                                Clock::time_point(Clock::duration(stop_at.load())));
+    while (Clock::now() < until && finished.load() < c.clients && !g_stop)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     const auto now = Clock::now();
     const uint64_t r = sum(&ThreadStats::requests);
     std::string shards;
@@ -574,6 +596,7 @@ int RunLoadgen(const std::vector<std::string>& args) {
   j["first_sequence_id"] = c.first_id;
   j["clients"] = c.clients;
   j["tokens"] = c.tokens;
+  j["steps_per_sequence"] = c.steps;
   j["layers"] = c.shape.layers;
   j["q_heads"] = c.shape.q_heads;
   j["kv_heads"] = c.shape.kv_heads;
