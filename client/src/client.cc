@@ -244,20 +244,23 @@ struct Client::Impl {
   std::optional<Result<wire::Frame>> Dispatch(wire::Frame f, uint64_t id) {
     const uint64_t rid = f.header.request_id;
     Pending p;
+    bool refused = false;  // the server refused the stream (id 0): every pending request fails
     {
       std::lock_guard<std::mutex> l(pending_mu);
       auto it = pending.find(rid);
       if (it == pending.end()) {
-        if (rid == 0) {  // the server refused the stream: every pending request fails
-          Result<wire::Frame> r = AsResult(std::move(f));
-          Close();
-          return r.ok() ? Result<wire::Frame>(Status::Unavailable("connection closed")) : r;
-        }
-        return std::nullopt;
+        if (rid != 0) return std::nullopt;
+        refused = true;
+      } else {
+        p = std::move(it->second);
+        required -= !p.optional;
+        pending.erase(it);
       }
-      p = std::move(it->second);
-      required -= !p.optional;
-      pending.erase(it);
+    }
+    if (refused) {  // Close takes pending_mu itself: not under it
+      Result<wire::Frame> r = AsResult(std::move(f));
+      Close();
+      return r.ok() ? Result<wire::Frame>(Status::Unavailable("connection closed")) : r;
     }
     Result<wire::Frame> r = AsResult(std::move(f));
     if (rid == id) return r;

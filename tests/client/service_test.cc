@@ -492,3 +492,23 @@ TEST(ServiceResetTest, AHotSetResetBumpsTheGenerationAndDecodingGoesOn) {
 
 }  // namespace
 }  // namespace kvm::client
+
+namespace kvm::client {
+namespace {
+// A connection the server refuses before Hello (an Error frame with request id 0: here, past the
+// per-address limit) is an error for the client's Connect, within its deadline — never a hang (the
+// client once locked its pending-request mutex twice on that path).
+TEST(ClientRefusalTest, AStreamRefusedBeforeHelloIsAnErrorNotAHang) {
+  server::ServerOptions so;
+  so.max_connections_per_address = 1;
+  testutil::TestService service(so);
+  auto first = Client::Connect({.address = service.server->address(), .deadline_ms = 5000});
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto second = Client::Connect({.address = service.server->address(), .deadline_ms = 5000});
+  ASSERT_FALSE(second.ok());
+  EXPECT_TRUE(second.status().IsBusy() || second.status().IsUnavailable())
+      << second.status().ToString();
+  EXPECT_TRUE((*first)->Call(wire::MessageType::kHeartbeat, wire::Heartbeat()).ok());
+}
+}  // namespace
+}  // namespace kvm::client
