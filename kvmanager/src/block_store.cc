@@ -1228,14 +1228,14 @@ Status BlockStore::Touch(const SeqRef& s) {
   return Status::Ok();
 }
 
-Result<uint64_t> BlockStore::ExpireLeases() {
+Result<std::vector<SeqRef>> BlockStore::ExpireLeases() {
   std::lock_guard<std::mutex> l(impl_->mu);
   const int64_t now = impl_->Now();
   std::vector<SeqRef> expired;
   for (auto& [k, q] : impl_->seqs)
     if (q.lease_ms > 0 && now - q.last_access > q.lease_ms && !q.writing) expired.push_back(q.ref);
   for (const auto& r : expired) KVM_RETURN_IF_ERROR(impl_->DeleteLocked(r));
-  return expired.size();
+  return expired;
 }
 
 StoreStats BlockStore::Stats() const {

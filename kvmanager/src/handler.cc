@@ -57,6 +57,12 @@ RequestHandler::RequestHandler(store::BlockStore* store, HandlerOptions opt)
   engine_ = std::make_unique<RetrievalEngine>(store_, ro, opt_.metrics);
 }
 
+Result<uint64_t> RequestHandler::ExpireLeases() {
+  KVM_ASSIGN_OR_RETURN(const std::vector<store::SeqRef> expired, store_->ExpireLeases());
+  for (const store::SeqRef& s : expired) engine_->Forget(s);
+  return expired.size();
+}
+
 void RequestHandler::SetTenants(std::vector<TenantConfig> tenants) {
   auto t = std::make_shared<const std::vector<TenantConfig>>(std::move(tenants));
   std::lock_guard<std::mutex> l(tenants_mu_);

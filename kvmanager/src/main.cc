@@ -833,7 +833,7 @@ int main(int argc, char** argv) {
       continue;
     }
     // Leases (CreateSequence.lease_ms): sequences unused for longer are deleted, once a second.
-    if (auto expired = (*store)->ExpireLeases(); !expired.ok())
+    if (auto expired = (*srv)->ExpireLeases(); !expired.ok())
       std::fprintf(stderr, "kvmanager: lease expiry failed: %s\n",
                    expired.status().ToString().c_str());
     else if (*expired > 0)

@@ -819,6 +819,8 @@ std::string Server::address() const {
          ":" + std::to_string(ep.port());
 }
 
+Result<uint64_t> Server::ExpireLeases() { return impl_->handler->ExpireLeases(); }
+
 void Server::SetTenants(std::vector<TenantConfig> tenants) {
   impl_->SetTenantLimits(tenants);
   impl_->handler->SetTenants(std::move(tenants));

@@ -338,7 +338,7 @@ void Run(const uint8_t* data, size_t size, std::string* verdict) {
     const std::vector<uint8_t> payload = (t & 0x20) ? Generated(n, in.u8()) : in.bytes(n);
     if (t & 0x40) {
       h.now_ms += 3600 * 1000;
-      if (auto e = h.store->ExpireLeases(); !e.ok())
+      if (auto e = h.handler->ExpireLeases(); !e.ok())
         Fail("expiring leases: " + e.status().ToString());
     }
     std::vector<uint8_t> bytes(wire::kFrameHeaderBytes);

@@ -691,9 +691,9 @@ TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   now = 600;
   ASSERT_TRUE(AppendRange(**s, leased, 0, 20).ok());  // an access renews the lease
   now = 1500;
-  EXPECT_EQ(*(*s)->ExpireLeases(), 0u);
+  EXPECT_EQ((*s)->ExpireLeases()->size(), 0u);
   now = 1700;
-  EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
+  EXPECT_EQ((*s)->ExpireLeases()->size(), 1u);
   EXPECT_TRUE((*s)->Length(leased).status().IsNotFound());
   EXPECT_TRUE((*s)->Length(forever).ok());
   // A heartbeat (Touch) renews a lease as an access does; the expired one's blocks are no longer
@@ -703,10 +703,10 @@ TEST(BlockStoreTest, SequencesExpireAfterTheirLease) {
   now = 2600;
   ASSERT_TRUE((*s)->Touch({"t", 22}).ok());
   now = 3500;
-  EXPECT_EQ(*(*s)->ExpireLeases(), 0u);
+  EXPECT_EQ((*s)->ExpireLeases()->size(), 0u);
   EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 16)), 16u);
   now = 3700;
-  EXPECT_EQ(*(*s)->ExpireLeases(), 1u);
+  EXPECT_EQ((*s)->ExpireLeases()->size(), 1u);
   EXPECT_EQ(*(*s)->PrefixLookup("t", kShape, kB, Tokens(0, 16)), 0u);
   EXPECT_TRUE((*s)->Touch({"t", 22}).IsNotFound());
   std::filesystem::remove_all(dir);

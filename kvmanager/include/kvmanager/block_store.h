@@ -166,8 +166,9 @@ class BlockStore {
   // for this tenant, model and layout.
   Result<uint64_t> PrefixLookup(const std::string& tenant, const ModelShape& shape,
                                 uint32_t block_size, std::span<const uint32_t> tokens) const;
-  // Deletes every sequence whose lease ran out; returns how many.
-  Result<uint64_t> ExpireLeases();
+  // Deletes every sequence whose lease ran out; returns them (RequestHandler::ExpireLeases also
+  // drops their retrieval state).
+  Result<std::vector<SeqRef>> ExpireLeases();
   // Appends tokens[start, start + n): payload = [layers][kv_heads][K,V][n][head_dim] elements (the
   // wire Append layout). Positions below the current length must carry the same token ids (a retry)
   // and are skipped; start past the length is FailedPrecondition. Returns the new length once

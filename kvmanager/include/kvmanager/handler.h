@@ -125,6 +125,9 @@ class RequestHandler {
   // Replaces the tenants (rotated tokens) for the Hellos from now on; sessions already
   // authenticated keep their tenant.
   void SetTenants(std::vector<TenantConfig> tenants);
+  // Deletes the sequences whose lease ran out (BlockStore::ExpireLeases) and forgets their
+  // retrieval state; returns how many.
+  Result<uint64_t> ExpireLeases();
 
  private:
   // Replies through `reply` itself only when it returns kDeferred with an OK status.

@@ -90,6 +90,8 @@ class Server {
   // The tenants for new Hellos (RequestHandler::SetTenants); open sessions stay, and the tenants'
   // max_in_flight apply to their next requests. (The store's quotas are BlockStore::SetQuotas.)
   void SetTenants(std::vector<TenantConfig> tenants);
+  // RequestHandler::ExpireLeases (the executable calls it once a second).
+  Result<uint64_t> ExpireLeases();
   // Stops accepting, waits (up to drain_ms) for the requests in flight, closes every session.
   void Stop(int drain_ms = 5000);
 
