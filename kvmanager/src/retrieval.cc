@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <limits>
 #include <map>
@@ -24,7 +25,8 @@ namespace kvm::server {
 namespace {
 
 constexpr uint64_t kNoContact = UINT64_MAX;
-constexpr size_t kMaxHeldRows = 4096;  // K rows kept per (layer, KV head) for coming appends
+constexpr size_t kMaxHeldRows = 4096;   // K rows kept per (layer, KV head) for coming appends
+constexpr size_t kResidentHistory = 4;  // resident sets remembered per (layer, KV head) for audits
 
 std::string Key(const store::SeqRef& s) { return s.tenant + '\0' + std::to_string(s.id); }
 
@@ -39,6 +41,16 @@ struct RetrievalEngine::Seq {
   std::unique_ptr<sel::Selector> selector;
   std::vector<sel::HotSetMirror> mirrors;  // [layer][kv_head]
   std::vector<uint64_t> local_first;       // [layer][kv_head]: window start at the last contact
+  // [layer][kv_head]: the worker's resident sets as the last kResidentHistory retrievals left
+  // them, oldest first. An Audit of step p measures the set the latest retrieval at a step ≤ p
+  // installed: a retrieval of a later step may overtake the audit (both are kOvertake requests,
+  // handler.h) and change the mirror first.
+  struct ResidentAt {
+    uint64_t step;
+    std::vector<uint64_t> slots;  // the mirror's slot table then
+    uint64_t local_first;
+  };
+  std::vector<std::deque<ResidentAt>> resident;
   uint64_t generation = 0;
   // [layer][kv_head]: token → K row a query carried that the store did not hold (K once).
   std::vector<std::map<uint64_t, std::vector<uint8_t>>> pending_k;
@@ -47,6 +59,21 @@ struct RetrievalEngine::Seq {
   void ResetMirrors() {
     mirrors.assign(size_t{shape.layers} * shape.kv_heads, sel::HotSetMirror(slots));
     local_first.assign(mirrors.size(), kNoContact);
+    resident.assign(mirrors.size(), {});
+  }
+  void Remember(size_t idx, uint64_t step) {
+    auto& h = resident[idx];
+    while (!h.empty() && h.back().step >= step) h.pop_back();  // a step planned again
+    h.push_back({step, mirrors[idx].slot_table(), local_first[idx]});
+    while (h.size() > kResidentHistory) h.pop_front();
+  }
+  // The resident set the worker attended at `step`, or null when the retrieval that installed it
+  // is no longer remembered.
+  const ResidentAt* ResidentFor(size_t idx, uint64_t step) const {
+    const auto& h = resident[idx];
+    for (auto it = h.rbegin(); it != h.rend(); ++it)
+      if (it->step <= step) return &*it;
+    return nullptr;
   }
   size_t row_bytes() const { return size_t{shape.head_dim} * DTypeSize(shape.dtype); }
   // The K rows of (layer, h) for [from, T): those the store does not hold yet, from the rows
@@ -363,6 +390,7 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
     KVM_RETURN_IF_ERROR(q->mirrors[idx].Plan(sel.blocks, T, geo, prev_first, bb, layout.row_bytes(),
                                              &plan, &bytes));
     q->local_first[idx] = geo.WindowFirstBlock(T);
+    q->Remember(idx, m.step());
     // Blocks to send: in the host tier first, then read (K then V of each) into the payload.
     std::vector<uint64_t> sent;
     for (const auto& [b, slot] : plan.sends) sent.push_back(b);
@@ -476,13 +504,19 @@ Status RetrievalEngine::Audit(const store::SeqRef& s, const wire::Audit& m,
       return Status::FailedPrecondition("audit: no retrieval yet for layer " +
                                         std::to_string(m.layer()) + " KV head " +
                                         std::to_string(heads[i]));
-    // The worker's resident set: its hot set + the sinks + what it holds locally.
+    const Seq::ResidentAt* at = q->ResidentFor(idx, m.step());
+    if (!at)
+      return Status::FailedPrecondition(
+          "audit of step " + std::to_string(m.step()) + ": layer " + std::to_string(m.layer()) +
+          " KV head " + std::to_string(heads[i]) + " was retrieved again " +
+          std::to_string(kResidentHistory) + " times since; its resident set then is gone");
+    // The worker's resident set at that step: its hot set + the sinks + what it holds locally.
     std::vector<uint64_t> resident;
-    for (uint64_t b : q->mirrors[idx].slot_table())
+    for (uint64_t b : at->slots)
       if (b != sel::kEmptySlot && b < nb) resident.push_back(b);
     std::sort(resident.begin(), resident.end());
     sel::AddRange(0, geo.SinkBlocks(T), &resident);
-    sel::AddRange(std::min(q->local_first[idx], nb), nb, &resident);
+    sel::AddRange(std::min(at->local_first, nb), nb, &resident);
     std::vector<uint8_t> rows;
     uint64_t from = 0;
     KVM_RETURN_IF_ERROR(q->TailRows(m.layer(), heads[i], in.length, T, m.pending_tokens(),

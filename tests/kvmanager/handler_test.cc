@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 
@@ -332,6 +333,8 @@ void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
   const sel::Geometry& geo = opt_.geometry;
   uint64_t appended = 0;
   size_t sent_total = 0, anchors = 0;
+  // Layer 0, KV head 0: the mirror's slot table and the window's first block a step left.
+  std::pair<std::vector<uint64_t>, uint64_t> left_by_150, left_by_239;
   for (uint64_t step : {20ull, 21ull, 100ull, 101ull, 150ull, 239ull}) {
     AppendTokens(1, appended, step);  // the step's own token is pending (decode order)
     appended = step;
@@ -377,6 +380,8 @@ void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
                         .Plan(want.blocks, step + 1, geo, prev, B * D * 2, D * 2, &plan, &bytes)
                         .ok());
         local_first[i] = geo.WindowFirstBlock(step + 1);
+        if (i == 0 && (step == 150 || step == 239))  // the worker's hot set and window now
+          (step == 150 ? left_by_150 : left_by_239) = {mirrors[i].slot_table(), local_first[i]};
         ASSERT_EQ(size_t(hs.block_indices_size()), plan.sends.size());
         ASSERT_EQ(size_t(hs.local_fill_blocks_size()), plan.local_fills.size());
         EXPECT_EQ(std::vector<uint32_t>(hs.evicted_slots().begin(), hs.evicted_slots().end()),
@@ -401,6 +406,50 @@ void RetrieveTest::CheckRetrievalsMatchTheInProcessSelector() {
   }
   EXPECT_GT(anchors, 0u);
   EXPECT_GT(sent_total, 0u);
+
+  // An audit overtaken by later retrievals (Audit and RetrieveLayer may run in either order):
+  // the audit of step 150 measures the set the worker attended then, not the one step 239 left.
+  auto audit = [&](uint64_t step) {
+    wire::Audit m;
+    m.set_sequence_id(1);
+    m.set_step(step);
+    m.set_layer(0);
+    m.add_kv_heads(0);
+    m.set_pending_tokens(0);
+    return Call(s_, MessageType::kAudit, m, QueryPayload(step, 0, {0}, 0));
+  };
+  {
+    Reply ar = audit(150);
+    ASSERT_TRUE(ar.error.ok()) << ar.error.ToString();
+    wire::AuditReply arep;
+    ASSERT_TRUE(wire::ParseProto(ar.frame, &arep).ok());
+    ASSERT_EQ(arep.delta_size(), 2);
+    auto prefix = kv_[0].view();
+    prefix.tokens = 151;
+    prefix.n_blocks = uint32_t(geo.Blocks(151));
+    const auto q = Queries(150, 0, 0);
+    // The worker's resident set at step 150 as `left` describes it: hot set + sinks + window.
+    auto resident = [&](const std::pair<std::vector<uint64_t>, uint64_t>& left) {
+      const uint64_t nb = geo.Blocks(151);
+      std::vector<uint64_t> r;
+      for (uint64_t b : left.first)
+        if (b != sel::kEmptySlot && b < nb) r.push_back(b);
+      std::sort(r.begin(), r.end());
+      sel::AddRange(0, geo.SinkBlocks(151), &r);
+      sel::AddRange(std::min(left.second, nb), nb, &r);
+      return r;
+    };
+    const sel::GroupScores gs = sel::ScoreGroup(q.data(), 2, prefix);
+    const auto d = sel::DeltaOf(gs, resident(left_by_150));
+    const auto now = sel::DeltaOf(gs, resident(left_by_239));
+    for (int j = 0; j < 2; ++j) {
+      EXPECT_FLOAT_EQ(arep.delta(j), float(d[j]));
+      EXPECT_NE(float(d[j]), float(now[j])) << "the two sets must differ for the test to tell";
+    }
+  }
+  // Step 20's set was replaced by 4 retrievals since (21, 100, 101, 150, 239): no longer known.
+  Reply gone = audit(20);
+  EXPECT_TRUE(gone.error.IsFailedPrecondition()) << gone.error.ToString();
 
   // The same retrieval again sends nothing (the mirror holds it); a new generation sends again.
   Reply again = Retrieve(1, 239, 0, {0}, 1);
@@ -1013,7 +1062,9 @@ TEST_P(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   bool fragmented = false;
   for (const auto& p : parts)
     for (const auto& hs : p.reply().heads()) fragmented = fragmented || hs.fragments() > 1;
-  if (Hkv == 1) EXPECT_TRUE(fragmented) << "one head over the limit travels in fragments";
+  if (Hkv == 1) {
+    EXPECT_TRUE(fragmented) << "one head over the limit travels in fragments";
+  }
   auto rep = wire::JoinParts(parts);
   ASSERT_TRUE(rep.ok()) << rep.status().ToString();
   ASSERT_EQ(rep->heads_size(), int(Hkv));
