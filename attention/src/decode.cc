@@ -6,6 +6,18 @@
 #include <thread>
 #include <vector>
 
+#if defined(__SANITIZE_THREAD__)
+#define KVM_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KVM_TSAN 1
+#endif
+#endif
+#ifdef KVM_TSAN
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
+#endif
+
 namespace kvm::attn {
 namespace portable {
 void DecodeOne(const DecodeParams& p, uint32_t h);
@@ -16,6 +28,29 @@ void DecodeOne(const DecodeParams& p, uint32_t h);
 
 namespace {
 using HeadFn = void (*)(const DecodeParams&, uint32_t);
+
+#ifdef KVM_TSAN
+// Under TSan the kernels (decode_portable.cc, decode_avx2.cc) are built uninstrumented
+// (attention/CMakeLists.txt: per-element checks made the model-heavy tests ~50x slower); what a
+// head reads and writes is declared here instead, a range per block, so a write racing with the
+// kernel's read of a K/V block (or its output) is still reported.
+void DeclareAccesses(const DecodeParams& p, uint32_t h) {
+  auto read = [](const void* a, size_t n) { __tsan_read_range(const_cast<void*>(a), n); };
+  const size_t qd = size_t{p.group} * p.head_dim;
+  read(p.q + h * qd, qd * sizeof(float));
+  const size_t row = size_t{p.head_dim} * DTypeSize(p.dtype);
+  for (uint32_t b = 0; b < p.n_blocks[h]; ++b) {
+    const size_t i = size_t{h} * p.max_blocks + b;
+    const size_t rows = p.rows ? p.rows[i] : p.block_size;
+    read(p.k_blocks[i], rows * row);
+    read(p.v_blocks[i], rows * row);
+  }
+  __tsan_write_range(p.out + h * qd, qd * sizeof(float));
+  if (p.state) __tsan_write_range(p.state + size_t{h} * p.group * 2, size_t{p.group} * 2 * 4);
+}
+#else
+void DeclareAccesses(const DecodeParams&, uint32_t) {}
+#endif
 
 bool HaveF16c() {  // CPUID.1:ECX (clang 14's __builtin_cpu_supports does not know "f16c")
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -31,14 +66,18 @@ bool HaveAvx2() {
 Status Run(const DecodeParams& p, HeadFn fn) {
   KVM_RETURN_IF_ERROR(p.Validate());
   const uint32_t threads = std::min(std::max(p.threads, 1u), p.kv_heads);
+  auto head = [&](uint32_t h) {
+    DeclareAccesses(p, h);
+    fn(p, h);
+  };
   if (threads == 1) {
-    for (uint32_t h = 0; h < p.kv_heads; ++h) fn(p, h);
+    for (uint32_t h = 0; h < p.kv_heads; ++h) head(h);
     return Status::Ok();
   }
   std::vector<std::thread> pool;
   for (uint32_t t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
-      for (uint32_t h = t; h < p.kv_heads; h += threads) fn(p, h);
+      for (uint32_t h = t; h < p.kv_heads; h += threads) head(h);
     });
   for (auto& th : pool) th.join();
   return Status::Ok();
