@@ -309,8 +309,9 @@ TEST_F(RetrieveOnGpuTierTest, RetrieveLayerMatchesTheInProcessSelectorAndSendsTh
   const store::StoreStats st = store_->Stats();
   EXPECT_EQ(st.gpu_tier.rfind("host double", 0), 0u) << st.gpu_tier;
   // 4 steps × 2 layers × 2 heads (steps 20 and 21 are short contexts: nothing to score), 2 more
-  // retrievals (the stale one is refused first), one audit.
-  EXPECT_EQ(st.gpu.scored, 4u * 2 * 2 + 2 + 1);
+  // retrievals (the stale one is refused first), two audits (of steps 150 and 239; step 20's is
+  // refused before scoring).
+  EXPECT_EQ(st.gpu.scored, 4u * 2 * 2 + 2 + 2);
   EXPECT_EQ(st.gpu.refused, 0u);
   EXPECT_EQ(st.gpu.buffers, 4u);  // one per (layer, KV head)
   // Each stored key block went up once, plus the re-sent partial blocks as appends filled them.
