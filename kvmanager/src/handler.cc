@@ -1,6 +1,7 @@
 #include "kvmanager/handler.h"
 
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <future>
 #include <memory>
@@ -256,10 +257,12 @@ void RequestHandler::Handle(SessionState& s, const wire::Frame& f, Reply reply) 
   Metrics* metrics = opt_.metrics;
   // Times the request to its reply (a data-plane retrieval: until its sends completed).
   Reply finish = [metrics, type, t0, reply = std::move(reply)](std::vector<uint8_t> frame) {
-    if (metrics)
-      metrics->ObserveRequest(
+    if (metrics) {  // OpName names every type ("other" for unknown ones): an error is a bug
+      const Status m = metrics->ObserveRequest(
           Metrics::OpName(type),
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      if (!m.ok()) std::fprintf(stderr, "kvmanager: request metrics: %s\n", m.ToString().c_str());
+    }
     reply(std::move(frame));
   };
   std::vector<uint8_t> out;
