@@ -91,7 +91,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 admin=$(free_port)
 server_flags=()
-if "$K" --help 2>&1 | grep -q -- "--max-connections-per-address"; then
+# (the help text read whole first: `grep -q` closing the pipe early would fail it under pipefail)
+if [[ $("$K" --help 2>&1 || true) == *--max-connections-per-address* ]]; then
   server_flags+=(--max-connections-per-address $((2 * clients + 16)))  # every client on 127.0.0.1
 fi
 "$K" --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" --data-dir "$dir/data" --no-gpu \

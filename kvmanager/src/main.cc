@@ -17,6 +17,7 @@
 // and exits without opening the store or binding a port; --version prints the version and the
 // build's options.
 #include <arpa/inet.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -66,6 +67,11 @@ struct Config {
   // probes and load balancers see the shard leave before its port closes. A second signal ends it
   // early. Default: 0 (drain at once).
   uint32_t shutdown_delay_ms = 0;
+  // Every this many seconds the service gives the memory malloc holds free back to the system
+  // (glibc malloc_trim): freed request buffers otherwise stay resident in the allocator's heaps
+  // and RSS follows its high-water mark, not the live data (bench/RESULTS.md "Soak"). 0 = never.
+  // Default: 10.
+  uint32_t malloc_trim_seconds = 10;
   // For tests only (flag --test-delay-open-ms, not in the config file): sleep this long before
   // opening the store, so that a test can observe the start-up state. Default: 0.
   uint32_t test_delay_open_ms = 0;
@@ -225,6 +231,7 @@ void LoadConfig(const std::string& path, Config* c) {
                                  "data_plane",
                                  "ucx_error_mode",
                                  "shutdown_delay_ms",
+                                 "malloc_trim_seconds",
                                  "tls_cert",
                                  "tls_key",
                                  "tls_client_ca",
@@ -260,6 +267,7 @@ void LoadConfig(const std::string& path, Config* c) {
   get("data_plane", &c->data_plane);
   get("ucx_error_mode", &c->ucx_error_mode);
   get("shutdown_delay_ms", &c->shutdown_delay_ms);
+  get("malloc_trim_seconds", &c->malloc_trim_seconds);
   get("tls_cert", &c->tls.cert);
   get("tls_key", &c->tls.key);
   get("tls_client_ca", &c->tls.client_ca);
@@ -539,6 +547,9 @@ int main(int argc, char** argv) {
       "shutdown-delay-ms", po::value<uint32_t>(),
       "after SIGTERM/SIGINT keep serving this long with /readyz 503 before draining (probes and "
       "load balancers see the shard leave first); a second signal ends it. Default: 0")(
+      "malloc-trim-seconds", po::value<uint32_t>(),
+      "every this many seconds give the memory malloc holds free back to the system (RSS follows "
+      "the live data, not the allocator's high-water mark); 0 = never. Default: 10")(
       "test-delay-open-ms", po::value<uint32_t>(),
       "FOR TESTS ONLY: sleep this long before opening the store (the admin port answers, /readyz "
       "503, the control port listens). Default: 0");
@@ -600,6 +611,8 @@ int main(int argc, char** argv) {
   if (vm.count("data-plane")) c.data_plane = vm["data-plane"].as<std::string>();
   if (vm.count("ucx-error-mode")) c.ucx_error_mode = vm["ucx-error-mode"].as<std::string>();
   if (vm.count("shutdown-delay-ms")) c.shutdown_delay_ms = vm["shutdown-delay-ms"].as<uint32_t>();
+  if (vm.count("malloc-trim-seconds"))
+    c.malloc_trim_seconds = vm["malloc-trim-seconds"].as<uint32_t>();
   if (vm.count("test-delay-open-ms"))
     c.test_delay_open_ms = vm["test-delay-open-ms"].as<uint32_t>();
   if (vm.count("request-deadline-ms"))
@@ -822,6 +835,7 @@ int main(int argc, char** argv) {
                    why, st.ToString().c_str());
   };
   int sig = 0;
+  auto last_trim = std::chrono::steady_clock::now();
   for (;;) {
     const timespec second{1, 0};
     sig = sigtimedwait(&sigs, nullptr, &second);
@@ -839,6 +853,11 @@ int main(int argc, char** argv) {
     else if (*expired > 0)
       std::fprintf(stderr, "kvmanager: %llu sequence(s) deleted: their leases ran out\n",
                    static_cast<unsigned long long>(*expired));
+    if (c.malloc_trim_seconds && std::chrono::steady_clock::now() - last_trim >=
+                                     std::chrono::seconds(c.malloc_trim_seconds)) {
+      malloc_trim(0);
+      last_trim = std::chrono::steady_clock::now();
+    }
     if (std::string now = FileStamps(tenant_files); now != tenant_stamps) {
       tenant_stamps = std::move(now);
       reload_tenants("tenant files changed");
