@@ -652,9 +652,9 @@ std::vector<Seed> Seeds() {
   }
   // ---- The retrieval engine: every served selector, audit, correct, layer map, K once ----
   for (const std::string sel : {"prhs", "oracle", "quest", "streaming"}) {
-    wire::Audit au;
+    wire::Audit au;  // of the step layer 1 was retrieved at (an audit measures that step's set)
     au.set_sequence_id(9);
-    au.set_step(23);
+    au.set_step(24);
     au.set_layer(1);
     au.add_kv_heads(1);
     wire::Correct co;
