@@ -838,7 +838,15 @@ TEST_F(HostileTest, AClientThatNeverReadsIsClosedAtTheSendQueueLimit) {
       EXPECT_TRUE(good_->ServesMore(3)) << "served while the replies pile up";
     }
   }
-  // Now read: what arrives, then the close (long before 3000 MiB of replies).
+  // Still not reading: the replies fill the socket buffers, then the session's send queue, and
+  // the server closes the session. (Reading at once would race the server: a client that reads
+  // as fast as the replies come is a good client, and on a loaded machine it keeps up.)
+  for (const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+       Metric(k_->admin(), "kvm_sessions_closed_total{reason=\"send_queue\"}") <
+           send_queue_closed0 + 1 &&
+       std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // Now read: what was buffered, then the close (long before 3000 MiB of replies).
   uint64_t got = 0;
   EXPECT_TRUE(r->UntilClosed(60000, &got)) << "the server closed the session";
   std::printf(
