@@ -236,17 +236,24 @@ struct BlockStore::Impl {
     return w;
   }
   // The disk tier's live size, RocksDB's own account: the SST files of the current version and
-  // the data in the memtables (written, not flushed yet; their approximate size over the whole key
-  // space — the memtables' arena memory would count megabytes for an empty store).
+  // the data in the memtables (written, not flushed yet). The memtables' arena memory would count
+  // megabytes for an empty store, and GetApproximateMemTableStats' entry count over a range is a
+  // skip-list estimate (capped at the true count, it can be low by half: the cap let in up to a
+  // third more one time than the next), so the data size is its exact mean entry size times the
+  // exact entry count of the column family's memtables.
   uint64_t LiveDiskBytes() const {
     uint64_t sst = 0, mem = 0;
     db->GetAggregatedIntProperty("rocksdb.live-sst-files-size", &sst);
     const std::string last(16, '\xff');
     const rocksdb::Range all("", last);
     for (auto* h : cf) {
-      uint64_t count = 0, bytes = 0;
+      uint64_t count = 0, bytes = 0, active = 0, imm = 0;
       db->GetApproximateMemTableStats(h, all, &count, &bytes);
-      mem += bytes;
+      if (count == 0) continue;
+      db->GetIntProperty(h, "rocksdb.num-entries-active-mem-table", &active);
+      db->GetIntProperty(h, "rocksdb.num-entries-imm-mem-tables", &imm);
+      mem += static_cast<uint64_t>(static_cast<double>(bytes) / static_cast<double>(count) *
+                                   static_cast<double>(std::max(count, active + imm)));
     }
     return sst + mem;
   }

@@ -336,7 +336,11 @@ TEST(BlockStoreTest, DiskCapIsOnTheLiveSizeNotOnBytesEverWritten) {
   const uint64_t second = fill({"t", 2});
   // The second fill holds as much again (within a block row or two of framing), so the bytes ever
   // written are about twice the cap: the old lifetime rule would have refused at once.
-  EXPECT_GE(second, first * 3 / 4) << "first " << first << " tokens, after the delete " << second;
+  // Both fills stop at the same live size, so within a few appends of each other: when the
+  // memtables' size was RocksDB's skip-list estimate the cap let in 220 to 384 tokens from one run
+  // to the next (the exact size: 236 and 224 in every run).
+  EXPECT_GE(second, first * 7 / 8) << "first " << first << " tokens, after the delete " << second;
+  EXPECT_LE(second, first * 9 / 8) << "first " << first << " tokens, after the delete " << second;
   const StoreStats after = (*s)->Stats();
   EXPECT_GT(after.disk_bytes_written, o.disk_capacity_bytes);
   // A memtable flushed since the last write becomes an SST file a little larger than its data
