@@ -6,8 +6,9 @@
 #   scripts/fuzz.sh [SECONDS [TARGET...]]   default: 30 s each of frame and handler
 #   scripts/fuzz.sh 1800 handler            a long campaign of one target
 # Environment: FUZZ_KEEP=DIR keeps the grown corpus, log and artifacts under DIR/<target> (a later
-# campaign with the same DIR goes on from that corpus); FUZZ_FLAGS: more libFuzzer flags. One
-# libFuzzer process per target, one target at a time (run long campaigns under `nice -n 19`).
+# campaign with the same DIR goes on from that corpus); FUZZ_FLAGS: more libFuzzer flags
+# (-fork=2: two fuzzing processes, one per core). One target at a time (run long campaigns under
+# `nice -n 19`).
 # Prints per target: executions, seconds, exec/s, corpus size before and after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,9 @@ for t in "${targets[@]}"; do
     -artifact_prefix="$work/artifacts/" ${FUZZ_FLAGS:-} "$work/corpus" >"$work/log" 2>&1 || true
   took=$(($(date +%s) - start))
   execs=$(awk '/^stat::number_of_executed_units/ {print $2}' "$work/log" | tail -1)
+  # With FUZZ_FLAGS=-fork=N (N processes, one store each) the parent prints no final stats; its
+  # progress lines "#RUNS: cov: ..." count the executions of all of them.
+  [ -z "$execs" ] && execs=$(sed -n 's/^#\([0-9]*\): cov:.*/\1/p' "$work/log" | tail -1)
   execs=${execs:-0}
   after=$(find "$work/corpus" -type f | wc -l)
   echo "fuzz: $t: $execs executions in ${took} s ($((execs / (took > 0 ? took : 1))) exec/s)," \
