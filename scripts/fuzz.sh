@@ -43,10 +43,10 @@ for t in "${targets[@]}"; do
     -max_len=8192 -entropic=0 \
     -artifact_prefix="$work/artifacts/" ${FUZZ_FLAGS:-} "$work/corpus" >"$work/log" 2>&1 || true
   took=$(($(date +%s) - start))
-  execs=$(awk '/^stat::number_of_executed_units/ {print $2}' "$work/log" | tail -1)
-  # With FUZZ_FLAGS=-fork=N (N processes, one store each) the parent prints no final stats; its
-  # progress lines "#RUNS: cov: ..." count the executions of all of them.
-  [ -z "$execs" ] && execs=$(sed -n 's/^#\([0-9]*\): cov:.*/\1/p' "$work/log" | tail -1)
+  # With FUZZ_FLAGS=-fork=N (N processes, one store each) the parent's progress lines "#RUNS: cov:"
+  # count the executions of all of them (its own final stats count none).
+  execs=$(sed -n 's/^#\([0-9]*\): cov:.*/\1/p' "$work/log" | tail -1)
+  [ -z "$execs" ] && execs=$(awk '/^stat::number_of_executed_units/ {print $2}' "$work/log" | tail -1)
   execs=${execs:-0}
   after=$(find "$work/corpus" -type f | wc -l)
   echo "fuzz: $t: $execs executions in ${took} s ($((execs / (took > 0 ? took : 1))) exec/s)," \

@@ -27,6 +27,10 @@ namespace {
 constexpr uint64_t kNoContact = UINT64_MAX;
 constexpr size_t kMaxHeldRows = 4096;   // K rows kept per (layer, KV head) for coming appends
 constexpr size_t kResidentHistory = 4;  // resident sets remembered per (layer, KV head) for audits
+// Slot-table entries (hot_set_slots × layers × KV heads) one sequence's mirrors may hold: 64 MB,
+// and up to kResidentHistory copies of each table for audits. 80 layers × 8 KV heads at 16-token
+// blocks fit a hot set of 13,107 blocks (210K tokens) per (layer, KV head).
+constexpr uint64_t kMaxMirrorEntries = uint64_t{1} << 23;
 
 std::string Key(const store::SeqRef& s) { return s.tenant + '\0' + std::to_string(s.id); }
 
@@ -262,6 +266,13 @@ Status RetrievalEngine::Configure(const store::SeqRef& s, const wire::SelectorPa
     return Status::InvalidArgument("hot_set_slots: " + std::to_string(hot_set_slots) +
                                    " blocks per (layer, KV head) is too small; selector " +
                                    q->sel.name + " with this budget needs " + std::to_string(need));
+  const uint64_t entries = uint64_t{hot_set_slots} * info.shape.layers * info.shape.kv_heads;
+  if (entries > kMaxMirrorEntries)
+    return Status::InvalidArgument(
+        "hot_set_slots: " + std::to_string(hot_set_slots) + " blocks per (layer, KV head) × " +
+        std::to_string(info.shape.layers) + " layers × " + std::to_string(info.shape.kv_heads) +
+        " KV heads = " + std::to_string(entries) + " slot-table entries, over the service's " +
+        std::to_string(kMaxMirrorEntries) + " per sequence");
   q->slots = hot_set_slots;
   q->ResetMirrors();
   q->pending_k.resize(size_t{info.shape.layers} * info.shape.kv_heads);

@@ -637,6 +637,15 @@ TEST_F(RetrieveTest, BadRetrievalsAreClearErrors) {
   Reply small = Call(s_, MessageType::kCreateSequence, CreateWith(5, need - 1));
   EXPECT_TRUE(small.error.IsInvalidArgument());
   EXPECT_NE(small.error.message().find("hot_set_slots"), std::string::npos);
+  // A hot set whose slot tables would take gigabytes is refused before anything is allocated (the
+  // handler fuzzer's out-of-memory input asked for 136,314,879 slots: 1 GB per table).
+  Reply huge = Call(s_, MessageType::kCreateSequence, CreateWith(5, 4'000'000'000u));
+  EXPECT_TRUE(huge.error.IsInvalidArgument());
+  EXPECT_NE(huge.error.message().find("slot-table entries"), std::string::npos)
+      << huge.error.ToString();
+  EXPECT_TRUE(Call(s_, MessageType::kCreateSequence,
+                   CreateWith(5, uint32_t((uint64_t{1} << 23) / (L * Hkv) + 1)))
+                  .error.IsInvalidArgument());
   wire::ListSequencesReply lr;
   Reply list = Call(s_, MessageType::kListSequences, wire::ListSequences());
   ASSERT_TRUE(wire::ParseProto(list.frame, &lr).ok());
