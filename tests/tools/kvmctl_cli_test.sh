@@ -19,6 +19,36 @@ expect_usage "unknown flag --bogus" eval "${common[@]}" --bogus 1
 expect_usage "--budget-frac" eval "${common[@]}" --context 100 --steps 10 --selector prhs --budget-frac abc
 expect_usage "exactly one of --prompt and --tokens" generate --model "$M/model.bin" --tokenizer "$M/tokenizer.model" --prompt x --tokens y
 expect_usage "--head-dim" bench attention --head-dim 48
+expect_usage "--in-flight" bench transport --in-flight 0
+expect_usage "--runs" bench transport --runs 0
+# bench transport --json: medians of --runs interleaved rounds with their spread; latency is null
+# with more than one reply in flight (not measured then).
+for n in 1 3; do
+  out=$(KVM_BENCH_NO_WAIT=1 "$K" bench transport --tls inproc --blocks 8 --messages 12 --runs 3 \
+    --in-flight $n --json 2>/dev/null)
+  if /usr/bin/python3 - "$out" "$n" <<'PY'
+import json, statistics, sys
+d, n = json.loads(sys.argv[1]), int(sys.argv[2])
+need = ["tls", "blocks_per_message", "block_bytes", "messages", "in_flight", "runs", "ours_gbps",
+        "reference_gbps", "ratio", "ratio_min", "ratio_max", "ours_gbps_runs", "reference_gbps_runs",
+        "reference", "latency_p50_us", "latency_p99_us", "lanes", "idle", "ours_send", "faster_send", "modes"]
+missing = [k for k in need if k not in d]
+assert not missing, missing
+assert d["in_flight"] == n and d["runs"] == 3 and len(d["ours_gbps_runs"]) == 3, d
+assert len(d["reference_gbps_runs"]) == 3 and sorted(d["modes"]) == ["copy", "iov", "runs"], d
+close = lambda a, b: abs(a - b) <= 0.0015 + 1e-3 * abs(b)
+assert close(d["ours_gbps"], statistics.median(d["ours_gbps_runs"])), d
+assert close(d["reference_gbps"], statistics.median(d["reference_gbps_runs"])), d
+assert close(d["ratio"], d["ours_gbps"] / d["reference_gbps"]), d
+ratios = [o / r for o, r in zip(d["ours_gbps_runs"], d["reference_gbps_runs"])]
+assert close(d["ratio_min"], min(ratios)) and close(d["ratio_max"], max(ratios)), (ratios, d)
+for m in d["modes"].values():
+    assert close(m["gbps"], statistics.median(m["gbps_runs"])) and m["gbps"] > 0, m
+    assert (m["latency_p50_us"] is None) == (n > 1) and (m["latency_p99_us"] is None) == (n > 1), m
+PY
+  then echo "ok: bench transport --in-flight $n --json: medians of 3 rounds, spread, latency iff 1 in flight"
+  else echo "FAIL: bench transport --in-flight $n --json: $out"; fail=1; fi
+done
 out=$("$K" eval "${common[@]}" --context 96 --steps 6 --selector prhs --budget-frac 0.5 --block-size 4 --json 2>/dev/null)
 if /usr/bin/python3 - "$out" <<'PY'
 import json, sys

@@ -2,8 +2,9 @@
 // each block's slot, the blocks contiguous at the sender, scattered into the receiver's registered
 // hot-set slots) against ucx_perftest run by this command on the same transport with the matching
 // test (ucp_am_bw), datatype (contig at the sender, iov at the receiver), segment sizes (the real
-// slot size: K + V of one block) and error mode (none). In-process: against memcpy of the same
-// scatter, measured in the same run.
+// slot size: K + V of one block), error mode (none) and messages in flight (--in-flight, perftest's
+// -O). In-process: against memcpy of the same scatter, measured in the same run. Each figure is the
+// median of --runs interleaved rounds (every send mode, then the reference), with the spread.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -37,7 +38,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Run {
-  double gbps = 0, p50_us = 0, p99_us = 0;
+  double gbps = 0, p50_us = 0, p99_us = 0;  // latency per reply: measured with one in flight only
   std::string lanes;
   size_t messages_per_reply = 1;
 };
@@ -46,7 +47,7 @@ struct Run {
 // them into one buffer and sends it contiguous (what the service does), "iov" sends one gathered
 // message (UCX iov datatype), "runs" sends each contiguous run of source slots as its own message.
 Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t blocks,
-                 size_t slot_bytes, uint32_t messages) {
+                 size_t slot_bytes, uint32_t messages, uint32_t in_flight) {
   std::unique_ptr<transport::Transport> tx, rx;
   if (tls == "inproc") {
     tx = transport::MakeInProcess();
@@ -83,7 +84,10 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   KVM_ASSIGN_OR_RETURN(uint64_t peer, tx->Connect(rx->address()));
   // The sender's tier memory: 4x the slots of a reply; a reply's blocks are scattered over it
   // (the host arena places blocks as they fill, interleaved over layers and heads).
-  std::vector<uint8_t> tier(4ull * blocks * slot_bytes, 0x5a), data(size_t(blocks) * slot_bytes);
+  std::vector<uint8_t> tier(4ull * blocks * slot_bytes, 0x5a);
+  // "copy": one gather buffer per message in flight (a buffer is reused once its reply arrived).
+  std::vector<std::vector<uint8_t>> data(in_flight,
+                                         std::vector<uint8_t>(size_t(blocks) * slot_bytes));
   std::vector<uint32_t> src(4 * blocks);
   std::iota(src.begin(), src.end(), 0u);
   std::shuffle(src.begin(), src.end(), std::mt19937(6));
@@ -121,13 +125,22 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   std::vector<double> lat;
   const uint32_t warm = std::max<uint32_t>(4, messages / 10);
   Clock::time_point t0;
+  const auto arrived = [&](uint64_t replies) {  // waits until that many replies were delivered
+    return rx->WaitFor([&] { return delivered >= replies * msgs.size(); }, 10000);
+  };
   for (uint32_t m = 0; m < warm + messages; ++m) {
-    if (m == warm) t0 = Clock::now();
+    if (m == warm) {  // the warm-up drained: the timed messages start with none in flight
+      KVM_RETURN_IF_ERROR(arrived(warm));
+      t0 = Clock::now();
+    }
+    // At most in_flight replies outstanding: reply m waits for reply m - in_flight.
+    if (m >= in_flight) KVM_RETURN_IF_ERROR(arrived(m + 1 - in_flight));
     const auto a = Clock::now();
     if (mode == "copy") {  // gather into one buffer, then one contiguous send
+      std::vector<uint8_t>& buf = data[m % in_flight];
       for (uint32_t i = 0; i < blocks; ++i)
-        std::memcpy(data.data() + i * slot_bytes, segs[i].ptr, slot_bytes);
-      KVM_RETURN_IF_ERROR(tx->Send(peer, headers[0], data, [](const Status&) {}));
+        std::memcpy(buf.data() + i * slot_bytes, segs[i].ptr, slot_bytes);
+      KVM_RETURN_IF_ERROR(tx->Send(peer, headers[0], buf, [](const Status&) {}));
     } else if (mode == "iov") {
       KVM_RETURN_IF_ERROR(tx->SendGather(peer, headers[0], segs, [](const Status&) {}));
     } else {  // runs: each contiguous in the tier, sent in place
@@ -137,17 +150,22 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
             {static_cast<const uint8_t*>(segs[msgs[k].first].ptr), size_t(msgs[k].n) * slot_bytes},
             [](const Status&) {}));
     }
-    const uint64_t want = uint64_t(m + 1) * msgs.size();
-    KVM_RETURN_IF_ERROR(rx->WaitFor([&] { return delivered >= want; }, 10000));
+    if (in_flight == 1) {
+      KVM_RETURN_IF_ERROR(arrived(m + 1));
+      if (m >= warm) lat.push_back(std::chrono::duration<double>(Clock::now() - a).count());
+    }
     KVM_RETURN_IF_ERROR(rx_error);
-    if (m >= warm) lat.push_back(std::chrono::duration<double>(Clock::now() - a).count());
   }
+  KVM_RETURN_IF_ERROR(arrived(warm + messages));
+  KVM_RETURN_IF_ERROR(rx_error);
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   Run r;
-  r.gbps = double(messages) * double(data.size()) / secs / 1e9;
-  std::sort(lat.begin(), lat.end());
-  r.p50_us = lat[lat.size() / 2] * 1e6;
-  r.p99_us = lat[std::min(lat.size() - 1, size_t(0.99 * double(lat.size())))] * 1e6;
+  r.gbps = double(messages) * double(blocks) * double(slot_bytes) / secs / 1e9;
+  if (!lat.empty()) {
+    std::sort(lat.begin(), lat.end());
+    r.p50_us = lat[lat.size() / 2] * 1e6;
+    r.p99_us = lat[std::min(lat.size() - 1, size_t(0.99 * double(lat.size())))] * 1e6;
+  }
   r.lanes = tx->Describe(peer);
   r.messages_per_reply = msgs.size();
   tx.reset();  // the sender closes its endpoint while the receiver still exists
@@ -191,42 +209,26 @@ Result<double> Perftest(const std::string& cmd_args, const std::string& env, std
   return cols[5] * 1048576.0 / 1e9;
 }
 
-}  // namespace
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty()      ? 0
+         : v.size() % 2 ? v[v.size() / 2]
+                        : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
 
-int RunBenchTransport(const std::vector<std::string>& args) {
-  const Flags f(args, {"tls", "blocks", "block-bytes", "messages"}, {"json"});
-  const std::string tls = f.Str("tls", "sm");
-  if (tls != "tcp" && tls != "sm" && tls != "inproc") throw UsageError("--tls: tcp, sm or inproc");
-  const uint32_t blocks = uint32_t(f.Int("blocks", 256, 1, 1000));
-  // One slot = K + V of a block: B 16 x D 128 x fp16 x 2.
-  const size_t slot = size_t(f.Int("block-bytes", 8192, 64, 1 << 22));
-  const uint32_t messages = uint32_t(f.Int("messages", 400, 10, 1000000));
-  std::string env;
-  if (tls == "tcp") env = "env UCX_TLS=tcp UCX_NET_DEVICES=lo";
-  if (tls == "sm") env = "env UCX_TLS=sm,self";
-  if (tls == "tcp") {
-    setenv("UCX_TLS", "tcp", 1);
-    setenv("UCX_NET_DEVICES", "lo", 1);
-  } else if (tls == "sm") {
-    setenv("UCX_TLS", "sm,self", 1);
+std::string JsonList(const std::vector<double>& v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    char b[32];
+    std::snprintf(b, sizeof(b), "%s%.3f", i ? ", " : "", v[i]);
+    out += b;
   }
-  const bool idle = bench::WaitForIdle();
-  // The three ways to take a reply's blocks out of tier memory; "copy" is the service's.
-  std::map<std::string, Run> modes;
-  for (const char* mode : {"copy", "iov", "runs"}) {
-    auto r = Ours(tls, mode, blocks, slot, messages);
-    if (!r.ok())
-      return std::fprintf(stderr, "kvmctl bench transport: %s: %s\n", mode,
-                          r.status().ToString().c_str()),
-             1;
-    modes[mode] = *r;
-  }
-  const Run* ours = &modes["copy"];
-  std::string faster = "copy";
-  for (const auto& [name, r] : modes)
-    if (r.gbps > modes[faster].gbps) faster = name;
-  std::string reference;
-  double ref_gbps = 0;
+  return out + "]";
+}
+
+// One round's reference: memcpy of the same scatter (in-process) or ucx_perftest.
+Result<double> Reference(const std::string& tls, const std::string& env, uint32_t blocks,
+                         size_t slot, uint32_t messages, uint32_t in_flight, std::string* what) {
   if (tls == "inproc") {  // memcpy of the same scatter, same buffers
     std::vector<uint8_t> src(size_t(blocks) * slot, 1), dst(4ull * blocks * slot);
     std::vector<uint32_t> order(4 * blocks);
@@ -237,57 +239,144 @@ int RunBenchTransport(const std::vector<std::string>& args) {
       for (uint32_t i = 0; i < blocks; ++i)
         std::memcpy(dst.data() + size_t(order[(m % 4) * blocks + i]) * slot, src.data() + i * slot,
                     slot);
-    ref_gbps = double(messages) * double(src.size()) /
-               std::chrono::duration<double>(Clock::now() - t0).count() / 1e9;
-    reference = "memcpy of the same " + std::to_string(blocks) + " x " + std::to_string(slot) +
-                "-byte scatter (same process)";
-  } else {
-    std::string sizes;
-    for (uint32_t i = 0; i < blocks; ++i) sizes += (i ? "," : "") + std::to_string(slot);
-    auto r = Perftest("-t ucp_am_bw -D contig,iov -s " + sizes + " -n " + std::to_string(messages) +
-                          " -w " + std::to_string(messages / 10),
-                      env, &reference);
-    if (!r.ok())
-      return std::fprintf(stderr, "kvmctl bench transport: %s\n", r.status().ToString().c_str()), 1;
-    ref_gbps = *r;
-    // Shorten the iov list in the reported command (it is `blocks` copies of the slot size).
-    const size_t a = reference.find(sizes);
-    if (a != std::string::npos)
-      reference.replace(a, sizes.size(),
-                        "$(printf '" + std::to_string(slot) + ",%.0s' $(seq " +
-                            std::to_string(blocks) + ") | sed 's/,$//')");
+    *what = "memcpy of the same " + std::to_string(blocks) + " x " + std::to_string(slot) +
+            "-byte scatter (same process)";
+    return double(messages) * double(src.size()) /
+           std::chrono::duration<double>(Clock::now() - t0).count() / 1e9;
   }
+  std::string sizes;
+  for (uint32_t i = 0; i < blocks; ++i) sizes += (i ? "," : "") + std::to_string(slot);
+  KVM_ASSIGN_OR_RETURN(
+      double gbps,
+      Perftest("-t ucp_am_bw -D contig,iov -s " + sizes + " -n " + std::to_string(messages) +
+                   " -w " + std::to_string(messages / 10) + " -O " + std::to_string(in_flight),
+               env, what));
+  // Shorten the iov list in the reported command (it is `blocks` copies of the slot size).
+  const size_t a = what->find(sizes);
+  if (a != std::string::npos)
+    what->replace(a, sizes.size(),
+                  "$(printf '" + std::to_string(slot) + ",%.0s' $(seq " + std::to_string(blocks) +
+                      ") | sed 's/,$//')");
+  return gbps;
+}
+
+}  // namespace
+
+int RunBenchTransport(const std::vector<std::string>& args) {
+  const Flags f(args, {"tls", "blocks", "block-bytes", "messages", "in-flight", "runs"}, {"json"});
+  const std::string tls = f.Str("tls", "sm");
+  if (tls != "tcp" && tls != "sm" && tls != "inproc") throw UsageError("--tls: tcp, sm or inproc");
+  const uint32_t blocks = uint32_t(f.Int("blocks", 256, 1, 1000));
+  // One slot = K + V of a block: B 16 x D 128 x fp16 x 2.
+  const size_t slot = size_t(f.Int("block-bytes", 8192, 64, 1 << 22));
+  const uint32_t messages = uint32_t(f.Int("messages", 400, 10, 1000000));
+  // Replies in flight at once, ours and perftest's (-O); 1: each waits for the one before.
+  const uint32_t in_flight = uint32_t(f.Int("in-flight", 1, 1, 64));
+  const uint32_t runs = uint32_t(f.Int("runs", 5, 1, 100));
+  std::string env;
+  if (tls == "tcp") env = "env UCX_TLS=tcp UCX_NET_DEVICES=lo";
+  if (tls == "sm") env = "env UCX_TLS=sm,self";
+  if (tls == "tcp") {
+    setenv("UCX_TLS", "tcp", 1);
+    setenv("UCX_NET_DEVICES", "lo", 1);
+  } else if (tls == "sm") {
+    setenv("UCX_TLS", "sm,self", 1);
+  }
+  const bool idle = bench::WaitForIdle();
+  // The three ways to take a reply's blocks out of tier memory ("copy" is the service's), then the
+  // reference, round after round: each figure below is the median of its rounds.
+  const char* const kModes[] = {"copy", "iov", "runs"};
+  std::map<std::string, std::vector<Run>> rounds;
+  std::vector<double> ref_runs, ratio_runs;
+  std::string reference;
+  for (uint32_t round = 0; round < runs; ++round) {
+    for (const char* mode : kModes) {
+      auto r = Ours(tls, mode, blocks, slot, messages, in_flight);
+      if (!r.ok())
+        return std::fprintf(stderr, "kvmctl bench transport: %s: %s\n", mode,
+                            r.status().ToString().c_str()),
+               1;
+      rounds[mode].push_back(*r);
+    }
+    auto ref = Reference(tls, env, blocks, slot, messages, in_flight, &reference);
+    if (!ref.ok())
+      return std::fprintf(stderr, "kvmctl bench transport: %s\n", ref.status().ToString().c_str()),
+             1;
+    ref_runs.push_back(*ref);
+    ratio_runs.push_back(*ref > 0 ? rounds["copy"].back().gbps / *ref : 0);
+    if (!f.Bool("json"))
+      std::fprintf(stderr,
+                   "[bench transport] round %u of %u: copy %.3f GB/s, reference %.3f GB/s\n",
+                   round + 1, runs, rounds["copy"].back().gbps, *ref);
+  }
+  struct Summary {
+    double gbps, p50_us, p99_us;
+    std::vector<double> gbps_runs;
+    std::string lanes;
+    size_t messages_per_reply;
+  };
+  std::map<std::string, Summary> modes;
+  for (const auto& [name, rs] : rounds) {
+    Summary m{0, 0, 0, {}, rs.front().lanes, rs.front().messages_per_reply};
+    std::vector<double> p50, p99;
+    for (const Run& r : rs) {
+      m.gbps_runs.push_back(r.gbps);
+      p50.push_back(r.p50_us);
+      p99.push_back(r.p99_us);
+    }
+    m.gbps = Median(m.gbps_runs);
+    m.p50_us = Median(p50);
+    m.p99_us = Median(p99);
+    modes[name] = m;
+  }
+  const Summary* ours = &modes["copy"];
+  std::string faster = "copy";
+  for (const auto& [name, m] : modes)
+    if (m.gbps > modes[faster].gbps) faster = name;
+  const double ref_gbps = Median(ref_runs);
   const double ratio = ref_gbps > 0 ? ours->gbps / ref_gbps : 0;
+  const auto [rmin, rmax] = std::minmax_element(ratio_runs.begin(), ratio_runs.end());
+  const auto latency = [&](double us) {  // null where it was not measured (more than one in flight)
+    char b[32];
+    std::snprintf(b, sizeof(b), "%.1f", us);
+    return in_flight == 1 ? std::string(b) : std::string("null");
+  };
   if (f.Bool("json")) {
     std::printf(
         "{\"tls\": \"%s\", \"blocks_per_message\": %u, \"block_bytes\": %zu, \"messages\": %u, "
-        "\"ours_gbps\": %.3f, \"reference_gbps\": %.3f, \"ratio\": %.3f, \"reference\": \"%s\", "
-        "\"latency_p50_us\": %.1f, \"latency_p99_us\": %.1f, \"lanes\": \"%s\", \"idle\": %s, "
-        "\"ours_send\": \"copy\", \"faster_send\": \"%s\", \"modes\": {",
-        tls.c_str(), blocks, slot, messages, ours->gbps, ref_gbps, ratio,
-        JsonEscape(reference).c_str(), ours->p50_us, ours->p99_us, JsonEscape(ours->lanes).c_str(),
-        idle ? "true" : "false", faster.c_str());
+        "\"in_flight\": %u, \"runs\": %u, \"ours_gbps\": %.3f, \"reference_gbps\": %.3f, "
+        "\"ratio\": %.3f, \"ratio_min\": %.3f, \"ratio_max\": %.3f, \"ours_gbps_runs\": %s, "
+        "\"reference_gbps_runs\": %s, \"reference\": \"%s\", \"latency_p50_us\": %s, "
+        "\"latency_p99_us\": %s, \"lanes\": \"%s\", \"idle\": %s, \"ours_send\": \"copy\", "
+        "\"faster_send\": \"%s\", \"modes\": {",
+        tls.c_str(), blocks, slot, messages, in_flight, runs, ours->gbps, ref_gbps, ratio, *rmin,
+        *rmax, JsonList(ours->gbps_runs).c_str(), JsonList(ref_runs).c_str(),
+        JsonEscape(reference).c_str(), latency(ours->p50_us).c_str(), latency(ours->p99_us).c_str(),
+        JsonEscape(ours->lanes).c_str(), idle ? "true" : "false", faster.c_str());
     bool first = true;
-    for (const auto& [name, r] : modes) {
+    for (const auto& [name, m] : modes) {
       std::printf(
-          "%s\"%s\": {\"gbps\": %.3f, \"latency_p50_us\": %.1f, \"latency_p99_us\": %.1f, "
-          "\"messages_per_reply\": %zu}",
-          first ? "" : ", ", name.c_str(), r.gbps, r.p50_us, r.p99_us, r.messages_per_reply);
+          "%s\"%s\": {\"gbps\": %.3f, \"gbps_runs\": %s, \"latency_p50_us\": %s, "
+          "\"latency_p99_us\": %s, \"messages_per_reply\": %zu}",
+          first ? "" : ", ", name.c_str(), m.gbps, JsonList(m.gbps_runs).c_str(),
+          latency(m.p50_us).c_str(), latency(m.p99_us).c_str(), m.messages_per_reply);
       first = false;
     }
     std::printf("}}\n");
   } else {
-    std::printf("transport %s: %u blocks x %zu bytes per retrieval reply, %u messages\n",
-                tls.c_str(), blocks, slot, messages);
-    for (const auto& [name, r] : modes)
+    std::printf(
+        "transport %s: %u blocks x %zu bytes per retrieval reply, %u messages, %u in flight; "
+        "medians of %u interleaved rounds\n",
+        tls.c_str(), blocks, slot, messages, in_flight, runs);
+    for (const auto& [name, m] : modes)
       std::printf(
-          "  ours, %-4s %.3f GB/s, latency per reply p50 %.1f us, p99 %.1f us, %zu message(s) "
+          "  ours, %-4s %.3f GB/s, latency per reply p50 %s us, p99 %s us, %zu message(s) "
           "per reply%s\n",
-          name.c_str(), r.gbps, r.p50_us, r.p99_us, r.messages_per_reply,
-          name == "copy" ? " (the service's send)" : "");
+          name.c_str(), m.gbps, latency(m.p50_us).c_str(), latency(m.p99_us).c_str(),
+          m.messages_per_reply, name == "copy" ? " (the service's send)" : "");
     std::printf("  lanes      %s; faster send: %s\n", ours->lanes.c_str(), faster.c_str());
-    std::printf("  reference  %.3f GB/s: %s\n  ratio      %.3f%s\n", ref_gbps, reference.c_str(),
-                ratio, idle ? "" : " (machine not idle)");
+    std::printf("  reference  %.3f GB/s: %s\n  ratio      %.3f (rounds %.3f to %.3f)%s\n", ref_gbps,
+                reference.c_str(), ratio, *rmin, *rmax, idle ? "" : " (machine not idle)");
   }
   return 0;
 }

@@ -96,15 +96,18 @@ inline constexpr const char* kBenchAttentionUsage =
     "      a minute) for an idle machine and says in `idle` whether it got one.";
 int RunBenchAttention(const std::vector<std::string>& args);
 inline constexpr const char* kBenchTransportUsage =
-    "  bench transport [--tls tcp|sm|inproc] [--blocks N] [--block-bytes N] [--messages N] "
-    "[--json]\n"
+    "  bench transport [--tls tcp|sm|inproc] [--blocks N] [--block-bytes N] [--messages N]\n"
+    "                  [--in-flight N] [--runs N] [--json]\n"
     "      One retrieval reply per message (N blocks of K+V, contiguous at the sender, scattered "
     "into\n"
     "      the receiver's registered hot-set slots) over the data plane, against ucx_perftest run "
     "here\n"
     "      with the same test (ucp_am_bw), datatypes (-D contig,iov), segment sizes and error "
     "mode;\n"
-    "      in-process against memcpy of the same scatter. Defaults: sm, 256 blocks of 8192 bytes.";
+    "      in-process against memcpy of the same scatter. --in-flight replies outstanding at once\n"
+    "      (perftest's -O the same); each figure the median of --runs interleaved rounds, with "
+    "the\n"
+    "      spread. Defaults: sm, 256 blocks of 8192 bytes, 400 messages, 1 in flight, 5 rounds.";
 int RunBenchTransport(const std::vector<std::string>& args);
 inline constexpr const char* kBenchDecodeUsage =
     "  bench decode [--model FILE --tokens FILE --offset N | --synthetic --layers L --q-heads H\n"
