@@ -213,6 +213,25 @@ def test_prefix_saved_then_loaded_byte_identical(server, layout):
         fv.shutdown()
 
 
+def stop(pid):
+    """SIGSTOP, then wait until every thread of pid is stopped: kill() only queues the signal, and
+    a thread running meanwhile (on a loaded machine, for a while) may still answer a request."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that exited
+                pass
+        if states and all(st in "tT" for st in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within 10 s: thread states {states}")
+
+
 def test_async_lookup_answers_none_until_done_then_the_same(server):
     fv = FakeVllm(server.address, async_lookup=True)
     try:
@@ -220,7 +239,7 @@ def test_async_lookup_answers_none_until_done_then_the_same(server):
         fv.prefill("a-1", p1)  # its lookup went through (None, True) first
         req = NS(request_id="a-2", prompt_token_ids=p1[:52] + [1, 2], num_tokens=54,
                  num_computed_tokens=0)
-        os.kill(server.proc.pid, signal.SIGSTOP)  # the service holds the lookup: it is pending
+        stop(server.proc.pid)  # the service holds the lookup: it is pending
         try:
             for _ in range(3):
                 assert fv.sched.get_num_new_matched_tokens(req, 0) == (None, True)
