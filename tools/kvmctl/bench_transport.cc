@@ -209,13 +209,6 @@ Result<double> Perftest(const std::string& cmd_args, const std::string& env, std
   return cols[5] * 1048576.0 / 1e9;
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty()      ? 0
-         : v.size() % 2 ? v[v.size() / 2]
-                        : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
-
 std::string JsonList(const std::vector<double>& v) {
   std::string out = "[";
   for (size_t i = 0; i < v.size(); ++i) {
@@ -324,16 +317,16 @@ int RunBenchTransport(const std::vector<std::string>& args) {
       p50.push_back(r.p50_us);
       p99.push_back(r.p99_us);
     }
-    m.gbps = Median(m.gbps_runs);
-    m.p50_us = Median(p50);
-    m.p99_us = Median(p99);
+    m.gbps = Percentile(m.gbps_runs, 0.5);
+    m.p50_us = Percentile(p50, 0.5);
+    m.p99_us = Percentile(p99, 0.5);
     modes[name] = m;
   }
   const Summary* ours = &modes["copy"];
   std::string faster = "copy";
   for (const auto& [name, m] : modes)
     if (m.gbps > modes[faster].gbps) faster = name;
-  const double ref_gbps = Median(ref_runs);
+  const double ref_gbps = Percentile(ref_runs, 0.5);
   const double ratio = ref_gbps > 0 ? ours->gbps / ref_gbps : 0;
   const auto [rmin, rmax] = std::minmax_element(ratio_runs.begin(), ratio_runs.end());
   const auto latency = [&](double us) {  // null where it was not measured (more than one in flight)
