@@ -1183,12 +1183,17 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   std::vector<LocKey> keys;
   for (auto& [k, loc] : q->blocks) keys.push_back(k);
   for (const auto& k : keys) impl_->DropBlock(*q, k, &batch);
-  for (uint64_t p = (q->length / q->B) * q->B; p < q->length; ++p)
-    batch.Delete(impl_->tail(), PosKey(s, p));
-  for (uint64_t b = 0; b < q->length / q->B; ++b) batch.Delete(impl_->toks(), PosKey(s, b));
-  batch.Delete(impl_->meta(), SeqPrefix(s));
-  KVM_RETURN_IF_ERROR(
-      FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
+  if (q->dur == Durability::kDurable) {  // a cache sequence has no tail, token or meta records
+    for (uint64_t p = (q->length / q->B) * q->B; p < q->length; ++p)
+      batch.Delete(impl_->tail(), PosKey(s, p));
+    for (uint64_t b = 0; b < q->length / q->B; ++b) batch.Delete(impl_->toks(), PosKey(s, b));
+    batch.Delete(impl_->meta(), SeqPrefix(s));
+  }
+  if (batch.Count() > 0) {  // tombstones of records never written would pile up in the memtables
+    KVM_RETURN_IF_ERROR(
+        FromRocks(impl_->db->Write(rocksdb::WriteOptions(), &batch), "rocksdb delete"));
+    impl_->stats.disk_bytes_written += batch.GetDataSize();
+  }
   deleted_since_reclaim = true;
   Release(*q, released);
   if (gpu) gpu->Drop(q->uid);

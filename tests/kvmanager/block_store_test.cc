@@ -147,6 +147,35 @@ TEST(BlockStoreTest, DurableSequenceSurvivesReopenCacheSequenceDoesNot) {
   std::filesystem::remove_all(dir);
 }
 
+// A cache sequence the host tier holds whole writes nothing to disk, from its create to its delete:
+// no tombstones for records it never wrote (a soak's memtables grew by them, interval after
+// interval), while a durable one's delete does write them.
+TEST(BlockStoreTest, ACacheSequenceThatNeverSpilledWritesNothingToDisk) {
+  const std::string dir = TempDir();
+  auto s = BlockStore::Open({dir, 1 << 20});
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  const StoreStats before = (*s)->Stats();
+  const SeqRef c{"t", 2}, d{"t", 1};
+  for (int round = 0; round < 3; ++round) {
+    ASSERT_TRUE((*s)->Create(c, kShape, kB, Durability::kCache).ok());
+    ASSERT_TRUE(AppendRange(**s, c, 0, 37).ok());
+    ASSERT_TRUE(AppendRange(**s, c, 37, 40).ok());
+    ASSERT_TRUE((*s)->Truncate(c, 50).ok());
+    ExpectContent(**s, c, 50);
+    ASSERT_TRUE((*s)->Delete(c).ok());
+  }
+  const StoreStats after = (*s)->Stats();
+  EXPECT_EQ(after.spills, 0u);
+  EXPECT_EQ(after.disk_bytes_written, before.disk_bytes_written);
+  EXPECT_EQ(after.disk_bytes, before.disk_bytes) << "tombstones in the memtables";
+  ASSERT_TRUE((*s)->Create(d, kShape, kB, Durability::kDurable).ok());
+  ASSERT_TRUE(AppendRange(**s, d, 0, 37).ok());
+  const uint64_t written = (*s)->Stats().disk_bytes_written;
+  ASSERT_TRUE((*s)->Delete(d).ok());
+  EXPECT_GT((*s)->Stats().disk_bytes_written, written) << "a durable delete writes its tombstones";
+  std::filesystem::remove_all(dir);
+}
+
 // A child appends in durable mode, one token per acknowledged append, and is killed -9 at random
 // moments; after each kill the store reopens with every acknowledged token byte-identical and
 // nothing half-written visible. The child is this test binary run afresh (fork, then exec of
