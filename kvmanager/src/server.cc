@@ -230,7 +230,7 @@ struct Server::Impl {
       asio::post(strand_, [self = shared_from_this()] {
         self->closing_ = true;
         self->AnswerDraining();
-        if (self->out_.empty() && self->running_ == 0) self->Shutdown();
+        if (self->Idle()) self->Shutdown();
       });
     }
 
@@ -286,8 +286,14 @@ struct Server::Impl {
       ReadSome(asio::buffer(buf_),
                asio::bind_executor(strand_, [self = shared_from_this()](
                                                 boost::system::error_code ec, size_t n) {
-                 if (ec) {
-                   if (self->ending_) self->Shutdown();
+                 if (ec) {  // EOF (or a reset): the client sends nothing more
+                   if (self->ending_) {
+                     self->Shutdown();
+                   } else if (!self->closed_) {  // answer what it sent, then close (not at the
+                     self->closing_ = true;      // liveness timeout: its socket and buffers
+                     self->Pump();               // would be held that long)
+                     if (self->Idle()) self->Shutdown();
+                   }
                    return self->Finish();
                  }
                  if (self->closed_) return;
@@ -446,8 +452,7 @@ struct Server::Impl {
       timer_.async_wait([self = shared_from_this(), ms](boost::system::error_code ec) {
         if (ec || self->closed_) return;
         const auto silent = std::chrono::steady_clock::now() - self->last_heard_;
-        if (self->running_ == 0 && self->pending_.empty() && self->out_.empty() &&
-            silent > std::chrono::milliseconds(ms)) {
+        if (self->Idle() && silent > std::chrono::milliseconds(ms)) {
           self->Shutdown();
           return self->Finish();
         }
@@ -609,9 +614,11 @@ struct Server::Impl {
       if (finished_ && running_ == 0) srv_->handler->Close(state_);
       if (!reply.empty()) Send(std::move(reply), false);
       if (srv_->in_flight.fetch_sub(1) == 1) srv_->idle.notify_all();
-      if (closing_ && out_.empty() && running_ == 0) Shutdown();
       Pump();
+      if (closing_ && Idle()) Shutdown();
     }
+    // Nothing running, queued or left to write.
+    bool Idle() const { return running_ == 0 && pending_.empty() && out_.empty(); }
     void Send(std::vector<uint8_t> bytes, bool then_close) {
       if (closed_) return;  // the connection is gone: nothing to write to
       out_bytes_ += bytes.size();
@@ -639,24 +646,24 @@ struct Server::Impl {
     }
     void Write() {
       WriteAll(asio::buffer(out_.front().first),
-               asio::bind_executor(strand_, [self = shared_from_this()](
-                                                boost::system::error_code ec, size_t) {
-                 const bool close = self->out_.front().second;
-                 self->out_bytes_ -= self->out_.front().first.size();
-                 self->out_.pop_front();
-                 if (!ec && self->refusing_ && self->out_.empty() && !self->closed_)
-                   return self->DrainThenClose();
-                 if (!ec && self->ending_ && self->out_.empty() && !self->closed_) {
-                   boost::system::error_code ig;  // the Read loop drops the rest (CloseWith)
-                   self->raw().shutdown(tcp::socket::shutdown_send, ig);
-                   return;
-                 }
-                 if (ec || close || (self->closing_ && self->out_.empty() && self->running_ == 0)) {
-                   self->Shutdown();
-                   return self->Finish();
-                 }
-                 if (!self->out_.empty()) self->Write();
-               }));
+               asio::bind_executor(
+                   strand_, [self = shared_from_this()](boost::system::error_code ec, size_t) {
+                     const bool close = self->out_.front().second;
+                     self->out_bytes_ -= self->out_.front().first.size();
+                     self->out_.pop_front();
+                     if (!ec && self->refusing_ && self->out_.empty() && !self->closed_)
+                       return self->DrainThenClose();
+                     if (!ec && self->ending_ && self->out_.empty() && !self->closed_) {
+                       boost::system::error_code ig;  // the Read loop drops the rest (CloseWith)
+                       self->raw().shutdown(tcp::socket::shutdown_send, ig);
+                       return;
+                     }
+                     if (ec || close || (self->closing_ && self->Idle())) {
+                       self->Shutdown();
+                       return self->Finish();
+                     }
+                     if (!self->out_.empty()) self->Write();
+                   }));
     }
     void Finish() {
       if (!finished_) {

@@ -16,7 +16,9 @@
 //   (f) a client that pipelines large ReadBlocks and never reads: its session is closed at
 //       max_session_send_queue_bytes;
 //   (g) request floods: Busy at the tenant's max_in_flight (two sessions of it together) and at
-//       max_session_queued; every request answered once; the other tenant never starved.
+//       max_session_queued; every request answered once; the other tenant never starved;
+//   (h) clients that stop sending (half-close, or close): every request they sent answered, then
+//       their sessions closed and their descriptors freed at once, not at session_timeout_ms.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -142,6 +144,14 @@ class Kvmanager {
       if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
     return 0;
   }
+  // Its open file descriptors (sockets among them).
+  size_t Fds() const {
+    size_t n = 0;
+    for (const auto& e :
+         std::filesystem::directory_iterator("/proc/" + std::to_string(pid_) + "/fd"))
+      n += e.is_symlink() ? 1 : 0;
+    return n;
+  }
   std::string Log() const {
     std::ifstream f(dir_ + "/log.txt");
     std::stringstream s;
@@ -177,6 +187,8 @@ class Raw {
     if (fd_ >= 0) ::close(fd_);
   }
   bool ok() const { return fd_ >= 0; }
+  // Sends nothing more (the server reads EOF); the replies can still be read.
+  void ShutdownWrite() { ::shutdown(fd_, SHUT_WR); }
   // False once the server has closed the connection.
   bool Send(std::span<const uint8_t> b) {
     while (!b.empty()) {
@@ -870,6 +882,64 @@ TEST_F(HostileTest, AClientThatNeverReadsIsClosedAtTheSendQueueLimit) {
   ASSERT_TRUE(b->Send(MessageType::kDeleteSequence, 3, del));
   ASSERT_TRUE(b->Next().ok());
   Finish("(f) never reads its replies");
+}
+
+// (h) A client that stops sending is answered what it asked, and its session is closed then: not
+// at session_timeout_ms (60 s here). Sessions of clients that came and went held their socket and
+// their buffers (~300 KB each) until the liveness timer noticed the silence — a soak's RSS rose by
+// them, and a client reconnecting in a loop could run the server out of descriptors.
+TEST_F(HostileTest, AClientThatStopsSendingIsAnsweredThenClosedAtOnce) {
+  const size_t fds0 = k_->Fds();
+  auto r = RawSession("127.0.0.8", k_->port(), "b", "tokB");
+  ASSERT_TRUE(r);
+  ASSERT_TRUE(r->Send(MessageType::kCreateSequence, 2, CreateOf(8, kShape, kB)));
+  ASSERT_TRUE(r->Send(MessageType::kAppend, 3, AppendOf(8, 0, 16),
+                      Pattern(wire::AppendPayloadBytes(kShape, 16), 8)));
+  wire::ReadBlocks rb;
+  rb.set_sequence_id(8);
+  for (uint32_t b = 0; b < 4; ++b) rb.add_block_indices(b);
+  constexpr int kReads = 20;
+  for (int i = 0; i < kReads; ++i) ASSERT_TRUE(r->Send(MessageType::kReadBlocks, 10 + i, rb));
+  r->ShutdownWrite();  // pipelined requests, then EOF: the replies must still come, then the close
+  const auto t0 = Clock::now();
+  std::string got;
+  EXPECT_TRUE(r->UntilClosed(10000, nullptr, &got)) << "closed once every request was answered";
+  const double closed_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  wire::FrameDecoder dec;
+  ASSERT_TRUE(dec.Feed({reinterpret_cast<const uint8_t*>(got.data()), got.size()}).ok());
+  wire::Frame f;
+  std::set<uint64_t> want = {2, 3}, answered;
+  for (int i = 0; i < kReads; ++i) want.insert(10 + i);
+  int frames = 0;
+  while (dec.Next(&f)) {
+    ++frames;
+    EXPECT_TRUE(ErrorOf(f).ok()) << ErrorOf(f).ToString();
+    answered.insert(f.header.request_id);
+  }
+  EXPECT_EQ(frames, kReads + 2);
+  EXPECT_EQ(answered, want) << "each request answered once";
+  // Sessions that close whole, one after another from one address: more of them than the address
+  // may hold at once, each gone (descriptor closed) before the next.
+  for (uint32_t i = 0; i < 2 * kPerAddress; ++i) {
+    auto c = RawSession("127.0.0.8", k_->port(), "b", "tokB");
+    ASSERT_TRUE(c) << "connection " << i << " refused: an earlier one still counted";
+  }
+  size_t fds = k_->Fds();
+  for (const auto until = Clock::now() + std::chrono::seconds(10);
+       fds > fds0 && Clock::now() < until; fds = k_->Fds())
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_LE(fds, fds0) << "the closed sessions' sockets are still open in the server";
+  std::printf(
+      "(h) %d pipelined requests answered after the half-close, closed %.3f s later; %u "
+      "sessions closed whole, descriptors %zu -> %zu\n",
+      kReads + 2, closed_s, 2 * kPerAddress, fds0, fds);
+  auto b = RawSession("127.0.0.8", k_->port(), "b", "tokB");
+  ASSERT_TRUE(b);
+  wire::DeleteSequence del;
+  del.set_sequence_id(8);
+  ASSERT_TRUE(b->Send(MessageType::kDeleteSequence, 2, del));
+  ASSERT_TRUE(b->Next().ok());
+  Finish("(h) stops sending");
 }
 
 // (g) Floods of pipelined requests: tenant h (max_in_flight 8) from two sessions at once, and
