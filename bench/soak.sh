@@ -4,7 +4,8 @@
 #
 #   bench/soak.sh [--clients N] [--minutes M] [--interval-steps N] [--interval-seconds S]
 #                 [--sequences N] [--tokens T] [--deadline-ms MS] [--sample-seconds S]
-#                 [--warmup-intervals N] [--max-growth-pct P] [--max-busy-pct P] [--json]
+#                 [--warmup-seconds S | --warmup-intervals N] [--max-growth-pct P]
+#                 [--max-busy-pct P] [--json]
 #                 [-- other kvmctl loadgen flags]
 #
 # Defaults: 64 clients, 10 minutes, one sequence per client, 512-token prompts, intervals of 1000
@@ -17,11 +18,14 @@
 # Workload: loadgen's synthetic decoding workers (labelled synthetic), all from one address (the
 # server is started with a per-address connection limit above the client count where it has one).
 #
-# Figures: the server's RSS after warm-up (the highest sample of the first interval, or of the
-# --warmup-intervals first) and at the end (the highest of the last), their growth in %, the RSS of
-# every interval and its growth over the first's; requests, errors (every failed call but Busy,
-# plus sequences loadgen failed to delete), Busy answers and their % of the requests; per interval
-# its seconds, p50/p99 and requests/s. A summary goes to stderr; with --json one JSON line to
+# Figures: the server's RSS after warm-up (the peak of the warm-up intervals: those until the first
+# --warmup-seconds (60) have passed, at least one; or the --warmup-intervals first) and at the end
+# (the peak of the last), their growth in %, the peak of every interval and its growth over the
+# first's. An interval's peak is the kernel's high-water mark VmHWM, reset (/proc/PID/clear_refs)
+# as the interval starts and read as it ends — the exact peak, where the samples every few seconds
+# miss the last seconds before the deletes — or the highest sample where the reset is refused.
+# Requests, errors (every failed call but Busy, plus sequences loadgen failed to delete), Busy
+# answers and their % of the requests; per interval its seconds, p50/p99 and requests/s. A summary goes to stderr; with --json one JSON line to
 # stdout. Exit 1 when the growth is ≥ --max-growth-pct (5), any error, Busy ≥ --max-busy-pct (1) %,
 # a loadgen run failed (or hung: killed after S + 300 s) or the server died; 2 for a usage error.
 # The server is stopped on every exit path.
@@ -34,9 +38,9 @@ K=$B/kvmanager/kvmanager
 C=$B/tools/kvmctl/kvmctl
 
 clients=64 minutes=10 steps=1000 interval=120 sequences="" tokens=512 deadline=5000 sample=2
-warmup=1 max_growth=5 max_busy=1 json=0
+warmup="" warmup_seconds=60 max_growth=5 max_busy=1 json=0
 extra=()
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) clients=$2; shift 2 ;;
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
     --tokens) tokens=$2; shift 2 ;;
     --sample-seconds) sample=$2; shift 2 ;;
     --warmup-intervals) warmup=$2; shift 2 ;;
+    --warmup-seconds) warmup_seconds=$2; shift 2 ;;
     --max-growth-pct) max_growth=$2; shift 2 ;;
     --max-busy-pct) max_busy=$2; shift 2 ;;
     --json) json=1; shift ;;
@@ -59,7 +64,8 @@ done
 num() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "soak: $2 must be a number, got '$1'" >&2; exit 2; }; }
 num "$clients" --clients; num "$minutes" --minutes; num "$interval" --interval-seconds
 num "$tokens" --tokens; num "$sample" --sample-seconds; num "$steps" --interval-steps
-num "$deadline" --deadline-ms; num "$warmup" --warmup-intervals
+num "$deadline" --deadline-ms; num "$warmup_seconds" --warmup-seconds
+[ -z "$warmup" ] || { num "$warmup" --warmup-intervals; [ "$warmup" -ge 1 ] || { echo "soak: --warmup-intervals must be at least 1" >&2; exit 2; }; }
 [[ $max_growth =~ ^-?[0-9]+([.][0-9]+)?$ ]] || { echo "soak: --max-growth-pct must be a number" >&2; exit 2; }
 [[ $max_busy =~ ^-?[0-9]+([.][0-9]+)?$ ]] || { echo "soak: --max-busy-pct must be a number" >&2; exit 2; }
 sequences=${sequences:-$clients}
@@ -126,6 +132,8 @@ while :; do
   i=$((i + 1))
   server_alive || { log "kvmanager died"; break; }
   start=$(date +%s.%N)
+  hwm=1  # the interval's peak: the high-water mark from here (5: reset it to the current RSS)
+  echo 5 2> /dev/null > "/proc/$server/clear_refs" || hwm=0
   timeout --kill-after=10 "$(awk -v s="$interval" 'BEGIN { print s + 300 }')" \
     "$C" loadgen --server "$addr" --sequences "$sequences" --clients "$clients" --seconds "$interval" \
     --steps "$steps" --tokens "$tokens" --deadline-ms "$deadline" \
@@ -143,13 +151,19 @@ while :; do
     : > "$dir/run$i.json"
   fi
   rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$server/status" 2> /dev/null || true)
-  echo "$i $start $end $rc ${rss:-0}" >> "$dir/intervals.log"  # the RSS at its end too
+  peak=0
+  [ "$hwm" -eq 0 ] || peak=$(awk '/^VmHWM:/ { print $2 }' "/proc/$server/status" 2> /dev/null || echo 0)
+  echo "$i $start $end $rc ${rss:-0} ${peak:-0}" >> "$dir/intervals.log"  # the RSS at its end too
   log "interval $i: $(python3 -c 'import json,sys
 try: j = json.load(open(sys.argv[1]))
 except Exception: j = None
 print("no result" if not j else "%.1f s, %d requests, %d errors, %d busy, p99 %s ms" % (j["seconds"], j["requests"], j["errors"], j["busy"], j["p99_ms"]))' "$dir/run$i.json"), RSS ${rss} kB"
   elapsed=$(awk -v a="$t_begin" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
-  if [ "$i" -gt "$warmup" ] && awk -v e="$elapsed" -v b="$budget" 'BEGIN { exit !(e >= b) }'; then break; fi
+  if [ -z "$warmup" ] && awk -v e="$elapsed" -v w="$warmup_seconds" 'BEGIN { exit !(e >= w) }'; then
+    warmup=$i  # the warm-up: every interval until --warmup-seconds have passed
+    log "warm-up: the first $i interval(s), ${elapsed%.*} s"
+  fi
+  if [ -n "$warmup" ] && [ "$i" -gt "$warmup" ] && awk -v e="$elapsed" -v b="$budget" 'BEGIN { exit !(e >= b) }'; then break; fi
 done
 intervals=$i
 alive=1
@@ -157,13 +171,15 @@ server_alive || alive=0
 sleep "$sample"  # one more sample after the last interval
 
 set +e
+[ -n "$warmup" ] || warmup=$intervals  # stopped before the warm-up ended: all of it warm-up
 python3 - "$dir" "$intervals" "$failed_runs" "$alive" "$max_growth" "$max_busy" "$json" "$clients" \
-  "$sequences" "$interval" "$tokens" "$steps" "$deadline" "$warmup" << 'PY'
+  "$sequences" "$interval" "$tokens" "$steps" "$deadline" "$warmup" "$warmup_seconds" << 'PY'
 import json, sys
 d, n, failed_runs, alive = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 max_growth, max_busy, as_json = float(sys.argv[5]), float(sys.argv[6]), sys.argv[7] == "1"
 clients, sequences, interval, tokens = int(sys.argv[8]), int(sys.argv[9]), float(sys.argv[10]), int(sys.argv[11])
 steps, deadline, warmup = int(sys.argv[12]), int(sys.argv[13]), int(sys.argv[14])
+warmup_seconds = float(sys.argv[15])
 samples = []
 for line in open(f"{d}/rss.log"):
     p = line.split()
@@ -179,14 +195,17 @@ for i in range(1, len(spans) + 1):
         runs.append(json.load(open(f"{d}/run{i}.json")))
     except Exception:
         runs.append(None)
-def peak(a, b):
-    s = [r for t, r in samples if a <= t <= b]
+hwm = [int(r[5]) if len(r) > 5 else 0 for r in rows]  # 0: no high-water mark (the reset refused)
+def peak(i, a, b):
+    s = [r for t, r in samples if a <= t <= b] + ([hwm[i]] if hwm[i] > 0 else [])
     return max(s) if s else None
-rss_by = [peak(a, b) for a, b in spans]
+rss_by = [peak(i, a, b) for i, (a, b) in enumerate(spans)]
 known = [r for r in rss_by[:warmup] if r]
 warm = max(known) if known else None
 end = rss_by[-1] if len(rss_by) > warmup else None
 growth = 100.0 * (end - warm) / warm if warm and end else None
+first = rss_by[0] if rss_by else None
+growth_first = 100.0 * (end - first) / first if first and end else None
 ok_runs = [r for r in runs if r]
 tot = lambda k: sum(r.get(k, 0) or 0 for r in ok_runs)
 requests, errors, busy = tot("requests"), tot("errors"), tot("busy")
@@ -214,7 +233,10 @@ out = {
     "steps_per_interval": steps, "interval_cap_seconds": interval, "deadline_ms": deadline,
     "rss_warm_kib": warm, "rss_end_kib": end,
     "rss_growth_pct": None if growth is None else round(growth, 3),
-    "warmup_intervals": warmup, "rss_by_interval_kib": rss_by,
+    "warmup_intervals": warmup, "warmup_seconds": round(spans[warmup - 1][1] - spans[0][0], 1) if spans else None,
+    "rss_growth_over_first_pct": None if growth_first is None else round(growth_first, 3),
+    "rss_peak": "VmHWM" if rows and all(h > 0 for h in hwm) else "samples",
+    "rss_by_interval_kib": rss_by,
     "rss_growth_by_interval_pct": [round(100.0 * (r - rss_by[0]) / rss_by[0], 2) if r and rss_by[0] else None for r in rss_by],
     "rss_final_kib": samples[-1][1] if samples else None,
     "rss_samples": len(samples),
@@ -231,7 +253,8 @@ out = {
 }
 w = sys.stderr.write
 w(f"soak: {len(runs)} intervals ({out['minutes']} min) of {steps} decode steps x {sequences} sequences, {clients} clients (synthetic)\n")
-w(f"  RSS after warm-up ({warmup} interval{'s' if warmup > 1 else ''}) {warm} kB, at the end {end} kB: growth {out['rss_growth_pct']}% (limit {max_growth}%)\n")
+w(f"  RSS after warm-up ({warmup} interval{'s' if warmup > 1 else ''}, {out['warmup_seconds']} s) {warm} kB, at the end {end} kB: growth {out['rss_growth_pct']}% (limit {max_growth}%); over the first interval {out['rss_growth_over_first_pct']}%\n")
+w(f"  an interval's RSS: {'its peak (VmHWM)' if out['rss_peak'] == 'VmHWM' else 'its highest sample'}\n")
 w(f"  RSS per interval (kB): {rss_by}; over the first (%): {out['rss_growth_by_interval_pct']}\n")
 w(f"  {requests} requests, {errors} errors, {cleanup_errors} failed deletes, {busy} Busy ({out['busy_pct']}%, limit {max_busy}%)\n")
 w(f"  p99 per interval (ms): {p99}\n")

@@ -11,7 +11,7 @@ export KVM_BUILD_DIR=$1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail() { echo "FAIL: $*" >&2; cat "$tmp/err" >&2 || true; exit 1; }
-args=(--clients 4 --minutes 0 --interval-steps 200 --interval-seconds 30 --tokens 128 --sample-seconds 0.5 --json)
+args=(--clients 4 --minutes 0 --interval-steps 200 --interval-seconds 30 --tokens 128 --sample-seconds 0.5 --warmup-intervals 1 --json)
 
 # A run that passes.
 rc=0
@@ -28,8 +28,11 @@ assert all(r and r > 0 for r in j["rss_by_interval_kib"]), j
 assert j["requests"] > 0 and j["errors"] == 0 and j["cleanup_errors"] == 0, j
 assert j["decode_steps"] == 2 * 4 * 200, j  # every sequence decoded its steps in both intervals
 assert len(j["p99_ms_by_interval"]) == 2 and all(p is not None for p in j["p99_ms_by_interval"]), j
-for k in ("rss_warm_kib", "rss_end_kib", "rss_growth_pct", "busy", "busy_pct"):
+for k in ("rss_warm_kib", "rss_end_kib", "rss_growth_pct", "busy", "busy_pct",
+          "rss_growth_over_first_pct", "warmup_seconds"):
     assert k in j, k
+assert j["warmup_intervals"] == 1 and j["rss_warm_kib"] == j["rss_by_interval_kib"][0], j
+assert j["rss_peak"] in ("VmHWM", "samples"), j
 PY
 pid=$(grep -o 'kvmanager pid [0-9]*' "$tmp/err" | awk '{print $3}')
 [ -n "$pid" ] || fail "no server pid in the log"
