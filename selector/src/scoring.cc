@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "proto/half.h"
+
 namespace kvm::sel {
 namespace {
 // log Σ exp(x_t) over tokens t whose block is not marked in `skip_blocks` (all when null), in
@@ -73,74 +75,113 @@ float RoundUp(double x) {
 }
 }  // namespace
 
+namespace {
+// The largest Σ_i (k_r[i] − c[i])² over the rows r of `keys` ([rows][D]) listed in `rows`, in
+// double; each row's sum in index order, as one row at a time would, but four rows at once: four
+// independent chains of additions instead of one (the single chain made these passes
+// latency-bound). 0 when `rows` is empty.
+double MaxSquaredDistance(const float* keys, uint32_t D, const std::vector<uint32_t>& rows,
+                          const double* c) {
+  double best = 0;
+  size_t n = 0;
+  for (; n + 4 <= rows.size(); n += 4) {
+    const float* a = keys + size_t{rows[n]} * D;
+    const float* b = keys + size_t{rows[n + 1]} * D;
+    const float* d = keys + size_t{rows[n + 2]} * D;
+    const float* e = keys + size_t{rows[n + 3]} * D;
+    double sa = 0, sb = 0, sd = 0, se = 0;
+    for (uint32_t i = 0; i < D; ++i) {
+      const double xa = double(a[i]) - c[i], xb = double(b[i]) - c[i];
+      const double xd = double(d[i]) - c[i], xe = double(e[i]) - c[i];
+      sa += xa * xa;
+      sb += xb * xb;
+      sd += xd * xd;
+      se += xe * xe;
+    }
+    best = std::max(best, sa);
+    best = std::max(best, sb);
+    best = std::max(best, sd);
+    best = std::max(best, se);
+  }
+  for (; n < rows.size(); ++n) {
+    const float* a = keys + size_t{rows[n]} * D;
+    double sa = 0;
+    for (uint32_t i = 0; i < D; ++i) {
+      const double x = double(a[i]) - c[i];
+      sa += x * x;
+    }
+    best = std::max(best, sa);
+  }
+  return best;
+}
+}  // namespace
+
 void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out) {
   const uint32_t D = kv.head_dim, g = s.group;
   const uint64_t T = kv.tokens, B = kv.block_size;
-  std::vector<float> keys(size_t(T) * D);
-  for (uint64_t j = 0; j < T; ++j) attn::LoadRow(kv, j, false, &keys[j * D]);
+  std::vector<float> keys(size_t(T) * D);  // converted a block at a time
+  for (uint64_t first = 0; first < T; first += B)
+    DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(std::min<uint64_t>(B, T - first) * D),
+              kv.dtype, &keys[first * D]);
   std::vector<uint8_t> kept(T, 0);
   for (uint64_t b : blocks)
     for (uint64_t j = b * B; j < std::min<uint64_t>(T, (b + 1) * B); ++j) kept[j] = 1;
+  std::vector<uint32_t> all(T), dropped;
+  for (uint64_t j = 0; j < T; ++j) {
+    all[j] = static_cast<uint32_t>(j);
+    if (!kept[j]) dropped.push_back(static_cast<uint32_t>(j));
+  }
   // μ and R_μ (any fixed μ is sound, and μ itself never leaves: only R_μ does).
   std::vector<double> mu(D, 0.0);
   for (uint64_t j = 0; j < T; ++j)
     for (uint32_t i = 0; i < D; ++i) mu[i] += keys[j * D + i];
   for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);
-  double r2 = 0;
-  for (uint64_t j = 0; j < T; ++j) {
-    double ss = 0;
-    for (uint32_t i = 0; i < D; ++i) {
-      const double x = double(keys[j * D + i]) - mu[i];
-      ss += x * x;
-    }
-    r2 = std::max(r2, ss);
-  }
-  out->key_radius = RoundUp(std::sqrt(r2));
+  out->key_radius = RoundUp(std::sqrt(MaxSquaredDistance(keys.data(), D, all, mu.data())));
   // Per head: the attention-weighted means of the dropped and kept keys, and R_D.
   out->split_dir.assign(size_t{g} * D, 0.f);
   out->dropped_radius.assign(g, 0.f);
-  std::vector<double> md(D), mk(D);
+  // Weights relative to each set's largest logit: the normalised weights p_j/m_D and p_j/m_K
+  // without underflow, however small δ_a is.
+  std::vector<double> top_d(g, -INFINITY), top_k(g, -INFINITY);
   for (uint32_t h = 0; h < g; ++h) {
     const float* lg = &s.logits[size_t{h} * T];
-    // Weights relative to each set's largest logit: the normalised weights p_j/m_D and p_j/m_K
-    // without underflow, however small δ_a is.
-    double top_d = -INFINITY, top_k = -INFINITY;
     for (uint64_t j = 0; j < T; ++j) {
-      double& top = kept[j] ? top_k : top_d;
+      double& top = kept[j] ? top_k[h] : top_d[h];
       top = std::max(top, double(lg[j]));
     }
-    if (top_d == -INFINITY) continue;  // nothing dropped: the bound is 0
-    if (top_k == -INFINITY) {          // nothing kept: no split form
+  }
+  std::vector<uint32_t> heads;  // the heads with something dropped
+  for (uint32_t h = 0; h < g; ++h) {
+    if (top_d[h] == -INFINITY) continue;  // nothing dropped: the bound is 0
+    if (top_k[h] == -INFINITY) {          // nothing kept: no split form
       out->split_dir.clear();
       out->dropped_radius.clear();
       return;
     }
-    double wd = 0, wk = 0;
-    std::fill(md.begin(), md.end(), 0.0);
-    std::fill(mk.begin(), mk.end(), 0.0);
-    for (uint64_t j = 0; j < T; ++j) {
-      const double w = std::exp(double(lg[j]) - (kept[j] ? top_k : top_d));
-      std::vector<double>& m = kept[j] ? mk : md;
-      (kept[j] ? wk : wd) += w;
-      for (uint32_t i = 0; i < D; ++i) m[i] += w * keys[j * D + i];
+    heads.push_back(h);
+  }
+  // Every head's two sums in one pass over the keys (each row read once for all of them), each
+  // sum in token order as one head at a time would.
+  std::vector<double> md(size_t{g} * D, 0.0), mk(size_t{g} * D, 0.0), wd(g, 0.0), wk(g, 0.0);
+  for (uint64_t j = 0; j < T; ++j) {
+    const float* k = &keys[j * D];
+    for (uint32_t h : heads) {
+      const double w =
+          std::exp(double(s.logits[size_t{h} * T + j]) - (kept[j] ? top_k[h] : top_d[h]));
+      double* m = (kept[j] ? mk.data() : md.data()) + size_t{h} * D;
+      (kept[j] ? wk[h] : wd[h]) += w;
+      for (uint32_t i = 0; i < D; ++i) m[i] += w * k[i];
     }
+  }
+  for (uint32_t h : heads) {
+    double* d = &md[size_t{h} * D];
+    const double* k = &mk[size_t{h} * D];
     for (uint32_t i = 0; i < D; ++i) {
-      md[i] /= wd;
-      mk[i] /= wk;
-      out->split_dir[size_t{h} * D + i] = static_cast<float>(md[i] - mk[i]);
+      d[i] /= wd[h];
+      out->split_dir[size_t{h} * D + i] = static_cast<float>(d[i] - k[i] / wk[h]);
     }
-    double rd = 0;
-    for (uint64_t j = 0; j < T; ++j) {
-      if (kept[j]) continue;
-      double ss = 0;
-      for (uint32_t i = 0; i < D; ++i) {
-        const double x = double(keys[j * D + i]) - md[i];
-        ss += x * x;
-      }
-      rd = std::max(rd, ss);
-    }
-    out->dropped_radius[h] = RoundUp(std::sqrt(rd));
+    out->dropped_radius[h] = RoundUp(std::sqrt(MaxSquaredDistance(keys.data(), D, dropped, d)));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <random>
 
+#include "proto/half.h"
 #include "selector/scoring.h"
 
 namespace kvm::sel {
@@ -244,6 +245,120 @@ TEST(GateTest, SplitFormIsSecondOrderInDriftOrthogonalToW) {
     EXPECT_NEAR(lam, LogCosh(e), 1e-5 + 1e-3 * e * e) << e;
     EXPECT_NEAR(std::log(norm / (1 - norm)) - lo, 2 * e * 10, 1e-6);
   }
+}
+
+// AnchorKeyStats against the straightforward computation (one row, one head, one sum at a time, in
+// double: the formulas of gate.h written out): the same bits for every statistic, fp16 and fp32
+// keys, partial last blocks, token counts not a multiple of 4, kept sets of every kind (all kept:
+// zero bounds; none kept: no split form).
+struct Stats {
+  float key_radius = 0;
+  std::vector<float> split_dir, dropped_radius;
+};
+Stats NaiveAnchorKeyStats(const GroupScores& s, const std::vector<float>& keys, uint32_t D,
+                          uint32_t B, const std::vector<uint64_t>& blocks) {
+  const uint32_t g = s.group;
+  const uint64_t T = keys.size() / D;
+  auto up = [](double x) {
+    const float f = static_cast<float>(x);
+    return double(f) >= x ? f : std::nextafter(f, INFINITY);
+  };
+  std::vector<uint8_t> kept(T, 0);
+  for (uint64_t b : blocks)
+    for (uint64_t j = b * B; j < std::min<uint64_t>(T, (b + 1) * B); ++j) kept[j] = 1;
+  Stats out;
+  std::vector<double> mu(D, 0.0);
+  for (uint64_t j = 0; j < T; ++j)
+    for (uint32_t i = 0; i < D; ++i) mu[i] += keys[j * D + i];
+  for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);
+  double r2 = 0;
+  for (uint64_t j = 0; j < T; ++j) {
+    double ss = 0;
+    for (uint32_t i = 0; i < D; ++i)
+      ss += (double(keys[j * D + i]) - mu[i]) * (double(keys[j * D + i]) - mu[i]);
+    r2 = std::max(r2, ss);
+  }
+  out.key_radius = up(std::sqrt(r2));
+  out.split_dir.assign(size_t{g} * D, 0.f);
+  out.dropped_radius.assign(g, 0.f);
+  for (uint32_t h = 0; h < g; ++h) {
+    const float* lg = &s.logits[size_t{h} * T];
+    double top_d = -INFINITY, top_k = -INFINITY;
+    for (uint64_t j = 0; j < T; ++j)
+      (kept[j] ? top_k : top_d) = std::max(kept[j] ? top_k : top_d, double(lg[j]));
+    if (top_d == -INFINITY) continue;
+    if (top_k == -INFINITY) return {out.key_radius, {}, {}};
+    std::vector<double> md(D, 0.0), mk(D, 0.0);
+    double wd = 0, wk = 0;
+    for (uint64_t j = 0; j < T; ++j) {
+      const double w = std::exp(double(lg[j]) - (kept[j] ? top_k : top_d));
+      (kept[j] ? wk : wd) += w;
+      for (uint32_t i = 0; i < D; ++i) (kept[j] ? mk : md)[i] += w * keys[j * D + i];
+    }
+    for (uint32_t i = 0; i < D; ++i)
+      out.split_dir[size_t{h} * D + i] = static_cast<float>(md[i] / wd - mk[i] / wk);
+    double rd = 0;
+    for (uint64_t j = 0; j < T; ++j) {
+      if (kept[j]) continue;
+      double ss = 0;
+      for (uint32_t i = 0; i < D; ++i)
+        ss += (double(keys[j * D + i]) - md[i] / wd) * (double(keys[j * D + i]) - md[i] / wd);
+      rd = std::max(rd, ss);
+    }
+    out.dropped_radius[h] = up(std::sqrt(rd));
+  }
+  return out;
+}
+
+TEST(GateTest, AnchorKeyStatsAreTheStraightforwardSumsBitForBit) {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::uniform_real_distribution<double> u(0, 1);
+  int cases = 0, split_cases = 0;
+  for (int problem = 0; problem < 48; ++problem) {
+    const uint32_t B = problem % 3 == 0 ? 16 : 8, D = problem % 2 ? 64 : 32;
+    const uint32_t g = problem % 4 == 0 ? 1 : 4;
+    const uint64_t T = 2 + problem * 37 % 301;
+    const DType dt = problem % 5 == 0 ? DType::kF32 : DType::kF16;
+    const uint64_t nb = (T + B - 1) / B;
+    // The keys as stored (blocks of dtype) and as floats (what they decode to).
+    std::vector<uint16_t> half(nb * B * D, 0);
+    std::vector<float> full(nb * B * D, 0.f), keys(T * D);
+    for (uint64_t j = 0; j < T; ++j)
+      for (uint32_t i = 0; i < D; ++i) {
+        // An outlier at the end in a third of the problems: the largest radius in the last row.
+        const float big = problem % 3 == 1 && j == T - 1 ? 8.f : 1.f;
+        const float x = big * (n(rng) * (1.f + float(problem % 7)) + (i % 5 == 0 ? 3.f : 0.f));
+        half[j * D + i] = FloatToHalf(x);
+        keys[j * D + i] = dt == DType::kF16 ? HalfToFloat(half[j * D + i]) : x;
+        full[j * D + i] = keys[j * D + i];
+      }
+    std::vector<const void*> kp(nb);
+    for (uint64_t b = 0; b < nb; ++b)
+      kp[b] = dt == DType::kF16 ? static_cast<const void*>(&half[b * B * D])
+                                : static_cast<const void*>(&full[b * B * D]);
+    const attn::HeadKV kv{kp.data(), kp.data(), static_cast<uint32_t>(nb), T, B, D, dt};
+    std::vector<float> q(size_t{g} * D);
+    for (auto& x : q) x = n(rng) * 0.5f;
+    const GroupScores s = ScoreGroup(q.data(), g, kv);
+    std::vector<uint64_t> kept;
+    const int kind = problem % 6;
+    for (uint64_t b = 0; b < nb; ++b)
+      if (kind == 0 || (kind != 1 && (b == nb - 1 || u(rng) < 0.4))) kept.push_back(b);
+    Selection sel;
+    AnchorKeyStats(s, kv, kept, &sel);
+    const Stats want = NaiveAnchorKeyStats(s, keys, D, B, kept);
+    ASSERT_EQ(sel.key_radius, want.key_radius) << "problem " << problem;
+    ASSERT_EQ(sel.split_dir, want.split_dir) << "problem " << problem;
+    ASSERT_EQ(sel.dropped_radius, want.dropped_radius) << "problem " << problem;
+    EXPECT_GT(sel.key_radius, 0.f);
+    ++cases;
+    if (!sel.dropped_radius.empty() &&
+        *std::max_element(sel.dropped_radius.begin(), sel.dropped_radius.end()) > 0)
+      ++split_cases;
+  }
+  EXPECT_EQ(cases, 48);
+  EXPECT_GE(split_cases, 24) << "most problems drop something and keep something";
 }
 
 }  // namespace
