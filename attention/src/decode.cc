@@ -6,6 +6,8 @@
 #include <thread>
 #include <vector>
 
+#include "cpu.h"
+
 #if defined(__SANITIZE_THREAD__)
 #define KVM_TSAN 1
 #elif defined(__has_feature)
@@ -57,12 +59,6 @@ bool HaveF16c() {  // CPUID.1:ECX (clang 14's __builtin_cpu_supports does not kn
   return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
 }
 
-bool HaveAvx2() {
-  static const bool ok =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HaveF16c();
-  return ok;
-}
-
 Status Run(const DecodeParams& p, HeadFn fn) {
   KVM_RETURN_IF_ERROR(p.Validate());
   const uint32_t threads = std::min(std::max(p.threads, 1u), p.kv_heads);
@@ -83,6 +79,12 @@ Status Run(const DecodeParams& p, HeadFn fn) {
   return Status::Ok();
 }
 }  // namespace
+
+bool HaveAvx2() {
+  static const bool ok =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HaveF16c();
+  return ok;
+}
 
 Status DecodeParams::Validate() const {
   if (head_dim != 32 && head_dim != 64 && head_dim != 128 && head_dim != 256)

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "attention/state.h"
+#include "cpu.h"
 #include "proto/half.h"
 
 namespace kvm::attn {
@@ -50,8 +51,13 @@ void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
   ScoreKeysGroup(q, 1, kv, scale, scores);
 }
 
+namespace avx2 {
+void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
+}
+
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
   const uint32_t D = kv.head_dim, B = kv.block_size;
+  if (D % 8 == 0 && HaveAvx2()) return avx2::ScoreKeysGroup(q, group, kv, scale, scores);
   std::vector<float> k(size_t{B} * D);  // one block at a time, converted once for the group
   for (uint64_t first = 0; first < kv.tokens; first += B) {
     const uint64_t n = std::min<uint64_t>(B, kv.tokens - first);

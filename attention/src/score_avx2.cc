@@ -1,0 +1,77 @@
+// ScoreKeysGroup with AVX2 + F16C (this file is compiled with -mavx2 -mf16c -ffp-contract=off; it
+// runs only after a runtime CPU check). The same bits as the portable loop in reference.cc: lane j
+// of one 8-lane accumulator is that loop's partial sum j (a multiply, then an add, in index
+// order), the lanes are added in its pairwise order, then scaled. Four rows at once (four
+// independent accumulators), the keys converted from fp16/bf16 in registers.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "attention/reference.h"
+
+namespace kvm::attn::avx2 {
+namespace {
+// ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)).
+inline float Sum(__m256 a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));  // (s0 + s2, s1 + s3)
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+template <DType DT>
+inline __m256 Load8(const void* base, size_t i) {
+  if constexpr (DT == DType::kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m128i x =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+    if constexpr (DT == DType::kF16) return _mm256_cvtph_ps(x);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+  }
+}
+template <DType DT>
+void Score(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
+  const uint32_t D = kv.head_dim, B = kv.block_size;
+  for (uint64_t first = 0; first < kv.tokens; first += B) {
+    const uint64_t n = std::min<uint64_t>(B, kv.tokens - first);
+    const void* blk = kv.k_blocks[first / B];
+    for (uint32_t h = 0; h < group; ++h) {
+      const float* qh = q + size_t{h} * D;
+      float* out = scores + size_t{h} * kv.tokens + first;
+      uint64_t r = 0;
+      for (; r + 4 <= n; r += 4) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const size_t row = r * D;
+        for (uint32_t i = 0; i < D; i += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + i);
+          a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, Load8<DT>(blk, row + i)));
+          a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, Load8<DT>(blk, row + D + i)));
+          a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, Load8<DT>(blk, row + 2 * D + i)));
+          a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, Load8<DT>(blk, row + 3 * D + i)));
+        }
+        out[r] = Sum(a0) * scale;
+        out[r + 1] = Sum(a1) * scale;
+        out[r + 2] = Sum(a2) * scale;
+        out[r + 3] = Sum(a3) * scale;
+      }
+      for (; r < n; ++r) {
+        __m256 a = _mm256_setzero_ps();
+        for (uint32_t i = 0; i < D; i += 8)
+          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qh + i), Load8<DT>(blk, r * D + i)));
+        out[r] = Sum(a) * scale;
+      }
+    }
+  }
+}
+}  // namespace
+
+void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
+  switch (kv.dtype) {
+    case DType::kF16:
+      return Score<DType::kF16>(q, group, kv, scale, scores);
+    case DType::kBF16:
+      return Score<DType::kBF16>(q, group, kv, scale, scores);
+    case DType::kF32:
+      return Score<DType::kF32>(q, group, kv, scale, scores);
+  }
+}
+}  // namespace kvm::attn::avx2
