@@ -53,6 +53,69 @@ void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
 
 namespace avx2 {
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
+double MaxSquaredDistance(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                          const float* c);
+}  // namespace avx2
+
+namespace {
+// max Σ_i (k_r[i] − c[i])² in double, each row's sum in index order; four rows at once (four
+// independent chains of additions: one chain per row made the pass latency-bound).
+double MaxSquaredDistanceExact(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                               const double* c) {
+  double best = 0;
+  size_t n = 0;
+  for (; n + 4 <= rows.size(); n += 4) {
+    const float* a = keys + size_t{rows[n]} * D;
+    const float* b = keys + size_t{rows[n + 1]} * D;
+    const float* d = keys + size_t{rows[n + 2]} * D;
+    const float* e = keys + size_t{rows[n + 3]} * D;
+    double sa = 0, sb = 0, sd = 0, se = 0;
+    for (uint32_t i = 0; i < D; ++i) {
+      const double xa = double(a[i]) - c[i], xb = double(b[i]) - c[i];
+      const double xd = double(d[i]) - c[i], xe = double(e[i]) - c[i];
+      sa += xa * xa;
+      sb += xb * xb;
+      sd += xd * xd;
+      se += xe * xe;
+    }
+    best = std::max({best, sa, sb, sd, se});
+  }
+  for (; n < rows.size(); ++n) {
+    const float* a = keys + size_t{rows[n]} * D;
+    double sa = 0;
+    for (uint32_t i = 0; i < D; ++i) {
+      const double x = double(a[i]) - c[i];
+      sa += x * x;
+    }
+    best = std::max(best, sa);
+  }
+  return best;
+}
+}  // namespace
+
+double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                        const double* c) {
+  if (rows.empty()) return 0;
+  if (D % 8 == 0 && HaveAvx2()) {
+    // With c_f = float(c) (|c − c_f| ≤ u|c| per element, u = 2^-24) and x = fl(k − c_f)
+    // (|x − (k − c_f)| ≤ u|k − c_f|), the float sum s of the D squares x² (fused multiply-adds in
+    // two 8-lane accumulators, then the lane sums: at most D + 3 roundings in sequence) is within
+    // γ = (D + 3)u / (1 − (D + 3)u) of Σx². So ||k − c|| ≤ ||k − c_f|| + ||c − c_f||
+    //   ≤ sqrt(s / (1 − γ)) / (1 − u) + u·||c||.
+    std::vector<float> cf(D);
+    double cn = 0;
+    for (uint32_t i = 0; i < D; ++i) {
+      cf[i] = static_cast<float>(c[i]);
+      cn += c[i] * c[i];
+    }
+    const double s = avx2::MaxSquaredDistance(keys, D, rows, cf.data());
+    if (std::isfinite(s)) {
+      constexpr double u = 0x1p-24;
+      const double gamma = (D + 3) * u / (1 - (D + 3) * u);
+      return (std::sqrt(s / (1 - gamma)) / (1 - u) + u * std::sqrt(cn)) * (1 + 0x1p-40);
+    }
+  }
+  return std::sqrt(MaxSquaredDistanceExact(keys, D, rows, c));
 }
 
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {

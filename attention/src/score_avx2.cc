@@ -1,11 +1,13 @@
-// ScoreKeysGroup with AVX2 + F16C (this file is compiled with -mavx2 -mf16c -ffp-contract=off; it
-// runs only after a runtime CPU check). The same bits as the portable loop in reference.cc: lane j
-// of one 8-lane accumulator is that loop's partial sum j (a multiply, then an add, in index
+// ScoreKeysGroup with AVX2 + F16C, and the float sums of MaxDistanceBound (this file is compiled
+// with -mavx2 -mfma -mf16c -ffp-contract=off: fused multiply-adds only where written; it runs only
+// after a runtime CPU check). ScoreKeysGroup: the same bits as the portable loop in reference.cc:
+// lane j of one 8-lane accumulator is that loop's partial sum j (a multiply, then an add, in index
 // order), the lanes are added in its pairwise order, then scaled. Four rows at once (four
 // independent accumulators), the keys converted from fp16/bf16 in registers.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <span>
 
 #include "attention/reference.h"
 
@@ -63,6 +65,30 @@ void Score(const float* q, uint32_t group, const HeadKV& kv, float scale, float*
   }
 }
 }  // namespace
+
+// max over the rows of the float sum of (k − c)² (fused multiply-adds in two 8-lane accumulators,
+// then the lanes added): MaxDistanceBound's error analysis covers it.
+double MaxSquaredDistance(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                          const float* c) {
+  float best = 0;
+  for (uint32_t r : rows) {
+    const float* k = keys + size_t{r} * D;
+    __m256 a = _mm256_setzero_ps(), b = a;
+    uint32_t i = 0;
+    for (; i + 16 <= D; i += 16) {
+      const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(c + i));
+      const __m256 y = _mm256_sub_ps(_mm256_loadu_ps(k + i + 8), _mm256_loadu_ps(c + i + 8));
+      a = _mm256_fmadd_ps(x, x, a);
+      b = _mm256_fmadd_ps(y, y, b);
+    }
+    if (i < D) {
+      const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(c + i));
+      a = _mm256_fmadd_ps(x, x, a);
+    }
+    best = std::max(best, Sum(_mm256_add_ps(a, b)));
+  }
+  return best;
+}
 
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
   switch (kv.dtype) {

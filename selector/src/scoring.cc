@@ -75,47 +75,6 @@ float RoundUp(double x) {
 }
 }  // namespace
 
-namespace {
-// The largest Σ_i (k_r[i] − c[i])² over the rows r of `keys` ([rows][D]) listed in `rows`, in
-// double; each row's sum in index order, as one row at a time would, but four rows at once: four
-// independent chains of additions instead of one (the single chain made these passes
-// latency-bound). 0 when `rows` is empty.
-double MaxSquaredDistance(const float* keys, uint32_t D, const std::vector<uint32_t>& rows,
-                          const double* c) {
-  double best = 0;
-  size_t n = 0;
-  for (; n + 4 <= rows.size(); n += 4) {
-    const float* a = keys + size_t{rows[n]} * D;
-    const float* b = keys + size_t{rows[n + 1]} * D;
-    const float* d = keys + size_t{rows[n + 2]} * D;
-    const float* e = keys + size_t{rows[n + 3]} * D;
-    double sa = 0, sb = 0, sd = 0, se = 0;
-    for (uint32_t i = 0; i < D; ++i) {
-      const double xa = double(a[i]) - c[i], xb = double(b[i]) - c[i];
-      const double xd = double(d[i]) - c[i], xe = double(e[i]) - c[i];
-      sa += xa * xa;
-      sb += xb * xb;
-      sd += xd * xd;
-      se += xe * xe;
-    }
-    best = std::max(best, sa);
-    best = std::max(best, sb);
-    best = std::max(best, sd);
-    best = std::max(best, se);
-  }
-  for (; n < rows.size(); ++n) {
-    const float* a = keys + size_t{rows[n]} * D;
-    double sa = 0;
-    for (uint32_t i = 0; i < D; ++i) {
-      const double x = double(a[i]) - c[i];
-      sa += x * x;
-    }
-    best = std::max(best, sa);
-  }
-  return best;
-}
-}  // namespace
-
 void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out) {
   const uint32_t D = kv.head_dim, g = s.group;
@@ -137,7 +96,7 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
   for (uint64_t j = 0; j < T; ++j)
     for (uint32_t i = 0; i < D; ++i) mu[i] += keys[j * D + i];
   for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);
-  out->key_radius = RoundUp(std::sqrt(MaxSquaredDistance(keys.data(), D, all, mu.data())));
+  out->key_radius = RoundUp(attn::MaxDistanceBound(keys.data(), D, all, mu.data()));
   // Per head: the attention-weighted means of the dropped and kept keys, and R_D.
   out->split_dir.assign(size_t{g} * D, 0.f);
   out->dropped_radius.assign(g, 0.f);
@@ -181,7 +140,7 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
       d[i] /= wd[h];
       out->split_dir[size_t{h} * D + i] = static_cast<float>(d[i] - k[i] / wk[h]);
     }
-    out->dropped_radius[h] = RoundUp(std::sqrt(MaxSquaredDistance(keys.data(), D, dropped, d)));
+    out->dropped_radius[h] = RoundUp(attn::MaxDistanceBound(keys.data(), D, dropped, d));
   }
 }
 

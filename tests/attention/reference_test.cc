@@ -69,6 +69,47 @@ TEST(ReferenceTest, GroupScoresAreTheDocumentedSumsBitForBit) {
       }
 }
 
+// MaxDistanceBound: never below the exact distance (long double here), within 3e-5 relative of it
+// (plus u·||c|| where the distances are tiny next to c), over keys and centres of many scales, row
+// lists in any order, head sizes; keys whose squares overflow a float fall back to double sums.
+TEST(ReferenceTest, MaxDistanceBoundIsAnUpperBoundWithinItsErrorTerm) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> n(0, 1);
+  for (uint32_t D : {32u, 64u, 128u, 256u})
+    for (int trial = 0; trial < 40; ++trial) {
+      const uint32_t T = 1 + uint32_t(trial * 13 % 97);
+      const double scale = std::pow(10.0, trial % 9 - 4), offset = trial % 3 == 0 ? 50.0 : 0.0;
+      std::vector<float> keys(size_t{T} * D);
+      std::vector<double> c(D);
+      for (uint32_t i = 0; i < D; ++i)
+        c[i] = (offset + n(rng) * (trial % 4 == 1 ? 1e-3 : 1)) * scale;
+      for (size_t i = 0; i < keys.size(); ++i) keys[i] = float((offset + n(rng)) * scale);
+      std::vector<uint32_t> rows;
+      for (uint32_t r = 0; r < T; ++r)
+        if (trial % 5 || r % 2) rows.insert(rows.begin() + (r % 2 ? 0 : long(rows.size())), r);
+      long double exact = 0, cn = 0;
+      for (uint32_t i = 0; i < D; ++i) cn += (long double)c[i] * c[i];
+      for (uint32_t r : rows) {
+        long double ss = 0;
+        for (uint32_t i = 0; i < D; ++i) {
+          const long double x = (long double)keys[size_t{r} * D + i] - c[i];
+          ss += x * x;
+        }
+        exact = std::max(exact, std::sqrt(ss));
+      }
+      const double got = MaxDistanceBound(keys.data(), D, rows, c.data());
+      ASSERT_GE((long double)got, exact) << "D " << D << " trial " << trial;
+      ASSERT_LE((long double)got, exact * (1 + 3e-5L) + 1e-7L * std::sqrt(cn))
+          << "D " << D << " trial " << trial;
+    }
+  EXPECT_EQ(MaxDistanceBound(nullptr, 64, {}, nullptr), 0.0);
+  std::vector<float> huge(64, 3e20f);  // (3e20)² overflows a float: the double sums
+  std::vector<double> zero(64, 0.0);
+  const std::vector<uint32_t> one = {0};
+  EXPECT_DOUBLE_EQ(MaxDistanceBound(huge.data(), 64, one, zero.data()),
+                   3e20 * 8.0 * (double(3e20f) / 3e20));
+}
+
 TEST(ReferenceTest, SoftmaxIsStableAndSumsToOne) {
   std::vector<float> s = {1000.f, 1000.f, -1000.f, 999.f};
   std::vector<float> p(4);

@@ -248,9 +248,10 @@ TEST(GateTest, SplitFormIsSecondOrderInDriftOrthogonalToW) {
 }
 
 // AnchorKeyStats against the straightforward computation (one row, one head, one sum at a time, in
-// double: the formulas of gate.h written out): the same bits for every statistic, fp16 and fp32
-// keys, partial last blocks, token counts not a multiple of 4, kept sets of every kind (all kept:
-// zero bounds; none kept: no split form).
+// double: the formulas of gate.h written out): the same bits for split_dir; radii never below the
+// exact ones and at most 1e-4 relative above (float sums with their error added, where the CPU has
+// AVX2); fp16 and fp32 keys, partial last blocks, token counts not a multiple of 4, kept sets of
+// every kind (all kept: zero bounds; none kept: no split form).
 struct Stats {
   float key_radius = 0;
   std::vector<float> split_dir, dropped_radius;
@@ -310,7 +311,7 @@ Stats NaiveAnchorKeyStats(const GroupScores& s, const std::vector<float>& keys, 
   return out;
 }
 
-TEST(GateTest, AnchorKeyStatsAreTheStraightforwardSumsBitForBit) {
+TEST(GateTest, AnchorKeyStatsAreTheStraightforwardSums) {
   std::mt19937_64 rng(11);
   std::normal_distribution<float> n(0.f, 1.f);
   std::uniform_real_distribution<double> u(0, 1);
@@ -348,9 +349,15 @@ TEST(GateTest, AnchorKeyStatsAreTheStraightforwardSumsBitForBit) {
     Selection sel;
     AnchorKeyStats(s, kv, kept, &sel);
     const Stats want = NaiveAnchorKeyStats(s, keys, D, B, kept);
-    ASSERT_EQ(sel.key_radius, want.key_radius) << "problem " << problem;
+    auto bounds = [&](float got, float exact, const char* what) {
+      ASSERT_GE(got, exact) << what << ", problem " << problem;
+      ASSERT_LE(got, exact * (1 + 1e-4f)) << what << ", problem " << problem;
+    };
+    bounds(sel.key_radius, want.key_radius, "R_mu");
     ASSERT_EQ(sel.split_dir, want.split_dir) << "problem " << problem;
-    ASSERT_EQ(sel.dropped_radius, want.dropped_radius) << "problem " << problem;
+    ASSERT_EQ(sel.dropped_radius.size(), want.dropped_radius.size()) << "problem " << problem;
+    for (size_t h = 0; h < want.dropped_radius.size(); ++h)
+      bounds(sel.dropped_radius[h], want.dropped_radius[h], "R_D");
     EXPECT_GT(sel.key_radius, 0.f);
     ++cases;
     if (!sel.dropped_radius.empty() &&

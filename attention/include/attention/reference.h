@@ -47,6 +47,13 @@ void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores);
 // block converted once; every score computed exactly as ScoreKeys does).
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
 
+// An upper bound on max over the listed rows r of ||k_r − c||₂ (keys [rows][D] fp32, c [D]): where
+// the CPU has AVX2 + FMA, float sums with their rounding error bounded and added (the bound is at
+// most ~1e-5 relative above the exact value); elsewhere, or when a float sum would overflow, the
+// exact distances in double (each row's sum in index order). 0 when `rows` is empty.
+double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                        const double* c);
+
 // Numerically stable softmax of n logits into p (may alias s). Max subtracted, fp32 sum in order.
 void Softmax(const float* s, size_t n, float* p);
 

@@ -42,7 +42,8 @@ std::vector<double> DeltaOf(const GroupScores& s, const std::vector<uint64_t>& b
 // The key statistics of an anchor's δ bound (gate.h, forms (2) and (3)) into out->key_radius,
 // split_dir and dropped_radius: R_μ over every key of kv (μ their mean), and per query head of
 // s's group w = μ_D − μ_K and R_D for the resident `blocks` (ascending), with the anchor's
-// attention from s's logits. Sums in double; radii rounded up to float. s must score kv's tokens.
+// attention from s's logits. Means in double; the radii upper bounds (attn::MaxDistanceBound: at
+// most ~1e-5 relative above the exact ones), rounded up to float. s must score kv's tokens.
 void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out);
 
