@@ -6,8 +6,10 @@
 // that changed) for `--seconds`. Prints requests/s, p50/p99 latency, the blocks streamed, and the
 // time of a memcpy of the same K bytes (what a retrieval must at least read) measured in the run:
 // warm (memcpy_layer_k_ms) and, like for like, cold from `--clients` threads at once
-// (memcpy_ms_per_request), against the engine's own time per request (engine_ms_p50, from the
-// replies: queueing excluded) — time_over_memcpy is their ratio.
+// (memcpy_ms_per_request: the median of 9 rounds before the retrievals and 9 after them, so that
+// the machine's drift during the run is in it; memcpy_ms_before and memcpy_ms_after are the two
+// halves' medians), against the engine's own time per request (engine_ms_p50, from the replies:
+// queueing excluded) — time_over_memcpy is their ratio.
 //   kvm_retrieve_bench [--sequences 64] [--tokens 32768] [--clients 4] [--seconds 20] [--json]
 //                      [--no-gpu]   (score on the CPU even when the store has a GPU tier)
 #include <algorithm>
@@ -156,9 +158,8 @@ int main(int argc, char** argv) {
   }
   // The like-for-like reference: `clients` threads at once, each copying that many bytes from
   // buffers far larger than the last-level cache (every copy reads cold memory, as a retrieval
-  // over 64 sequences does); the median of 9 rounds.
-  double memcpy_cold_s = 0;
-  {
+  // over 64 sequences does); 9 rounds here and 9 after the retrievals.
+  auto cold_rounds = [&]() {
     const size_t slices = std::max<size_t>(8, (size_t{512} << 20) / clients / kbytes);
     std::vector<std::vector<uint8_t>> big(clients), out(clients);
     for (uint32_t c = 0; c < clients; ++c) {
@@ -176,9 +177,13 @@ int main(int argc, char** argv) {
       for (auto& t : ts) t.join();
       rounds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
-    std::sort(rounds.begin(), rounds.end());
-    memcpy_cold_s = rounds[rounds.size() / 2];
-  }
+    return rounds;
+  };
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const std::vector<double> cold_before = cold_rounds();
 
   std::atomic<bool> stop{false};
   std::vector<std::vector<double>> lat(clients), engine(clients);
@@ -221,6 +226,10 @@ int main(int argc, char** argv) {
   stop = true;
   for (auto& t : th) t.join();
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
+  std::vector<double> cold = cold_rounds();
+  const double memcpy_after_s = median(cold), memcpy_before_s = median(cold_before);
+  cold.insert(cold.end(), cold_before.begin(), cold_before.end());
+  const double memcpy_cold_s = median(cold);
   std::vector<double> all, eng;
   uint64_t sent = 0, errs = 0;
   for (uint32_t c = 0; c < clients; ++c) {
@@ -252,13 +261,13 @@ int main(int argc, char** argv) {
         "\"gpu_tier\": \"%s\", \"gpu_scored\": %llu, \"gpu_refused\": %llu, "
         "\"read_bytes_per_request\": %zu, \"memcpy_ms_per_request\": %.3f, \"engine_ms_p50\": "
         "%.3f, "
-        "\"time_over_memcpy\": %.3f}\n",
+        "\"time_over_memcpy\": %.3f, \"memcpy_ms_before\": %.3f, \"memcpy_ms_after\": %.3f}\n",
         (unsigned long long)sequences, (unsigned long long)tokens, L, shape.q_heads, Hkv, D,
         clients, all.size(), (unsigned long long)errs, rps, pct(0.5) * 1e3, pct(0.99) * 1e3,
         all.empty() ? 0.0 : double(sent) / double(all.size()) / 1e6, memcpy_s * 1e3,
         idle ? "true" : "false", tier.gpu_tier.c_str(), (unsigned long long)tier.gpu.scored,
         (unsigned long long)tier.gpu.refused, kbytes, memcpy_cold_s * 1e3, engine_p50 * 1e3,
-        engine_p50 / memcpy_cold_s);
+        engine_p50 / memcpy_cold_s, memcpy_before_s * 1e3, memcpy_after_s * 1e3);
   } else {
     std::printf(
         "retrieve layer, %llu sequences x %llu tokens (synthetic), L %u Hq %u Hkv %u D %u, "
@@ -274,8 +283,9 @@ int main(int argc, char** argv) {
                 double(kbytes) / 1e6, memcpy_s * 1e3, idle ? "yes" : "no");
     std::printf(
         "  engine p50 %.2f ms per request against %.2f ms for %u threads copying that many cold "
-        "bytes at once: %.2fx\n",
-        engine_p50 * 1e3, memcpy_cold_s * 1e3, clients, engine_p50 / memcpy_cold_s);
+        "bytes at once (%.2f ms before the retrievals, %.2f after): %.2fx\n",
+        engine_p50 * 1e3, memcpy_cold_s * 1e3, clients, memcpy_before_s * 1e3, memcpy_after_s * 1e3,
+        engine_p50 / memcpy_cold_s);
     std::printf("  GPU tier: %s (%llu scoring passes there, %llu refused)\n", tier.gpu_tier.c_str(),
                 (unsigned long long)tier.gpu.scored, (unsigned long long)tier.gpu.refused);
   }
