@@ -239,8 +239,7 @@ int main(int argc, char** argv) {
     errs += errors[c];
   }
   std::sort(all.begin(), all.end());
-  std::sort(eng.begin(), eng.end());
-  const double engine_p50 = eng.empty() ? NAN : eng[eng.size() / 2];
+  const double engine_p50 = eng.empty() ? NAN : median(eng);
   auto pct = [&](double p) {
     return all.empty() ? 0.0 : all[std::min(all.size() - 1, size_t(p * double(all.size())))];
   };
