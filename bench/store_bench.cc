@@ -96,6 +96,10 @@ int main(int argc, char** argv) {
                         std::to_string(s->Stats().promotions - before) + " promotions)",
                     bytes / secs / 1e6});
   }
+  // Eviction at scale: 1 GiB through the same 32 MiB tier (131,072 blocks spilled, ~60 rounds of
+  // eviction, each over a sequence of up to 131,072 blocks).
+  run("append, cache with spill to RocksDB, 1 GiB through 32 MiB, 256 tokens per append",
+      store::Durability::kCache, 8192, 256, 32ull << 20);
   {
     std::vector<uint8_t> a(256u << 20, 1), b(256u << 20, 2);
     const auto t0 = Clock::now();

@@ -11,6 +11,7 @@
 #include <map>
 #include <set>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "kvmanager/host_arena.h"
@@ -30,6 +31,10 @@ struct BlockLoc {
   uint64_t host_since = 0;     // tick it entered the host tier
 };
 using LocKey = std::tuple<uint32_t, uint32_t, uint64_t, bool>;  // layer, kv head, index, values
+// A resident block's place in the eviction order (ascending: demoted first): selected at all, K
+// (V is demoted first unless its sequence reads values as often), last selection, entry into the
+// host tier (unique: ticks), then the sequence's uid and the block.
+using EvictKey = std::tuple<bool, bool, uint64_t, uint64_t, uint64_t, LocKey>;
 
 struct Seq {
   SeqRef ref;
@@ -72,9 +77,11 @@ struct Seq {
   }
 };
 
-std::string EncodeMeta(const Seq& q) {
-  return EncodeMeta(SeqMeta{q.shape, q.B, q.dur, q.length, q.lease_ms});
+// The metadata record of q at `length` (default: its length).
+std::string EncodeMeta(const Seq& q, uint64_t length) {
+  return EncodeMeta(SeqMeta{q.shape, q.B, q.dur, length, q.lease_ms});
 }
+std::string EncodeMeta(const Seq& q) { return EncodeMeta(q, q.length); }
 
 }  // namespace
 
@@ -90,6 +97,10 @@ struct BlockStore::Impl {
   std::condition_variable written;     // a sequence's `writing` ended
   bool deleted_since_reclaim = false;  // deletions the disk tier has not compacted away yet
   std::map<std::pair<std::string, uint64_t>, Seq> seqs;
+  std::unordered_map<uint64_t, Seq*> by_uid;  // the same sequences by uid
+  // Per block size in bytes: every resident block (host slot) in eviction order. Kept by Update,
+  // through which every change of a block's slot or rank goes, so eviction never scans.
+  std::map<size_t, std::set<EvictKey>> evict_order;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
   uint64_t tick = 0;                                    // orders selections and host-tier entries
   uint64_t next_uid = 1;
@@ -156,6 +167,22 @@ struct BlockStore::Impl {
           released->push_back(a);
         }
   }
+  EvictKey Rank(const Seq& q, const LocKey& lk, const BlockLoc& loc) const {
+    return {loc.selected > 0,
+            !(std::get<3>(lk) && !q.values_read),
+            loc.last_selected,
+            loc.host_since,
+            q.uid,
+            lk};
+  }
+  // Changes one block's location or rank through fn; the eviction order follows.
+  template <typename Fn>
+  void Update(const Seq& q, const LocKey& lk, BlockLoc& loc, Fn&& fn) {
+    auto& order = evict_order[q.block_bytes()];
+    if (loc.slot >= 0) order.erase(Rank(q, lk, loc));
+    fn(loc);
+    if (loc.slot >= 0) order.insert(Rank(q, lk, loc));
+  }
   Status DeleteLocked(const SeqRef& s);
   Status ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
@@ -167,8 +194,10 @@ struct BlockStore::Impl {
       for (bool v : {false, true}) {
         auto it = q.blocks.find({layer, kv_head, b, v});
         if (it == q.blocks.end()) continue;
-        ++it->second.selected;
-        it->second.last_selected = t;
+        Update(q, it->first, it->second, [t](BlockLoc& loc) {
+          ++loc.selected;
+          loc.last_selected = t;
+        });
       }
   }
   void Release(const Seq& q, const std::vector<Addr>& released) {
@@ -276,11 +305,14 @@ struct BlockStore::Impl {
                            std::to_string(b.GetDataSize()));
   }
   // `frees`: a batch that only deletes (truncate) is never refused for room.
-  Status Write(const Seq& q, rocksdb::WriteBatch* b, bool frees = false) {
+  Status Write(const rocksdb::WriteOptions& w, rocksdb::WriteBatch* b, bool frees = false) {
     if (!frees) KVM_RETURN_IF_ERROR(CheckDiskRoom(*b));
-    KVM_RETURN_IF_ERROR(FromRocks(db->Write(Wopt(q), b), "rocksdb write"));
+    KVM_RETURN_IF_ERROR(FromRocks(db->Write(w, b), "rocksdb write"));
     stats.disk_bytes_written += b->GetDataSize();
     return Status::Ok();
+  }
+  Status Write(const Seq& q, rocksdb::WriteBatch* b, bool frees = false) {
+    return Write(Wopt(q), b, frees);
   }
   HostArena* Arena(size_t block_bytes) {
     auto& a = arenas[block_bytes];
@@ -304,63 +336,64 @@ struct BlockStore::Impl {
     KVM_RETURN_IF_ERROR(Evict(bytes, static_cast<uint32_t>(opt.low_watermark * a->capacity())));
     return a->Allocate();
   }
-  // Demotes host blocks of `bytes` until at most `target` slots are used: never-selected first, V
-  // before K (unless the sequence's values are read as often: SetValuesRead), then least recently
-  // selected, then oldest; the sink and window blocks stay.
+  // Demotes host blocks of `bytes` until at most `target` slots are used, in eviction order
+  // (EvictKey: never-selected first, V before K unless the sequence's values are read as often,
+  // then least recently selected, then oldest); the sink and window blocks of every sequence stay.
+  // The victims' records (cache blocks: no WAL) go to disk in one batch per round, before any slot
+  // is freed: a failed write frees nothing.
   Status Evict(size_t bytes, uint32_t target) {
-    struct Cand {
-      bool selected, values;
-      uint64_t last, since;
-      Seq* q;
-      LocKey lk;
-    };
-    std::vector<Cand> cands;
-    for (auto& [key, q] : seqs) {
-      if (q.block_bytes() != bytes) continue;
-      const uint64_t full = std::max(q.length, q.pin_end) / q.B;
-      const uint64_t sinks = (uint64_t{opt.pinned_sink_tokens} + q.B - 1) / q.B;
-      const uint64_t window = (uint64_t{opt.pinned_window_tokens} + q.B - 1) / q.B;
-      for (auto& [lk, loc] : q.blocks) {
-        const uint64_t idx = std::get<2>(lk);
-        if (loc.slot < 0 || idx < sinks || idx + window >= full)
-          continue;  // pinned or not resident
-        cands.push_back({loc.selected > 0, std::get<3>(lk) && !q.values_read, loc.last_selected,
-                         loc.host_since, &q, lk});
-      }
-    }
-    std::sort(cands.begin(), cands.end(), [](const Cand& x, const Cand& y) {
-      return std::make_tuple(x.selected, !x.values, x.last, x.since) <
-             std::make_tuple(y.selected, !y.values, y.last, y.since);
-    });
     HostArena* a = Arena(bytes);
-    for (const Cand& c : cands) {
-      if (a->used() <= target) break;
-      KVM_RETURN_IF_ERROR(Spill(*c.q, c.lk, c.q->blocks[c.lk]));
-    }
-    return Status::Ok();
-  }
-  Status Spill(Seq& q, const LocKey& lk, BlockLoc& loc) {
-    HostArena* a = Arena(q.block_bytes());
-    if (!loc.on_disk) {
+    const std::set<EvictKey>& order = evict_order[bytes];
+    while (a->used() > target) {
+      struct Victim {
+        Seq* q;
+        LocKey lk;
+      };
+      std::vector<Victim> victims;  // enough for the target unless some slots are shared
+      const size_t need = a->used() - target;
+      for (auto it = order.begin(); it != order.end() && victims.size() < need; ++it) {
+        Seq* q = by_uid.at(std::get<4>(*it));
+        const LocKey& lk = std::get<5>(*it);
+        const uint64_t idx = std::get<2>(lk), full = std::max(q->length, q->pin_end) / q->B;
+        const uint64_t sinks = (uint64_t{opt.pinned_sink_tokens} + q->B - 1) / q->B;
+        const uint64_t window = (uint64_t{opt.pinned_window_tokens} + q->B - 1) / q->B;
+        if (idx < sinks || idx + window >= full) continue;  // pinned
+        victims.push_back({q, lk});
+      }
+      if (victims.empty()) break;
       rocksdb::WriteBatch b;
-      b.Put(
-          blocks(), DiskKey(q, lk),
-          Seal(std::string(reinterpret_cast<const char*>(a->slot(static_cast<uint32_t>(loc.slot))),
-                           q.block_bytes())));
-      KVM_RETURN_IF_ERROR(Write(q, &b));
-      loc.on_disk = true;
+      bool wal = false;
+      for (const Victim& v : victims) {
+        const BlockLoc& loc = v.q->blocks.at(v.lk);
+        if (loc.on_disk) continue;
+        b.Put(blocks(), DiskKey(*v.q, v.lk),
+              Seal(std::string(
+                  reinterpret_cast<const char*>(a->slot(static_cast<uint32_t>(loc.slot))), bytes)));
+        wal |= v.q->dur == Durability::kDurable;
+      }
+      if (b.Count() > 0) {
+        rocksdb::WriteOptions w;
+        w.disableWAL = !wal;
+        KVM_RETURN_IF_ERROR(Write(w, &b));
+      }
+      for (const Victim& v : victims)
+        Update(*v.q, v.lk, v.q->blocks.at(v.lk), [a](BlockLoc& loc) {
+          a->Free(static_cast<uint32_t>(loc.slot));
+          loc.slot = -1;
+          loc.on_disk = true;
+        });
+      stats.spills += victims.size();
     }
-    a->Free(static_cast<uint32_t>(loc.slot));
-    loc.slot = -1;
-    ++stats.spills;
     return Status::Ok();
   }
   Status PutHost(Seq& q, const LocKey& lk, const uint8_t* data) {
     KVM_ASSIGN_OR_RETURN(uint32_t slot, HostSlot(q.block_bytes()));
     std::memcpy(Arena(q.block_bytes())->slot(slot), data, q.block_bytes());
     BlockLoc& loc = q.blocks[lk];
-    loc.slot = slot;
-    loc.host_since = ++tick;
+    Update(q, lk, loc, [&](BlockLoc& l) {
+      l.slot = slot;
+      l.host_since = ++tick;
+    });
     return Status::Ok();
   }
   // Forgets one block of the in-memory index (host slot freed); a cache sequence's spilled record
@@ -368,9 +401,16 @@ struct BlockStore::Impl {
   void DropBlock(Seq& q, const LocKey& lk, rocksdb::WriteBatch* b) {
     auto it = q.blocks.find(lk);
     if (it == q.blocks.end()) return;
-    if (it->second.slot >= 0) Arena(q.block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
+    FreeSlot(q, it->first, it->second);
     if (it->second.on_disk && q.dur == Durability::kCache) b->Delete(blocks(), DiskKey(q, lk));
     q.blocks.erase(it);
+  }
+  // Gives a block's host slot back (if it has one): the block is on disk only, or forgotten next.
+  void FreeSlot(const Seq& q, const LocKey& lk, BlockLoc& loc) {
+    Update(q, lk, loc, [&](BlockLoc& l) {
+      if (l.slot >= 0) Arena(q.block_bytes())->Free(static_cast<uint32_t>(l.slot));
+      l.slot = -1;
+    });
   }
   // The bytes of a full block (host, else disk: verified, promoted).
   Status LoadBlock(Seq& q, const LocKey& lk, uint8_t* out) {
@@ -473,6 +513,7 @@ Result<std::unique_ptr<BlockStore>> BlockStore::Open(const StoreOptions& o) {
     ++use.sequences;
     use.stored_bytes += q.length * q.token_bytes();
     Seq& placed = impl->seqs[{q.ref.tenant, q.ref.id}] = std::move(q);
+    impl->by_uid[placed.uid] = &placed;
     placed.InitSums();  // summaries rebuilt from K (full blocks from disk, then the tail)
     std::vector<uint8_t> blk(placed.block_bytes());
     for (uint64_t b = 0; b < full; ++b)
@@ -668,12 +709,6 @@ Status BlockStore::Impl::CreateLocked(const SeqRef& s, const ModelShape& shape, 
     }
   }
   // Commit.
-  for (const Attached& a : plan) {
-    BlockLoc& loc = q.blocks[a.lk];
-    loc.slot = a.slot;
-    loc.on_disk = a.on_disk;
-    if (a.slot >= 0) loc.host_since = ++tick;
-  }
   for (uint64_t b = 0; b < m; ++b)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h) ++Refs(q)[q.addr(l, h, b)];
@@ -687,7 +722,16 @@ Status BlockStore::Impl::CreateLocked(const SeqRef& s, const ModelShape& shape, 
   TenantUsage& use = usage[s.tenant];
   ++use.sequences;
   use.stored_bytes += q.length * q.token_bytes();
-  seqs[{s.tenant, s.id}] = std::move(q);
+  Seq& placed = seqs[{s.tenant, s.id}] = std::move(q);
+  by_uid[placed.uid] = &placed;
+  for (const Attached& a : plan) {
+    BlockLoc& loc = placed.blocks[a.lk];
+    loc.on_disk = a.on_disk;
+    Update(placed, a.lk, loc, [&](BlockLoc& l) {
+      l.slot = a.slot;
+      if (a.slot >= 0) l.host_since = ++tick;
+    });
+  }
   *attached = m * B;
   return Status::Ok();
 }
@@ -810,9 +854,7 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
       batch.Put(impl_->toks(), PosKey(s, idx), Seal(ids));
       for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) batch.Delete(impl_->tail(), PosKey(s, t));
     }
-    Seq meta = *q;
-    meta.length = end;
-    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
+    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(*q, end));
     // The WAL write runs outside the store's lock (RocksDB's group commit orders concurrent
     // writers): retrievals of this and every other sequence go on meanwhile.
     if (Status room = impl_->CheckDiskRoom(batch); !room.ok()) {
@@ -1035,7 +1077,15 @@ Status BlockStore::MarkSelected(const SeqRef& s, uint32_t layer, uint32_t kv_hea
 Status BlockStore::SetValuesRead(const SeqRef& s) {
   std::lock_guard<std::mutex> l(impl_->mu);
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
+  if (q->values_read) return Status::Ok();
+  // Its V blocks move in the eviction order: out under the old rank, in under the new.
+  std::vector<std::pair<const LocKey*, BlockLoc*>> resident;
+  for (auto& [k, loc] : q->blocks)
+    if (loc.slot >= 0 && std::get<3>(k)) resident.emplace_back(&k, &loc);
+  auto& order = impl_->evict_order[q->block_bytes()];
+  for (auto [k, loc] : resident) order.erase(impl_->Rank(*q, *k, *loc));
   q->values_read = true;
+  for (auto [k, loc] : resident) order.insert(impl_->Rank(*q, *k, *loc));
   return Status::Ok();
 }
 
@@ -1133,9 +1183,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
       batch.Put(impl_->tail(), PosKey(s, p), Seal(rec));
     }
     for (uint64_t b = keep_full; b < old_full; ++b) batch.Delete(impl_->toks(), PosKey(s, b));
-    Seq meta = *q;
-    meta.length = length;
-    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(meta));
+    batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(*q, length));
   }
   std::vector<LocKey> drop;
   for (auto& [k, loc] : q->blocks)
@@ -1149,8 +1197,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   impl_->Release(*q, released);
   for (const auto& k : drop) {
     auto it = q->blocks.find(k);
-    if (it->second.slot >= 0)
-      impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
+    impl_->FreeSlot(*q, it->first, it->second);
     q->blocks.erase(it);
   }
   if (impl_->gpu) impl_->gpu->Truncate(q->uid, length);
@@ -1200,6 +1247,7 @@ Status BlockStore::Impl::DeleteLocked(const SeqRef& s) {
   TenantUsage& use = usage[s.tenant];
   --use.sequences;
   use.stored_bytes -= q->length * q->token_bytes();
+  by_uid.erase(q->uid);
   impl_->seqs.erase({s.tenant, s.id});
   return Status::Ok();
 }
@@ -1292,10 +1340,7 @@ Status BlockStore::ReplaceRawBlockForTest(const SeqRef& s, const BlockId& b, boo
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
   auto it = q->blocks.find({b.layer, b.kv_head, b.index, values});
   if (it == q->blocks.end()) return Status::NotFound("block");
-  if (it->second.slot >= 0) {  // drop the host copy so the read goes to disk
-    impl_->Arena(q->block_bytes())->Free(static_cast<uint32_t>(it->second.slot));
-    it->second.slot = -1;
-  }
+  impl_->FreeSlot(*q, it->first, it->second);  // drop the host copy so the read goes to disk
   const std::string key = impl_->DiskKey(*q, {b.layer, b.kv_head, b.index, values});
   return FromRocks(impl_->db->Put(rocksdb::WriteOptions(), impl_->blocks(), key, value), "put");
 }
