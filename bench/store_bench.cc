@@ -2,13 +2,18 @@
 // append MB/s to the host tier (cache sequences) and through RocksDB (durable: WAL, tail records,
 // block compaction), decode-like (1 token per append) and prefill-like (256 tokens per append);
 // promotion MB/s (spilled blocks read back from disk into the host tier); memcpy MB/s in the same
-// run.
+// run. Then how long the store keeps a reader of one sequence (Length, then a pin of 64 blocks of
+// keys: a retrieval's store calls) waiting while another thread appends 256-token chunks to
+// another sequence, cache or durable, next to the same reader alone.
 //   kvm_store_bench [--dir DIR] [--json]
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "bench_util.h"
@@ -107,12 +112,67 @@ int main(int argc, char** argv) {
     rows.push_back({"memcpy 256 MiB (same binary)",
                     a.size() / std::chrono::duration<double>(Clock::now() - t0).count() / 1e6});
   }
+  // The reader: Length and a pin of 64 key blocks of sequence R, over and over, alone (2,000
+  // times) or while a writer appends 2,048 tokens (256 MiB) to sequence W in 256-token chunks.
+  struct Wait {
+    std::string what;
+    size_t n;
+    double p50, p99, max;  // microseconds
+  };
+  std::vector<Wait> waits;
+  auto reader = [&](const std::string& what, bool writer, store::Durability d) {
+    std::filesystem::remove_all(dir);
+    store::StoreOptions so;
+    so.dir = dir;
+    so.host_capacity_bytes = 1ull << 30;
+    auto s = store::BlockStore::Open(so);
+    const store::SeqRef rr{"bench", 1}, wr{"bench", 2};
+    if (!s.ok() || !(*s)->Create(rr, shape, B, store::Durability::kCache).ok() ||
+        !(*s)->Create(wr, shape, B, d).ok())
+      std::exit(1);
+    const auto p = payload(256);
+    for (uint64_t pos = 0; pos < 1024; pos += 256)
+      if (!(*s)->Append(rr, pos, tokens(pos, 256), p).ok()) std::exit(1);
+    std::atomic<bool> done{!writer};
+    std::thread w;
+    if (writer)
+      w = std::thread([&] {
+        for (uint64_t pos = 0; pos < 2048; pos += 256)
+          if (!(*s)->Append(wr, pos, tokens(pos, 256), p).ok()) std::exit(1);
+        done = true;
+      });
+    std::vector<uint64_t> ids(64);
+    for (uint64_t b = 0; b < 64; ++b) ids[b] = b;
+    std::vector<double> us;
+    while (writer ? !done.load() : us.size() < 2000) {
+      const auto t0 = Clock::now();
+      if (!(*s)->Length(rr).ok() || !(*s)->Pin(rr, 0, 0, ids, /*keys_only=*/true).ok())
+        std::exit(1);
+      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    if (w.joinable()) w.join();
+    std::sort(us.begin(), us.end());
+    auto at = [&](double f) { return us[std::min(us.size() - 1, size_t(f * us.size()))]; };
+    waits.push_back({what, us.size(), at(0.5), at(0.99), us.back()});
+    std::fprintf(stderr, "%s: %zu reads, p50 %.1f us, p99 %.1f us, max %.1f us\n", what.c_str(),
+                 us.size(), at(0.5), at(0.99), us.back());
+  };
+  reader("reader alone", false, store::Durability::kCache);
+  reader("reader beside cache appends (256 tokens each)", true, store::Durability::kCache);
+  reader("reader beside durable appends (256 tokens each)", true, store::Durability::kDurable);
   std::filesystem::remove_all(dir);
   if (json) {
     std::printf("{\"idle\": %s, \"rows\": [", idle ? "true" : "false");
     for (size_t i = 0; i < rows.size(); ++i)
       std::printf("%s{\"what\": \"%s\", \"mb_per_s\": %.1f}", i ? ", " : "", rows[i].what.c_str(),
                   rows[i].mbps);
+    std::printf("], \"reader_waits\": [");
+    for (size_t i = 0; i < waits.size(); ++i)
+      std::printf(
+          "%s{\"what\": \"%s\", \"reads\": %zu, \"p50_us\": %.1f, \"p99_us\": %.1f, "
+          "\"max_us\": %.1f}",
+          i ? ", " : "", waits[i].what.c_str(), waits[i].n, waits[i].p50, waits[i].p99,
+          waits[i].max);
     std::printf("]}\n");
   } else {
     std::printf(
@@ -120,6 +180,11 @@ int main(int argc, char** argv) {
         "|\n|---|---|\n",
         idle ? "yes" : "NO");
     for (auto& r : rows) std::printf("| %s | %.1f |\n", r.what.c_str(), r.mbps);
+    std::printf(
+        "\n| reader (Length + pin of 64 key blocks) | reads | p50 us | p99 us | max us |\n"
+        "|---|---|---|---|---|\n");
+    for (auto& w : waits)
+      std::printf("| %s | %zu | %.1f | %.1f | %.1f |\n", w.what.c_str(), w.n, w.p50, w.p99, w.max);
   }
   return 0;
 }

@@ -327,21 +327,31 @@ struct BlockStore::Impl {
     return a.get();
   }
   // A host slot for a block of `bytes`; a full tier first demotes blocks to disk down to the low
-  // watermark. NoSpace only when every resident block is pinned (then the caller serves from disk).
-  Result<uint32_t> HostSlot(size_t bytes) {
+  // watermark — with `limit`, only blocks that rank below it. NoSpace only when every resident
+  // block is pinned or above the limit (then the caller serves from disk).
+  Result<uint32_t> HostSlot(size_t bytes, const EvictKey* limit = nullptr) {
     HostArena* a = Arena(bytes);
     if (!a) return Status::NoSpace("host tier cannot be mapped");
     auto s = a->Allocate();
     if (s.ok()) return s;
-    KVM_RETURN_IF_ERROR(Evict(bytes, static_cast<uint32_t>(opt.low_watermark * a->capacity())));
+    KVM_RETURN_IF_ERROR(
+        Evict(bytes, static_cast<uint32_t>(opt.low_watermark * a->capacity()), limit));
     return a->Allocate();
+  }
+  // Whether block `idx` of q stays in the host tier whatever the pressure: a sink block or one of
+  // the recent window (which follows an append in progress).
+  bool Pinned(const Seq& q, uint64_t idx) const {
+    const uint64_t full = std::max(q.length, q.pin_end) / q.B;
+    const uint64_t sinks = (uint64_t{opt.pinned_sink_tokens} + q.B - 1) / q.B;
+    const uint64_t window = (uint64_t{opt.pinned_window_tokens} + q.B - 1) / q.B;
+    return idx < sinks || idx + window >= full;
   }
   // Demotes host blocks of `bytes` until at most `target` slots are used, in eviction order
   // (EvictKey: never-selected first, V before K unless the sequence's values are read as often,
   // then least recently selected, then oldest); the sink and window blocks of every sequence stay.
   // The victims' records (cache blocks: no WAL) go to disk in one batch per round, before any slot
   // is freed: a failed write frees nothing.
-  Status Evict(size_t bytes, uint32_t target) {
+  Status Evict(size_t bytes, uint32_t target, const EvictKey* limit = nullptr) {
     HostArena* a = Arena(bytes);
     const std::set<EvictKey>& order = evict_order[bytes];
     while (a->used() > target) {
@@ -352,13 +362,10 @@ struct BlockStore::Impl {
       std::vector<Victim> victims;  // enough for the target unless some slots are shared
       const size_t need = a->used() - target;
       for (auto it = order.begin(); it != order.end() && victims.size() < need; ++it) {
+        if (limit && !(*it < *limit)) break;
         Seq* q = by_uid.at(std::get<4>(*it));
         const LocKey& lk = std::get<5>(*it);
-        const uint64_t idx = std::get<2>(lk), full = std::max(q->length, q->pin_end) / q->B;
-        const uint64_t sinks = (uint64_t{opt.pinned_sink_tokens} + q->B - 1) / q->B;
-        const uint64_t window = (uint64_t{opt.pinned_window_tokens} + q->B - 1) / q->B;
-        if (idx < sinks || idx + window >= full) continue;  // pinned
-        victims.push_back({q, lk});
+        if (!Pinned(*q, std::get<2>(lk))) victims.push_back({q, lk});
       }
       if (victims.empty()) break;
       rocksdb::WriteBatch b;
@@ -739,11 +746,15 @@ Status BlockStore::Impl::CreateLocked(const SeqRef& s, const ModelShape& shape, 
 Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
                                     std::span<const uint32_t> tokens,
                                     std::span<const uint8_t> payload) {
+  // Four steps; the lock is held only to check, to take host slots and to commit. While the
+  // sequence is `writing`, other appends, truncate and delete of it wait, and readers see it as it
+  // was: its tail, tokens and chain do not change, so the unlocked steps read them freely.
+  // 1. Under the lock: the checks, the quota, the content chain, the shared records held.
   std::unique_lock<std::mutex> lk(impl_->mu);
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->GetIdle(lk, s));
   const uint64_t n = tokens.size();
-  const size_t rb = q->row_bytes();
-  const uint32_t L = q->shape.layers, H = q->shape.kv_heads, B = q->B;
+  const size_t rb = q->row_bytes(), bb = q->block_bytes();
+  const uint32_t L = q->shape.layers, H = q->shape.kv_heads, B = q->B, D = q->shape.head_dim;
   if (n == 0) return Status::InvalidArgument("append: no tokens");
   if (payload.size() != size_t{L} * H * 2 * n * rb)
     return Status::InvalidArgument("append: payload is " + std::to_string(payload.size()) +
@@ -756,14 +767,13 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     if (q->tokens[p] != tokens[p - start])
       return Status::FailedPrecondition("position " + std::to_string(p) +
                                         " already holds another token");
+  q->last_access = impl_->Now();
+  const bool durable = q->dur == Durability::kDurable;
+  const uint64_t old_len = q->length, end = start + n;
+  if (end <= old_len) return old_len;                           // a pure retry
   auto row = [&](uint64_t i, uint32_t l, uint32_t h, bool v) {  // payload row of token i
     return payload.data() + ((((size_t{l} * H + h) * 2 + v) * n) + i) * rb;
   };
-  // The batch is built from the payload and the existing tail (nothing is copied wholesale); the
-  // in-memory state changes only after the write succeeded.
-  rocksdb::WriteBatch batch;
-  const bool durable = q->dur == Durability::kDurable;
-  const uint64_t old_len = q->length, end = start + n;
   // Row r of block `idx` for (l, h, v): from the tail if it was there before, else from the
   // payload.
   auto block_row = [&](uint64_t idx, uint32_t r, uint32_t l, uint32_t h, int v) -> const uint8_t* {
@@ -774,33 +784,13 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     return pos < old_len ? q->tokens[pos] : tokens[pos - start];
   };
   std::vector<uint64_t> completed;  // block indices that fill in this append
-  for (uint64_t p = old_len; p < end; ++p) {
-    if (durable) {
-      std::string rec;
-      rec.reserve(4 + size_t{L} * H * 2 * rb + 8);
-      PutBe(&rec, tokens[p - start], 4);
-      for (uint32_t l = 0; l < L; ++l)
-        for (uint32_t h = 0; h < H; ++h)
-          for (int v = 0; v < 2; ++v)
-            rec.append(reinterpret_cast<const char*>(row(p - start, l, h, v)), rb);
-      batch.Put(impl_->tail(), PosKey(s, p), Seal(std::move(rec)));
-    }
+  for (uint64_t p = old_len; p < end; ++p)
     if ((p + 1) % B == 0) completed.push_back(p / B);
-  }
-  q->last_access = impl_->Now();
-  if (end <= old_len) return old_len;  // a pure retry
   // The new bytes count against the tenant's quota from here (a concurrent append of the same
   // tenant sees them while this one writes); given back if the append fails.
   const uint64_t added = (end - old_len) * q->token_bytes();
   KVM_RETURN_IF_ERROR(impl_->CheckBytesQuota(s.tenant, added));
   impl_->usage[s.tenant].stored_bytes += added;
-  struct GiveBack {
-    uint64_t* bytes;
-    uint64_t n;
-    ~GiveBack() {
-      if (bytes) *bytes -= n;
-    }
-  } give_back{&impl_->usage[s.tenant].stored_bytes, added};
   // Content addresses of the completed blocks: the hash chain over their token ids.
   std::vector<Addr> new_chain;
   for (uint64_t idx : completed) {
@@ -815,7 +805,24 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   // delete or truncate of that sequence meanwhile cannot remove the records. Given back when the
   // append fails (the records go if nothing else holds them) or when it commits.
   std::vector<Addr> reserved;
-  auto unreserve = [&](bool failed) {
+  std::vector<uint8_t> shared(completed.size() * L * H, 0);  // [completed][l][h]
+  if (durable)
+    for (size_t ci = 0; ci < completed.size(); ++ci)
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h)
+          if (auto it = impl_->refs.find(BlockAddr(q->seed, new_chain[ci], l, h));
+              it != impl_->refs.end()) {
+            ++it->second;
+            reserved.push_back(it->first);
+            shared[(ci * L + l) * H + h] = 1;
+          }
+  HostArena* arena = impl_->Arena(bb);
+  q->writing = true;
+  q->pin_end = end;  // the window pin follows the append while it takes slots
+  // Every way out from here runs with the lock held: gives back the reservations and the quota
+  // and the slots taken (failed), or just ends the write (committed).
+  std::vector<int64_t> slots;  // per completed block: its host slot, or -1
+  auto finish = [&](bool failed) {
     rocksdb::WriteBatch gone;
     for (const Addr& a : reserved) {
       auto it = impl_->refs.find(a);
@@ -827,27 +834,56 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
       }
     }
     if (gone.Count() > 0) (void)impl_->db->Write(rocksdb::WriteOptions(), &gone);
-    reserved.clear();
+    if (failed) {
+      impl_->usage[s.tenant].stored_bytes -= added;
+      for (int64_t slot : slots)
+        if (slot >= 0 && arena) arena->Free(static_cast<uint32_t>(slot));
+    }
+    q->writing = false;
+    q->pin_end = 0;
+    impl_->written.notify_all();
   };
+  lk.unlock();
+
+  // 2. Unlocked: the new K rows decoded for the summaries, and a durable sequence's WAL batch (its
+  // tail records; the block records replace the block's tail records in the same batch, no
+  // rewrite of a whole block per token).
+  const size_t block_count = completed.size() * L * H * 2;  // [completed][l][h][K,V]
+  auto assemble = [&](size_t ci, uint32_t l, uint32_t h, int v, uint8_t* dst) {
+    for (uint32_t r = 0; r < B; ++r)
+      std::memcpy(dst + size_t{r} * rb, block_row(completed[ci], r, l, h, v), rb);
+  };
+  auto record = [&](size_t ci, uint32_t l, uint32_t h, int v) {  // a block's sealed value
+    std::string blk(bb, '\0');
+    assemble(ci, l, h, v, reinterpret_cast<uint8_t*>(blk.data()));
+    return Seal(std::move(blk));
+  };
+  std::vector<float> krows((end - old_len) * L * H * D);  // [new position][l][h][D]
+  for (uint64_t p = old_len; p < end; ++p)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        DecodeRow(row(p - start, l, h, false), D, q->shape.dtype,
+                  &krows[(((p - old_len) * L + l) * H + h) * D]);
+  rocksdb::WriteBatch batch;
   if (durable) {
-    for (size_t ci = 0; ci < completed.size();
-         ++ci) {  // block records replace the block's tail records
+    for (uint64_t p = old_len; p < end; ++p) {
+      std::string rec;
+      rec.reserve(4 + size_t{L} * H * 2 * rb + 8);
+      PutBe(&rec, tokens[p - start], 4);
+      for (uint32_t l = 0; l < L; ++l)
+        for (uint32_t h = 0; h < H; ++h)
+          for (int v = 0; v < 2; ++v)
+            rec.append(reinterpret_cast<const char*>(row(p - start, l, h, v)), rb);
+      batch.Put(impl_->tail(), PosKey(s, p), Seal(std::move(rec)));
+    }
+    for (size_t ci = 0; ci < completed.size(); ++ci) {
       const uint64_t idx = completed[ci];
-      std::string blk;
       for (uint32_t l = 0; l < L; ++l)
         for (uint32_t h = 0; h < H; ++h) {
+          if (shared[(ci * L + l) * H + h]) continue;  // stored by another sequence: not rewritten
           const Addr a = BlockAddr(q->seed, new_chain[ci], l, h);
-          if (auto it = impl_->refs.find(a); it != impl_->refs.end()) {  // shared: not rewritten
-            ++it->second;
-            reserved.push_back(a);
-            continue;
-          }
-          for (int v = 0; v < 2; ++v) {
-            blk.clear();
-            for (uint32_t r = 0; r < B; ++r)
-              blk.append(reinterpret_cast<const char*>(block_row(idx, r, l, h, v)), rb);
-            batch.Put(impl_->blocks(), ContentKey(a, v != 0), Seal(blk));
-          }
+          for (int v = 0; v < 2; ++v)
+            batch.Put(impl_->blocks(), ContentKey(a, v != 0), record(ci, l, h, v));
         }
       std::string ids;
       for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) PutBe(&ids, token_at(t), 4);
@@ -855,70 +891,95 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
       for (uint64_t t = idx * B; t < (idx + 1) * B; ++t) batch.Delete(impl_->tail(), PosKey(s, t));
     }
     batch.Put(impl_->meta(), SeqPrefix(s), EncodeMeta(*q, end));
-    // The WAL write runs outside the store's lock (RocksDB's group commit orders concurrent
-    // writers): retrievals of this and every other sequence go on meanwhile.
+  }
+
+  // 3. The WAL write, outside the lock (RocksDB's group commit orders concurrent writers):
+  // retrievals of this and every other sequence go on meanwhile.
+  if (durable) {
+    lk.lock();
     if (Status room = impl_->CheckDiskRoom(batch); !room.ok()) {
-      unreserve(true);
+      finish(true);
       return room;
     }
     const rocksdb::WriteOptions wo = impl_->Wopt(*q);
-    q->writing = true;
     lk.unlock();
     if (impl_->opt.test_before_write) impl_->opt.test_before_write();
     const rocksdb::Status ws = impl_->db->Write(wo, &batch);
     lk.lock();
-    q->writing = false;
-    impl_->written.notify_all();
     if (!ws.ok()) {
-      unreserve(true);
+      finish(true);
       return FromRocks(ws, "rocksdb write");
     }
     impl_->stats.disk_bytes_written += batch.GetDataSize();
+  } else {
+    lk.lock();
   }
-  // The completed blocks (assembled before the tail rows are overwritten) enter the host tier, each
-  // an eviction candidate once placed; a cache block with no host room goes to a spill record. All
-  // of them are written before the chain, the references and the tail move: if that write fails,
-  // the blocks are dropped again and the sequence is as it was.
-  std::vector<uint8_t> blk(size_t{B} * rb);
+
+  // 4. Host slots for the completed blocks, filled outside the lock; a cache block with no room
+  // goes to a spill record. The sink and window blocks first (a full tier evicts whatever it must
+  // for them), then the others in descending eviction rank (K before V, unless values are read;
+  // newest first), each evicting only blocks that rank below it: what placing them one at a time
+  // in order, each an eviction candidate at once, would keep. Then the commit: the blocks enter the
+  // eviction order, then references, chain, tail, summaries and length.
+  slots.assign(block_count, -1);
+  auto k_first = [&](size_t i) { return !(i % 2 && !q->values_read); };  // i: [ci][l][h][K,V]
+  std::vector<size_t> order;
+  for (size_t i = block_count; i-- > 0;)
+    if (!impl_->Pinned(*q, completed[i / (2 * L * H)])) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t x, size_t y) { return k_first(x) > k_first(y); });
+  for (size_t i = block_count; i-- > 0 && arena;)
+    if (impl_->Pinned(*q, completed[i / (2 * L * H)]))
+      if (Result<uint32_t> slot = impl_->HostSlot(bb); slot.ok()) slots[i] = *slot;
+  for (size_t i : order) {
+    if (!arena) break;
+    const EvictKey limit{false, k_first(i), 0, UINT64_MAX, 0, LocKey{}};
+    if (Result<uint32_t> slot = impl_->HostSlot(bb, &limit); slot.ok()) slots[i] = *slot;
+  }
+  lk.unlock();
   rocksdb::WriteBatch spill;
-  std::vector<LocKey> spilled;
-  q->pin_end = end;  // the window pin follows the append while it takes slots
-  for (uint64_t idx : completed)
+  size_t spilled = 0;
+  for (size_t ci = 0; ci < completed.size(); ++ci)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h)
         for (int v = 0; v < 2; ++v) {
-          for (uint32_t r = 0; r < B; ++r)
-            std::memcpy(blk.data() + size_t{r} * rb, block_row(idx, r, l, h, v), rb);
-          const LocKey lkey{l, h, idx, v != 0};
-          q->blocks[lkey].on_disk = durable;
-          if (impl_->PutHost(*q, lkey, blk.data()).ok() || durable) continue;
-          spill.Put(impl_->blocks(), BlockKey(s, {l, h, idx}, v != 0),
-                    Seal(std::string(reinterpret_cast<const char*>(blk.data()), blk.size())));
-          spilled.push_back(lkey);
+          const size_t i = ((ci * L + l) * H + h) * 2 + v;
+          if (slots[i] >= 0) {
+            assemble(ci, l, h, v, arena->slot(static_cast<uint32_t>(slots[i])));
+          } else if (!durable) {
+            spill.Put(impl_->blocks(), BlockKey(s, {l, h, completed[ci]}, v != 0),
+                      record(ci, l, h, v));
+            ++spilled;
+          }
         }
+  lk.lock();
   if (spill.Count() > 0) {
     if (Status st = impl_->Write(*q, &spill); !st.ok()) {
-      rocksdb::WriteBatch undo;  // spill records an eviction wrote meanwhile (best effort: the
-                                 // index forgets them either way, and open removes them)
-      for (uint64_t idx : completed)
-        for (uint32_t l = 0; l < L; ++l)
-          for (uint32_t h = 0; h < H; ++h)
-            for (bool v : {false, true}) impl_->DropBlock(*q, {l, h, idx, v}, &undo);
-      if (undo.Count() > 0) (void)impl_->db->Write(impl_->Wopt(*q), &undo);
-      q->pin_end = 0;
+      finish(true);
       return st;
     }
-    for (const LocKey& k : spilled) q->blocks[k].on_disk = true;
-    impl_->stats.spills += spilled.size();
+    impl_->stats.spills += spilled;
   }
-  // Commit: references (the reserved ones become this sequence's) and chain, then the new rows
-  // enter the tail.
-  unreserve(false);
+  for (size_t ci = 0; ci < completed.size(); ++ci)
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t h = 0; h < H; ++h)
+        for (int v = 0; v < 2; ++v) {
+          const LocKey lkey{l, h, completed[ci], v != 0};
+          const int64_t slot = slots[((ci * L + l) * H + h) * 2 + v];
+          BlockLoc& loc = q->blocks[lkey];
+          loc.on_disk = durable || slot < 0;
+          impl_->Update(*q, lkey, loc, [&](BlockLoc& x) {
+            x.slot = slot;
+            if (slot >= 0) x.host_since = ++impl_->tick;
+          });
+        }
+  slots.clear();  // the index holds them now
   q->chain.insert(q->chain.end(), new_chain.begin(), new_chain.end());
   for (uint64_t idx : completed)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h) ++impl_->Refs(*q)[q->addr(l, h, idx)];
-  for (uint64_t p = old_len; p < end; ++p)
+  // Only the rows of the block that stays partial enter the tail (the completed ones are blocks).
+  for (uint64_t p = std::max(old_len, end / B * B); p < end; ++p)
     for (uint32_t l = 0; l < L; ++l)
       for (uint32_t h = 0; h < H; ++h)
         for (int v = 0; v < 2; ++v)
@@ -926,11 +987,11 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
                       row(p - start, l, h, v), rb);
   for (uint64_t p = old_len; p < end; ++p)
     for (uint32_t l = 0; l < L; ++l)
-      for (uint32_t h = 0; h < H; ++h) q->Summarize(l, h, p, row(p - start, l, h, false));
+      for (uint32_t h = 0; h < H; ++h)
+        q->sums[size_t{l} * H + h].Append(p, &krows[(((p - old_len) * L + l) * H + h) * D]);
   for (uint64_t p = old_len; p < end; ++p) q->tokens.push_back(tokens[p - start]);
-  give_back.bytes = nullptr;  // committed
   q->length = end;
-  q->pin_end = 0;
+  finish(false);
   return end;
 }
 

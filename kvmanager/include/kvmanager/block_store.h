@@ -12,7 +12,14 @@
 // WAL); they do not survive a restart. Every stored value carries a checksum: a mismatch is
 // Corruption, never wrong bytes.
 //
-// Thread-safe (one mutex; the service orders requests per sequence).
+// Thread-safe: one mutex over the index (sequences, block locations, references, the eviction
+// order), held for bookkeeping only. An append checks and reserves under it, then builds its WAL
+// batch, decodes its keys for the summaries, writes and fills its host slots outside it (other
+// appends, truncate and delete of that sequence wait; readers see it as it was), and commits
+// under it. Eviction walks an ordered index of the resident blocks (no scan) and writes a round's
+// victims in one batch. Blocks handed out (PinnedBlocks) hold their slots against eviction,
+// truncate and delete. Still under the mutex: reads from disk (promotion), a round of eviction,
+// the GPU tier's scoring (its key upload fetches through the index).
 #pragma once
 
 #include <cstdint>
