@@ -53,6 +53,10 @@ struct Seq {
   // A durable append is writing its WAL batch outside the store's lock: other appends, truncate and
   // delete of this sequence wait for it (`written`); readers see the state before it.
   bool writing = false;
+  // GPU scorings of this sequence running outside the store's lock on blocks they pinned:
+  // truncate and delete wait for them (the device must not keep keys a truncate dropped, nor a
+  // deleted sequence a buffer).
+  uint32_t scoring = 0;
   bool values_read = false;              // SetValuesRead: V is not demoted before K
   std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
   void InitSums() {
@@ -184,6 +188,8 @@ struct BlockStore::Impl {
     if (loc.slot >= 0) order.insert(Rank(q, lk, loc));
   }
   Status DeleteLocked(const SeqRef& s);
+  Result<PinnedBlocks> PinLocked(Seq& q, uint32_t layer, uint32_t kv_head,
+                                 std::span<const uint64_t> blocks, bool keys_only);
   Status ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // Records a selection of these blocks of (layer, kv_head) (the partial tail block is always in
@@ -244,11 +250,12 @@ struct BlockStore::Impl {
     if (!q) return Status::NotFound("sequence " + std::to_string(s.id));
     return q;
   }
-  // The sequence once no append of it is writing (REQUIRES: lk holds mu).
-  Result<Seq*> GetIdle(std::unique_lock<std::mutex>& lk, const SeqRef& s) {
+  // The sequence once no append of it is writing — and with `exclusive` (truncate, delete) no
+  // GPU scoring of it runs (REQUIRES: lk holds mu).
+  Result<Seq*> GetIdle(std::unique_lock<std::mutex>& lk, const SeqRef& s, bool exclusive = false) {
     for (;;) {
       KVM_ASSIGN_OR_RETURN(Seq * q, Get(s));
-      if (!q->writing) return q;
+      if (!q->writing && !(exclusive && q->scoring)) return q;
       written.wait(lk);
     }
   }
@@ -1087,6 +1094,13 @@ Result<PinnedBlocks> BlockStore::Pin(const SeqRef& s, uint32_t layer, uint32_t k
   std::lock_guard<std::mutex> l(impl_->mu);
   KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
   q->last_access = impl_->Now();
+  return impl_->PinLocked(*q, layer, kv_head, blocks, keys_only);
+}
+
+Result<PinnedBlocks> BlockStore::Impl::PinLocked(Seq& sq, uint32_t layer, uint32_t kv_head,
+                                                 std::span<const uint64_t> blocks, bool keys_only) {
+  Seq* q = &sq;
+  Impl* impl_ = this;
   const size_t bb = q->block_bytes();
   const uint64_t full = q->length / q->B;
   PinnedBlocks pin;
@@ -1180,7 +1194,9 @@ Status BlockStore::WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_he
 
 Status BlockStore::ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head, uint64_t stored,
                               std::span<const uint8_t> pending, const float* q, float* logits) {
-  std::lock_guard<std::mutex> l(impl_->mu);
+  // Under the lock: the key blocks the upload needs (from the device's synced row on) pinned.
+  // The scoring and the upload run outside it; truncate and delete of the sequence wait for it.
+  std::unique_lock<std::mutex> lk(impl_->mu);
   if (!impl_->gpu) return Status::Unavailable("no GPU tier: " + impl_->gpu_absent);
   KVM_ASSIGN_OR_RETURN(Seq * sq, impl_->Get(s, layer, kv_head));
   if (stored > sq->length)
@@ -1188,13 +1204,30 @@ Status BlockStore::ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                               std::to_string(sq->length) + " stored");
   sq->last_access = impl_->Now();
   const KeyLayout layout{sq->B, sq->shape.head_dim, sq->shape.dtype};
-  auto fetch = [&](uint64_t first, uint64_t n, std::span<uint8_t> out) {
-    std::vector<uint64_t> ids(n);
-    for (uint64_t i = 0; i < n; ++i) ids[i] = first + i;
-    return impl_->ReadLocked(*sq, layer, kv_head, /*values=*/false, ids, out);
+  const uint64_t uid = sq->uid, B = sq->B, end = (stored + B - 1) / B;
+  const uint64_t first = std::min(impl_->gpu->Synced(uid, layer, kv_head), stored) / B;
+  std::vector<uint64_t> ids;
+  for (uint64_t b = first; b < end; ++b) ids.push_back(b);
+  KVM_ASSIGN_OR_RETURN(PinnedBlocks pin,
+                       impl_->PinLocked(*sq, layer, kv_head, ids, /*keys_only=*/true));
+  ++sq->scoring;
+  lk.unlock();
+  if (impl_->opt.test_before_gpu_score) impl_->opt.test_before_gpu_score();
+  const size_t bb = layout.block_bytes();
+  auto fetch = [&](uint64_t from, uint64_t n, std::span<uint8_t> out) -> Status {
+    if (from < first || from + n > end)  // the buffer was evicted meanwhile: the CPU scores
+      return Status::Unavailable("GPU tier: its keys of this head changed during the call");
+    for (uint64_t i = 0; i < n; ++i)
+      std::memcpy(out.data() + i * bb, pin.k()[from - first + i], bb);
+    return Status::Ok();
   };
-  return impl_->gpu->Score(sq->uid, layer, kv_head, layout, stored, pending, q,
-                           sq->shape.group_size(), logits, fetch);
+  const Status st = impl_->gpu->Score(uid, layer, kv_head, layout, stored, pending, q,
+                                      sq->shape.group_size(), logits, fetch);
+  pin.Release();
+  lk.lock();
+  --sq->scoring;
+  impl_->written.notify_all();
+  return st;
 }
 
 Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool values) const {
@@ -1208,7 +1241,7 @@ Result<bool> BlockStore::InHostTier(const SeqRef& s, const BlockId& b, bool valu
 
 Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   std::unique_lock<std::mutex> lk(impl_->mu);
-  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->GetIdle(lk, s));
+  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->GetIdle(lk, s, /*exclusive=*/true));
   if (length > q->length) return Status::OutOfRange("truncate past the end");
   if (length == q->length) return Status::Ok();
   const uint32_t B = q->B, L = q->shape.layers, H = q->shape.kv_heads;
@@ -1278,7 +1311,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
 
 Status BlockStore::Delete(const SeqRef& s) {
   std::unique_lock<std::mutex> lk(impl_->mu);
-  KVM_RETURN_IF_ERROR(impl_->GetIdle(lk, s).status());
+  KVM_RETURN_IF_ERROR(impl_->GetIdle(lk, s, /*exclusive=*/true).status());
   return impl_->DeleteLocked(s);
 }
 
@@ -1354,7 +1387,8 @@ Result<std::vector<SeqRef>> BlockStore::ExpireLeases() {
   const int64_t now = impl_->Now();
   std::vector<SeqRef> expired;
   for (auto& [k, q] : impl_->seqs)
-    if (q.lease_ms > 0 && now - q.last_access > q.lease_ms && !q.writing) expired.push_back(q.ref);
+    if (q.lease_ms > 0 && now - q.last_access > q.lease_ms && !q.writing && !q.scoring)
+      expired.push_back(q.ref);
   for (const auto& r : expired) KVM_RETURN_IF_ERROR(impl_->DeleteLocked(r));
   return expired;
 }

@@ -188,6 +188,12 @@ Status GpuTier::ScoreLocked(const Key& key, const KeyLayout& layout, uint64_t st
   return dev_->ToHost(logits, dscores, size_t{group} * T * sizeof(float));
 }
 
+uint64_t GpuTier::Synced(uint64_t seq, uint32_t layer, uint32_t kv_head) const {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = buffers_.find({seq, layer, kv_head});
+  return it == buffers_.end() ? 0 : it->second.synced;
+}
+
 void GpuTier::Truncate(uint64_t seq, uint64_t length) {
   std::lock_guard<std::mutex> l(mu_);
   for (auto it = buffers_.lower_bound({seq, 0, 0});

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -951,6 +952,69 @@ TEST(BlockStoreGpuTierTest, ScoresTheStoredKeysThroughSpillTruncateAndDelete) {
   const StoreStats st = (*s)->Stats();
   EXPECT_EQ(st.gpu.scored, 4u);   // the refused calls never reached the tier
   EXPECT_EQ(st.gpu.buffers, 1u);  // the deleted sequence's buffer was freed
+  s->reset();
+  std::filesystem::remove_all(dir);
+}
+
+// The scoring runs outside the store's lock, on the blocks it pinned: meanwhile other sequences'
+// work goes on, and a truncate of its own sequence waits for it — else its upload of the pinned
+// blocks would put keys the truncate dropped back on the device, for good.
+TEST(BlockStoreGpuTierTest, TruncateWaitsForAScoringOfItsSequenceOthersDoNot) {
+  const std::string dir = TempDir();
+  StoreOptions o{dir, 256 * kBlock};
+  o.gpu_device = []() -> Result<std::unique_ptr<Device>> {
+    return std::unique_ptr<Device>(new testutil::HostDevice());
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  bool latched = false, entered = false;
+  o.test_before_gpu_score = [&] {
+    std::unique_lock<std::mutex> l(mu);
+    if (!latched) return;
+    entered = true;
+    cv.notify_all();
+    cv.wait(l, [&] { return !latched; });
+  };
+  auto s = BlockStore::Open(o);
+  ASSERT_TRUE(s.ok());
+  const SeqRef r{"t", 1}, other{"t", 2};
+  ASSERT_TRUE((*s)->Create(r, kShape, kB, Durability::kDurable).ok());
+  ASSERT_TRUE((*s)->Create(other, kShape, kB, Durability::kCache).ok());
+  ASSERT_TRUE(AppendHalfs(**s, r, 0, 64, 1).ok());
+  std::vector<float> q(kShape.group_size() * 32, 0.25f), got(kShape.group_size() * 64);
+  q[3] = -1.f;
+  ASSERT_TRUE((*s)->ScoreOnGpu(r, 1, 1, 32, {}, q.data(), got.data()).ok());  // 32 rows synced
+  const std::vector<float> before = CpuLogits(**s, r, 1, 1, 64, q);
+  latched = true;
+  std::thread scorer([&] {  // pins blocks 2 and 3, then waits at the latch
+    EXPECT_TRUE((*s)->ScoreOnGpu(r, 1, 1, 64, {}, q.data(), got.data()).ok());
+  });
+  {
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return entered; });
+  }
+  ASSERT_TRUE(AppendRange(**s, other, 0, 40).ok());  // another sequence meanwhile
+  ExpectContent(**s, other, 40);
+  std::atomic<bool> truncated{false};
+  std::thread truncator([&] {  // a cut inside block 2, then other keys from there
+    EXPECT_TRUE((*s)->Truncate(r, 40).ok());
+    truncated = true;
+    EXPECT_TRUE(AppendHalfs(**s, r, 40, 24, 2).ok());
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(truncated) << "the truncate ran during the scoring of its sequence";
+  {
+    std::lock_guard<std::mutex> l(mu);
+    latched = false;
+    cv.notify_all();
+  }
+  scorer.join();
+  truncator.join();
+  EXPECT_EQ(got, before);  // the scoring saw the keys of its time
+  std::vector<float> now(kShape.group_size() * 64);
+  ASSERT_TRUE((*s)->ScoreOnGpu(r, 1, 1, 64, {}, q.data(), now.data()).ok());
+  EXPECT_EQ(now, CpuLogits(**s, r, 1, 1, 64, q));  // the new keys, none kept from before
+  EXPECT_NE(now, before);
   s->reset();
   std::filesystem::remove_all(dir);
 }

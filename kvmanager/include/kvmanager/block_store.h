@@ -18,8 +18,9 @@
 // appends, truncate and delete of that sequence wait; readers see it as it was), and commits
 // under it. Eviction walks an ordered index of the resident blocks (no scan) and writes a round's
 // victims in one batch. Blocks handed out (PinnedBlocks) hold their slots against eviction,
-// truncate and delete. Still under the mutex: reads from disk (promotion), a round of eviction,
-// the GPU tier's scoring (its key upload fetches through the index).
+// truncate and delete; the GPU tier scores outside the mutex on blocks pinned for it (truncate and
+// delete of that sequence wait). Still under the mutex: reads from disk (promotion) and a round
+// of eviction.
 #pragma once
 
 #include <cstdint>
@@ -68,6 +69,8 @@ struct StoreOptions {
   rocksdb::Env* env = nullptr;
   // Tests only: runs before each durable append's WAL write, outside the store's lock (a latch).
   std::function<void()> test_before_write;
+  // Tests only: runs in ScoreOnGpu once its blocks are pinned, outside the store's lock.
+  std::function<void()> test_before_gpu_score;
 };
 
 struct SeqRef {
@@ -217,7 +220,8 @@ class BlockStore {
   // of the group's queries q[group][head_dim] over the stored keys [0, stored) of (layer, kv_head),
   // then the `pending` rows ([n][head_dim] of dtype, not appended yet), T = stored + n. The keys
   // stay on the device between calls (each is uploaded once). Unavailable when the GPU tier is
-  // absent, full or failing: the caller scores on the CPU.
+  // absent, full or failing: the caller scores on the CPU. The upload and the scoring run outside
+  // the store's lock on the blocks pinned for them; a truncate or delete of the sequence waits.
   Status ScoreOnGpu(const SeqRef& s, uint32_t layer, uint32_t kv_head, uint64_t stored,
                     std::span<const uint8_t> pending, const float* q, float* logits);
   // Whether a block's K (or V) is in the host tier now.

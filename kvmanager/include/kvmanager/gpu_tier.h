@@ -13,7 +13,8 @@
 // Unavailable and the caller scores on the CPU (never an out-of-memory). Device memory is reached
 // through `Device`: the CUDA one by default, a host-memory double in tests.
 //
-// Thread-safe (one mutex; the block store calls it under its own lock).
+// Thread-safe (one mutex). The block store calls Score outside its own lock, with the blocks the
+// upload may need pinned beforehand (Synced says which), and Truncate, Drop and Stats under it.
 #pragma once
 
 #include <cstdint>
@@ -90,6 +91,10 @@ class GpuTier {
   Status Score(uint64_t seq, uint32_t layer, uint32_t kv_head, const KeyLayout& layout,
                uint64_t stored, std::span<const uint8_t> pending, const float* q, uint32_t group,
                float* logits, const Fetch& fetch);
+  // How many stored rows of (seq, layer, kv_head) the device holds now (0: none): a Score of
+  // `stored` rows fetches the blocks from Synced / block_size on — unless another call changes it
+  // meanwhile (an eviction of the buffer: then from 0).
+  uint64_t Synced(uint64_t seq, uint32_t layer, uint32_t kv_head) const;
   // Keys of `seq` from `length` on are no longer valid (truncate).
   void Truncate(uint64_t seq, uint64_t length);
   // Frees every buffer of `seq` (delete).
