@@ -246,6 +246,17 @@ void Worker(BlockStore& s, int seed, Counts& n, std::mutex& err_mu, std::string*
   }
 }
 
+// kThreads workers (seeds seed, seed + 1, ...) on one store; the first failure, or "".
+std::string RunWorkers(BlockStore& s, int seed, Counts& n) {
+  std::mutex err_mu;
+  std::string err;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] { Worker(s, seed + t, n, err_mu, &err); });
+  for (auto& t : threads) t.join();
+  return err;
+}
+
 // Every stored row of every sequence exact, rows past the end zero.
 void ExpectExact(BlockStore& s, const SeqRef& r) {
   const uint64_t len = *s.Length(r);
@@ -271,13 +282,7 @@ TEST_F(StressTest, ConcurrentAppendReadPinScoreEvictTruncateDelete) {
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   ASSERT_EQ((*s)->Stats().gpu_tier.rfind("host double", 0), 0u) << (*s)->Stats().gpu_tier;
   Counts n;
-  std::mutex err_mu;
-  std::string err;
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t)
-    threads.emplace_back([&, t] { Worker(**s, 1000 + t, n, err_mu, &err); });
-  for (auto& t : threads) t.join();
-  ASSERT_EQ(err, "");
+  ASSERT_EQ(RunWorkers(**s, 1000, n), "");
   const StoreStats st = (*s)->Stats();
   // The run exercised what it claims to (a few of each; thousands of operations in all).
   EXPECT_GT(n.appends, 100u);
@@ -333,13 +338,7 @@ TEST_F(StressTest, DeletingEverythingAfterTheRunGivesEverySlotBack) {
   auto s = BlockStore::Open(opt_);
   ASSERT_TRUE(s.ok()) << s.status().ToString();
   Counts n;
-  std::mutex err_mu;
-  std::string err;
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t)
-    threads.emplace_back([&, t] { Worker(**s, 2000 + t, n, err_mu, &err); });
-  for (auto& t : threads) t.join();
-  ASSERT_EQ(err, "");
+  ASSERT_EQ(RunWorkers(**s, 2000, n), "");
   for (uint64_t id = 1; id <= kSeqs; ++id) {
     const Status st = (*s)->Delete({"t", id});
     ASSERT_TRUE(st.ok() || st.IsNotFound()) << st.ToString();
