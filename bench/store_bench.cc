@@ -160,6 +160,53 @@ int main(int argc, char** argv) {
   reader("reader alone", false, store::Durability::kCache);
   reader("reader beside cache appends (256 tokens each)", true, store::Durability::kCache);
   reader("reader beside durable appends (256 tokens each)", true, store::Durability::kDurable);
+  {  // beside a thread pinning (K and V) every block of a cache sequence spilled to disk:
+     // promotions. A 32 MiB host tier; the reader's sequence has head_dim 64, so its blocks live in
+     // an arena of their own (16 blocks of layer 0, head 0, pinned each time) and are never
+     // evicted.
+    std::filesystem::remove_all(dir);
+    store::StoreOptions so;
+    so.dir = dir;
+    so.host_capacity_bytes = 32ull << 20;
+    auto s = store::BlockStore::Open(so);
+    const ModelShape small{32, 32, 8, 64, DType::kF16, 2};
+    const store::SeqRef rr{"bench", 1}, wr{"bench", 2};
+    if (!s.ok() || !(*s)->Create(rr, small, B, store::Durability::kCache).ok() ||
+        !(*s)->Create(wr, shape, B, store::Durability::kCache).ok())
+      std::exit(1);
+    if (!(*s)->Append(rr, 0, tokens(0, 256), std::vector<uint8_t>(per_token / 2 * 256, 0x3c)).ok())
+      std::exit(1);
+    const auto p = payload(256);
+    for (uint64_t pos = 0; pos < 2048; pos += 256)
+      if (!(*s)->Append(wr, pos, tokens(pos, 256), p).ok()) std::exit(1);
+    const uint64_t promotions = (*s)->Stats().promotions;
+    std::atomic<bool> done{false};
+    std::thread w([&] {
+      std::vector<uint64_t> all(2048 / B);
+      for (uint64_t b = 0; b < all.size(); ++b) all[b] = b;
+      for (uint32_t l = 0; l < 32; ++l)
+        for (uint32_t h = 0; h < 8; ++h)
+          if (!(*s)->Pin(wr, l, h, all).ok()) std::exit(1);
+      done = true;
+    });
+    std::vector<uint64_t> ids(16);
+    for (uint64_t b = 0; b < 16; ++b) ids[b] = b;
+    std::vector<double> us;
+    while (!done.load()) {
+      const auto t0 = Clock::now();
+      if (!(*s)->Length(rr).ok() || !(*s)->Pin(rr, 0, 0, ids, /*keys_only=*/true).ok())
+        std::exit(1);
+      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    w.join();
+    std::sort(us.begin(), us.end());
+    auto at = [&](double f) { return us[std::min(us.size() - 1, size_t(f * us.size()))]; };
+    const std::string what = "reader (16 blocks, own arena) beside pins of spilled blocks (" +
+                             std::to_string((*s)->Stats().promotions - promotions) + " promotions)";
+    waits.push_back({what, us.size(), at(0.5), at(0.99), us.back()});
+    std::fprintf(stderr, "%s: %zu reads, p50 %.1f us, p99 %.1f us, max %.1f us\n", what.c_str(),
+                 us.size(), at(0.5), at(0.99), us.back());
+  }
   std::filesystem::remove_all(dir);
   if (json) {
     std::printf("{\"idle\": %s, \"rows\": [", idle ? "true" : "false");

@@ -57,6 +57,8 @@ struct Seq {
   // truncate and delete wait for them (the device must not keep keys a truncate dropped, nor a
   // deleted sequence a buffer).
   uint32_t scoring = 0;
+  uint64_t epoch =
+      0;  // truncates so far: a read outside the lock is still valid if it is unchanged
   bool values_read = false;              // SetValuesRead: V is not demoted before K
   std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
   void InitSums() {
@@ -188,8 +190,17 @@ struct BlockStore::Impl {
     if (loc.slot >= 0) order.insert(Rank(q, lk, loc));
   }
   Status DeleteLocked(const SeqRef& s);
+  // A block PinLocked found only on disk, to read outside the lock: where its pointer goes.
+  struct DiskRead {
+    size_t at;  // index into the pin's K (values: V) pointers
+    LocKey lk;
+    std::string key, data;
+  };
+  // Holds the blocks in place (PinnedBlocks). A block only on disk is read and promoted here —
+  // or, with `defer`, listed there with a null pointer for the caller to read outside the lock.
   Result<PinnedBlocks> PinLocked(Seq& q, uint32_t layer, uint32_t kv_head,
-                                 std::span<const uint64_t> blocks, bool keys_only);
+                                 std::span<const uint64_t> blocks, bool keys_only,
+                                 std::vector<DiskRead>* defer = nullptr);
   Status ReadLocked(Seq& q, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // Records a selection of these blocks of (layer, kv_head) (the partial tail block is always in
@@ -1091,14 +1102,61 @@ void PinnedBlocks::Release() {
 
 Result<PinnedBlocks> BlockStore::Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                                      std::span<const uint64_t> blocks, bool keys_only) {
-  std::lock_guard<std::mutex> l(impl_->mu);
-  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
-  q->last_access = impl_->Now();
-  return impl_->PinLocked(*q, layer, kv_head, blocks, keys_only);
+  // Blocks only on disk are read outside the lock, then promoted under it — if the sequence is
+  // still the one they were read for (same uid, no truncate since: its blocks are then the same
+  // bytes); else the pin starts over (after a few tries, reading under the lock).
+  for (int attempt = 0;; ++attempt) {
+    std::unique_lock<std::mutex> lk(impl_->mu);
+    KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
+    q->last_access = impl_->Now();
+    std::vector<Impl::DiskRead> reads;
+    KVM_ASSIGN_OR_RETURN(PinnedBlocks pin, impl_->PinLocked(*q, layer, kv_head, blocks, keys_only,
+                                                            attempt < 3 ? &reads : nullptr));
+    if (reads.empty()) return pin;
+    const uint64_t uid = q->uid, epoch = q->epoch, bb = q->block_bytes();
+    lk.unlock();
+    Status read = Status::Ok();
+    for (Impl::DiskRead& r : reads) {
+      std::string raw;
+      read = FromRocks(impl_->db->Get(rocksdb::ReadOptions(), impl_->blocks(), r.key, &raw),
+                       "rocksdb get");
+      const std::string what = "block " + std::to_string(std::get<2>(r.lk));
+      if (read.ok()) {
+        Result<std::string> data = Unseal(raw, what);
+        read = data.ok() && data->size() != bb ? Status::Corruption(what + ": wrong size")
+                                               : data.status();
+        if (read.ok()) r.data = std::move(*data);
+      }
+      if (!read.ok()) break;
+    }
+    lk.lock();
+    Seq* now = impl_->Find(s);
+    if (!now) return Status::NotFound("sequence " + std::to_string(s.id));
+    if (now->uid != uid || now->epoch != epoch) continue;  // changed meanwhile: again
+    KVM_RETURN_IF_ERROR(read);
+    for (Impl::DiskRead& r : reads) {
+      auto& ptrs = std::get<3>(r.lk) ? pin.v_ : pin.k_;
+      BlockLoc& loc = now->blocks.at(r.lk);
+      if (loc.slot < 0 &&
+          impl_->PutHost(*now, r.lk, reinterpret_cast<const uint8_t*>(r.data.data())).ok())
+        ++impl_->stats.promotions;  // best effort: a full host tier just serves from disk
+      if (loc.slot < 0) {
+        pin.copies_.emplace_back(r.data.begin(), r.data.end());
+        ptrs[r.at] = pin.copies_.back().data();
+        continue;
+      }
+      const uint32_t slot = static_cast<uint32_t>(loc.slot);
+      pin.arena_->Share(slot);
+      pin.slots_.push_back(slot);
+      ptrs[r.at] = pin.arena_->slot(slot);
+    }
+    return pin;
+  }
 }
 
 Result<PinnedBlocks> BlockStore::Impl::PinLocked(Seq& sq, uint32_t layer, uint32_t kv_head,
-                                                 std::span<const uint64_t> blocks, bool keys_only) {
+                                                 std::span<const uint64_t> blocks, bool keys_only,
+                                                 std::vector<DiskRead>* defer) {
   Seq* q = &sq;
   Impl* impl_ = this;
   const size_t bb = q->block_bytes();
@@ -1122,6 +1180,11 @@ Result<PinnedBlocks> BlockStore::Impl::PinLocked(Seq& sq, uint32_t layer, uint32
       }
       auto it = q->blocks.find({layer, kv_head, b, v});
       if (it == q->blocks.end()) return Status::Internal("block index missing");
+      if (it->second.slot < 0 && defer) {  // on disk: the caller reads it
+        defer->push_back({ptrs.size(), it->first, impl_->DiskKey(*q, it->first), {}});
+        ptrs.push_back(nullptr);
+        continue;
+      }
       if (it->second.slot < 0) {  // on disk: promoted (or, with no host room, a copy)
         pin.copies_.emplace_back(bb);
         KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, it->first, pin.copies_.back().data()));
@@ -1166,22 +1229,13 @@ Status BlockStore::SetValuesRead(const SeqRef& s) {
 
 Status BlockStore::Promote(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                            std::span<const uint64_t> blocks) {
-  std::lock_guard<std::mutex> l(impl_->mu);
-  KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s));
-  // A plan's blocks were just selected: mark them first, so promoting one never evicts another.
-  impl_->Mark(*q, layer, kv_head, blocks);
-  std::vector<uint8_t> buf(q->block_bytes());
-  for (uint64_t b : blocks)
-    for (bool v : {false, true}) {
-      auto it = q->blocks.find({layer, kv_head, b, v});
-      if (it == q->blocks.end()) {
-        if (b < q->length / q->B) return Status::Internal("block index missing");
-        if (b * q->B < q->length) continue;  // the partial block: in memory
-        return Status::OutOfRange("promote: block " + std::to_string(b) + " is past the end");
-      }
-      if (it->second.slot < 0) KVM_RETURN_IF_ERROR(impl_->LoadBlock(*q, it->first, buf.data()));
-    }
-  return Status::Ok();
+  {
+    std::lock_guard<std::mutex> l(impl_->mu);
+    KVM_ASSIGN_OR_RETURN(Seq * q, impl_->Get(s, layer, kv_head));
+    // A plan's blocks were just selected: mark them first, so promoting one never evicts another.
+    impl_->Mark(*q, layer, kv_head, blocks);
+  }
+  return Pin(s, layer, kv_head, blocks).status();  // promotes what is only on disk
 }
 
 Status BlockStore::WithSummaries(const SeqRef& s, uint32_t layer, uint32_t kv_head,
@@ -1299,6 +1353,7 @@ Status BlockStore::Truncate(const SeqRef& s, uint64_t length) {
   impl_->usage[s.tenant].stored_bytes -= (q->length - length) * q->token_bytes();
   q->tail = std::move(tail);
   q->length = length;
+  ++q->epoch;
   q->tokens.resize(length);
   for (auto& sm : q->sums) sm.Truncate(keep_full * B);  // then re-add the partial block's rows
   for (uint64_t p = keep_full * B; p < length; ++p)

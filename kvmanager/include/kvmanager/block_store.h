@@ -19,8 +19,10 @@
 // under it. Eviction walks an ordered index of the resident blocks (no scan) and writes a round's
 // victims in one batch. Blocks handed out (PinnedBlocks) hold their slots against eviction,
 // truncate and delete; the GPU tier scores outside the mutex on blocks pinned for it (truncate and
-// delete of that sequence wait). Still under the mutex: reads from disk (promotion) and a round
-// of eviction.
+// delete of that sequence wait); Pin and Promote read blocks from disk outside it and promote them
+// under it (if the sequence was not truncated or deleted meanwhile; else they start over). Still
+// under the mutex: a round of eviction, ReadBlock(s)' disk reads, a truncate's reload of its cut
+// block.
 #pragma once
 
 #include <cstdint>
@@ -197,8 +199,9 @@ class BlockStore {
   Status ReadBlocks(const SeqRef& s, uint32_t layer, uint32_t kv_head, bool values,
                     std::span<const uint64_t> blocks, std::span<uint8_t> out);
   // Holds these blocks of (layer, kv_head) in place (PinnedBlocks): their K, and V unless
-  // keys_only; full blocks promoted to the host tier first where they are only on disk; the
-  // partial last block copied. OutOfRange past the end, InvalidArgument for a bad layer or head.
+  // keys_only; full blocks promoted to the host tier first where they are only on disk (read
+  // outside the store's lock); the partial last block copied. OutOfRange past the end,
+  // InvalidArgument for a bad layer or head.
   Result<PinnedBlocks> Pin(const SeqRef& s, uint32_t layer, uint32_t kv_head,
                            std::span<const uint64_t> blocks, bool keys_only = false);
   // The retrieval engine reports each selection (selection recency and frequency drive eviction).
