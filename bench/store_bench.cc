@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -120,6 +121,26 @@ int main(int argc, char** argv) {
     double p50, p99, max;  // microseconds
   };
   std::vector<Wait> waits;
+  // Length + a pin of `ids`' key blocks of rr, timed, until more() is false; one row of waits.
+  auto measure = [&](store::BlockStore& s, const store::SeqRef& rr, std::vector<uint64_t> ids,
+                     const std::function<bool(size_t)>& more, const std::string& what) {
+    std::vector<double> us;
+    while (more(us.size())) {
+      const auto t0 = Clock::now();
+      if (!s.Length(rr).ok() || !s.Pin(rr, 0, 0, ids, /*keys_only=*/true).ok()) std::exit(1);
+      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    std::sort(us.begin(), us.end());
+    auto at = [&](double f) { return us[std::min(us.size() - 1, size_t(f * us.size()))]; };
+    waits.push_back({what, us.size(), at(0.5), at(0.99), us.back()});
+    std::fprintf(stderr, "%s: %zu reads, p50 %.1f us, p99 %.1f us, max %.1f us\n", what.c_str(),
+                 us.size(), at(0.5), at(0.99), us.back());
+  };
+  auto first_blocks = [](uint64_t n) {
+    std::vector<uint64_t> ids(n);
+    for (uint64_t b = 0; b < n; ++b) ids[b] = b;
+    return ids;
+  };
   auto reader = [&](const std::string& what, bool writer, store::Durability d) {
     std::filesystem::remove_all(dir);
     store::StoreOptions so;
@@ -141,21 +162,10 @@ int main(int argc, char** argv) {
           if (!(*s)->Append(wr, pos, tokens(pos, 256), p).ok()) std::exit(1);
         done = true;
       });
-    std::vector<uint64_t> ids(64);
-    for (uint64_t b = 0; b < 64; ++b) ids[b] = b;
-    std::vector<double> us;
-    while (writer ? !done.load() : us.size() < 2000) {
-      const auto t0 = Clock::now();
-      if (!(*s)->Length(rr).ok() || !(*s)->Pin(rr, 0, 0, ids, /*keys_only=*/true).ok())
-        std::exit(1);
-      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-    }
+    measure(
+        **s, rr, first_blocks(64), [&](size_t n) { return writer ? !done.load() : n < 2000; },
+        what);
     if (w.joinable()) w.join();
-    std::sort(us.begin(), us.end());
-    auto at = [&](double f) { return us[std::min(us.size() - 1, size_t(f * us.size()))]; };
-    waits.push_back({what, us.size(), at(0.5), at(0.99), us.back()});
-    std::fprintf(stderr, "%s: %zu reads, p50 %.1f us, p99 %.1f us, max %.1f us\n", what.c_str(),
-                 us.size(), at(0.5), at(0.99), us.back());
   };
   reader("reader alone", false, store::Durability::kCache);
   reader("reader beside cache appends (256 tokens each)", true, store::Durability::kCache);
@@ -182,30 +192,18 @@ int main(int argc, char** argv) {
     const uint64_t promotions = (*s)->Stats().promotions;
     std::atomic<bool> done{false};
     std::thread w([&] {
-      std::vector<uint64_t> all(2048 / B);
-      for (uint64_t b = 0; b < all.size(); ++b) all[b] = b;
+      const std::vector<uint64_t> all = first_blocks(2048 / B);
       for (uint32_t l = 0; l < 32; ++l)
         for (uint32_t h = 0; h < 8; ++h)
           if (!(*s)->Pin(wr, l, h, all).ok()) std::exit(1);
       done = true;
     });
-    std::vector<uint64_t> ids(16);
-    for (uint64_t b = 0; b < 16; ++b) ids[b] = b;
-    std::vector<double> us;
-    while (!done.load()) {
-      const auto t0 = Clock::now();
-      if (!(*s)->Length(rr).ok() || !(*s)->Pin(rr, 0, 0, ids, /*keys_only=*/true).ok())
-        std::exit(1);
-      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
-    }
+    measure(
+        **s, rr, first_blocks(16), [&](size_t) { return !done.load(); },
+        "reader (16 blocks, own arena) beside pins of spilled blocks");
     w.join();
-    std::sort(us.begin(), us.end());
-    auto at = [&](double f) { return us[std::min(us.size() - 1, size_t(f * us.size()))]; };
-    const std::string what = "reader (16 blocks, own arena) beside pins of spilled blocks (" +
-                             std::to_string((*s)->Stats().promotions - promotions) + " promotions)";
-    waits.push_back({what, us.size(), at(0.5), at(0.99), us.back()});
-    std::fprintf(stderr, "%s: %zu reads, p50 %.1f us, p99 %.1f us, max %.1f us\n", what.c_str(),
-                 us.size(), at(0.5), at(0.99), us.back());
+    waits.back().what +=
+        " (" + std::to_string((*s)->Stats().promotions - promotions) + " promotions)";
   }
   std::filesystem::remove_all(dir);
   if (json) {

@@ -50,15 +50,15 @@ struct Seq {
   std::vector<Addr> chain;  // per full block (durable sequences)
   int64_t lease_ms = 0, last_access = 0;
   uint64_t pin_end = 0;  // an append in progress: its end position (the window pin follows it)
-  // A durable append is writing its WAL batch outside the store's lock: other appends, truncate and
-  // delete of this sequence wait for it (`written`); readers see the state before it.
+  // An append is working outside the store's lock (its WAL batch, its host slots): other appends,
+  // truncate and delete of this sequence wait for it (`written`); readers see the state before it.
   bool writing = false;
   // GPU scorings of this sequence running outside the store's lock on blocks they pinned:
   // truncate and delete wait for them (the device must not keep keys a truncate dropped, nor a
   // deleted sequence a buffer).
   uint32_t scoring = 0;
-  uint64_t epoch =
-      0;  // truncates so far: a read outside the lock is still valid if it is unchanged
+  // Truncates so far: a block read outside the lock is still this sequence's if it is unchanged.
+  uint64_t epoch = 0;
   bool values_read = false;              // SetValuesRead: V is not demoted before K
   std::vector<sel::HeadSummaries> sums;  // [layer][kv_head], in memory (the fastest tier)
   void InitSums() {
