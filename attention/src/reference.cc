@@ -55,6 +55,8 @@ namespace avx2 {
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
 double MaxSquaredDistance(const float* keys, uint32_t D, std::span<const uint32_t> rows,
                           const float* c);
+void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
+                     const double* w, double* m);
 }  // namespace avx2
 
 namespace {
@@ -116,6 +118,20 @@ double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t>
     }
   }
   return std::sqrt(MaxSquaredDistanceExact(keys, D, rows, c));
+}
+
+void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
+                     const double* w, double* m) {
+  if (D % 8 == 0 && HaveAvx2()) return avx2::AddWeightedRows(keys, D, rows, heads, w, m);
+  const size_t n = rows.size();
+  for (size_t r = 0; r < n; ++r) {
+    const float* k = keys + size_t{rows[r]} * D;
+    for (uint32_t h = 0; h < heads; ++h) {
+      const double wh = w[h * n + r];
+      double* mh = m + size_t{h} * D;
+      for (uint32_t i = 0; i < D; ++i) mh[i] += wh * double(k[i]);
+    }
+  }
 }
 
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {

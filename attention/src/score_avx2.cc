@@ -1,4 +1,5 @@
-// ScoreKeysGroup with AVX2 + F16C, and the float sums of MaxDistanceBound (this file is compiled
+// ScoreKeysGroup with AVX2 + F16C, the float sums of MaxDistanceBound and the double sums of
+// AddWeightedRows (this file is compiled
 // with -mavx2 -mfma -mf16c -ffp-contract=off: fused multiply-adds only where written; it runs only
 // after a runtime CPU check). ScoreKeysGroup: the same bits as the portable loop in reference.cc:
 // lane j of one 8-lane accumulator is that loop's partial sum j (a multiply, then an add, in index
@@ -100,4 +101,62 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
       return Score<DType::kF32>(q, group, kv, scale, scores);
   }
 }
+// The plain loop's bits: element i of head h gets w·k[i] (a double multiply, then an add) row after
+// row in list order. Rows in tiles of 32 (their floats stay in L1); up to four heads at a time, so
+// that each 8-element chunk of a row is converted to double once for all of them, their sums in
+// registers across the tile.
+template <uint32_t H>
+void AddWeightedHeads(const float* keys, uint32_t D, std::span<const uint32_t> rows, size_t t0,
+                      size_t t1, const double* w, size_t n, double* m) {
+  for (uint32_t i = 0; i < D; i += 8) {
+    __m256d a[H][2];
+    for (uint32_t h = 0; h < H; ++h) {
+      a[h][0] = _mm256_loadu_pd(m + size_t{h} * D + i);
+      a[h][1] = _mm256_loadu_pd(m + size_t{h} * D + i + 4);
+    }
+    for (size_t r = t0; r < t1; ++r) {
+      const float* k = keys + size_t{rows[r]} * D + i;
+      const __m256d k0 = _mm256_cvtps_pd(_mm_loadu_ps(k)),
+                    k1 = _mm256_cvtps_pd(_mm_loadu_ps(k + 4));
+      for (uint32_t h = 0; h < H; ++h) {
+        const __m256d x = _mm256_broadcast_sd(w + h * n + r);
+        a[h][0] = _mm256_add_pd(a[h][0], _mm256_mul_pd(x, k0));
+        a[h][1] = _mm256_add_pd(a[h][1], _mm256_mul_pd(x, k1));
+      }
+    }
+    for (uint32_t h = 0; h < H; ++h) {
+      _mm256_storeu_pd(m + size_t{h} * D + i, a[h][0]);
+      _mm256_storeu_pd(m + size_t{h} * D + i + 4, a[h][1]);
+    }
+  }
+}
+
+// D % 8 == 0.
+void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
+                     const double* w, double* m) {
+  constexpr size_t kTile = 32;
+  const size_t n = rows.size();
+  for (size_t t0 = 0; t0 < n; t0 += kTile) {
+    const size_t t1 = std::min(n, t0 + kTile);
+    for (uint32_t h = 0; h < heads; h += 4) {
+      const double* wh = w + h * n;
+      double* mh = m + size_t{h} * D;
+      switch (std::min(heads - h, 4u)) {
+        case 4:
+          AddWeightedHeads<4>(keys, D, rows, t0, t1, wh, n, mh);
+          break;
+        case 3:
+          AddWeightedHeads<3>(keys, D, rows, t0, t1, wh, n, mh);
+          break;
+        case 2:
+          AddWeightedHeads<2>(keys, D, rows, t0, t1, wh, n, mh);
+          break;
+        default:
+          AddWeightedHeads<1>(keys, D, rows, t0, t1, wh, n, mh);
+          break;
+      }
+    }
+  }
+}
+
 }  // namespace kvm::attn::avx2

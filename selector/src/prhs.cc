@@ -198,9 +198,6 @@ Status PrhsSelector::AnchorStep(const StepInput& in, Selection* out) {
   out->extra_blocks = chosen.size() - before;
 
   out->blocks = MergeBlocks(forced, chosen);
-  out->log_delta = LogDeltaOf(s, out->blocks);
-  out->delta.resize(g);
-  for (uint32_t h = 0; h < g; ++h) out->delta[h] = std::exp(out->log_delta[h]);
   out->kind = DeltaKind::kExact;
   out->retrieved_heads = g;
   out->anchor = true;
@@ -215,8 +212,12 @@ Status PrhsSelector::AnchorStep(const StepInput& in, Selection* out) {
   if (kv) {
     if (kv->tokens != T || kv->block_size != B || kv->head_dim != shape_.head_dim)
       return Status::InvalidArgument("select: the keys given do not match the step");
-    AnchorKeyStats(s, *kv, out->blocks, out);
+    AnchorKeyStats(s, *kv, out->blocks, out);  // log δ too, from its weights
+  } else {
+    out->log_delta = LogDeltaOf(s, out->blocks);
   }
+  out->delta.resize(g);
+  for (uint32_t h = 0; h < g; ++h) out->delta[h] = std::exp(out->log_delta[h]);
   UpdateHorizon(in, s, out);
   if (opt_.target_delta > 0) {
     out->target_met = true;

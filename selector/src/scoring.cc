@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "proto/half.h"
 
@@ -79,24 +80,25 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out) {
   const uint32_t D = kv.head_dim, g = s.group;
   const uint64_t T = kv.tokens, B = kv.block_size;
-  std::vector<float> keys(size_t(T) * D);  // converted a block at a time
+  // Converted a block at a time (every element written: no zero fill first).
+  const std::unique_ptr<float[]> keys(new float[size_t(T) * D]);
   for (uint64_t first = 0; first < T; first += B)
     DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(std::min<uint64_t>(B, T - first) * D),
               kv.dtype, &keys[first * D]);
   std::vector<uint8_t> kept(T, 0);
   for (uint64_t b : blocks)
     for (uint64_t j = b * B; j < std::min<uint64_t>(T, (b + 1) * B); ++j) kept[j] = 1;
-  std::vector<uint32_t> all(T), dropped;
+  std::vector<uint32_t> all(T), dropped, kept_rows;
   for (uint64_t j = 0; j < T; ++j) {
     all[j] = static_cast<uint32_t>(j);
-    if (!kept[j]) dropped.push_back(static_cast<uint32_t>(j));
+    (kept[j] ? kept_rows : dropped).push_back(static_cast<uint32_t>(j));
   }
-  // μ and R_μ (any fixed μ is sound, and μ itself never leaves: only R_μ does).
+  // μ and R_μ (any fixed μ is sound, and μ itself never leaves: only R_μ does). The sum in token
+  // order in double (weights 1: the products are exact).
   std::vector<double> mu(D, 0.0);
-  for (uint64_t j = 0; j < T; ++j)
-    for (uint32_t i = 0; i < D; ++i) mu[i] += keys[j * D + i];
+  attn::AddWeightedRows(keys.get(), D, all, 1, std::vector<double>(T, 1.0).data(), mu.data());
   for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);
-  out->key_radius = RoundUp(attn::MaxDistanceBound(keys.data(), D, all, mu.data()));
+  out->key_radius = RoundUp(attn::MaxDistanceBound(keys.get(), D, all, mu.data()));
   // Per head: the attention-weighted means of the dropped and kept keys, and R_D.
   out->split_dir.assign(size_t{g} * D, 0.f);
   out->dropped_radius.assign(g, 0.f);
@@ -116,31 +118,43 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     if (top_k[h] == -INFINITY) {          // nothing kept: no split form
       out->split_dir.clear();
       out->dropped_radius.clear();
+      out->log_delta = LogDeltaOf(s, blocks);
       return;
     }
     heads.push_back(h);
   }
-  // Every head's two sums in one pass over the keys (each row read once for all of them), each
-  // sum in token order as one head at a time would.
-  std::vector<double> md(size_t{g} * D, 0.0), mk(size_t{g} * D, 0.0), wd(g, 0.0), wk(g, 0.0);
-  for (uint64_t j = 0; j < T; ++j) {
-    const float* k = &keys[j * D];
-    for (uint32_t h : heads) {
-      const double w =
-          std::exp(double(s.logits[size_t{h} * T + j]) - (kept[j] ? top_k[h] : top_d[h]));
-      double* m = (kept[j] ? mk.data() : md.data()) + size_t{h} * D;
-      (kept[j] ? wk[h] : wd[h]) += w;
-      for (uint32_t i = 0; i < D; ++i) m[i] += w * k[i];
+  // Each head's weights of either set ([heads][rows of the set]) and their sums, in token order;
+  // then every head's two weighted sums, each in token order (the bits of one head, one row and
+  // one sum at a time).
+  const size_t nh = heads.size(), nd = dropped.size(), nk = kept_rows.size();
+  std::vector<double> w_d(nh * nd), w_k(nh * nk), wd(nh, 0.0), wk(nh, 0.0);
+  for (size_t a = 0; a < nh; ++a) {
+    const float* lg = &s.logits[size_t{heads[a]} * T];
+    for (size_t r = 0; r < nd; ++r) {
+      w_d[a * nd + r] = std::exp(double(lg[dropped[r]]) - top_d[heads[a]]);
+      wd[a] += w_d[a * nd + r];
+    }
+    for (size_t r = 0; r < nk; ++r) {
+      w_k[a * nk + r] = std::exp(double(lg[kept_rows[r]]) - top_k[heads[a]]);
+      wk[a] += w_k[a * nk + r];
     }
   }
-  for (uint32_t h : heads) {
-    double* d = &md[size_t{h} * D];
-    const double* k = &mk[size_t{h} * D];
+  // log δ: the dropped weights' sum is LogDeltaOf's (same maximum, same terms, same order).
+  out->log_delta.assign(g, -INFINITY);  // nothing dropped
+  for (size_t a = 0; a < nh; ++a)
+    out->log_delta[heads[a]] = std::min(0.0, top_d[heads[a]] + std::log(wd[a]) - s.lse[heads[a]]);
+  std::vector<double> md(nh * D, 0.0), mk(nh * D, 0.0);
+  attn::AddWeightedRows(keys.get(), D, dropped, static_cast<uint32_t>(nh), w_d.data(), md.data());
+  attn::AddWeightedRows(keys.get(), D, kept_rows, static_cast<uint32_t>(nh), w_k.data(), mk.data());
+  for (size_t a = 0; a < nh; ++a) {
+    const uint32_t h = heads[a];
+    double* d = &md[a * D];
+    const double* k = &mk[a * D];
     for (uint32_t i = 0; i < D; ++i) {
-      d[i] /= wd[h];
-      out->split_dir[size_t{h} * D + i] = static_cast<float>(d[i] - k[i] / wk[h]);
+      d[i] /= wd[a];
+      out->split_dir[size_t{h} * D + i] = static_cast<float>(d[i] - k[i] / wk[a]);
     }
-    out->dropped_radius[h] = RoundUp(attn::MaxDistanceBound(keys.data(), D, dropped, d));
+    out->dropped_radius[h] = RoundUp(attn::MaxDistanceBound(keys.get(), D, dropped, d));
   }
 }
 

@@ -110,6 +110,36 @@ TEST(ReferenceTest, MaxDistanceBoundIsAnUpperBoundWithinItsErrorTerm) {
                    3e20 * 8.0 * (double(3e20f) / 3e20));
 }
 
+// AddWeightedRows: the bits of the plain loop written out here (row after row in list order, each
+// product rounded to double, then added), for head sizes the AVX2 path takes (multiples of 8: 128,
+// 40) and does not (36, 6), rows listed out of order and repeated (more than one tile of 32),
+// starting sums not zero, and 1 to 6 heads (four at a time on AVX2, then the rest).
+TEST(ReferenceTest, AddWeightedRowsAreThePlainSumsBitForBit) {
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> n(0.f, 3.f);
+  for (uint32_t D : {128u, 40u, 36u, 6u}) {
+    for (uint32_t heads : {1u, 2u, 3u, 4u, 6u}) {
+      const uint32_t T = 301;
+      std::vector<float> keys(size_t{T} * D);
+      for (auto& x : keys) x = n(rng);
+      std::vector<uint32_t> rows;
+      for (uint32_t j = 0; j < 700; ++j) rows.push_back(uint32_t(rng() % T));
+      std::vector<double> w(heads * rows.size()), m(size_t{heads} * D), want;
+      for (auto& x : w) x = std::exp(double(n(rng)));
+      for (auto& x : m) x = double(n(rng)) * 1e3;
+      want = m;
+      for (size_t r = 0; r < rows.size(); ++r)
+        for (uint32_t h = 0; h < heads; ++h)
+          for (uint32_t i = 0; i < D; ++i) {
+            const double p = w[h * rows.size() + r] * double(keys[size_t{rows[r]} * D + i]);
+            want[h * D + i] = want[h * D + i] + p;
+          }
+      AddWeightedRows(keys.data(), D, rows, heads, w.data(), m.data());
+      ASSERT_EQ(m, want) << "D " << D << ", heads " << heads;
+    }
+  }
+}
+
 TEST(ReferenceTest, SoftmaxIsStableAndSumsToOne) {
   std::vector<float> s = {1000.f, 1000.f, -1000.f, 999.f};
   std::vector<float> p(4);

@@ -251,7 +251,7 @@ TEST(GateTest, SplitFormIsSecondOrderInDriftOrthogonalToW) {
 // double: the formulas of gate.h written out): the same bits for split_dir; radii never below the
 // exact ones and at most 1e-4 relative above (float sums with their error added, where the CPU has
 // AVX2); fp16 and fp32 keys, partial last blocks, token counts not a multiple of 4, kept sets of
-// every kind (all kept: zero bounds; none kept: no split form).
+// every kind (all kept: zero bounds; none kept: no split form); log δ the bits of LogDeltaOf.
 struct Stats {
   float key_radius = 0;
   std::vector<float> split_dir, dropped_radius;
@@ -355,6 +355,7 @@ TEST(GateTest, AnchorKeyStatsAreTheStraightforwardSums) {
     };
     bounds(sel.key_radius, want.key_radius, "R_mu");
     ASSERT_EQ(sel.split_dir, want.split_dir) << "problem " << problem;
+    ASSERT_EQ(sel.log_delta, LogDeltaOf(s, kept)) << "problem " << problem;
     ASSERT_EQ(sel.dropped_radius.size(), want.dropped_radius.size()) << "problem " << problem;
     for (size_t h = 0; h < want.dropped_radius.size(); ++h)
       bounds(sel.dropped_radius[h], want.dropped_radius[h], "R_D");

@@ -54,6 +54,13 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
 double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
                         const double* c);
 
+// m[h][i] += w[h][r] · k[i] for every listed row k = keys[rows[r]], in list order, and every head
+// h < heads: each product rounded to double, then added, never fused — the bits of the plain loop
+// (with w = 1 a plain sum in double). keys [*][D] fp32; w [heads][rows.size()]; m [heads][D]. Four
+// doubles per instruction where the CPU has AVX2 and D % 8 == 0.
+void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
+                     const double* w, double* m);
+
 // Numerically stable softmax of n logits into p (may alias s). Max subtracted, fp32 sum in order.
 void Softmax(const float* s, size_t n, float* p);
 

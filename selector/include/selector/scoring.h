@@ -43,7 +43,8 @@ std::vector<double> DeltaOf(const GroupScores& s, const std::vector<uint64_t>& b
 // split_dir and dropped_radius: R_μ over every key of kv (μ their mean), and per query head of
 // s's group w = μ_D − μ_K and R_D for the resident `blocks` (ascending), with the anchor's
 // attention from s's logits. Means in double; the radii upper bounds (attn::MaxDistanceBound: at
-// most ~1e-5 relative above the exact ones), rounded up to float. s must score kv's tokens.
+// most ~1e-5 relative above the exact ones), rounded up to float. s must score kv's tokens. Also
+// out->log_delta, the bits of LogDeltaOf(s, blocks) (its dropped sums are the weights here).
 void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out);
 
