@@ -53,8 +53,8 @@ void ScoreKeys(const float* q, const HeadKV& kv, float scale, float* scores) {
 
 namespace avx2 {
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores);
-double MaxSquaredDistance(const float* keys, uint32_t D, std::span<const uint32_t> rows,
-                          const float* c);
+void MaxSquaredDistances(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                         const float* c, uint32_t n, double* out);
 void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
                      const double* w, double* m);
 }  // namespace avx2
@@ -95,29 +95,44 @@ double MaxSquaredDistanceExact(const float* keys, uint32_t D, std::span<const ui
 }
 }  // namespace
 
-double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
-                        const double* c) {
-  if (rows.empty()) return 0;
+void MaxDistanceBounds(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                       const double* centers, uint32_t n, double* out) {
+  if (rows.empty()) {
+    std::fill(out, out + n, 0.0);
+    return;
+  }
+  std::vector<uint8_t> done(n, 0);
   if (D % 8 == 0 && HaveAvx2()) {
     // With c_f = float(c) (|c − c_f| ≤ u|c| per element, u = 2^-24) and x = fl(k − c_f)
     // (|x − (k − c_f)| ≤ u|k − c_f|), the float sum s of the D squares x² (fused multiply-adds in
     // two 8-lane accumulators, then the lane sums: at most D + 3 roundings in sequence) is within
     // γ = (D + 3)u / (1 − (D + 3)u) of Σx². So ||k − c|| ≤ ||k − c_f|| + ||c − c_f||
     //   ≤ sqrt(s / (1 − γ)) / (1 − u) + u·||c||.
-    std::vector<float> cf(D);
-    double cn = 0;
-    for (uint32_t i = 0; i < D; ++i) {
-      cf[i] = static_cast<float>(c[i]);
-      cn += c[i] * c[i];
+    std::vector<float> cf(size_t{n} * D);
+    std::vector<double> cn(n, 0.0), s(n);
+    for (size_t i = 0; i < cf.size(); ++i) {
+      cf[i] = static_cast<float>(centers[i]);
+      cn[i / D] += centers[i] * centers[i];
     }
-    const double s = avx2::MaxSquaredDistance(keys, D, rows, cf.data());
-    if (std::isfinite(s)) {
-      constexpr double u = 0x1p-24;
-      const double gamma = (D + 3) * u / (1 - (D + 3) * u);
-      return (std::sqrt(s / (1 - gamma)) / (1 - u) + u * std::sqrt(cn)) * (1 + 0x1p-40);
-    }
+    avx2::MaxSquaredDistances(keys, D, rows, cf.data(), n, s.data());
+    constexpr double u = 0x1p-24;
+    const double gamma = (D + 3) * u / (1 - (D + 3) * u);
+    for (uint32_t c = 0; c < n; ++c)
+      if (std::isfinite(s[c])) {
+        out[c] = (std::sqrt(s[c] / (1 - gamma)) / (1 - u) + u * std::sqrt(cn[c])) * (1 + 0x1p-40);
+        done[c] = 1;
+      }
   }
-  return std::sqrt(MaxSquaredDistanceExact(keys, D, rows, c));
+  for (uint32_t c = 0; c < n; ++c)  // no AVX2, or a float sum overflowed: exact, in double
+    if (!done[c])
+      out[c] = std::sqrt(MaxSquaredDistanceExact(keys, D, rows, centers + size_t{c} * D));
+}
+
+double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                        const double* c) {
+  double out = 0;
+  MaxDistanceBounds(keys, D, rows, c, 1, &out);
+  return out;
 }
 
 void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
@@ -127,7 +142,7 @@ void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> ro
   for (size_t r = 0; r < n; ++r) {
     const float* k = keys + size_t{rows[r]} * D;
     for (uint32_t h = 0; h < heads; ++h) {
-      const double wh = w[h * n + r];
+      const double wh = w[r * heads + h];
       double* mh = m + size_t{h} * D;
       for (uint32_t i = 0; i < D; ++i) mh[i] += wh * double(k[i]);
     }

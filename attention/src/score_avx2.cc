@@ -67,28 +67,64 @@ void Score(const float* q, uint32_t group, const HeadKV& kv, float scale, float*
 }
 }  // namespace
 
-// max over the rows of the float sum of (k − c)² (fused multiply-adds in two 8-lane accumulators,
-// then the lanes added): MaxDistanceBound's error analysis covers it.
-double MaxSquaredDistance(const float* keys, uint32_t D, std::span<const uint32_t> rows,
-                          const float* c) {
-  float best = 0;
+namespace {
+// Per center c (up to five: ten accumulators): max over the rows of the float sum of (k − c)²
+// (fused multiply-adds in two 8-lane accumulators, then the lanes added), each row read once for
+// all of them: MaxDistanceBound's error analysis covers each. c [H][D].
+template <uint32_t H>
+void MaxSquaredDistancesOf(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                           const float* c, double* out) {
+  float best[H] = {};
   for (uint32_t r : rows) {
     const float* k = keys + size_t{r} * D;
-    __m256 a = _mm256_setzero_ps(), b = a;
+    __m256 a[H], b[H];
+    for (uint32_t h = 0; h < H; ++h) a[h] = b[h] = _mm256_setzero_ps();
     uint32_t i = 0;
     for (; i + 16 <= D; i += 16) {
-      const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(c + i));
-      const __m256 y = _mm256_sub_ps(_mm256_loadu_ps(k + i + 8), _mm256_loadu_ps(c + i + 8));
-      a = _mm256_fmadd_ps(x, x, a);
-      b = _mm256_fmadd_ps(y, y, b);
+      const __m256 k0 = _mm256_loadu_ps(k + i), k1 = _mm256_loadu_ps(k + i + 8);
+      for (uint32_t h = 0; h < H; ++h) {
+        const __m256 x = _mm256_sub_ps(k0, _mm256_loadu_ps(c + size_t{h} * D + i));
+        const __m256 y = _mm256_sub_ps(k1, _mm256_loadu_ps(c + size_t{h} * D + i + 8));
+        a[h] = _mm256_fmadd_ps(x, x, a[h]);
+        b[h] = _mm256_fmadd_ps(y, y, b[h]);
+      }
     }
     if (i < D) {
-      const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(c + i));
-      a = _mm256_fmadd_ps(x, x, a);
+      const __m256 k0 = _mm256_loadu_ps(k + i);
+      for (uint32_t h = 0; h < H; ++h) {
+        const __m256 x = _mm256_sub_ps(k0, _mm256_loadu_ps(c + size_t{h} * D + i));
+        a[h] = _mm256_fmadd_ps(x, x, a[h]);
+      }
     }
-    best = std::max(best, Sum(_mm256_add_ps(a, b)));
+    for (uint32_t h = 0; h < H; ++h) best[h] = std::max(best[h], Sum(_mm256_add_ps(a[h], b[h])));
   }
-  return best;
+  for (uint32_t h = 0; h < H; ++h) out[h] = best[h];
+}
+}  // namespace
+
+// D % 8 == 0; centers [n][D].
+void MaxSquaredDistances(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                         const float* c, uint32_t n, double* out) {
+  for (uint32_t h = 0; h < n; h += 5) {
+    const float* ch = c + size_t{h} * D;
+    switch (std::min(n - h, 5u)) {
+      case 5:
+        MaxSquaredDistancesOf<5>(keys, D, rows, ch, out + h);
+        break;
+      case 4:
+        MaxSquaredDistancesOf<4>(keys, D, rows, ch, out + h);
+        break;
+      case 3:
+        MaxSquaredDistancesOf<3>(keys, D, rows, ch, out + h);
+        break;
+      case 2:
+        MaxSquaredDistancesOf<2>(keys, D, rows, ch, out + h);
+        break;
+      default:
+        MaxSquaredDistancesOf<1>(keys, D, rows, ch, out + h);
+        break;
+    }
+  }
 }
 
 void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
@@ -107,7 +143,7 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
 // registers across the tile.
 template <uint32_t H>
 void AddWeightedHeads(const float* keys, uint32_t D, std::span<const uint32_t> rows, size_t t0,
-                      size_t t1, const double* w, size_t n, double* m) {
+                      size_t t1, const double* w, size_t stride, double* m) {
   for (uint32_t i = 0; i < D; i += 8) {
     __m256d a[H][2];
     for (uint32_t h = 0; h < H; ++h) {
@@ -119,7 +155,7 @@ void AddWeightedHeads(const float* keys, uint32_t D, std::span<const uint32_t> r
       const __m256d k0 = _mm256_cvtps_pd(_mm_loadu_ps(k)),
                     k1 = _mm256_cvtps_pd(_mm_loadu_ps(k + 4));
       for (uint32_t h = 0; h < H; ++h) {
-        const __m256d x = _mm256_broadcast_sd(w + h * n + r);
+        const __m256d x = _mm256_broadcast_sd(w + r * stride + h);
         a[h][0] = _mm256_add_pd(a[h][0], _mm256_mul_pd(x, k0));
         a[h][1] = _mm256_add_pd(a[h][1], _mm256_mul_pd(x, k1));
       }
@@ -139,20 +175,20 @@ void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> ro
   for (size_t t0 = 0; t0 < n; t0 += kTile) {
     const size_t t1 = std::min(n, t0 + kTile);
     for (uint32_t h = 0; h < heads; h += 4) {
-      const double* wh = w + h * n;
+      const double* wh = w + h;  // [rows][heads]
       double* mh = m + size_t{h} * D;
       switch (std::min(heads - h, 4u)) {
         case 4:
-          AddWeightedHeads<4>(keys, D, rows, t0, t1, wh, n, mh);
+          AddWeightedHeads<4>(keys, D, rows, t0, t1, wh, heads, mh);
           break;
         case 3:
-          AddWeightedHeads<3>(keys, D, rows, t0, t1, wh, n, mh);
+          AddWeightedHeads<3>(keys, D, rows, t0, t1, wh, heads, mh);
           break;
         case 2:
-          AddWeightedHeads<2>(keys, D, rows, t0, t1, wh, n, mh);
+          AddWeightedHeads<2>(keys, D, rows, t0, t1, wh, heads, mh);
           break;
         default:
-          AddWeightedHeads<1>(keys, D, rows, t0, t1, wh, n, mh);
+          AddWeightedHeads<1>(keys, D, rows, t0, t1, wh, heads, mh);
           break;
       }
     }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <span>
 
 #include "proto/half.h"
 
@@ -80,11 +81,6 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
                     const std::vector<uint64_t>& blocks, Selection* out) {
   const uint32_t D = kv.head_dim, g = s.group;
   const uint64_t T = kv.tokens, B = kv.block_size;
-  // Converted a block at a time (every element written: no zero fill first).
-  const std::unique_ptr<float[]> keys(new float[size_t(T) * D]);
-  for (uint64_t first = 0; first < T; first += B)
-    DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(std::min<uint64_t>(B, T - first) * D),
-              kv.dtype, &keys[first * D]);
   std::vector<uint8_t> kept(T, 0);
   for (uint64_t b : blocks)
     for (uint64_t j = b * B; j < std::min<uint64_t>(T, (b + 1) * B); ++j) kept[j] = 1;
@@ -93,15 +89,6 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     all[j] = static_cast<uint32_t>(j);
     (kept[j] ? kept_rows : dropped).push_back(static_cast<uint32_t>(j));
   }
-  // μ and R_μ (any fixed μ is sound, and μ itself never leaves: only R_μ does). The sum in token
-  // order in double (weights 1: the products are exact).
-  std::vector<double> mu(D, 0.0);
-  attn::AddWeightedRows(keys.get(), D, all, 1, std::vector<double>(T, 1.0).data(), mu.data());
-  for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);
-  out->key_radius = RoundUp(attn::MaxDistanceBound(keys.get(), D, all, mu.data()));
-  // Per head: the attention-weighted means of the dropped and kept keys, and R_D.
-  out->split_dir.assign(size_t{g} * D, 0.f);
-  out->dropped_radius.assign(g, 0.f);
   // Weights relative to each set's largest logit: the normalised weights p_j/m_D and p_j/m_K
   // without underflow, however small δ_a is.
   std::vector<double> top_d(g, -INFINITY), top_k(g, -INFINITY);
@@ -113,49 +100,82 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     }
   }
   std::vector<uint32_t> heads;  // the heads with something dropped
+  bool split = true;            // false: some head kept nothing, no split form
   for (uint32_t h = 0; h < g; ++h) {
     if (top_d[h] == -INFINITY) continue;  // nothing dropped: the bound is 0
-    if (top_k[h] == -INFINITY) {          // nothing kept: no split form
-      out->split_dir.clear();
-      out->dropped_radius.clear();
-      out->log_delta = LogDeltaOf(s, blocks);
-      return;
-    }
+    split = split && top_k[h] != -INFINITY;
     heads.push_back(h);
   }
-  // Each head's weights of either set ([heads][rows of the set]) and their sums, in token order;
-  // then every head's two weighted sums, each in token order (the bits of one head, one row and
-  // one sum at a time).
+  if (!split) heads.clear();
+  // Each head's weights of either set ([rows of the set][heads]) and their sums, in token order.
   const size_t nh = heads.size(), nd = dropped.size(), nk = kept_rows.size();
-  std::vector<double> w_d(nh * nd), w_k(nh * nk), wd(nh, 0.0), wk(nh, 0.0);
+  std::vector<double> w_d(nd * nh), w_k(nk * nh), wd(nh, 0.0), wk(nh, 0.0);
   for (size_t a = 0; a < nh; ++a) {
     const float* lg = &s.logits[size_t{heads[a]} * T];
     for (size_t r = 0; r < nd; ++r) {
-      w_d[a * nd + r] = std::exp(double(lg[dropped[r]]) - top_d[heads[a]]);
-      wd[a] += w_d[a * nd + r];
+      w_d[r * nh + a] = std::exp(double(lg[dropped[r]]) - top_d[heads[a]]);
+      wd[a] += w_d[r * nh + a];
     }
     for (size_t r = 0; r < nk; ++r) {
-      w_k[a * nk + r] = std::exp(double(lg[kept_rows[r]]) - top_k[heads[a]]);
-      wk[a] += w_k[a * nk + r];
+      w_k[r * nh + a] = std::exp(double(lg[kept_rows[r]]) - top_k[heads[a]]);
+      wk[a] += w_k[r * nh + a];
     }
   }
+  // One pass over the keys, a block at a time while it is in cache: converted to float, then added
+  // to the sum of every key (for μ) and to each head's weighted sums of the dropped and the kept
+  // keys — each sum in token order in double (the bits of one head, one row and one sum at a time).
+  const std::unique_ptr<float[]> keys(new float[size_t(T) * D]);  // every element written
+  const std::vector<double> ones(B, 1.0);
+  std::vector<double> mu(D, 0.0), md(nh * D, 0.0), mk(nh * D, 0.0);
+  const std::span<const uint32_t> all_s(all), dropped_s(dropped), kept_s(kept_rows);
+  size_t at_d = 0, at_k = 0;
+  for (uint64_t first = 0; first < T; first += B) {
+    const uint64_t n = std::min<uint64_t>(B, T - first);
+    DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(n * D), kv.dtype, &keys[first * D]);
+    attn::AddWeightedRows(keys.get(), D, all_s.subspan(first, n), 1, ones.data(), mu.data());
+    size_t n_d = 0;
+    for (uint64_t j = first; j < first + n; ++j) n_d += !kept[j];
+    const auto a = static_cast<uint32_t>(nh);
+    if (nh && n_d)
+      attn::AddWeightedRows(keys.get(), D, dropped_s.subspan(at_d, n_d), a, &w_d[at_d * nh],
+                            md.data());
+    if (nh && n_d < n)
+      attn::AddWeightedRows(keys.get(), D, kept_s.subspan(at_k, n - n_d), a, &w_k[at_k * nh],
+                            mk.data());
+    at_d += n_d;
+    at_k += n - n_d;
+  }
+  for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);  // any fixed μ is sound; only R_μ leaves
   // log δ: the dropped weights' sum is LogDeltaOf's (same maximum, same terms, same order).
-  out->log_delta.assign(g, -INFINITY);  // nothing dropped
-  for (size_t a = 0; a < nh; ++a)
-    out->log_delta[heads[a]] = std::min(0.0, top_d[heads[a]] + std::log(wd[a]) - s.lse[heads[a]]);
-  std::vector<double> md(nh * D, 0.0), mk(nh * D, 0.0);
-  attn::AddWeightedRows(keys.get(), D, dropped, static_cast<uint32_t>(nh), w_d.data(), md.data());
-  attn::AddWeightedRows(keys.get(), D, kept_rows, static_cast<uint32_t>(nh), w_k.data(), mk.data());
-  for (size_t a = 0; a < nh; ++a) {
-    const uint32_t h = heads[a];
-    double* d = &md[a * D];
-    const double* k = &mk[a * D];
-    for (uint32_t i = 0; i < D; ++i) {
-      d[i] /= wd[a];
-      out->split_dir[size_t{h} * D + i] = static_cast<float>(d[i] - k[i] / wk[a]);
-    }
-    out->dropped_radius[h] = RoundUp(attn::MaxDistanceBound(keys.get(), D, dropped, d));
+  if (split) {
+    out->log_delta.assign(g, -INFINITY);  // nothing dropped
+    for (size_t a = 0; a < nh; ++a)
+      out->log_delta[heads[a]] = std::min(0.0, top_d[heads[a]] + std::log(wd[a]) - s.lse[heads[a]]);
+  } else {
+    out->log_delta = LogDeltaOf(s, blocks);
   }
+  // Per head: the attention-weighted mean of the dropped keys μ_D (in md) and w = μ_D − μ_K.
+  for (size_t a = 0; a < nh; ++a)
+    for (uint32_t i = 0; i < D; ++i) md[a * D + i] /= wd[a];
+  if (split) {
+    out->split_dir.assign(size_t{g} * D, 0.f);
+    for (size_t a = 0; a < nh; ++a)
+      for (uint32_t i = 0; i < D; ++i)
+        out->split_dir[size_t{heads[a]} * D + i] =
+            static_cast<float>(md[a * D + i] - mk[a * D + i] / wk[a]);
+  } else {
+    out->split_dir.clear();
+  }
+  // The radii in one pass over the dropped keys (every head's R_D, and R_μ's share of them) and
+  // one over the kept (the rest of R_μ): the largest distance over both lists is over every key.
+  md.insert(md.end(), mu.begin(), mu.end());
+  std::vector<double> rd(nh + 1);
+  attn::MaxDistanceBounds(keys.get(), D, dropped, md.data(), static_cast<uint32_t>(nh + 1),
+                          rd.data());
+  out->key_radius =
+      RoundUp(std::max(rd[nh], attn::MaxDistanceBound(keys.get(), D, kept_rows, mu.data())));
+  out->dropped_radius.assign(split ? g : 0, 0.f);
+  for (size_t a = 0; a < nh; ++a) out->dropped_radius[heads[a]] = RoundUp(rd[a]);
 }
 
 std::vector<uint64_t> OracleBlocks(const GroupScores& s, const std::vector<uint64_t>& forced,

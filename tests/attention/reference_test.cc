@@ -110,10 +110,38 @@ TEST(ReferenceTest, MaxDistanceBoundIsAnUpperBoundWithinItsErrorTerm) {
                    3e20 * 8.0 * (double(3e20f) / 3e20));
 }
 
+// MaxDistanceBounds: each center's bound the bits of MaxDistanceBound alone (the upper bound the
+// test above checks), for 1 to 7 centers (five at a time, then the rest), one of them far enough
+// away that its float sums overflow (the exact sums for it alone), and no rows (all 0).
+TEST(ReferenceTest, MaxDistanceBoundsAreEachCentersBound) {
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> n(0, 1);
+  for (uint32_t D : {32u, 128u, 36u})
+    for (uint32_t centers : {1u, 3u, 5u, 7u}) {
+      const uint32_t T = 77;
+      std::vector<float> keys(size_t{T} * D);
+      for (auto& x : keys) x = float(n(rng));
+      std::vector<double> c(size_t{centers} * D);
+      for (auto& x : c) x = n(rng) * 0.3;
+      if (centers > 2)
+        for (uint32_t i = 0; i < D; ++i) c[2 * D + i] = 3e20;
+      std::vector<uint32_t> rows;
+      for (uint32_t r = 0; r < T; r += 1 + r % 3) rows.push_back(r);
+      std::vector<double> got(centers, -1.0);
+      MaxDistanceBounds(keys.data(), D, rows, c.data(), centers, got.data());
+      for (uint32_t k = 0; k < centers; ++k)
+        ASSERT_EQ(got[k], MaxDistanceBound(keys.data(), D, rows, &c[size_t{k} * D]))
+            << "D " << D << ", centers " << centers << ", center " << k;
+      MaxDistanceBounds(keys.data(), D, {}, c.data(), centers, got.data());
+      for (double x : got) EXPECT_EQ(x, 0.0);
+    }
+}
+
 // AddWeightedRows: the bits of the plain loop written out here (row after row in list order, each
 // product rounded to double, then added), for head sizes the AVX2 path takes (multiples of 8: 128,
 // 40) and does not (36, 6), rows listed out of order and repeated (more than one tile of 32),
-// starting sums not zero, and 1 to 6 heads (four at a time on AVX2, then the rest).
+// starting sums not zero, 1 to 6 heads (four at a time on AVX2, then the rest), in one call and
+// in two.
 TEST(ReferenceTest, AddWeightedRowsAreThePlainSumsBitForBit) {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> n(0.f, 3.f);
@@ -131,11 +159,17 @@ TEST(ReferenceTest, AddWeightedRowsAreThePlainSumsBitForBit) {
       for (size_t r = 0; r < rows.size(); ++r)
         for (uint32_t h = 0; h < heads; ++h)
           for (uint32_t i = 0; i < D; ++i) {
-            const double p = w[h * rows.size() + r] * double(keys[size_t{rows[r]} * D + i]);
+            const double p = w[r * heads + h] * double(keys[size_t{rows[r]} * D + i]);
             want[h * D + i] = want[h * D + i] + p;
           }
+      std::vector<double> pieces = m;  // the same rows added in two calls
       AddWeightedRows(keys.data(), D, rows, heads, w.data(), m.data());
       ASSERT_EQ(m, want) << "D " << D << ", heads " << heads;
+      const std::span<const uint32_t> all(rows);
+      AddWeightedRows(keys.data(), D, all.first(333), heads, w.data(), pieces.data());
+      AddWeightedRows(keys.data(), D, all.subspan(333), heads, w.data() + 333 * heads,
+                      pieces.data());
+      ASSERT_EQ(pieces, want) << "D " << D << ", heads " << heads << ", in two pieces";
     }
   }
 }

@@ -53,11 +53,15 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
 // exact distances in double (each row's sum in index order). 0 when `rows` is empty.
 double MaxDistanceBound(const float* keys, uint32_t D, std::span<const uint32_t> rows,
                         const double* c);
+// The same for n centers at once ([n][D] → out[n]), the rows read once for up to five of them.
+void MaxDistanceBounds(const float* keys, uint32_t D, std::span<const uint32_t> rows,
+                       const double* centers, uint32_t n, double* out);
 
-// m[h][i] += w[h][r] · k[i] for every listed row k = keys[rows[r]], in list order, and every head
+// m[h][i] += w[r][h] · k[i] for every listed row k = keys[rows[r]], in list order, and every head
 // h < heads: each product rounded to double, then added, never fused — the bits of the plain loop
-// (with w = 1 a plain sum in double). keys [*][D] fp32; w [heads][rows.size()]; m [heads][D]. Four
-// doubles per instruction where the CPU has AVX2 and D % 8 == 0.
+// (with w = 1 a plain sum in double). keys [*][D] fp32; w [rows.size()][heads]; m [heads][D]. A
+// run of rows may be added in pieces (the same bits). Four doubles per instruction where the CPU
+// has AVX2 and D % 8 == 0.
 void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> rows, uint32_t heads,
                      const double* w, double* m);
 
