@@ -135,12 +135,12 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     attn::AddWeightedRows(keys.get(), D, all_s.subspan(first, n), 1, ones.data(), mu.data());
     size_t n_d = 0;
     for (uint64_t j = first; j < first + n; ++j) n_d += !kept[j];
-    const auto a = static_cast<uint32_t>(nh);
+    const auto h32 = static_cast<uint32_t>(nh);
     if (nh && n_d)
-      attn::AddWeightedRows(keys.get(), D, dropped_s.subspan(at_d, n_d), a, &w_d[at_d * nh],
+      attn::AddWeightedRows(keys.get(), D, dropped_s.subspan(at_d, n_d), h32, &w_d[at_d * nh],
                             md.data());
     if (nh && n_d < n)
-      attn::AddWeightedRows(keys.get(), D, kept_s.subspan(at_k, n - n_d), a, &w_k[at_k * nh],
+      attn::AddWeightedRows(keys.get(), D, kept_s.subspan(at_k, n - n_d), h32, &w_k[at_k * nh],
                             mk.data());
     at_d += n_d;
     at_k += n - n_d;
