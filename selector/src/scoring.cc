@@ -146,24 +146,22 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     at_k += n - n_d;
   }
   for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);  // any fixed μ is sound; only R_μ leaves
-  // log δ: the dropped weights' sum is LogDeltaOf's (same maximum, same terms, same order).
   if (split) {
+    // log δ: the dropped weights' sum is LogDeltaOf's (same maximum, same terms, same order); the
+    // attention-weighted mean of the dropped keys μ_D (in md) and w = μ_D − μ_K.
     out->log_delta.assign(g, -INFINITY);  // nothing dropped
-    for (size_t a = 0; a < nh; ++a)
-      out->log_delta[heads[a]] = std::min(0.0, top_d[heads[a]] + std::log(wd[a]) - s.lse[heads[a]]);
-  } else {
-    out->log_delta = LogDeltaOf(s, blocks);
-  }
-  // Per head: the attention-weighted mean of the dropped keys μ_D (in md) and w = μ_D − μ_K.
-  for (size_t a = 0; a < nh; ++a)
-    for (uint32_t i = 0; i < D; ++i) md[a * D + i] /= wd[a];
-  if (split) {
     out->split_dir.assign(size_t{g} * D, 0.f);
-    for (size_t a = 0; a < nh; ++a)
-      for (uint32_t i = 0; i < D; ++i)
-        out->split_dir[size_t{heads[a]} * D + i] =
+    for (size_t a = 0; a < nh; ++a) {
+      const uint32_t h = heads[a];
+      out->log_delta[h] = std::min(0.0, top_d[h] + std::log(wd[a]) - s.lse[h]);
+      for (uint32_t i = 0; i < D; ++i) {
+        md[a * D + i] /= wd[a];
+        out->split_dir[size_t{h} * D + i] =
             static_cast<float>(md[a * D + i] - mk[a * D + i] / wk[a]);
-  } else {
+      }
+    }
+  } else {  // nh = 0: no head's sums were taken
+    out->log_delta = LogDeltaOf(s, blocks);
     out->split_dir.clear();
   }
   // The radii in one pass over the dropped keys (every head's R_D, and R_μ's share of them) and
