@@ -108,6 +108,7 @@ struct BlockStore::Impl {
   // through which every change of a block's slot or rank goes, so eviction never scans.
   std::map<size_t, std::set<EvictKey>> evict_order;
   std::map<size_t, std::unique_ptr<HostArena>> arenas;  // one arena per block size in bytes
+  std::function<void(void*, size_t)> on_host_memory;    // OnHostMemory's
   uint64_t tick = 0;                                    // orders selections and host-tier entries
   uint64_t next_uid = 1;
   std::unique_ptr<GpuTier> gpu;
@@ -341,6 +342,7 @@ struct BlockStore::Impl {
       if (!made.ok()) return nullptr;
       a = std::move(*made);
       stats.host_slots += a->capacity();
+      if (on_host_memory) on_host_memory(a->base(), a->bytes());
     }
     return a.get();
   }
@@ -1446,6 +1448,14 @@ Result<std::vector<SeqRef>> BlockStore::ExpireLeases() {
       expired.push_back(q.ref);
   for (const auto& r : expired) KVM_RETURN_IF_ERROR(impl_->DeleteLocked(r));
   return expired;
+}
+
+void BlockStore::OnHostMemory(std::function<void(void*, size_t)> fn) {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  impl_->on_host_memory = std::move(fn);
+  if (impl_->on_host_memory)
+    for (const auto& [bytes, a] : impl_->arenas)
+      if (a) impl_->on_host_memory(a->base(), a->bytes());
 }
 
 StoreStats BlockStore::Stats() const {

@@ -108,9 +108,72 @@ Status RequestHandler::TakeConnection(SessionState& s, const TenantConfig& t) {
   return Status::Ok();
 }
 
+Status SendReply(transport::Transport& dp, uint64_t peer, uint64_t request_id,
+                 const wire::RetrieveLayerReply& r, ReplyBlocks blocks, ReplySends how,
+                 std::function<void(const Status&)> done) {
+  KVM_ASSIGN_OR_RETURN(std::vector<wire::DataPart> parts,
+                       wire::SplitReply(r, request_id, dp.max_header_bytes()));
+  // What the sends share until the last completes: the blocks (pinned in the store until then),
+  // the copies a copying send made of them, the first error.
+  struct Sending {
+    ReplyBlocks blocks;
+    std::vector<std::vector<uint8_t>> copies;
+    std::mutex mu;
+    size_t left = 0;
+    Status error;
+    std::function<void(const Status&)> done;
+  };
+  auto st = std::make_shared<Sending>();
+  st->blocks = std::move(blocks);
+  st->left = parts.size();
+  st->done = std::move(done);
+  auto finished = [st](const Status& result) {
+    std::function<void(const Status&)> done;
+    Status err;
+    ReplyBlocks pinned;  // unpinned here, before `done` (not whenever the last copy of st goes)
+    {
+      std::lock_guard<std::mutex> l(st->mu);
+      if (!result.ok() && st->error.ok()) st->error = result;
+      if (--st->left > 0) return;
+      done = std::move(st->done);
+      err = st->error;
+      pinned = std::move(st->blocks);
+      st->copies.clear();
+    }
+    pinned = ReplyBlocks();
+    done(err);
+  };
+  const bool gather =
+      how == ReplySends::kGather || (how == ReplySends::kAuto && dp.GatherPays(peer));
+  size_t first = 0;  // the part's first block
+  for (const wire::DataPart& p : parts) {
+    const size_t n = wire::PartBlocks(p).size();
+    const std::string header = p.SerializeAsString();
+    const std::span<const uint8_t> head{reinterpret_cast<const uint8_t*>(header.data()),
+                                        header.size()};
+    Status sent;
+    if (gather) {
+      std::vector<transport::Segment> segs;
+      for (size_t i = 2 * first; i < 2 * (first + n); ++i)
+        segs.push_back({const_cast<void*>(st->blocks.halves[i]), st->blocks.half_bytes});
+      sent = dp.SendGather(peer, head, segs, finished);
+    } else {
+      std::vector<uint8_t>* copy;
+      {
+        std::lock_guard<std::mutex> l(st->mu);
+        copy = &st->copies.emplace_back(n * 2 * st->blocks.half_bytes);
+      }
+      st->blocks.CopyTo(first, n, copy->data());
+      sent = dp.Send(peer, head, *copy, finished);
+    }
+    if (!sent.ok()) finished(sent);  // this part never goes: the request fails at once
+    first += n;
+  }
+  return Status::Ok();
+}
+
 void RequestHandler::SendParts(const SessionState& s, uint64_t request_id,
-                               wire::RetrieveLayerReply r, std::vector<uint8_t> blocks,
-                               Reply done) {
+                               wire::RetrieveLayerReply r, ReplyBlocks blocks, Reply done) {
   // The resident blocks before the window are the slot table's (the worker has it): only the
   // window's travel.
   for (auto& h : *r.mutable_heads()) {
@@ -120,50 +183,16 @@ void RequestHandler::SendParts(const SessionState& s, uint64_t request_id,
     h.clear_resident_blocks();
     for (uint64_t b : window) h.add_resident_blocks(b);
   }
-  auto parts = wire::SplitReply(r, request_id, opt_.data_plane->max_header_bytes());
-  if (!parts.ok()) {
-    if (opt_.metrics) opt_.metrics->CountError(parts.status().code());
-    return done(ErrorFrame(request_id, parts.status()));
-  }
-  // What the sends share until the last completes: the blocks (alive until then), the first error.
-  struct Sending {
-    std::vector<uint8_t> data;
-    std::mutex mu;
-    size_t left = 0;
-    Status error;
-    Reply done;
-  };
-  auto st = std::make_shared<Sending>();
-  st->data = std::move(blocks);
-  st->left = parts->size();
-  st->done = std::move(done);
   Metrics* metrics = opt_.metrics;
-  auto finished = [st, request_id, metrics](const Status& result) {
-    Reply reply;
-    Status err;
-    {
-      std::lock_guard<std::mutex> l(st->mu);
-      if (!result.ok() && st->error.ok()) st->error = result;
-      if (--st->left > 0) return;
-      reply = std::move(st->done);
-      err = st->error;
-    }
-    if (err.ok()) return reply({});
-    if (metrics) metrics->CountError(err.code());
-    reply(ErrorFrame(request_id, err.WithContext("data plane send")));
-  };
-  size_t sends = 0;
-  for (const auto& h : r.heads()) sends += size_t(h.slots_size());
-  const size_t block_bytes = sends ? st->data.size() / sends : 0;  // K + V of one block
-  size_t at = 0;
-  for (const wire::DataPart& p : *parts) {
-    const size_t n = wire::PartBlocks(p).size() * block_bytes;
-    const std::string header = p.SerializeAsString();
-    const Status sent = opt_.data_plane->Send(
-        s.data_peer, {reinterpret_cast<const uint8_t*>(header.data()), header.size()},
-        {st->data.data() + at, n}, finished);
-    if (!sent.ok()) finished(sent);  // this part never goes: the request fails at once
-    at += n;
+  const Status split = SendReply(*opt_.data_plane, s.data_peer, request_id, r, std::move(blocks),
+                                 opt_.reply_sends, [request_id, metrics, done](const Status& err) {
+                                   if (err.ok()) return done({});
+                                   if (metrics) metrics->CountError(err.code());
+                                   done(ErrorFrame(request_id, err.WithContext("data plane send")));
+                                 });
+  if (!split.ok()) {
+    if (metrics) metrics->CountError(split.code());
+    done(ErrorFrame(request_id, split));
   }
 }
 
@@ -511,12 +540,12 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
       wire::RetrieveLayer m;
       KVM_RETURN_IF_ERROR(wire::ParseProto(f, &m));
       wire::RetrieveLayerReply r;
-      std::vector<uint8_t> blocks;
+      ReplyBlocks blocks;
       KVM_RETURN_IF_ERROR(engine_->Retrieve(ref(m.sequence_id()), m, f.payload, &r, &blocks));
       if (opt_.metrics) {
         KVM_ASSIGN_OR_RETURN(const Link link,
                              LinkFromName(s.data_peer ? opt_.data_plane->name() : "tcp"));
-        opt_.metrics->AddStreamBytes(Direction::kToWorker, link, double(blocks.size()));
+        opt_.metrics->AddStreamBytes(Direction::kToWorker, link, double(blocks.bytes()));
         opt_.metrics->AddStreamBytes(Direction::kFromWorker, Link::kTcp,
                                      CarriedRowBytes(ref(m.sequence_id()), m));  // pending K rows
       }
@@ -525,7 +554,9 @@ Status RequestHandler::Dispatch(SessionState& s, const wire::Frame& f, std::vect
         SendParts(s, id, std::move(r), std::move(blocks), deferred);
         return Status::Ok();
       }
-      return send(r, blocks);
+      std::vector<uint8_t> payload(blocks.bytes());  // in the reply frame: a copy
+      blocks.CopyTo(0, blocks.blocks(), payload.data());
+      return send(r, payload);
     }
     case MessageType::kSetLayerMap: {
       wire::SetLayerMap m;

@@ -741,6 +741,12 @@ int main(int argc, char** argv) {
       data_plane = std::move(*t);
       c.server.handler.data_plane = data_plane.get();
       data_plane_name = "ucx";
+      // Replies are sent from the host tier: registered with UCX once, each mapping as it is made.
+      (*store)->OnHostMemory([dp = data_plane.get()](void* base, size_t len) {
+        if (Status st = dp->Register(base, len); !st.ok())
+          std::fprintf(stderr, "kvmanager: host tier not registered with UCX (%s)\n",
+                       st.ToString().c_str());
+      });
     } else {  // still correct, only slower: ready, but degraded
       data_plane_name = "tcp";
       life.Set(&Lifecycle::degraded_reason, "UCX data plane unavailable (" + t.status().ToString() +
@@ -885,8 +891,9 @@ int main(int argc, char** argv) {
   (*admin)->Stop();  // before the store goes: /status reads it
   admin->reset();
   srv->reset();
-  data_plane.reset();  // after the server: no session uses it any more
-  store->reset();      // closes RocksDB (WAL already durable for acknowledged appends)
+  (*store)->OnHostMemory(nullptr);  // the data plane goes first
+  data_plane.reset();               // after the server: no session uses it any more
+  store->reset();                   // closes RocksDB (WAL already durable for acknowledged appends)
   std::fprintf(stderr, "kvmanager: stopped\n");
   return 0;
 }

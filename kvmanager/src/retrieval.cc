@@ -358,9 +358,14 @@ Status RetrievalEngine::SetLayerMap(const store::SeqRef& s, const std::vector<ui
   return gate->SetLayerMap(source);
 }
 
+void ReplyBlocks::CopyTo(size_t first, size_t n, uint8_t* out) const {
+  for (size_t i = 2 * first; i < 2 * (first + n); ++i, out += half_bytes)
+    std::memcpy(out, halves[i], half_bytes);
+}
+
 Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLayer& m,
                                  std::span<const uint8_t> payload, wire::RetrieveLayerReply* reply,
-                                 std::vector<uint8_t>* blocks) {
+                                 ReplyBlocks* blocks) {
   const auto t0 = std::chrono::steady_clock::now();
   KVM_ASSIGN_OR_RETURN(auto q, Find(s));
   std::lock_guard<std::mutex> l(q->mu);
@@ -388,7 +393,8 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
   reply->set_hot_set_generation(q->generation);
   reply->set_part(0);
   reply->set_parts(1);
-  blocks->clear();
+  *blocks = ReplyBlocks();
+  blocks->half_bytes = bb;
   sel::PlanBytes bytes;
   double retrievals = 0;
   // Plans one (layer, KV head)'s selection against the mirror, reads the blocks to send into the
@@ -402,21 +408,20 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
                                              &plan, &bytes));
     q->local_first[idx] = geo.WindowFirstBlock(T);
     q->Remember(idx, m.step());
-    // Blocks to send: in the host tier first, then read (K then V of each) into the payload.
+    // Blocks to send: in the host tier first, then pinned there (K then V of each) for the send.
     std::vector<uint64_t> sent;
     for (const auto& [b, slot] : plan.sends) sent.push_back(b);
     KVM_RETURN_IF_ERROR(store_->Promote(s, layer, h, sent));
-    if (blocks->size() + sent.size() * 2 * bb > opt_.max_reply_bytes)
+    if (blocks->bytes() + sent.size() * 2 * bb > opt_.max_reply_bytes)
       return Status::OutOfRange("retrieve: the reply's blocks exceed " +
                                 std::to_string(opt_.max_reply_bytes) + " bytes");
-    {  // K then V of each, from where they lie (one pin of them all)
-      KVM_ASSIGN_OR_RETURN(const store::PinnedBlocks pin, store_->Pin(s, layer, h, sent));
-      size_t at = blocks->size();
-      blocks->resize(at + sent.size() * 2 * bb);
-      for (size_t i = 0; i < sent.size(); ++i, at += 2 * bb) {
-        std::memcpy(blocks->data() + at, pin.k()[i], bb);
-        std::memcpy(blocks->data() + at + bb, pin.v()[i], bb);
+    if (!sent.empty()) {
+      KVM_ASSIGN_OR_RETURN(store::PinnedBlocks pin, store_->Pin(s, layer, h, sent));
+      for (size_t i = 0; i < sent.size(); ++i) {
+        blocks->halves.push_back(pin.k()[i]);
+        blocks->halves.push_back(pin.v()[i]);
       }
+      blocks->pins.push_back(std::move(pin));
     }
     KVM_RETURN_IF_ERROR(store_->MarkSelected(s, layer, h, sel.blocks));
     wire::HeadSelection* hs = reply->add_heads();

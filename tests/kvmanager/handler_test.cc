@@ -941,11 +941,14 @@ namespace {
 // On a data plane a retrieval's active messages are its reply: no reply frame; the parts' headers
 // each fit the transport's limit, a KV head whose selection alone does not fit travels in
 // fragments, the parts join back into the selections, and the blocks land byte-identical in the
-// worker's slots. Two shapes: many heads (Hq 32, Hkv 8, D 128: 4,096 blocks in all) and one head of
-// 4,096 blocks (over the limit on its own).
+// worker's slots, sent either way (gathered from the store's host tier, or copied out first); once
+// the reply is done they are no longer pinned (deleting the sequence gives every host slot back).
+// Two shapes: many heads (Hq 32, Hkv 8, D 128: 4,096 blocks in all) and one head of 4,096 blocks
+// (over the limit on its own).
 struct BigCase {
   ModelShape shape;
   uint32_t tokens;
+  ReplySends sends;
 };
 class HandlerDataPlaneTest : public ::testing::TestWithParam<BigCase> {};
 
@@ -959,6 +962,7 @@ TEST_P(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
   HandlerOptions ho;
   ho.tenants = {{"a", "tokA", false}};
   ho.data_plane = service_dp.get();
+  ho.reply_sends = GetParam().sends;
   RequestHandler handler(store.get(), ho);
   uint64_t rid = 0;
   auto handle = [&](SessionState& s, MessageType t, const google::protobuf::MessageLite& m,
@@ -1094,12 +1098,21 @@ TEST_P(HandlerDataPlaneTest, BigRepliesAreSplitAndLandByteIdentical) {
     }
   }
   EXPECT_GT(sent, 4000u);
+  // Nothing of the reply holds a block any more: the delete frees every host slot.
+  EXPECT_GT(store->Stats().host_slots_used, 0u);
+  wire::DeleteSequence del;
+  del.set_sequence_id(1);
+  ASSERT_EQ(call(s, MessageType::kDeleteSequence, del).header.type,
+            wire::ReplyType(MessageType::kDeleteSequence));
+  EXPECT_EQ(store->Stats().host_slots_used, 0u) << "a block of the reply is still pinned";
   handler.Close(s);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, HandlerDataPlaneTest,
-                         ::testing::Values(BigCase{{1, 32, 8, 128, DType::kF16, 5}, 16384},
-                                           BigCase{{1, 4, 1, 32, DType::kF16, 5}, 131072}));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, HandlerDataPlaneTest,
+    ::testing::Values(BigCase{{1, 32, 8, 128, DType::kF16, 5}, 16384, ReplySends::kCopy},
+                      BigCase{{1, 32, 8, 128, DType::kF16, 5}, 16384, ReplySends::kGather},
+                      BigCase{{1, 4, 1, 32, DType::kF16, 5}, 131072, ReplySends::kAuto}));
 
 // A block send that fails reaches the worker at once: the retrieval's reply is an Error frame (not
 // a deadline), and the session goes on.

@@ -63,6 +63,8 @@ TEST_P(TransportTest, BlocksLandByteIdenticalInTheChosenSlots) {
   auto peer = service->Connect(worker->address());
   ASSERT_TRUE(peer.ok()) << peer.status().ToString();
   EXPECT_FALSE(service->Describe(*peer).empty());
+  // Gathering pays over shared memory only (bench/RESULTS.md): the lanes decide, per peer.
+  EXPECT_EQ(service->GatherPays(*peer), GetParam() == "ucx_sm") << service->Describe(*peer);
 
   std::mt19937 rng(3);
   std::vector<std::vector<uint8_t>> datas;
@@ -121,6 +123,40 @@ TEST_P(TransportTest, BlocksLandByteIdenticalInTheChosenSlots) {
     for (uint32_t i = 0; i < n; ++i)
       ASSERT_EQ(std::memcmp(hot.data() + dst[i] * kSlot, tier.data() + from[i] * kSlot, kSlot), 0)
           << "gathered block " << i;
+    // ... and one of no segments at all (a reply part that sends no block) is its header alone.
+    const uint32_t empty_id = 51, none = 0;
+    std::vector<uint8_t> eh(8);
+    std::memcpy(eh.data(), &empty_id, 4);
+    std::memcpy(eh.data() + 4, &none, 4);
+    ASSERT_TRUE(service->SendGather(*peer, eh, {}, [](const Status&) {}).ok());
+    ASSERT_TRUE(worker->WaitFor([&] { return delivered.count(empty_id) > 0; }, 10000).ok());
+    EXPECT_TRUE(delivered[empty_id].ok()) << delivered[empty_id].ToString();
+  }
+  // A contiguous send from memory the sender registered (the service's host tier: UCX is given its
+  // handle) lands the same way, eager and rendezvous.
+  {
+    static std::vector<uint8_t> tier(40 * kSlot);  // outlives the transport's registration
+    for (auto& b : tier) b = uint8_t(rng());
+    ASSERT_TRUE(service->Register(tier.data(), tier.size()).ok());
+    for (const uint32_t n : {1u, 32u}) {
+      const uint32_t id = 60 + n;
+      std::vector<uint8_t> h(8 + 4 * n);
+      std::memcpy(h.data(), &id, 4);
+      std::memcpy(h.data() + 4, &n, 4);
+      for (uint32_t i = 0; i < n; ++i) {
+        const uint32_t slot = (i * 5 + 2) % kSlots;
+        std::memcpy(h.data() + 8 + 4 * i, &slot, 4);
+      }
+      const std::span<const uint8_t> from{tier.data() + 3 * kSlot, n * kSlot};
+      ASSERT_TRUE(service->Send(*peer, h, from, [](const Status&) {}).ok());
+      ASSERT_TRUE(worker->WaitFor([&] { return delivered.count(id) > 0; }, 10000).ok());
+      ASSERT_TRUE(delivered[id].ok()) << delivered[id].ToString();
+      for (uint32_t i = 0; i < n; ++i)
+        ASSERT_EQ(std::memcmp(hot.data() + ((i * 5 + 2) % kSlots) * kSlot, from.data() + i * kSlot,
+                              kSlot),
+                  0)
+            << "registered send of " << n << ", block " << i;
+    }
   }
   // A placement that refuses (a slot out of range) reports the error; nothing is written.
   std::vector<uint8_t> bad_h(12);

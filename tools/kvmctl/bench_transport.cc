@@ -17,7 +17,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -28,6 +30,8 @@
 #include "bench_util.h"
 #include "commands.h"
 #include "flags.h"
+#include "kvmanager/block_store.h"
+#include "kvmanager/handler.h"
 #include "proto/kvm.pb.h"
 #include "proto/wire/frame.h"
 #include "transport/transport.h"
@@ -40,14 +44,59 @@ using Clock = std::chrono::steady_clock;
 struct Run {
   double gbps = 0, p50_us = 0, p99_us = 0;  // latency per reply: measured with one in flight only
   std::string lanes;
+  std::string send;  // "service": how SendReply sent (gather or copy)
   size_t messages_per_reply = 1;
 };
 
+// The sender's side of "service": a real block store holding one (layer, KV head) of 4x a
+// reply's blocks (B = slot_bytes / 512 tokens of D 128 fp16: K + V of a block fill one slot), in
+// its host tier, as the service keeps them.
+struct ServiceSide {
+  std::string dir;
+  std::unique_ptr<store::BlockStore> store;
+  ~ServiceSide() {
+    store.reset();
+    std::error_code ec;
+    if (!dir.empty()) std::filesystem::remove_all(dir, ec);
+  }
+};
+Status MakeServiceSide(uint32_t blocks, size_t slot_bytes, ServiceSide* out) {
+  if (slot_bytes % 512 || slot_bytes < 512)
+    return Status::InvalidArgument("service: --block-bytes must be a multiple of 512");
+  const uint32_t B = uint32_t(slot_bytes / 512), D = 128, total = 4 * blocks * B;
+  char tmpl[] = "/tmp/kvmctl_bench_transport_XXXXXX";
+  if (!mkdtemp(tmpl)) return Status::Internal("cannot create a temporary directory");
+  out->dir = tmpl;
+  store::StoreOptions so;
+  so.dir = out->dir;
+  so.host_capacity_bytes = 3ull * total * D * 2 * 2 + (8 << 20);  // everything stays resident
+  so.gpu = false;
+  KVM_ASSIGN_OR_RETURN(out->store, store::BlockStore::Open(so));
+  const store::SeqRef seq{"bench", 1};
+  const ModelShape shape{1, 1, 1, D, DType::kF16, 0};
+  KVM_RETURN_IF_ERROR(out->store->Create(seq, shape, B, store::Durability::kCache));
+  std::mt19937 rng(7);
+  for (uint32_t t = 0; t < total; t += 1024) {  // [K, V][n][D]: any bytes
+    const uint32_t n = std::min(1024u, total - t);
+    std::vector<uint32_t> tokens(n);
+    std::iota(tokens.begin(), tokens.end(), t);
+    std::vector<uint8_t> payload(size_t{n} * D * 2 * 2);
+    for (auto& b : payload) b = uint8_t(rng());
+    KVM_RETURN_IF_ERROR(out->store->Append(seq, t, tokens, payload).status());
+  }
+  return Status::Ok();
+}
+
 // `mode`: how the sender takes a reply's blocks out of its (scattered) tier memory: "copy" gathers
-// them into one buffer and sends it contiguous (what the service does), "iov" sends one gathered
-// message (UCX iov datatype), "runs" sends each contiguous run of source slots as its own message.
+// them into one buffer and sends it contiguous, "iov" sends one gathered message (UCX iov
+// datatype), "runs" sends each contiguous run of source slots as its own message; "service" is the
+// service's own send path: the blocks pinned in a real block store's host tier (BlockStore::Pin,
+// K and V of a block in two slots) and sent by server::SendReply, which gathers or copies as the
+// transport measured faster (Transport::GatherPays).
 Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t blocks,
                  size_t slot_bytes, uint32_t messages, uint32_t in_flight) {
+  ServiceSide service;
+  if (mode == "service") KVM_RETURN_IF_ERROR(MakeServiceSide(blocks, slot_bytes, &service));
   std::unique_ptr<transport::Transport> tx, rx;
   if (tls == "inproc") {
     tx = transport::MakeInProcess();
@@ -82,6 +131,11 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
         ++delivered;
       });
   KVM_ASSIGN_OR_RETURN(uint64_t peer, tx->Connect(rx->address()));
+  if (service.store)  // the service registers its host tier with its data plane (main.cc)
+    service.store->OnHostMemory([&](void* base, size_t len) {
+      if (Status st = tx->Register(base, len); !st.ok())
+        std::fprintf(stderr, "kvmctl bench transport: %s\n", st.ToString().c_str());
+    });
   // The sender's tier memory: 4x the slots of a reply; a reply's blocks are scattered over it
   // (the host arena places blocks as they fill, interleaved over layers and heads).
   std::vector<uint8_t> tier(4ull * blocks * slot_bytes, 0x5a);
@@ -122,11 +176,27 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   std::vector<transport::Segment> segs;
   for (uint32_t i = 0; i < blocks; ++i)
     segs.push_back({tier.data() + size_t(src[i]) * slot_bytes, slot_bytes});
+  // "service": the reply as the retrieval engine makes it (one head: the blocks src in order into
+  // the hot-set slots `order`), split into its parts by SendReply.
+  wire::RetrieveLayerReply reply;
+  const std::vector<uint64_t> ids(src.begin(), src.end());
+  size_t parts_per_reply = msgs.size();
+  if (service.store) {
+    wire::HeadSelection* h = reply.add_heads();
+    for (uint32_t i = 0; i < blocks; ++i) {
+      h->add_block_indices(src[i]);
+      h->add_slots(order[i]);
+    }
+    KVM_ASSIGN_OR_RETURN(auto parts, wire::SplitReply(reply, 1, tx->max_header_bytes()));
+    parts_per_reply = parts.size();
+  }
+  std::mutex send_mu;
+  Status send_error;  // the first failed "service" send; guarded by send_mu
   std::vector<double> lat;
   const uint32_t warm = std::max<uint32_t>(4, messages / 10);
   Clock::time_point t0;
   const auto arrived = [&](uint64_t replies) {  // waits until that many replies were delivered
-    return rx->WaitFor([&] { return delivered >= replies * msgs.size(); }, 10000);
+    return rx->WaitFor([&] { return delivered >= replies * parts_per_reply; }, 10000);
   };
   for (uint32_t m = 0; m < warm + messages; ++m) {
     if (m == warm) {  // the warm-up drained: the timed messages start with none in flight
@@ -143,6 +213,20 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
       KVM_RETURN_IF_ERROR(tx->Send(peer, headers[0], buf, [](const Status&) {}));
     } else if (mode == "iov") {
       KVM_RETURN_IF_ERROR(tx->SendGather(peer, headers[0], segs, [](const Status&) {}));
+    } else if (mode == "service") {  // pinned in the store, sent as the service sends
+      server::ReplyBlocks rb;
+      KVM_ASSIGN_OR_RETURN(store::PinnedBlocks pin, service.store->Pin({"bench", 1}, 0, 0, ids));
+      rb.half_bytes = slot_bytes / 2;
+      for (uint32_t i = 0; i < blocks; ++i) {
+        rb.halves.push_back(pin.k()[i]);
+        rb.halves.push_back(pin.v()[i]);
+      }
+      rb.pins.push_back(std::move(pin));
+      KVM_RETURN_IF_ERROR(server::SendReply(*tx, peer, 1, reply, std::move(rb),
+                                            server::ReplySends::kAuto, [&](const Status& st) {
+                                              std::lock_guard<std::mutex> l(send_mu);
+                                              if (!st.ok() && send_error.ok()) send_error = st;
+                                            }));
     } else {  // runs: each contiguous in the tier, sent in place
       for (size_t k = 0; k < msgs.size(); ++k)
         KVM_RETURN_IF_ERROR(tx->Send(
@@ -158,6 +242,10 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
   }
   KVM_RETURN_IF_ERROR(arrived(warm + messages));
   KVM_RETURN_IF_ERROR(rx_error);
+  {
+    std::lock_guard<std::mutex> l(send_mu);
+    KVM_RETURN_IF_ERROR(send_error);
+  }
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   Run r;
   r.gbps = double(messages) * double(blocks) * double(slot_bytes) / secs / 1e9;
@@ -167,7 +255,11 @@ Result<Run> Ours(const std::string& tls, const std::string& mode, uint32_t block
     r.p99_us = lat[std::min(lat.size() - 1, size_t(0.99 * double(lat.size())))] * 1e6;
   }
   r.lanes = tx->Describe(peer);
-  r.messages_per_reply = msgs.size();
+  r.messages_per_reply = parts_per_reply;
+  if (service.store) {
+    r.send = tx->GatherPays(peer) ? "gather" : "copy";
+    service.store->OnHostMemory(nullptr);
+  }
   tx.reset();  // the sender closes its endpoint while the receiver still exists
   return r;
 }
@@ -276,11 +368,11 @@ int RunBenchTransport(const std::vector<std::string>& args) {
     setenv("UCX_TLS", "sm,self", 1);
   }
   const bool idle = bench::WaitForIdle();
-  // The three ways to take a reply's blocks out of tier memory ("copy" is the service's), then the
-  // reference, round after round: each figure below is the median of its rounds.
-  const char* const kModes[] = {"copy", "iov", "runs"};
+  // The three ways to take a reply's blocks out of tier memory, the service's own send path, then
+  // the reference, round after round: each figure below is the median of its rounds.
+  const char* const kModes[] = {"copy", "iov", "runs", "service"};
   std::map<std::string, std::vector<Run>> rounds;
-  std::vector<double> ref_runs, ratio_runs;
+  std::vector<double> ref_runs;
   std::string reference;
   for (uint32_t round = 0; round < runs; ++round) {
     for (const char* mode : kModes) {
@@ -296,11 +388,21 @@ int RunBenchTransport(const std::vector<std::string>& args) {
       return std::fprintf(stderr, "kvmctl bench transport: %s\n", ref.status().ToString().c_str()),
              1;
     ref_runs.push_back(*ref);
-    ratio_runs.push_back(*ref > 0 ? rounds["copy"].back().gbps / *ref : 0);
     if (!f.Bool("json"))
       std::fprintf(stderr,
-                   "[bench transport] round %u of %u: copy %.3f GB/s, reference %.3f GB/s\n",
-                   round + 1, runs, rounds["copy"].back().gbps, *ref);
+                   "[bench transport] round %u of %u: copy %.3f, iov %.3f, service (%s) %.3f, "
+                   "reference %.3f GB/s\n",
+                   round + 1, runs, rounds["copy"].back().gbps, rounds["iov"].back().gbps,
+                   rounds["service"].back().send.c_str(), rounds["service"].back().gbps, *ref);
+  }
+  // "ours": the transport's send as the service uses it (what SendReply chose: iov or copy);
+  // each round's ratio (the spread) is against that round's reference.
+  const std::string service_send = rounds["service"].front().send;
+  const std::string ours_mode = service_send == "gather" ? "iov" : "copy";
+  std::vector<double> ratio_runs, service_ratio_runs;
+  for (uint32_t i = 0; i < runs; ++i) {
+    ratio_runs.push_back(ref_runs[i] > 0 ? rounds[ours_mode][i].gbps / ref_runs[i] : 0);
+    service_ratio_runs.push_back(ref_runs[i] > 0 ? rounds["service"][i].gbps / ref_runs[i] : 0);
   }
   struct Summary {
     double gbps, p50_us, p99_us;
@@ -322,13 +424,17 @@ int RunBenchTransport(const std::vector<std::string>& args) {
     m.p99_us = Percentile(p99, 0.5);
     modes[name] = m;
   }
-  const Summary* ours = &modes["copy"];
+  const Summary* ours = &modes[ours_mode];
+  const Summary* service = &modes["service"];
   std::string faster = "copy";
-  for (const auto& [name, m] : modes)
-    if (m.gbps > modes[faster].gbps) faster = name;
+  for (const char* name : {"copy", "iov", "runs"})
+    if (modes[name].gbps > modes[faster].gbps) faster = name;
   const double ref_gbps = Percentile(ref_runs, 0.5);
-  const double ratio = ref_gbps > 0 ? ours->gbps / ref_gbps : 0;
+  const double ratio = ref_gbps > 0 ? ours->gbps / ref_gbps : 0;  // of the medians
+  const double service_ratio = ref_gbps > 0 ? service->gbps / ref_gbps : 0;
   const auto [rmin, rmax] = std::minmax_element(ratio_runs.begin(), ratio_runs.end());
+  const auto [smin, smax] =
+      std::minmax_element(service_ratio_runs.begin(), service_ratio_runs.end());
   const auto latency = [&](double us) {  // null where it was not measured (more than one in flight)
     char b[32];
     std::snprintf(b, sizeof(b), "%.1f", us);
@@ -340,12 +446,16 @@ int RunBenchTransport(const std::vector<std::string>& args) {
         "\"in_flight\": %u, \"runs\": %u, \"ours_gbps\": %.3f, \"reference_gbps\": %.3f, "
         "\"ratio\": %.3f, \"ratio_min\": %.3f, \"ratio_max\": %.3f, \"ours_gbps_runs\": %s, "
         "\"reference_gbps_runs\": %s, \"reference\": \"%s\", \"latency_p50_us\": %s, "
-        "\"latency_p99_us\": %s, \"lanes\": \"%s\", \"idle\": %s, \"ours_send\": \"copy\", "
-        "\"faster_send\": \"%s\", \"modes\": {",
+        "\"latency_p99_us\": %s, \"lanes\": \"%s\", \"idle\": %s, \"ours_send\": \"%s\", "
+        "\"faster_send\": \"%s\", \"service_gbps\": %.3f, \"service_ratio\": %.3f, "
+        "\"service_ratio_min\": %.3f, \"service_ratio_max\": %.3f, \"service_gbps_runs\": %s, "
+        "\"service_send\": \"%s\", \"service_latency_p50_us\": %s, \"modes\": {",
         tls.c_str(), blocks, slot, messages, in_flight, runs, ours->gbps, ref_gbps, ratio, *rmin,
         *rmax, JsonList(ours->gbps_runs).c_str(), JsonList(ref_runs).c_str(),
         JsonEscape(reference).c_str(), latency(ours->p50_us).c_str(), latency(ours->p99_us).c_str(),
-        JsonEscape(ours->lanes).c_str(), idle ? "true" : "false", faster.c_str());
+        JsonEscape(ours->lanes).c_str(), idle ? "true" : "false", ours_mode.c_str(), faster.c_str(),
+        service->gbps, service_ratio, *smin, *smax, JsonList(service->gbps_runs).c_str(),
+        service_send.c_str(), latency(service->p50_us).c_str());
     bool first = true;
     for (const auto& [name, m] : modes) {
       std::printf(
@@ -366,10 +476,15 @@ int RunBenchTransport(const std::vector<std::string>& args) {
           "  ours, %-4s %.3f GB/s, latency per reply p50 %s us, p99 %s us, %zu message(s) "
           "per reply%s\n",
           name.c_str(), m.gbps, latency(m.p50_us).c_str(), latency(m.p99_us).c_str(),
-          m.messages_per_reply, name == "copy" ? " (the service's send)" : "");
-    std::printf("  lanes      %s; faster send: %s\n", ours->lanes.c_str(), faster.c_str());
-    std::printf("  reference  %.3f GB/s: %s\n  ratio      %.3f (rounds %.3f to %.3f)%s\n", ref_gbps,
-                reference.c_str(), ratio, *rmin, *rmax, idle ? "" : " (machine not idle)");
+          m.messages_per_reply,
+          name == "service" ? (" (from the store, " + service_send + ")").c_str() : "");
+    std::printf("  lanes      %s; faster send: %s; the service sends: %s\n", ours->lanes.c_str(),
+                faster.c_str(), service_send.c_str());
+    std::printf("  reference  %.3f GB/s: %s\n  ratio      %.3f %s (rounds %.3f to %.3f)%s\n",
+                ref_gbps, reference.c_str(), ratio, ours_mode.c_str(), *rmin, *rmax,
+                idle ? "" : " (machine not idle)");
+    std::printf("  service    %.3f of the reference (rounds %.3f to %.3f)\n", service_ratio, *smin,
+                *smax);
   }
   return 0;
 }

@@ -97,6 +97,7 @@ class InProcess : public Transport {
     }
     return Send(peer, header, *buf, [buf, done = std::move(done)](const Status& s) { done(s); });
   }
+  bool GatherPays(uint64_t) const override { return false; }
   std::string Describe(uint64_t) const override { return "inproc (memcpy)"; }
 
   void SetReceiver(Placement place, Delivered delivered) override {

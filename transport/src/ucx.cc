@@ -83,7 +83,7 @@ class Ucx : public Transport {
     }
     for (auto r : closing_) ucp_request_free(r);
     closing_.clear();
-    for (auto& m : maps_) ucp_mem_unmap(ctx_, m);
+    for (auto& m : maps_) ucp_mem_unmap(ctx_, m.memh);
     if (worker_) ucp_worker_destroy(worker_);
     if (ctx_) ucp_cleanup(ctx_);
   }
@@ -136,7 +136,8 @@ class Ucx : public Transport {
     mp.length = len;
     ucp_mem_h memh = nullptr;
     KVM_RETURN_IF_ERROR(FromUcs(ucp_mem_map(ctx_, &mp, &memh), "ucp_mem_map"));
-    maps_.push_back(memh);
+    std::lock_guard<std::mutex> l(mu_);
+    maps_.push_back({static_cast<uint8_t*>(base), len, memh});
     return Status::Ok();
   }
 
@@ -169,6 +170,7 @@ class Ucx : public Transport {
     if (it == eps_.end()) return;
     Close(it->second);
     eps_.erase(it);
+    gather_pays_.erase(peer);
   }
 
   Status Send(uint64_t peer, std::span<const uint8_t> header, std::span<const uint8_t> data,
@@ -178,6 +180,7 @@ class Ucx : public Transport {
   }
   Status SendGather(uint64_t peer, std::span<const uint8_t> header,
                     std::span<const Segment> segments, SendDone done) override {
+    if (segments.empty()) return Post(peer, header, nullptr, {}, std::move(done));  // UCX: no iov
     return Post(peer, header, &segments, {}, std::move(done));
   }
   // One active message: contiguous `data`, or gathered from `segments` when given.
@@ -189,16 +192,24 @@ class Ucx : public Transport {
                                      std::to_string(max_header_));
     }
     ucp_ep_h ep;
+    ucp_mem_h memh = nullptr;  // contiguous data inside registered memory: its handle
     {
       std::lock_guard<std::mutex> l(mu_);
       auto it = eps_.find(peer);
       if (it == eps_.end())
         return Status::Unavailable("UCX peer " + std::to_string(peer) + " gone");
       ep = it->second;
+      const auto* d = static_cast<const uint8_t*>(data.ptr);
+      for (const Map& m : maps_)
+        if (!segments && data.len && d >= m.base && d + data.len <= m.base + m.len) memh = m.memh;
     }
     auto* op = new SendOp{std::move(done), {header.begin(), header.end()}, {}};
     ucp_request_param_t rp{};
     rp.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    if (memh) {
+      rp.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+      rp.memh = memh;
+    }
     const void* buffer = data.ptr;
     size_t count = data.len;
     if (segments) {
@@ -227,6 +238,21 @@ class Ucx : public Transport {
     }
     Wake();  // the progress thread moves the rendezvous on
     return Status::Ok();
+  }
+
+  // Shared memory gathers, TCP copies (Transport::GatherPays): a gathered send pays when no lane of
+  // the endpoint is TCP. Decided once per peer from its lanes.
+  bool GatherPays(uint64_t peer) const override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = gather_pays_.find(peer); it != gather_pays_.end()) return it->second;
+      if (!eps_.count(peer)) return false;
+    }
+    const std::string lanes = Describe(peer);
+    const bool pays = lanes.find("tcp") == std::string::npos;
+    std::lock_guard<std::mutex> l(mu_);
+    if (eps_.count(peer)) gather_pays_[peer] = pays;
+    return pays;
   }
 
   std::string Describe(uint64_t peer) const override {
@@ -417,9 +443,15 @@ class Ucx : public Transport {
   int efd_ = -1;
   std::vector<uint8_t> address_;
   size_t max_header_ = 0;
-  std::vector<ucp_mem_h> maps_;
+  struct Map {
+    const uint8_t* base;
+    size_t len;
+    ucp_mem_h memh;
+  };
   mutable std::mutex mu_;
+  std::vector<Map> maps_;  // guarded by mu_
   std::unordered_map<uint64_t, ucp_ep_h> eps_;
+  mutable std::unordered_map<uint64_t, bool> gather_pays_;  // per peer, from its lanes; mu_
   std::vector<ucs_status_ptr_t> closing_;
   uint64_t next_peer_ = 1;
   std::mutex rx_mu_;

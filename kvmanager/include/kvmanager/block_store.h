@@ -233,6 +233,10 @@ class BlockStore {
   Status Truncate(const SeqRef& s, uint64_t length);
   Status Delete(const SeqRef& s);
   StoreStats Stats() const;
+  // Calls fn with every mapping of the host tier, those there now and each one made later (at
+  // the first block of a new size), under the store's lock: the service registers them with its
+  // data plane (Transport::Register), from which replies are sent. Replaces an earlier fn.
+  void OnHostMemory(std::function<void(void* base, size_t len)> fn);
   // Replaces every tenant's quota (a tenant not named has none).
   void SetQuotas(std::map<std::string, TenantQuota> quotas);
   TenantUsage Usage(const std::string& tenant) const;

@@ -66,6 +66,22 @@ struct TenantConfig {
 // The store's quotas of `tenants` (those with a max_sequences or max_stored_bytes).
 std::map<std::string, store::TenantQuota> StoreQuotas(const std::vector<TenantConfig>& tenants);
 
+// How a retrieval's blocks leave over the data plane: gathered straight from the store's memory
+// (one gathered send per part: Transport::SendGather) or copied into one buffer per part first
+// (Transport::Send). kAuto: whichever the connection's transport does faster
+// (Transport::GatherPays); the others force one (tests, benchmarks).
+enum class ReplySends { kAuto, kCopy, kGather };
+
+// Sends a retrieval reply `r` as its data-plane active messages to `peer` (wire::SplitReply: each
+// part's header within the transport's limit) with the blocks' K and V, gathered from where they
+// lie or copied out first as `how` says; the blocks stay pinned until the last part's send
+// completed, then `done` gets OK or the first failed send's error. An error returned (a reply that
+// cannot be split) sends nothing and never calls `done`. The service's send path (RequestHandler)
+// and `kvmctl bench transport` use it.
+Status SendReply(transport::Transport& dp, uint64_t peer, uint64_t request_id,
+                 const wire::RetrieveLayerReply& r, ReplyBlocks blocks, ReplySends how,
+                 std::function<void(const Status&)> done);
+
 struct HandlerOptions {
   std::vector<TenantConfig> tenants;
   wire::FrameLimits limits;
@@ -75,6 +91,7 @@ struct HandlerOptions {
   // The data plane for retrieval blocks (UCX): a session whose Hello carries a worker address
   // gets its blocks as active messages; others get them in the reply frame (TCP).
   transport::Transport* data_plane = nullptr;
+  ReplySends reply_sends = ReplySends::kAuto;
 };
 
 struct SessionState {
@@ -136,7 +153,7 @@ class RequestHandler {
   // Sends a retrieval reply to the session's data-plane peer as its active messages (SplitReply);
   // `done` gets nothing once every part was sent, or the Error frame of the first failed send.
   void SendParts(const SessionState& s, uint64_t request_id, wire::RetrieveLayerReply r,
-                 std::vector<uint8_t> blocks, Reply done);
+                 ReplyBlocks blocks, Reply done);
   // The K row bytes a retrieval or audit carried (stream bytes from the worker).
   double CarriedRowBytes(const store::SeqRef& s, const wire::RetrieveLayer& m) const;
   double CarriedRowBytes(const store::SeqRef& s, const wire::Audit& m) const;

@@ -8,9 +8,9 @@
 // stay on the device), else on the CPU from the keys read out of the store; the K rows the worker
 // has not appended yet travel with the query; a selector that reads the keys itself gets the
 // keys. The selection is marked in the store (eviction order), the plan diffs it against the
-// mirror, the blocks to send are promoted and read; the reply carries per KV head the slot table
-// changes (sends, local fills, evictions), the resident set, δ, log δ, kind and K_max, and the sent
-// blocks' K and V as payload.
+// mirror, the blocks to send are promoted and pinned where they lie (ReplyBlocks: no copy); the
+// reply carries per KV head the slot table changes (sends, local fills, evictions), the resident
+// set, δ, log δ, kind and K_max, and the sent blocks' K and V as payload.
 //
 // K once (protocol 2): the K rows a RetrieveLayer carries for tokens the store does not hold yet
 // are kept per (layer, KV head) until the store holds them; a decode Append that leaves those rows
@@ -56,6 +56,19 @@ struct RetrievalOptions {
   uint32_t max_pending_tokens = 4096;      // K rows a query may carry (not appended yet)
 };
 
+// A retrieval's blocks to send, where they lie: K then V of each block (`half_bytes` each), in the
+// reply's order, held in place (store::PinnedBlocks: eviction, truncate and delete wait for them)
+// until this goes — the sender gathers from them or copies them out. Move-only.
+struct ReplyBlocks {
+  std::vector<store::PinnedBlocks> pins;
+  std::vector<const void*> halves;  // K of block 0, V of block 0, K of block 1, ...
+  size_t half_bytes = 0;            // one block's K (or V)
+  size_t blocks() const { return halves.size() / 2; }
+  size_t bytes() const { return halves.size() * half_bytes; }
+  // Blocks [first, first + n) into out (n * 2 * half_bytes bytes), K then V of each.
+  void CopyTo(size_t first, size_t n, uint8_t* out) const;
+};
+
 class RetrievalEngine {
  public:
   RetrievalEngine(store::BlockStore* store, RetrievalOptions opt, Metrics* metrics = nullptr);
@@ -66,7 +79,7 @@ class RetrievalEngine {
   Status Configure(const store::SeqRef& s, const wire::SelectorParams& p, uint32_t hot_set_slots);
   Status Retrieve(const store::SeqRef& s, const wire::RetrieveLayer& m,
                   std::span<const uint8_t> payload, wire::RetrieveLayerReply* reply,
-                  std::vector<uint8_t>* blocks);
+                  ReplyBlocks* blocks);
   // The cross-layer sharing map (selectors.md §0.6); PrHS only.
   Status SetLayerMap(const store::SeqRef& s, const std::vector<uint32_t>& source);
   // δ of the worker's current resident set for the given queries (kind audit).

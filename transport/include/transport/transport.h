@@ -45,7 +45,8 @@ class Transport {
   virtual std::vector<uint8_t> address() const = 0;
   // The largest header a message may carry.
   virtual size_t max_header_bytes() const = 0;
-  // Registers memory that messages will land in (the hot-set buffer) once, up front.
+  // Registers memory once, up front: memory that messages will land in (a worker's hot set) or
+  // are sent from (the service's host tier; UCX: a contiguous send from it skips registration).
   virtual Status Register(void* base, size_t len) = 0;
 
   // ---- sending side ----
@@ -61,6 +62,12 @@ class Transport {
   // bounce buffers in 1.13, not zero-copy). The segments (not the list) must stay valid until done.
   virtual Status SendGather(uint64_t peer, std::span<const uint8_t> header,
                             std::span<const Segment> segments, SendDone done) = 0;
+  // Whether a gathered send (SendGather) straight from scattered memory is faster on the
+  // connection to `peer` than copying the pieces into one buffer and sending that (Send), as
+  // measured by `kvmctl bench transport` (bench/RESULTS.md): UCX over shared memory only (1.3-1.5x
+  // the copy); UCX over TCP pipelines an iov through bounce buffers (2.2-2.5x slower than the
+  // copy); in-process, the copy measured faster too.
+  virtual bool GatherPays(uint64_t peer) const = 0;
   // Which lanes the connection to `peer` uses (UCX: ucp_ep_print_info), for reports.
   virtual std::string Describe(uint64_t peer) const = 0;
 
