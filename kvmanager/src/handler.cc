@@ -117,7 +117,7 @@ Status SendReply(transport::Transport& dp, uint64_t peer, uint64_t request_id,
   // the copies a copying send made of them, the first error.
   struct Sending {
     ReplyBlocks blocks;
-    std::vector<std::vector<uint8_t>> copies;
+    std::vector<std::unique_ptr<uint8_t[]>> copies;  // not zero-filled: every byte is copied
     std::mutex mu;
     size_t left = 0;
     Status error;
@@ -158,13 +158,14 @@ Status SendReply(transport::Transport& dp, uint64_t peer, uint64_t request_id,
         segs.push_back({const_cast<void*>(st->blocks.halves[i]), st->blocks.half_bytes});
       sent = dp.SendGather(peer, head, segs, finished);
     } else {
-      std::vector<uint8_t>* copy;
+      const size_t bytes = n * 2 * st->blocks.half_bytes;
+      uint8_t* copy = new uint8_t[bytes];
       {
         std::lock_guard<std::mutex> l(st->mu);
-        copy = &st->copies.emplace_back(n * 2 * st->blocks.half_bytes);
+        st->copies.emplace_back(copy);
       }
-      st->blocks.CopyTo(first, n, copy->data());
-      sent = dp.Send(peer, head, *copy, finished);
+      st->blocks.CopyTo(first, n, copy);
+      sent = dp.Send(peer, head, {copy, bytes}, finished);
     }
     if (!sent.ok()) finished(sent);  // this part never goes: the request fails at once
     first += n;
