@@ -3,8 +3,9 @@
 // with -mavx2 -mfma -mf16c -ffp-contract=off: fused multiply-adds only where written; it runs only
 // after a runtime CPU check). ScoreKeysGroup: the same bits as the portable loop in reference.cc:
 // lane j of one 8-lane accumulator is that loop's partial sum j (a multiply, then an add, in index
-// order), the lanes are added in its pairwise order, then scaled. Four rows at once (four
-// independent accumulators), the keys converted from fp16/bf16 in registers.
+// order), the lanes are added in its pairwise order, then scaled. Up to four query heads and two to
+// four rows at once (up to eight independent accumulators), each chunk of a key converted from
+// fp16/bf16 in registers once for all those heads.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -31,37 +32,58 @@ inline __m256 Load8(const void* base, size_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
   }
 }
-template <DType DT>
-void Score(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
+// R rows of one block against G query heads: each 8-element chunk of a row is converted once for
+// all G heads (G * R independent accumulators, at most 8 of them).
+template <DType DT, uint32_t G, uint32_t R>
+inline void ScoreRows(const float* q, uint32_t D, const void* blk, uint64_t r, uint64_t T,
+                      float scale, float* out) {
+  __m256 a[G][R];
+  for (uint32_t h = 0; h < G; ++h)
+    for (uint32_t j = 0; j < R; ++j) a[h][j] = _mm256_setzero_ps();
+  for (uint32_t i = 0; i < D; i += 8) {
+    __m256 k[R];
+    for (uint32_t j = 0; j < R; ++j) k[j] = Load8<DT>(blk, (r + j) * D + i);
+    for (uint32_t h = 0; h < G; ++h) {
+      const __m256 qv = _mm256_loadu_ps(q + size_t{h} * D + i);
+      for (uint32_t j = 0; j < R; ++j) a[h][j] = _mm256_add_ps(a[h][j], _mm256_mul_ps(qv, k[j]));
+    }
+  }
+  for (uint32_t h = 0; h < G; ++h)
+    for (uint32_t j = 0; j < R; ++j) out[size_t{h} * T + r + j] = Sum(a[h][j]) * scale;
+}
+// Every row of every block against G query heads (scores [G][tokens]); R rows at a time.
+template <DType DT, uint32_t G>
+void ScoreHeads(const float* q, const HeadKV& kv, float scale, float* scores) {
+  constexpr uint32_t R = G <= 2 ? 4 : 2;
   const uint32_t D = kv.head_dim, B = kv.block_size;
   for (uint64_t first = 0; first < kv.tokens; first += B) {
     const uint64_t n = std::min<uint64_t>(B, kv.tokens - first);
     const void* blk = kv.k_blocks[first / B];
-    for (uint32_t h = 0; h < group; ++h) {
-      const float* qh = q + size_t{h} * D;
-      float* out = scores + size_t{h} * kv.tokens + first;
-      uint64_t r = 0;
-      for (; r + 4 <= n; r += 4) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const size_t row = r * D;
-        for (uint32_t i = 0; i < D; i += 8) {
-          const __m256 qv = _mm256_loadu_ps(qh + i);
-          a0 = _mm256_add_ps(a0, _mm256_mul_ps(qv, Load8<DT>(blk, row + i)));
-          a1 = _mm256_add_ps(a1, _mm256_mul_ps(qv, Load8<DT>(blk, row + D + i)));
-          a2 = _mm256_add_ps(a2, _mm256_mul_ps(qv, Load8<DT>(blk, row + 2 * D + i)));
-          a3 = _mm256_add_ps(a3, _mm256_mul_ps(qv, Load8<DT>(blk, row + 3 * D + i)));
-        }
-        out[r] = Sum(a0) * scale;
-        out[r + 1] = Sum(a1) * scale;
-        out[r + 2] = Sum(a2) * scale;
-        out[r + 3] = Sum(a3) * scale;
-      }
-      for (; r < n; ++r) {
-        __m256 a = _mm256_setzero_ps();
-        for (uint32_t i = 0; i < D; i += 8)
-          a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qh + i), Load8<DT>(blk, r * D + i)));
-        out[r] = Sum(a) * scale;
-      }
+    float* out = scores + first;  // row r of the block is token first + r
+    uint64_t r = 0;
+    for (; r + R <= n; r += R) ScoreRows<DT, G, R>(q, D, blk, r, kv.tokens, scale, out);
+    for (; r < n; ++r) ScoreRows<DT, G, 1>(q, D, blk, r, kv.tokens, scale, out);
+  }
+}
+template <DType DT>
+void Score(const float* q, uint32_t group, const HeadKV& kv, float scale, float* scores) {
+  const uint32_t D = kv.head_dim;
+  for (uint32_t h = 0; h < group; h += 4) {  // up to four heads per pass over the keys
+    const float* qh = q + size_t{h} * D;
+    float* out = scores + size_t{h} * kv.tokens;
+    switch (std::min(group - h, 4u)) {
+      case 4:
+        ScoreHeads<DT, 4>(qh, kv, scale, out);
+        break;
+      case 3:
+        ScoreHeads<DT, 3>(qh, kv, scale, out);
+        break;
+      case 2:
+        ScoreHeads<DT, 2>(qh, kv, scale, out);
+        break;
+      default:
+        ScoreHeads<DT, 1>(qh, kv, scale, out);
+        break;
     }
   }
 }

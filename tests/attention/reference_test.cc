@@ -42,31 +42,33 @@ TEST(ReferenceTest, GroupScoresAreThePerHeadScoresForEveryDtype) {
 // The scores in the documented order, written out here: eight partial sums (lane i % 8, a multiply
 // then an add, in index order), added pairwise, then scaled — the same bits whichever path
 // ScoreKeysGroup takes (AVX2 where the CPU has it, the portable loop elsewhere), for every dtype,
-// head size, ragged last block and row count not a multiple of four.
+// head size, ragged last block, row count not a multiple of four and group size (the AVX2 path
+// takes up to four heads per pass: 6 is a pass of four and one of two).
 TEST(ReferenceTest, GroupScoresAreTheDocumentedSumsBitForBit) {
   for (DType dt : {DType::kF32, DType::kF16, DType::kBF16})
     for (uint32_t D : {32u, 64u, 128u, 256u})
-      for (uint32_t T : {1u, 7u, 53u, 130u}) {
-        RandomKv kv(T, D, 16, dt, 3 + D + T);
-        const uint32_t g = 4;
-        std::vector<float> q(size_t{g} * D), got(size_t{g} * T);
-        for (size_t i = 0; i < q.size(); ++i) q[i] = std::cos(float(i) * 0.37f) * 1.7f;
-        const float scale = 1.0f / std::sqrt(float(D));
-        ScoreKeysGroup(q.data(), g, kv.view(), scale, got.data());
-        for (uint32_t h = 0; h < g; ++h)
-          for (uint32_t j = 0; j < T; ++j) {
-            volatile float acc[8] = {};  // volatile: each step rounded to float, as documented
-            for (uint32_t i = 0; i < D; i += 8)
-              for (uint32_t l = 0; l < 8; ++l) {
-                const float prod = q[h * D + i + l] * kv.key(j)[i + l];
-                acc[l] = acc[l] + prod;
-              }
-            const float want =
-                ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-            ASSERT_EQ(got[size_t{h} * T + j], want * scale)
-                << DTypeName(dt) << " D " << D << " T " << T << " head " << h << " token " << j;
-          }
-      }
+      for (uint32_t T : {1u, 7u, 53u, 130u})
+        for (uint32_t g : {1u, 3u, 4u, 6u}) {
+          RandomKv kv(T, D, 16, dt, 3 + D + T);
+          std::vector<float> q(size_t{g} * D), got(size_t{g} * T);
+          for (size_t i = 0; i < q.size(); ++i) q[i] = std::cos(float(i) * 0.37f) * 1.7f;
+          const float scale = 1.0f / std::sqrt(float(D));
+          ScoreKeysGroup(q.data(), g, kv.view(), scale, got.data());
+          for (uint32_t h = 0; h < g; ++h)
+            for (uint32_t j = 0; j < T; ++j) {
+              volatile float acc[8] = {};  // volatile: each step rounded to float, as documented
+              for (uint32_t i = 0; i < D; i += 8)
+                for (uint32_t l = 0; l < 8; ++l) {
+                  const float prod = q[h * D + i + l] * kv.key(j)[i + l];
+                  acc[l] = acc[l] + prod;
+                }
+              const float want =
+                  ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+              ASSERT_EQ(got[size_t{h} * T + j], want * scale)
+                  << DTypeName(dt) << " D " << D << " T " << T << " group " << g << " head " << h
+                  << " token " << j;
+            }
+        }
 }
 
 // MaxDistanceBound: never below the exact distance (long double here), within 3e-5 relative of it
