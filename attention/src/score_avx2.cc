@@ -160,9 +160,9 @@ void ScoreKeysGroup(const float* q, uint32_t group, const HeadKV& kv, float scal
   }
 }
 // The plain loop's bits: element i of head h gets w·k[i] (a double multiply, then an add) row after
-// row in list order. Rows in tiles of 32 (their floats stay in L1); up to four heads at a time, so
-// that each 8-element chunk of a row is converted to double once for all of them, their sums in
-// registers across the tile.
+// row in list order. Rows in tiles of 32 (their floats stay in L1); up to five heads at a time (ten
+// accumulators), so that each 8-element chunk of a row is converted to double once for all of
+// them, their sums in registers across the tile.
 template <uint32_t H>
 void AddWeightedHeads(const float* keys, uint32_t D, std::span<const uint32_t> rows, size_t t0,
                       size_t t1, const double* w, size_t stride, double* m) {
@@ -196,10 +196,13 @@ void AddWeightedRows(const float* keys, uint32_t D, std::span<const uint32_t> ro
   const size_t n = rows.size();
   for (size_t t0 = 0; t0 < n; t0 += kTile) {
     const size_t t1 = std::min(n, t0 + kTile);
-    for (uint32_t h = 0; h < heads; h += 4) {
+    for (uint32_t h = 0; h < heads; h += 5) {
       const double* wh = w + h;  // [rows][heads]
       double* mh = m + size_t{h} * D;
-      switch (std::min(heads - h, 4u)) {
+      switch (std::min(heads - h, 5u)) {
+        case 5:
+          AddWeightedHeads<5>(keys, D, rows, t0, t1, wh, heads, mh);
+          break;
         case 4:
           AddWeightedHeads<4>(keys, D, rows, t0, t1, wh, heads, mh);
           break;

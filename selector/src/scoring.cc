@@ -84,11 +84,9 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
   std::vector<uint8_t> kept(T, 0);
   for (uint64_t b : blocks)
     for (uint64_t j = b * B; j < std::min<uint64_t>(T, (b + 1) * B); ++j) kept[j] = 1;
-  std::vector<uint32_t> all(T), dropped, kept_rows;
-  for (uint64_t j = 0; j < T; ++j) {
-    all[j] = static_cast<uint32_t>(j);
+  std::vector<uint32_t> dropped, kept_rows;
+  for (uint64_t j = 0; j < T; ++j)
     (kept[j] ? kept_rows : dropped).push_back(static_cast<uint32_t>(j));
-  }
   // Weights relative to each set's largest logit: the normalised weights p_j/m_D and p_j/m_K
   // without underflow, however small δ_a is.
   std::vector<double> top_d(g, -INFINITY), top_k(g, -INFINITY);
@@ -107,45 +105,46 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
     heads.push_back(h);
   }
   if (!split) heads.clear();
-  // Each head's weights of either set ([rows of the set][heads]) and their sums, in token order.
-  const size_t nh = heads.size(), nd = dropped.size(), nk = kept_rows.size();
-  std::vector<double> w_d(nd * nh), w_k(nk * nh), wd(nh, 0.0), wk(nh, 0.0);
+  // Each head's weights of either set ([rows of the set][heads + 1]) and their sums, in token
+  // order; the last column is 1 (its sums: the set's plain key sum, for μ).
+  const size_t nh = heads.size(), nw = nh + 1, nd = dropped.size(), nk = kept_rows.size();
+  std::vector<double> w_d(nd * nw, 1.0), w_k(nk * nw, 1.0), wd(nh, 0.0), wk(nh, 0.0);
   for (size_t a = 0; a < nh; ++a) {
     const float* lg = &s.logits[size_t{heads[a]} * T];
     for (size_t r = 0; r < nd; ++r) {
-      w_d[r * nh + a] = std::exp(double(lg[dropped[r]]) - top_d[heads[a]]);
-      wd[a] += w_d[r * nh + a];
+      w_d[r * nw + a] = std::exp(double(lg[dropped[r]]) - top_d[heads[a]]);
+      wd[a] += w_d[r * nw + a];
     }
     for (size_t r = 0; r < nk; ++r) {
-      w_k[r * nh + a] = std::exp(double(lg[kept_rows[r]]) - top_k[heads[a]]);
-      wk[a] += w_k[r * nh + a];
+      w_k[r * nw + a] = std::exp(double(lg[kept_rows[r]]) - top_k[heads[a]]);
+      wk[a] += w_k[r * nw + a];
     }
   }
   // One pass over the keys, a block at a time while it is in cache: converted to float, then added
-  // to the sum of every key (for μ) and to each head's weighted sums of the dropped and the kept
-  // keys — each sum in token order in double (the bits of one head, one row and one sum at a time).
+  // to each head's weighted sums of the dropped and of the kept keys and to both sets' plain sums
+  // (row nh of md and mk) — each sum in token order in double (the bits of one head, one row and
+  // one sum at a time). μ is the two plain sums' total over T (any fixed μ is sound: only R_μ
+  // leaves).
   const std::unique_ptr<float[]> keys(new float[size_t(T) * D]);  // every element written
-  const std::vector<double> ones(B, 1.0);
-  std::vector<double> mu(D, 0.0), md(nh * D, 0.0), mk(nh * D, 0.0);
-  const std::span<const uint32_t> all_s(all), dropped_s(dropped), kept_s(kept_rows);
+  std::vector<double> mu(D), md(nw * D, 0.0), mk(nw * D, 0.0);
+  const std::span<const uint32_t> dropped_s(dropped), kept_s(kept_rows);
+  const auto w32 = static_cast<uint32_t>(nw);
   size_t at_d = 0, at_k = 0;
   for (uint64_t first = 0; first < T; first += B) {
     const uint64_t n = std::min<uint64_t>(B, T - first);
     DecodeRow(kv.k_blocks[first / B], static_cast<uint32_t>(n * D), kv.dtype, &keys[first * D]);
-    attn::AddWeightedRows(keys.get(), D, all_s.subspan(first, n), 1, ones.data(), mu.data());
     size_t n_d = 0;
     for (uint64_t j = first; j < first + n; ++j) n_d += !kept[j];
-    const auto h32 = static_cast<uint32_t>(nh);
-    if (nh && n_d)
-      attn::AddWeightedRows(keys.get(), D, dropped_s.subspan(at_d, n_d), h32, &w_d[at_d * nh],
+    if (n_d)
+      attn::AddWeightedRows(keys.get(), D, dropped_s.subspan(at_d, n_d), w32, &w_d[at_d * nw],
                             md.data());
-    if (nh && n_d < n)
-      attn::AddWeightedRows(keys.get(), D, kept_s.subspan(at_k, n - n_d), h32, &w_k[at_k * nh],
+    if (n_d < n)
+      attn::AddWeightedRows(keys.get(), D, kept_s.subspan(at_k, n - n_d), w32, &w_k[at_k * nw],
                             mk.data());
     at_d += n_d;
     at_k += n - n_d;
   }
-  for (uint32_t i = 0; i < D; ++i) mu[i] /= double(T);  // any fixed μ is sound; only R_μ leaves
+  for (uint32_t i = 0; i < D; ++i) mu[i] = (md[nh * D + i] + mk[nh * D + i]) / double(T);
   if (split) {
     // log δ: the dropped weights' sum is LogDeltaOf's (same maximum, same terms, same order); the
     // attention-weighted mean of the dropped keys μ_D (in md) and w = μ_D − μ_K.
@@ -166,7 +165,7 @@ void AnchorKeyStats(const GroupScores& s, const attn::HeadKV& kv,
   }
   // The radii in one pass over the dropped keys (every head's R_D, and R_μ's share of them) and
   // one over the kept (the rest of R_μ): the largest distance over both lists is over every key.
-  md.insert(md.end(), mu.begin(), mu.end());
+  std::copy(mu.begin(), mu.end(), md.begin() + ptrdiff_t(nh * D));  // the centers: μ_D, then μ
   std::vector<double> rd(nh + 1);
   attn::MaxDistanceBounds(keys.get(), D, dropped, md.data(), static_cast<uint32_t>(nh + 1),
                           rd.data());

@@ -142,13 +142,13 @@ TEST(ReferenceTest, MaxDistanceBoundsAreEachCentersBound) {
 // AddWeightedRows: the bits of the plain loop written out here (row after row in list order, each
 // product rounded to double, then added), for head sizes the AVX2 path takes (multiples of 8: 128,
 // 40) and does not (36, 6), rows listed out of order and repeated (more than one tile of 32),
-// starting sums not zero, 1 to 6 heads (four at a time on AVX2, then the rest), in one call and
+// starting sums not zero, 1 to 7 heads (five at a time on AVX2, then the rest), in one call and
 // in two.
 TEST(ReferenceTest, AddWeightedRowsAreThePlainSumsBitForBit) {
   std::mt19937_64 rng(5);
   std::normal_distribution<float> n(0.f, 3.f);
   for (uint32_t D : {128u, 40u, 36u, 6u}) {
-    for (uint32_t heads : {1u, 2u, 3u, 4u, 6u}) {
+    for (uint32_t heads : {1u, 2u, 3u, 4u, 5u, 6u, 7u}) {
       const uint32_t T = 301;
       std::vector<float> keys(size_t{T} * D);
       for (auto& x : keys) x = n(rng);
