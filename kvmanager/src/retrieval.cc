@@ -408,10 +408,12 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
                                              &plan, &bytes));
     q->local_first[idx] = geo.WindowFirstBlock(T);
     q->Remember(idx, m.step());
-    // Blocks to send: in the host tier first, then pinned there (K then V of each) for the send.
+    // The selection marked first (eviction order), so that bringing a block to send in from disk
+    // never evicts another of it; then the blocks to send (all selected) pinned in the host tier
+    // (promoted there if only on disk), K then V of each, for the send.
+    KVM_RETURN_IF_ERROR(store_->MarkSelected(s, layer, h, sel.blocks));
     std::vector<uint64_t> sent;
     for (const auto& [b, slot] : plan.sends) sent.push_back(b);
-    KVM_RETURN_IF_ERROR(store_->Promote(s, layer, h, sent));
     if (blocks->bytes() + sent.size() * 2 * bb > opt_.max_reply_bytes)
       return Status::OutOfRange("retrieve: the reply's blocks exceed " +
                                 std::to_string(opt_.max_reply_bytes) + " bytes");
@@ -423,7 +425,6 @@ Status RetrievalEngine::Retrieve(const store::SeqRef& s, const wire::RetrieveLay
       }
       blocks->pins.push_back(std::move(pin));
     }
-    KVM_RETURN_IF_ERROR(store_->MarkSelected(s, layer, h, sel.blocks));
     wire::HeadSelection* hs = reply->add_heads();
     hs->set_layer(layer);
     hs->set_kv_head(h);
