@@ -117,6 +117,12 @@ struct BlockStore::Impl {
   std::map<Addr, uint32_t>
       refs;  // content address → sequences referencing it (durable full blocks)
   std::map<Addr, uint32_t> cache_refs;  // the same for cache sequences' full blocks
+  // Durable addresses that appends are writing the records of outside the lock, not committed
+  // yet (→ how many such appends). No delete or truncate of another sequence holding the same
+  // address removes its records meanwhile: the append's write may already have landed, and the
+  // deleter's batch would remove it after. The last of them to fail removes the records when no
+  // sequence holds the address.
+  std::map<Addr, uint32_t> writing_refs;
   std::map<std::string, TenantQuota> quotas;
   std::map<std::string, TenantUsage> usage;
   // Layouts seen per tenant (for mismatch errors): fingerprint, dtype, block size, layers, kv
@@ -167,7 +173,7 @@ struct BlockStore::Impl {
         for (uint32_t h = 0; h < q.shape.kv_heads; ++h) {
           const Addr a = q.addr(l, h, idx);
           auto it = refs.find(a);
-          if (durable && it != refs.end() && it->second == 1) {
+          if (durable && it != refs.end() && it->second == 1 && !writing_refs.count(a)) {
             b->Delete(blocks(), ContentKey(a, false));
             b->Delete(blocks(), ContentKey(a, true));
           }
@@ -824,18 +830,23 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   // prefix block): held by a reference of their own while the write runs outside the lock, so a
   // delete or truncate of that sequence meanwhile cannot remove the records. Given back when the
   // append fails (the records go if nothing else holds them) or when it commits.
-  std::vector<Addr> reserved;
+  // The addresses it writes itself are in writing_refs until it ends (see there).
+  std::vector<Addr> reserved, writes;
   std::vector<uint8_t> shared(completed.size() * L * H, 0);  // [completed][l][h]
   if (durable)
     for (size_t ci = 0; ci < completed.size(); ++ci)
       for (uint32_t l = 0; l < L; ++l)
-        for (uint32_t h = 0; h < H; ++h)
-          if (auto it = impl_->refs.find(BlockAddr(q->seed, new_chain[ci], l, h));
-              it != impl_->refs.end()) {
+        for (uint32_t h = 0; h < H; ++h) {
+          const Addr a = BlockAddr(q->seed, new_chain[ci], l, h);
+          if (auto it = impl_->refs.find(a); it != impl_->refs.end()) {
             ++it->second;
             reserved.push_back(it->first);
             shared[(ci * L + l) * H + h] = 1;
+          } else {
+            ++impl_->writing_refs[a];
+            writes.push_back(a);
           }
+        }
   HostArena* arena = impl_->Arena(bb);
   q->writing = true;
   q->pin_end = end;  // the window pin follows the append while it takes slots
@@ -844,14 +855,20 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
   std::vector<int64_t> slots;  // per completed block: its host slot, or -1
   auto finish = [&](bool failed) {
     rocksdb::WriteBatch gone;
+    auto drop = [&](const Addr& a) {  // records no sequence holds and no append is writing
+      gone.Delete(impl_->blocks(), ContentKey(a, false));
+      gone.Delete(impl_->blocks(), ContentKey(a, true));
+    };
+    for (const Addr& a : writes) {
+      auto it = impl_->writing_refs.find(a);
+      if (--it->second == 0) impl_->writing_refs.erase(it);
+      if (failed && !impl_->refs.count(a) && !impl_->writing_refs.count(a)) drop(a);
+    }
     for (const Addr& a : reserved) {
       auto it = impl_->refs.find(a);
       if (it == impl_->refs.end() || --it->second > 0) continue;
       impl_->refs.erase(it);
-      if (failed) {
-        gone.Delete(impl_->blocks(), ContentKey(a, false));
-        gone.Delete(impl_->blocks(), ContentKey(a, true));
-      }
+      if (failed && !impl_->writing_refs.count(a)) drop(a);
     }
     if (gone.Count() > 0) (void)impl_->db->Write(rocksdb::WriteOptions(), &gone);
     if (failed) {
@@ -925,6 +942,7 @@ Result<uint64_t> BlockStore::Append(const SeqRef& s, uint64_t start,
     lk.unlock();
     if (impl_->opt.test_before_write) impl_->opt.test_before_write();
     const rocksdb::Status ws = impl_->db->Write(wo, &batch);
+    if (impl_->opt.test_after_write) impl_->opt.test_after_write();
     lk.lock();
     if (!ws.ok()) {
       finish(true);

@@ -71,6 +71,8 @@ struct StoreOptions {
   rocksdb::Env* env = nullptr;
   // Tests only: runs before each durable append's WAL write, outside the store's lock (a latch).
   std::function<void()> test_before_write;
+  // Tests only: runs after each durable append's WAL write, outside the store's lock (a latch).
+  std::function<void()> test_after_write;
   // Tests only: runs in ScoreOnGpu once its blocks are pinned, outside the store's lock.
   std::function<void()> test_before_gpu_score;
 };
