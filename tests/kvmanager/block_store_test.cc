@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -662,22 +663,50 @@ TEST(BlockStoreTest, PinnedBlocksStayValidThroughEvictionTruncateAndDelete) {
   std::filesystem::remove_all(dir);
 }
 
+// A latch for a store's test hook: armed, the next call of the hook stops there (Held says so)
+// until Release; unarmed, the hook returns at once.
+class HookLatch {
+ public:
+  std::function<void()> Hook() {
+    return [this] {
+      std::unique_lock<std::mutex> l(mu_);
+      if (!armed_) return;
+      armed_ = false;
+      held_ = true;
+      cv_.notify_all();
+      cv_.wait(l, [&] { return go_; });
+    };
+  }
+  void Arm() {
+    std::lock_guard<std::mutex> l(mu_);
+    armed_ = true;
+  }
+  void WaitHeld() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return held_; });
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      go_ = true;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool armed_ = false, held_ = false, go_ = false;
+};
+
 // An append that shares a block another sequence stored (it does not write the record again) while
 // that sequence is deleted during its WAL write: the records stay, the append's sequence reads
 // them, and so does the store reopened.
 TEST(BlockStoreTest, ASharedBlockSurvivesItsHoldersDeleteDuringTheWrite) {
   const std::string dir = TempDir();
-  std::mutex mu;
-  std::condition_variable cv;
-  bool hold = false, held = false, go = false;
+  HookLatch latch;
   StoreOptions o{dir, 1 << 20};
-  o.test_before_write = [&] {
-    std::unique_lock<std::mutex> l(mu);
-    if (!hold) return;
-    held = true;
-    cv.notify_all();
-    cv.wait(l, [&] { return go; });
-  };
+  o.test_before_write = latch.Hook();
   const SeqRef x{"t", 1}, y{"t", 2};
   {
     auto s = BlockStore::Open(o);
@@ -685,23 +714,12 @@ TEST(BlockStoreTest, ASharedBlockSurvivesItsHoldersDeleteDuringTheWrite) {
     ASSERT_TRUE((*s)->Create(x, kShape, kB, Durability::kDurable).ok());
     ASSERT_TRUE((*s)->Create(y, kShape, kB, Durability::kDurable).ok());
     ASSERT_TRUE(AppendRange(**s, x, 0, 16, /*gen=*/1).ok());
-    {
-      std::lock_guard<std::mutex> l(mu);
-      hold = true;
-    }
+    latch.Arm();
     Result<uint64_t> appended = Status::Internal("not run");
     std::thread t([&] { appended = AppendRange(**s, y, 0, 20, /*gen=*/1); });
-    {
-      std::unique_lock<std::mutex> l(mu);
-      cv.wait(l, [&] { return held; });
-      hold = false;
-    }
+    latch.WaitHeld();
     ASSERT_TRUE((*s)->Delete(x).ok());  // while y's write (which relies on x's block 0) is held
-    {
-      std::lock_guard<std::mutex> l(mu);
-      go = true;
-    }
-    cv.notify_all();
+    latch.Release();
     t.join();
     ASSERT_TRUE(appended.ok()) << appended.status().ToString();
     ExpectContent(**s, y, 20, 1);
@@ -718,41 +736,22 @@ TEST(BlockStoreTest, ASharedBlockSurvivesItsHoldersDeleteDuringTheWrite) {
 // survivor reads them, reopened too. (Lost once in about 15 runs of store_stress_test before.)
 TEST(BlockStoreTest, ABlockTwoAppendsWriteAtOnceSurvivesTheFirstOnesDelete) {
   const std::string dir = TempDir();
-  std::mutex mu;
-  std::condition_variable cv;
-  bool hold = false, held = false, go = false;
+  HookLatch latch;
   StoreOptions o{dir, 1 << 20};
-  o.test_after_write = [&] {
-    std::unique_lock<std::mutex> l(mu);
-    if (!hold) return;
-    held = true;
-    cv.notify_all();
-    cv.wait(l, [&] { return go; });
-  };
+  o.test_after_write = latch.Hook();
   const SeqRef x{"t", 1}, y{"t", 2};
   {
     auto s = BlockStore::Open(o);
     ASSERT_TRUE(s.ok());
     ASSERT_TRUE((*s)->Create(x, kShape, kB, Durability::kDurable).ok());
     ASSERT_TRUE((*s)->Create(y, kShape, kB, Durability::kDurable).ok());
-    {
-      std::lock_guard<std::mutex> l(mu);
-      hold = true;
-    }
+    latch.Arm();
     Result<uint64_t> appended = Status::Internal("not run");
     std::thread t([&] { appended = AppendRange(**s, y, 0, 20, /*gen=*/1); });
-    {
-      std::unique_lock<std::mutex> l(mu);
-      cv.wait(l, [&] { return held; });  // y's records of block 0 are written, not committed
-      hold = false;
-    }
+    latch.WaitHeld();  // y's records of block 0 are written, not committed
     ASSERT_TRUE(AppendRange(**s, x, 0, 16, /*gen=*/1).ok());  // the same block, committed first
     ASSERT_TRUE((*s)->Delete(x).ok());
-    {
-      std::lock_guard<std::mutex> l(mu);
-      go = true;
-    }
-    cv.notify_all();
+    latch.Release();
     t.join();
     ASSERT_TRUE(appended.ok()) << appended.status().ToString();
     ExpectContent(**s, y, 20, 1);
