@@ -159,10 +159,11 @@ Status SendReply(transport::Transport& dp, uint64_t peer, uint64_t request_id,
       sent = dp.SendGather(peer, head, segs, finished);
     } else {
       const size_t bytes = n * 2 * st->blocks.half_bytes;
-      uint8_t* copy = new uint8_t[bytes];
+      auto buffer = std::make_unique_for_overwrite<uint8_t[]>(bytes);
+      uint8_t* copy = buffer.get();
       {
         std::lock_guard<std::mutex> l(st->mu);
-        st->copies.emplace_back(copy);
+        st->copies.push_back(std::move(buffer));
       }
       st->blocks.CopyTo(first, n, copy);
       sent = dp.Send(peer, head, {copy, bytes}, finished);
